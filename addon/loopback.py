@@ -1,0 +1,230 @@
+"""The loopback endpoint mitmproxy streams a bridged response from.
+
+mitmproxy sends a response that an addon sets in the `request` hook all at once,
+so a bridged flow is instead pointed at this small HTTP/1.1 server, which runs on
+127.0.0.1 inside mitmproxy's own event loop; mitmproxy then relays its answer to
+the client with `flow.response.stream`. Each routed flow carries a one-time,
+unguessable token in a request header: a request without a live token is
+refused, so the endpoint serves only the flows the addon routed to it.
+
+The server knows nothing about Responses: a registered job gets a `ResponseSink`
+and writes a status, headers and body chunks to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+
+import h11
+
+logger = logging.getLogger(__name__)
+
+TOKEN_HEADER = "x-responses-bridge-token"
+_READ_SIZE = 65536
+
+
+class ClientGone(Exception):
+    """The connection to mitmproxy (and so to the client) is gone."""
+
+
+class ResponseSink:
+    """Writes one HTTP/1.1 response to mitmproxy; chunked unless a length is given."""
+
+    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
+        self._conn = conn
+        self._writer = writer
+        self.started = False
+        self.finished = False
+        self.status: int | None = None
+
+    async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        self.status = status
+        self.started = True
+        await self._send(h11.Response(status_code=status, headers=list(headers)))
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._send(h11.Data(data=data))
+
+    async def finish(self) -> None:
+        self.finished = True
+        await self._send(h11.EndOfMessage())
+
+    async def respond(
+        self, status: int, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> None:
+        """A whole response with a known length (errors, non-streamed JSON)."""
+        await self.start(status, [*headers, ("content-length", str(len(body)))])
+        await self.write(body)
+        await self.finish()
+
+    async def _send(self, event: h11.Event) -> None:
+        if self._writer.is_closing():
+            raise ClientGone
+        data = self._conn.send(event)
+        if data:
+            self._writer.write(data)
+        try:
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClientGone from exc
+
+
+Job = Callable[[ResponseSink], Awaitable[None]]
+
+
+class LoopbackServer:
+    """HTTP/1.1 server on 127.0.0.1 that runs one registered job per token."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> int:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self._jobs.clear()
+
+    def register(self, job: Job) -> str:
+        token = secrets.token_urlsafe(32)
+        self._jobs[token] = job
+        return token
+
+    def discard(self, token: str) -> None:
+        self._jobs.pop(token, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._jobs)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await _Connection(self._jobs, reader, writer).run()
+        except (ConnectionError, asyncio.IncompleteReadError, ClientGone):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+
+class _Connection:
+    """One keep-alive connection from mitmproxy, one request at a time."""
+
+    def __init__(
+        self, jobs: dict[str, Job], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._jobs = jobs
+        self._reader = reader
+        self._writer = writer
+        self._conn = h11.Connection(h11.SERVER)
+
+    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            event = self._conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self._reader.read(_READ_SIZE)
+            self._conn.receive_data(data)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                event = await self._next_event()
+            except h11.RemoteProtocolError:
+                return
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+            if not isinstance(event, h11.Request):
+                return
+            token = _header(event.headers, TOKEN_HEADER.encode())
+            # The body was already parsed in the request hook; drain it here.
+            while not isinstance(ev := await self._next_event(), h11.EndOfMessage):
+                if isinstance(ev, h11.ConnectionClosed):
+                    return
+            job = self._jobs.pop(token, None) if token else None
+            sink = ResponseSink(self._conn, self._writer)
+            if job is None:
+                await sink.respond(
+                    403,
+                    [("content-type", "application/json")],
+                    b'{"error":{"message":"not a bridged request","type":"invalid_request_error",'
+                    b'"code":"forbidden"}}',
+                )
+            else:
+                await self._run_job(job, sink)
+            if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
+                self._conn.start_next_cycle()
+            else:
+                return
+
+    async def _run_job(self, job: Job, sink: ResponseSink) -> None:
+        """Runs the job; cancels it as soon as mitmproxy hangs up (the client left)."""
+        job_task = asyncio.ensure_future(job(sink))
+        hangup = asyncio.ensure_future(self._wait_hangup())
+        try:
+            await asyncio.wait({job_task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            if not job_task.done():
+                job_task.cancel()
+            # Let the job close its upstream before this connection goes away.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await job_task
+        if job_task.done() and not job_task.cancelled() and job_task.exception():
+            # A bug in a job must not take the proxy down: answer what can
+            # still be answered and keep serving everyone else.
+            logger.error("bridge job failed", exc_info=job_task.exception())
+            if not sink.started:
+                await sink.respond(
+                    502,
+                    [("content-type", "application/json")],
+                    b'{"error":{"message":"the bridge failed to serve this request",'
+                    b'"type":"server_error","code":"bridge_internal_error"}}',
+                )
+        if not sink.finished:
+            raise ClientGone
+
+    async def _wait_hangup(self) -> None:
+        # mitmproxy sends nothing more on this connection while a response is
+        # in flight (no pipelining), so any read result here is the end.
+        data = await self._reader.read(_READ_SIZE)
+        if data:
+            self._conn.receive_data(data)
+            # Unexpected bytes while streaming: keep them for h11, keep waiting.
+            await asyncio.Event().wait()
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
