@@ -54,9 +54,7 @@ class ResponseSink:
         self.finished = True
         await self._send(h11.EndOfMessage())
 
-    async def respond(
-        self, status: int, headers: Sequence[tuple[str, str]], body: bytes
-    ) -> None:
+    async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         """A whole response with a known length (errors, non-streamed JSON)."""
         await self.start(status, [*headers, ("content-length", str(len(body)))])
         await self.write(body)
@@ -194,6 +192,8 @@ class _Connection:
             await asyncio.wait({job_task, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hangup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hangup
             if not job_task.done():
                 job_task.cancel()
             # Let the job close its upstream before this connection goes away.

@@ -1,0 +1,277 @@
+"""Upstream Responses WebSocket connections, over the `websockets` asyncio client.
+
+A thin I/O layer: it opens a connection with the headers it is given, sends
+`response.create` frames, and hands back received frames in batches (all the
+frames that had already arrived, so the relay can write them in one go). Every
+step is reported to an optional `SessionTap`, which is how sessions get recorded
+as mitmproxy flows. No policy lives here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
+from websockets.frames import Close
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+# Close codes the bridge itself uses when it ends a session.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    connect_timeout: float = 10.0
+    max_message_size: int | None = 32 * 1024 * 1024
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    compression: bool = False
+    close_timeout: float = 5.0
+
+
+class SessionTap(Protocol):
+    """Observes one upstream connection (implemented by the flow recorder)."""
+
+    def handshake_done(
+        self, request: Request | None, response: Response | None, error: str | None
+    ) -> None: ...
+
+    def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None: ...
+
+    def closed(
+        self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
+    ) -> None: ...
+
+
+class HandshakeRejected(Exception):
+    """The upstream answered the upgrade with a plain HTTP status."""
+
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        super().__init__(f"upstream rejected the WebSocket handshake with HTTP {status}")
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+class ConnectFailed(Exception):
+    """No WebSocket could be opened: refused, unreachable, TLS, timeout, bad answer."""
+
+    def __init__(self, detail: str, *, timed_out: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.timed_out = timed_out
+
+
+class UpstreamClosed(Exception):
+    """The upstream connection ended (close frame, or lost without one)."""
+
+    def __init__(self, code: int | None, reason: str, *, by_client: bool) -> None:
+        what = f"close code {code}" if code is not None else "connection lost"
+        super().__init__(f"upstream WebSocket ended ({what}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason
+        self.by_client = by_client
+
+
+# The connection object the websockets client creates, so that the handshake
+# request can be recorded even when the handshake then fails.
+_created: contextvars.ContextVar[list[ClientConnection] | None] = contextvars.ContextVar(
+    "_created", default=None
+)
+
+
+class _TrackedConnection(ClientConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        created = _created.get()
+        if created is not None:
+            created.append(self)
+
+
+class UpstreamSession:
+    """One open upstream WebSocket connection; may serve several turns in a row."""
+
+    def __init__(self, ws: ClientConnection, url: str, tap: SessionTap | None) -> None:
+        self._ws = ws
+        self.url = url
+        self.tap = tap
+        self.opened_at = time.monotonic()
+        self.last_used = self.opened_at
+        self.turns = 0
+        self._closed_reported = False
+
+    @property
+    def response_headers(self) -> list[tuple[str, str]]:
+        response = self._ws.response
+        return list(response.headers.raw_items()) if response is not None else []
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        try:
+            address = self._ws.local_address
+        except (AttributeError, OSError):
+            return None
+        return (str(address[0]), int(address[1])) if address else None
+
+    @property
+    def is_open(self) -> bool:
+        return self._ws.state is State.OPEN
+
+    async def send(self, message: str | bytes) -> None:
+        """Sends one text frame (bytes are taken as UTF-8 text, not binary)."""
+        self.last_used = time.monotonic()
+        try:
+            await self._ws.send(message, text=True)
+        except ConnectionClosed as exc:
+            raise self._closed(exc) from exc
+        if self.tap is not None:
+            self.tap.message(True, message, time.time())
+
+    async def next_batch(self) -> list[str]:
+        """Waits for the next frame; returns it with every frame already queued."""
+        ws = self._ws
+        try:
+            first = await ws.recv()
+            batch = [first]
+            # Frames already parsed from the socket are waiting in the
+            # assembler: taking them now lets the relay write them at once.
+            # recv() returns them without suspending.
+            while len(ws.recv_messages.frames):
+                batch.append(await ws.recv())
+        except ConnectionClosed as exc:
+            raise self._closed(exc) from exc
+        now = time.time()
+        self.last_used = time.monotonic()
+        texts = [m if isinstance(m, str) else m.decode("utf-8", "replace") for m in batch]
+        if self.tap is not None:
+            for text in texts:
+                self.tap.message(False, text, now)
+        return texts
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        try:
+            await self._ws.close(code, reason)
+        finally:
+            self._report_close()
+
+    def abort(self) -> None:
+        """Drops the connection without a closing handshake (used on shutdown)."""
+        transport = self._ws.transport
+        if transport is not None:
+            transport.abort()
+        self._report_close()
+
+    def _closed(self, exc: ConnectionClosed) -> UpstreamClosed:
+        self._report_close()
+        by_client = _closed_by_client(exc.rcvd, exc.sent, exc.rcvd_then_sent)
+        frame = exc.rcvd if exc.rcvd is not None else exc.sent
+        if frame is None:
+            return UpstreamClosed(None, "", by_client=False)
+        return UpstreamClosed(frame.code, frame.reason, by_client=by_client)
+
+    def _report_close(self) -> None:
+        if self._closed_reported or self.tap is None:
+            return
+        if self._ws.state is not State.CLOSED and self._ws.protocol.close_rcvd is None:
+            # Not closed yet (close() is still in progress): report on completion.
+            self._ws.connection_lost_waiter.add_done_callback(lambda _: self._report_close())
+            return
+        self._closed_reported = True
+        protocol = self._ws.protocol
+        rcvd, sent = protocol.close_rcvd, protocol.close_sent
+        frame = rcvd if rcvd is not None else sent
+        code = frame.code if frame is not None else None
+        reason = frame.reason if frame is not None else ""
+        by_client = _closed_by_client(rcvd, sent, protocol.close_rcvd_then_sent)
+        self.tap.closed(code, reason, by_client, time.time())
+
+
+def _closed_by_client(rcvd: Close | None, sent: Close | None, rcvd_then_sent: bool | None) -> bool:
+    """Whether this side (the bridge, the WebSocket client) started the closing."""
+    if sent is None:
+        return False
+    return rcvd is None or rcvd_then_sent is False
+
+
+async def open_session(
+    url: str,
+    headers: Sequence[tuple[str, str]],
+    settings: UpstreamSettings,
+    *,
+    tap: SessionTap | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> UpstreamSession:
+    """Opens an upstream connection; raises HandshakeRejected or ConnectFailed."""
+    created: list[ClientConnection] = []
+    token = _created.set(created)
+    kwargs: dict[str, Any] = {}
+    if ssl_context is not None and url.startswith("wss:"):
+        kwargs["ssl"] = ssl_context
+    try:
+        ws = await connect(
+            url,
+            additional_headers=list(headers),
+            # The client's own User-Agent is among the headers when it sent one.
+            user_agent_header=None,
+            compression="deflate" if settings.compression else None,
+            open_timeout=settings.connect_timeout,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            close_timeout=settings.close_timeout,
+            max_size=settings.max_message_size,
+            # The bridge is the proxy: never route upstream through an
+            # environment-configured one.
+            proxy=None,
+            create_connection=_TrackedConnection,
+            **kwargs,
+        )
+    except InvalidStatus as exc:
+        response = exc.response
+        rejected = HandshakeRejected(
+            response.status_code,
+            response.reason_phrase,
+            list(response.headers.raw_items()),
+            bytes(response.body or b""),
+        )
+        if tap is not None:
+            tap.handshake_done(_request_of(created), response, None)
+        raise rejected from exc
+    except TimeoutError as exc:
+        detail = f"timed out after {settings.connect_timeout:g} s opening {url}"
+        if tap is not None:
+            tap.handshake_done(_request_of(created), None, detail)
+        raise ConnectFailed(detail, timed_out=True) from exc
+    except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed, ssl.SSLError) as exc:
+        detail = f"cannot open {url}: {exc or type(exc).__name__}"
+        if tap is not None:
+            tap.handshake_done(_request_of(created), None, detail)
+        raise ConnectFailed(detail) from exc
+    finally:
+        _created.reset(token)
+    if tap is not None:
+        tap.handshake_done(ws.request, ws.response, None)
+    return UpstreamSession(ws, url, tap)
+
+
+def _request_of(created: list[ClientConnection]) -> Request | None:
+    return getattr(created[-1], "request", None) if created else None

@@ -1,0 +1,127 @@
+"""`make run`: the bridge in front of the embedded local upstream, no credentials, no network.
+
+Starts the local Responses WebSocket upstream on 127.0.0.1 and `mitmdump -s
+addon/bridge.py` (reverse mode, 127.0.0.1:8080) in front of it, prints a curl
+command and an `openai` SDK snippet that stream through it, and stops both on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if _port_in_use(port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _banner(port: int, upstream_port: int) -> str:
+    body = '{"model": "gpt-5-codex", "input": "Say hello", "stream": true}'
+    curl = (
+        f"curl -N http://127.0.0.1:{port}/v1/responses "
+        f"-H 'content-type: application/json' -H 'authorization: Bearer local-test-key' "
+        f"-d {shlex.quote(body)}"
+    )
+    sdk = f"""from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="local-test-key")
+for event in client.responses.create(model="gpt-5-codex", input="Say hello", stream=True):
+    print(event.type, getattr(event, "delta", ""))"""
+    return f"""
+Responses bridge: http://127.0.0.1:{port}  →  local upstream ws://127.0.0.1:{upstream_port}
+Stream a response through it:
+
+  {curl}
+
+or, with the openai SDK (.venv/bin/python):
+
+{sdk}
+
+Every request mitmdump bridges is listed below; Ctrl-C stops both processes.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8080, help="bridge listen port (127.0.0.1)")
+    parser.add_argument("--upstream-port", type=int, default=0, help="local upstream port")
+    parser.add_argument("--tool", default="mitmdump", choices=["mitmdump", "mitmweb"])
+    args, extra = parser.parse_known_args(argv)
+    if _port_in_use(args.port):
+        print(f"127.0.0.1:{args.port} is already in use; try: make run ARGS='--port 8081'")
+        return 1
+    upstream_port = args.upstream_port or _free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "addon.local_upstream", "--port", str(upstream_port)], cwd=ROOT
+    )
+    procs = [upstream]
+    try:
+        if not _wait_listening(upstream_port, upstream, 15):
+            print("the local upstream did not start")
+            return 1
+        bridge = subprocess.Popen(
+            [
+                str(BIN / args.tool),
+                "-s",
+                str(ROOT / "addon" / "bridge.py"),
+                "--mode",
+                f"reverse:http://127.0.0.1:{upstream_port}",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                str(args.port),
+                *extra,
+            ],
+            cwd=ROOT,
+        )
+        procs.append(bridge)
+        if not _wait_listening(args.port, bridge, 30):
+            print("mitmdump did not start")
+            return 1
+        print(_banner(args.port, upstream_port), flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
