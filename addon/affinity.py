@@ -1,0 +1,135 @@
+"""Request affinity (BRIEF §3.4): classify a request as hard, soft or none, and find its owner.
+
+Keys are namespaced by what they identify (`session:`, `turn-state:`, `thread:`,
+`conversation:`, `response:`, `prompt-cache:`), so the same value arriving as
+`session_id` or `session-id` is one key, and a session id can never collide
+with a prompt cache key.
+
+Decisions:
+- The affinity `key` is the first hard signal by precedence (headers
+  x-codex-turn-state, session_id, session-id, x-codex-session-id, thread-id,
+  conversation_id, x-codex-conversation-id; then body previous_response_id, then
+  body conversation). `keys` holds every hard signal present, in that order: the
+  shell binds all of them to the account that serves the request, and
+  `owner_for` looks them up in order, so a fresh per-turn key (turn state)
+  still finds the session its other headers already bound.
+- `previous_response_id` is authoritative when its owner is known: the upstream
+  only knows a response on the account that produced it, so that account wins
+  over any header binding, even one that disagrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class AffinityKind(StrEnum):
+    HARD = "hard"
+    SOFT = "soft"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """How one request is tied to an account.
+
+    `key`: the primary binding key (None for NONE). `source`: where it came from,
+    e.g. "header:session-id". `owner_hint`: the body's previous_response_id, to
+    be looked up in the response-ownership store (its owner is authoritative).
+    `keys`: every binding key present, primary first.
+    """
+
+    kind: AffinityKind
+    key: str | None = None
+    source: str | None = None
+    owner_hint: str | None = None
+    keys: tuple[str, ...] = ()
+
+
+NO_AFFINITY = Affinity(AffinityKind.NONE)
+
+# (header name, key namespace), in precedence order.
+HARD_HEADERS: tuple[tuple[str, str], ...] = (
+    ("x-codex-turn-state", "turn-state"),
+    ("session_id", "session"),
+    ("session-id", "session"),
+    ("x-codex-session-id", "session"),
+    ("thread-id", "thread"),
+    ("conversation_id", "conversation"),
+    ("x-codex-conversation-id", "conversation"),
+)
+
+
+def _header(headers: Sequence[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name and value.strip():
+            return value.strip()
+    return None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _conversation_id(value: Any) -> str | None:
+    # The Responses API accepts `conversation` as an id or as {"id": ...}.
+    if isinstance(value, Mapping):
+        return _text(value.get("id"))
+    return _text(value)
+
+
+def classify(headers: Sequence[tuple[str, str]], body: Mapping[str, Any]) -> Affinity:
+    """The affinity of a request, from its headers (any case) and its JSON body."""
+    found: list[tuple[str, str]] = []  # (key, source), precedence order
+    for name, namespace in HARD_HEADERS:
+        value = _header(headers, name)
+        if value is not None:
+            found.append((f"{namespace}:{value}", f"header:{name}"))
+    previous = _text(body.get("previous_response_id"))
+    if previous is not None:
+        found.append((f"response:{previous}", "body:previous_response_id"))
+    conversation = _conversation_id(body.get("conversation"))
+    if conversation is not None:
+        found.append((f"conversation:{conversation}", "body:conversation"))
+
+    if found:
+        keys = tuple(dict.fromkeys(key for key, _ in found))  # same key twice counts once
+        return Affinity(
+            AffinityKind.HARD, key=found[0][0], source=found[0][1], owner_hint=previous, keys=keys
+        )
+    cache_key = _text(body.get("prompt_cache_key"))
+    if cache_key is not None:
+        key = f"prompt-cache:{cache_key}"
+        return Affinity(AffinityKind.SOFT, key=key, source="body:prompt_cache_key", keys=(key,))
+    return NO_AFFINITY
+
+
+def owner_for(
+    affinity: Affinity,
+    *,
+    bound_account: Callable[[str], str | None],
+    response_owner: Callable[[str], str | None],
+) -> str | None:
+    """The account this request belongs to, or None when it is not tied to one yet.
+
+    For HARD the answer is the owner (only it may serve); for SOFT it is a
+    preference; NONE has no owner. Order: the owner of previous_response_id,
+    then the first of `keys` with a binding. None for a HARD request means its
+    first request: the shell chooses an account and binds every key to it.
+    """
+    if affinity.kind is AffinityKind.NONE:
+        return None
+    if affinity.owner_hint is not None:
+        owner = response_owner(affinity.owner_hint)
+        if owner is not None:
+            return owner
+    for key in affinity.keys:
+        account = bound_account(key)
+        if account is not None:
+            return account
+    return None
