@@ -9,15 +9,30 @@ and streams the answer; `response` keeps the streamed SSE body for display.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from addon import openai_errors, routing
-from addon.bridge_service import BridgeService, BridgeSettings, Destination, Turn
+from addon.accounts import AccountsFileError, client_key_ok
+from addon.accounts_file import AccountsFile
+from addon.affinity import classify
+from addon.bridge_service import (
+    Attempt,
+    BridgeService,
+    BridgeSettings,
+    Destination,
+    Turn,
+    TurnReport,
+)
 from addon.create_request import BadRequest, parse_create_request
 from addon.handshake_headers import UpstreamCredential, client_request_id
 from addon.loopback import TOKEN_HEADER, LoopbackServer
@@ -27,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 METADATA_KEY = "responses_bridge"
+ACCOUNTS_POLL_S = 1.0
 
 
 @dataclass
@@ -53,8 +69,10 @@ class ResponsesBridge:
     def __init__(self) -> None:
         self.loopback = LoopbackServer()
         self.service = BridgeService(BridgeSettings())
-        self._routed: dict[str, _Routed] = {}
         self.max_body = 32 * MiB
+        self._routed: dict[str, _Routed] = {}
+        self._accounts: AccountsFile | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- options -----------------------------------------------------------
 
@@ -65,6 +83,13 @@ class ResponsesBridge:
             "",
             "Upstream Responses WebSocket URL for every bridged request (ws:// or wss://). "
             "Empty: the account's upstream, else the request's own destination (https→wss).",
+        )
+        loader.add_option(
+            "bridge_accounts",
+            str,
+            "",
+            "JSON file of upstream accounts (and client keys). Empty: pass-through mode, "
+            "the client's own Authorization goes upstream. Edits are picked up live.",
         )
         loader.add_option(
             "bridge_connect_timeout",
@@ -91,10 +116,7 @@ class ResponsesBridge:
             "Seconds to wait for a pong before the upstream counts as lost (0: wait forever).",
         )
         loader.add_option(
-            "bridge_compression",
-            bool,
-            False,
-            "Offer permessage-deflate to the upstream.",
+            "bridge_compression", bool, False, "Offer permessage-deflate to the upstream."
         )
         loader.add_option(
             "bridge_max_body",
@@ -108,6 +130,31 @@ class ResponsesBridge:
             "15",
             "Seconds of upstream silence after which an SSE comment is sent (0: never).",
         )
+        loader.add_option(
+            "bridge_retry_budget",
+            int,
+            2,
+            "Retries of a request whose upstream failed before the client saw any event.",
+        )
+        loader.add_option(
+            "bridge_session_idle_ttl",
+            str,
+            "120",
+            "Seconds an upstream WebSocket stays open after a turn, for the next request of "
+            "the same affinity key and account (0: no reuse).",
+        )
+        loader.add_option(
+            "bridge_binding_max",
+            int,
+            100_000,
+            "Most affinity bindings (key → account) and response owners kept in memory.",
+        )
+        loader.add_option(
+            "bridge_binding_ttl",
+            str,
+            "86400",
+            "Seconds an unused affinity binding or response owner is kept.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if not any(name.startswith("bridge_") for name in updated):
@@ -119,37 +166,83 @@ class ResponsesBridge:
             except ValueError as exc:
                 raise exceptions.OptionsError(f"bridge_upstream: {exc}") from exc
         connect_timeout = _seconds(opts, "bridge_connect_timeout")
-        ping_interval = _seconds(opts, "bridge_ping_interval")
-        ping_timeout = _seconds(opts, "bridge_ping_timeout")
-        keepalive = _seconds(opts, "bridge_sse_keepalive")
         if connect_timeout == 0:
             raise exceptions.OptionsError("bridge_connect_timeout must be positive")
-        if opts.bridge_max_body <= 0:
-            raise exceptions.OptionsError("bridge_max_body must be positive")
-        if opts.bridge_max_message_size < 0:
-            raise exceptions.OptionsError("bridge_max_message_size must not be negative")
-        self.max_body = opts.bridge_max_body
-        self.service.settings = BridgeSettings(
+        for name in ("bridge_max_body", "bridge_binding_max"):
+            if getattr(opts, name) <= 0:
+                raise exceptions.OptionsError(f"{name} must be positive")
+        for name in ("bridge_max_message_size", "bridge_retry_budget"):
+            if getattr(opts, name) < 0:
+                raise exceptions.OptionsError(f"{name} must not be negative")
+        settings = BridgeSettings(
             upstream_option=opts.bridge_upstream,
             upstream=UpstreamSettings(
                 connect_timeout=connect_timeout,
                 max_message_size=opts.bridge_max_message_size or None,
-                ping_interval=ping_interval or None,
-                ping_timeout=ping_timeout or None,
+                ping_interval=_seconds(opts, "bridge_ping_interval") or None,
+                ping_timeout=_seconds(opts, "bridge_ping_timeout") or None,
                 compression=opts.bridge_compression,
             ),
-            sse_keepalive_s=keepalive or None,
+            sse_keepalive_s=_seconds(opts, "bridge_sse_keepalive") or None,
+            retry_budget=opts.bridge_retry_budget,
+            session_idle_ttl_s=_seconds(opts, "bridge_session_idle_ttl"),
+            binding_max=opts.bridge_binding_max,
+            binding_ttl_s=_seconds(opts, "bridge_binding_ttl") or float("inf"),
+        )
+        if "bridge_accounts" in updated:
+            self._load_accounts(opts.bridge_accounts)
+        self.max_body = opts.bridge_max_body
+        self.service.apply_settings(settings)
+
+    def _load_accounts(self, path: str) -> None:
+        if not path:
+            self._accounts = None
+            self.service.set_accounts(None)
+            return
+        accounts = AccountsFile(path)
+        try:
+            config = accounts.load()
+        except AccountsFileError as exc:
+            # mitmproxy keeps the previous value (and so the previous pool) in force.
+            raise exceptions.OptionsError(f"bridge_accounts: {exc}") from exc
+        self._accounts = accounts
+        self.service.set_accounts(config)
+        logger.info(
+            "bridge accounts: %s (%s)",
+            ", ".join(a.id for a in config.accounts),
+            "client keys required" if config.client_keys else "no client keys",
         )
 
     # -- lifecycle -----------------------------------------------------------
 
     async def running(self) -> None:
         port = await self.loopback.start()
+        self._watcher = asyncio.ensure_future(self._watch_accounts())
         logger.info("Responses bridge ready (loopback endpoint on 127.0.0.1:%d)", port)
 
     async def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.service.shutdown()
         await self.loopback.stop()
+
+    async def _watch_accounts(self) -> None:
+        """Reloads the accounts file when it changes on disk, like mitmproxy's script reload."""
+        while True:
+            await asyncio.sleep(ACCOUNTS_POLL_S)
+            accounts = self._accounts
+            if accounts is None or not accounts.changed():
+                continue
+            try:
+                config = accounts.load()
+            except AccountsFileError as exc:
+                accounts.mark_seen()
+                logger.error("bridge_accounts: %s; the previous accounts stay in force", exc)
+                continue
+            self.service.set_accounts(config)
+            logger.info("bridge accounts reloaded: %s", ", ".join(a.id for a in config.accounts))
 
     # -- hooks -----------------------------------------------------------------
 
@@ -166,6 +259,12 @@ class ResponsesBridge:
             return
         if not self.loopback.running:
             self._answer(flow, openai_errors.bridge_not_ready())
+            return
+        accounts = self.service.accounts
+        if accounts is not None and not client_key_ok(
+            accounts, flow.request.headers.get("authorization")
+        ):
+            self._answer(flow, openai_errors.unauthorized_client_key())
             return
         body = flow.request.raw_content
         if body is None:  # streamed by mitmproxy (stream_large_bodies): too large for us
@@ -189,7 +288,10 @@ class ResponsesBridge:
             client_headers=headers,
             request_id=request_id,
             destination=destination,
-            client_credential=_client_credential(flow.request.headers),
+            affinity=classify(headers, create.body),
+            client_credential=(
+                _client_credential(flow.request.headers) if self.service.pool is None else None
+            ),
         )
         service = self.service
         token = self.loopback.register(lambda sink: service.serve(turn, sink))
@@ -200,7 +302,12 @@ class ResponsesBridge:
         flow.request.data.host = "127.0.0.1"
         flow.request.data.port = self.loopback.port
         flow.request.headers[TOKEN_HEADER] = token
-        flow.metadata[METADATA_KEY] = {"role": "client", "request_id": request_id}
+        flow.metadata[METADATA_KEY] = {
+            "role": "client",
+            "request_id": request_id,
+            "affinity": turn.affinity.kind.value,
+            "key": turn.affinity.key,
+        }
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.get(flow.id)
@@ -223,6 +330,45 @@ class ResponsesBridge:
             self._restore(flow, routed)
             self._annotate(flow)
 
+    # -- commands ----------------------------------------------------------------
+
+    @command.command("bridge.accounts")
+    def accounts_command(self) -> str:
+        """Upstream accounts: health, requests in flight, cooldown, requests served."""
+        pool = self.service.pool
+        if pool is None:
+            return "pass-through mode: no accounts file (bridge_accounts is empty)"
+        rows = [("account", "health", "in flight", "cooldown until", "served")]
+        for row in pool.snapshot():
+            until = (
+                time.strftime("%H:%M:%S", time.localtime(time.time() + row.cooldown_remaining_s))
+                if row.cooldown_remaining_s
+                else "-"
+            )
+            rows.append((row.id, row.health, str(row.in_flight), until, str(row.served)))
+        return _table(rows)
+
+    @command.command("bridge.sessions")
+    def sessions_command(self) -> str:
+        """Affinity keys: kind, bound account, idle upstream sockets, idle for."""
+        idle = {key: (count, age) for key, count, age in self.service.sessions.snapshot()}
+        rows = [("key", "kind", "account", "idle sockets", "idle for")]
+        now = time.monotonic()
+        for entry in self.service.bindings.items():
+            count, age = idle.pop((entry.key, entry.binding.account_id), (0, now - entry.last_used))
+            rows.append(
+                (
+                    entry.key,
+                    entry.binding.kind.value,
+                    entry.binding.account_id,
+                    str(count),
+                    f"{age:.0f}s",
+                )
+            )
+        for (key, account), (count, age) in idle.items():
+            rows.append((key or "-", "-", account or "(client)", str(count), f"{age:.0f}s"))
+        return _table(rows)
+
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
@@ -244,12 +390,43 @@ class ResponsesBridge:
 
     def _annotate(self, flow: http.HTTPFlow) -> None:
         report = self.service.reports.pop(flow.id, None)
-        meta = flow.metadata.setdefault(METADATA_KEY, {"role": "client"})
-        if report is not None:
-            meta.update(outcome=report.outcome, attempts=report.attempts)
-            parts = [f"bridged: {report.outcome}"]
-            parts += [_describe_attempt(i, a) for i, a in enumerate(report.attempts, 1)]
-            flow.comment = "\n".join(parts)
+        meta: dict[str, Any] = flow.metadata.setdefault(METADATA_KEY, {"role": "client"})
+        if report is None:
+            return
+        meta.update(
+            account=report.account,
+            outcome=report.outcome,
+            attempts=[a.as_dict() for a in report.attempts],
+            upstream_flows=[a.upstream_flow for a in report.attempts if a.upstream_flow],
+        )
+        flow.comment = _describe(report)
+
+
+def _describe(report: TurnReport) -> str:
+    affinity = report.affinity
+    head = f"bridged · {affinity.kind.value}"
+    if affinity.key:
+        head += f" {affinity.key}"
+    head += f" · account {report.account or '(client credential)'} · {report.outcome}"
+    return "\n".join([head, *(_describe_attempt(a) for a in report.attempts)])
+
+
+def _describe_attempt(attempt: Attempt) -> str:
+    parts = [f"attempt {attempt.number}: {attempt.account or '(client)'}", attempt.outcome]
+    if attempt.reused:
+        parts.append("reused socket")
+    if attempt.close_code is not None:
+        parts.append(f"close {attempt.close_code}")
+    if attempt.detail:
+        parts.append(attempt.detail)
+    return " · ".join(parts)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def _seconds(opts: object, name: str) -> float:
@@ -259,14 +436,9 @@ def _seconds(opts: object, name: str) -> float:
         value = float(raw)
     except ValueError:
         raise exceptions.OptionsError(f"{name}: {raw!r} is not a number of seconds") from None
-    if value < 0 or value != value or value == float("inf"):
+    if not 0 <= value < float("inf"):
         raise exceptions.OptionsError(f"{name}: must be a finite number of seconds >= 0")
     return value
-
-
-def _describe_attempt(number: int, attempt: dict[str, object]) -> str:
-    details = ", ".join(f"{k}={v}" for k, v in attempt.items() if k not in {"url"})
-    return f"attempt {number}: {details}"
 
 
 def _client_credential(headers: http.Headers) -> UpstreamCredential | None:

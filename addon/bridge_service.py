@@ -1,23 +1,46 @@
-"""Serves one bridged request end to end: choose where, open, relay, decide on failure.
+"""Serves one bridged request end to end: choose an account, open or reuse, relay, retry.
 
-This is the shell around the pure decisions: it asks `routing` for the URL,
-`handshake_headers` for the headers, opens the upstream with `upstream_client`,
-relays with `relay`, and maps every failure to what the client gets through
-`openai_errors`.
+This is the shell around the pure decisions. Per attempt it asks the pool (or
+the hard owner) for an account, `routing` for the URL and `handshake_headers`
+for the headers, takes an idle session from `session_pool` or opens one with
+`upstream_client`, and relays with `relay`. When an attempt fails it turns
+what happened into a `retry_policy` failure and does what `decide` says.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from addon import openai_errors, routing
+from addon.account_pool import AccountPool, Chosen, fail_http_for_choice
+from addon.accounts import Account, AccountsConfig
+from addon.affinity import Affinity, AffinityKind, owner_for
+from addon.bindings import Binding, MemoryBindingStore
 from addon.create_request import CreateRequest
 from addon.handshake_headers import UpstreamCredential, upstream_handshake_headers
 from addon.loopback import ResponseSink
-from addon.relay import ClientStream, TurnRefused, relay_turn
+from addon.relay import ClientStream, TurnDone, TurnRefused, relay_turn
+from addon.retry_policy import (
+    ConnectError,
+    ConnectionLost,
+    FailHttp,
+    FailStreamIncomplete,
+    Failure,
+    Relay,
+    RetryOther,
+    RetrySame,
+    UpstreamClose,
+    decide,
+    describe,
+    error_event_failure,
+    handshake_failure,
+)
+from addon.session_pool import SessionPool
 from addon.upstream_client import (
     CLOSE_GOING_AWAY,
     ConnectFailed,
@@ -28,6 +51,7 @@ from addon.upstream_client import (
     UpstreamSettings,
     open_session,
 )
+from addon.upstream_events import UpstreamErrorEvent
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +75,8 @@ class Turn:
     client_headers: tuple[tuple[str, str], ...]
     request_id: str
     destination: Destination
-    # Pass-through mode: the client's own credential, placed deliberately.
+    affinity: Affinity
+    # Pass-through mode only: the client's own credential, placed deliberately.
     client_credential: UpstreamCredential | None
 
 
@@ -60,118 +85,366 @@ class BridgeSettings:
     upstream_option: str = ""
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     sse_keepalive_s: float | None = 15.0
+    retry_budget: int = 2
+    session_idle_ttl_s: float = 120.0
+    binding_max: int = 100_000
+    binding_ttl_s: float = 24 * 3600.0
+
+
+@dataclass
+class Attempt:
+    """One upstream attempt, as the client flow's metadata shows it."""
+
+    number: int
+    account: str | None
+    url: str
+    reused: bool = False
+    outcome: str = "pending"
+    close_code: int | None = None
+    detail: str = ""
+    upstream_flow: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
 
 
 @dataclass
 class TurnReport:
     """What happened to a turn, for the client flow's metadata and the log."""
 
+    affinity: Affinity
+    account: str | None = None
     outcome: str = "pending"
     status: int | None = None
-    attempts: list[dict[str, object]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass
+class _AttemptResult:
+    """How one attempt ended: done, or a failure the policy must judge."""
+
+    done: TurnDone | None = None
+    failure: Failure | None = None
+    error_event: UpstreamErrorEvent | None = None
+    rejection: HandshakeRejected | None = None
+    closed: UpstreamClosed | None = None
 
 
 class BridgeService:
     def __init__(self, settings: BridgeSettings) -> None:
         self.settings = settings
+        self.pool: AccountPool | None = None
+        self.accounts: AccountsConfig | None = None
+        self.sessions = SessionPool(idle_ttl_s=settings.session_idle_ttl_s)
+        self.bindings = MemoryBindingStore(
+            settings.binding_max, settings.binding_ttl_s, time.monotonic
+        )
+        self.response_owners = MemoryBindingStore(
+            settings.binding_max, settings.binding_ttl_s, time.monotonic
+        )
         self.reports: dict[str, TurnReport] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        # Set by the recorder: a tap per new upstream connection.
+        self.tap_factory: Callable[[Turn, Attempt], SessionTap | None] | None = None
+        self._sleep = asyncio.sleep
+        self._random = random.random
 
-    def tap_for(self, turn: Turn, attempt: int) -> SessionTap | None:
-        """Overridden by the recorder; no recording by default."""
-        return None
+    # -- configuration ---------------------------------------------------------
+
+    def apply_settings(self, settings: BridgeSettings) -> None:
+        old, self.settings = self.settings, settings
+        self.sessions.idle_ttl_s = settings.session_idle_ttl_s
+        if (old.binding_max, old.binding_ttl_s) != (settings.binding_max, settings.binding_ttl_s):
+            self.bindings = MemoryBindingStore(
+                settings.binding_max, settings.binding_ttl_s, time.monotonic
+            )
+            self.response_owners = MemoryBindingStore(
+                settings.binding_max, settings.binding_ttl_s, time.monotonic
+            )
+
+    def set_accounts(self, config: AccountsConfig | None) -> None:
+        """A new accounts file (None: pass-through mode). Removed accounts end cleanly."""
+        if config is None:
+            removed = self.pool.ids if self.pool is not None else []
+            self.pool = None
+        elif self.pool is None:
+            self.pool = AccountPool(config)
+            removed = []
+        else:
+            removed = self.pool.reload(config)
+        self.accounts = config
+        for account_id in removed:
+            self.sessions.drop_account(account_id)
+            self.bindings.remove_account(account_id)
+            self.response_owners.remove_account(account_id)
+
+    # -- serving ------------------------------------------------------------------
 
     async def serve(self, turn: Turn, sink: ResponseSink) -> None:
-        report = self.reports.setdefault(turn.flow_id, TurnReport())
+        report = self.reports.setdefault(turn.flow_id, TurnReport(turn.affinity))
         client = ClientStream(
             sink=sink,
             stream=turn.create.stream,
             headers=[("x-request-id", turn.request_id)],
             keepalive_s=self.settings.sse_keepalive_s,
         )
+        kind = turn.affinity.kind
+        owner = self._owner(turn.affinity)
+        prefer: str | None = owner
+        exclude: set[str] = set()
+        last_failure: Failure | None = None
+        free_retry = True  # a reused socket found dead costs no retry
+        number = 0
+        while True:
+            account: Account | None = None
+            if self.pool is not None:
+                if kind is AffinityKind.HARD and owner is not None:
+                    choice = self.pool.choose_owner(owner)
+                else:
+                    choice = self.pool.choose(exclude=exclude, prefer=prefer)
+                if not isinstance(choice, Chosen):
+                    fail = fail_http_for_choice(choice, affinity=kind, last_failure=last_failure)
+                    await self._fail(client, report, self._error_for(fail, None))
+                    return
+                account = choice.account
+                if kind is AffinityKind.HARD and owner is None:
+                    # The first request of a hard key binds it, before any retry:
+                    # from here on only this account may serve it.
+                    owner = account.id
+                    self._bind(turn.affinity, owner)
+            number += 1
+            result, attempt = await self._attempt(turn, account, client, report, number)
+            if result.done is not None:
+                report.outcome, report.status = result.done.terminal_type, 200
+                return
+            failure = result.failure
+            assert failure is not None
+            last_failure = failure
+            account_id = account.id if account is not None else "client"
+            if (
+                attempt.reused
+                and free_retry
+                and not client.has_seen_event
+                and isinstance(failure, UpstreamClose | ConnectionLost)
+            ):
+                free_retry = False
+                number -= 1
+                prefer = account_id
+                continue
+            usable = True
+            if self.pool is not None and account is not None:
+                self.pool.record_failure(account.id, failure)
+                usable = self.pool.is_usable(account.id)
+            decision = decide(
+                affinity=kind,
+                failure=failure,
+                client_has_seen_event=client.has_seen_event,
+                attempts_made=number,
+                retry_budget=self.settings.retry_budget,
+                account_id=account_id,
+                owner_usable=usable,
+                jitter=self._random(),
+            )
+            logger.info(
+                "bridge %s attempt %d on %s: %s -> %s",
+                turn.request_id,
+                number,
+                account_id,
+                describe(failure),
+                type(decision).__name__,
+            )
+            if isinstance(decision, RetrySame):
+                prefer = decision.account
+                await self._sleep(decision.delay_s)
+            elif isinstance(decision, RetryOther):
+                if self.pool is None:
+                    # Pass-through has one credential: nowhere else to go.
+                    await self._fail(client, report, self._passthrough_error(result))
+                    return
+                exclude.add(decision.exclude)
+                prefer = None
+            elif isinstance(decision, FailStreamIncomplete):
+                report.outcome, report.status = "stream_incomplete", 200
+                closed = result.closed
+                reason = closed.reason if closed is not None else describe(failure)
+                await client.fail_incomplete(decision.close_code, reason)
+                return
+            elif isinstance(decision, Relay):
+                assert result.error_event is not None
+                await self._fail(client, report, openai_errors.from_error_event(result.error_event))
+                return
+            else:
+                error = (
+                    self._passthrough_error(result)
+                    if self.pool is None
+                    else self._error_for(decision, result)
+                )
+                await self._fail(client, report, error)
+                return
+
+    async def _attempt(
+        self,
+        turn: Turn,
+        account: Account | None,
+        client: ClientStream,
+        report: TurnReport,
+        number: int,
+    ) -> tuple[_AttemptResult, Attempt]:
+        account_id = account.id if account is not None else None
+        report.account = account_id
         try:
             url = routing.upstream_url(
                 option=self.settings.upstream_option,
-                account_upstream=None,
+                account_upstream=account.upstream if account is not None else None,
                 scheme=turn.destination.scheme,
                 host=turn.destination.host,
                 port=turn.destination.port,
                 path=turn.destination.path,
             )
         except ValueError as exc:
-            await self._fail(client, report, openai_errors.upstream_unreachable(str(exc)))
-            return
-        headers = upstream_handshake_headers(
-            turn.client_headers, turn.client_credential, request_id=turn.request_id
-        )
-        attempt: dict[str, object] = {"account": None, "url": url}
+            attempt = Attempt(number, account_id, "", outcome="bad_url", detail=str(exc))
+            report.attempts.append(attempt)
+            return _AttemptResult(failure=ConnectError(str(exc))), attempt
+        pool_key = (turn.affinity.key or "", account_id)
+        session = self.sessions.checkout(pool_key) if turn.affinity.key else None
+        attempt = Attempt(number, account_id, url, reused=session is not None)
         report.attempts.append(attempt)
+        if self.pool is not None and account_id is not None:
+            self.pool.acquire(account_id)
         try:
-            session = await open_session(
-                url, headers, self.settings.upstream, tap=self.tap_for(turn, len(report.attempts))
-            )
+            if session is None:
+                credential = (
+                    UpstreamCredential(account.bearer, account.chatgpt_account_id)
+                    if account is not None
+                    else turn.client_credential
+                )
+                headers = upstream_handshake_headers(
+                    turn.client_headers, credential, request_id=turn.request_id
+                )
+                tap = self.tap_factory(turn, attempt) if self.tap_factory else None
+                session = await open_session(url, headers, self.settings.upstream, tap=tap)
+            elif session.tap is not None:
+                session.tap.attach((turn, attempt))
+            return await self._relay(session, turn, client, attempt, pool_key), attempt
         except HandshakeRejected as exc:
-            attempt.update(outcome="rejected", status=exc.status)
-            error = openai_errors.upstream_rejected(exc.status, exc.body, dict(exc.headers))
-            await self._fail(client, report, error)
-            return
+            attempt.outcome, attempt.detail = "rejected", f"HTTP {exc.status}"
+            failure = handshake_failure(exc.status, exc.headers, exc.body, wall_now=time.time())
+            return _AttemptResult(failure=failure, rejection=exc), attempt
         except ConnectFailed as exc:
-            attempt.update(outcome="connect_failed", detail=exc.detail)
-            error = (
-                openai_errors.upstream_timeout(exc.detail)
-                if exc.timed_out
-                else openai_errors.upstream_unreachable(exc.detail)
-            )
-            await self._fail(client, report, error)
-            return
-        await self._relay(session, turn, client, report, attempt)
+            attempt.outcome, attempt.detail = "connect_failed", exc.detail
+            lost = ConnectError(exc.detail, timed_out=exc.timed_out)
+            return _AttemptResult(failure=lost), attempt
+        finally:
+            if self.pool is not None and account_id is not None:
+                self.pool.release(account_id)
 
     async def _relay(
         self,
         session: UpstreamSession,
         turn: Turn,
         client: ClientStream,
-        report: TurnReport,
-        attempt: dict[str, object],
-    ) -> None:
-        turn_state = next(
-            (v for k, v in session.response_headers if k.lower() == "x-codex-turn-state"), None
-        )
-        if turn_state is not None:
-            client.extra_headers.append(("x-codex-turn-state", turn_state))
-        finished = False
+        attempt: Attempt,
+        pool_key: tuple[str, str | None],
+    ) -> _AttemptResult:
+        client.extra_headers = [
+            ("x-codex-turn-state", v)
+            for k, v in session.response_headers
+            if k.lower() == "x-codex-turn-state"
+        ][:1]
         try:
             result = await relay_turn(session, turn.create, client)
-            if isinstance(result, TurnRefused):
-                attempt.update(outcome="error_event", code=result.error.code)
-                await self._fail(client, report, openai_errors.from_error_event(result.error))
-            else:
-                attempt.update(outcome="completed", terminal=result.terminal_type)
-                report.outcome, report.status = result.terminal_type, 200
-            finished = True
         except UpstreamClosed as exc:
-            attempt.update(outcome="closed", close_code=exc.code, reason=exc.reason)
-            if client.has_seen_event:
-                report.outcome, report.status = "stream_incomplete", 200
-                await client.fail_incomplete(exc.code, exc.reason)
-            else:
-                await self._fail(
-                    client, report, openai_errors.upstream_closed(exc.code, exc.reason)
-                )
-        finally:
-            if not finished:
-                attempt.setdefault("outcome", "client_gone")
-            self._close_later(session, finished)
+            self.sessions.discard(session)
+            attempt.outcome, attempt.close_code = "closed", exc.code
+            attempt.detail = exc.reason
+            failure: Failure = (
+                UpstreamClose(exc.code, exc.reason) if exc.code is not None else ConnectionLost()
+            )
+            return _AttemptResult(failure=failure, closed=exc)
+        except BaseException:
+            # The client left (or the proxy stops): end the upstream turn promptly.
+            attempt.outcome = "client_gone"
+            self.sessions.discard(session, code=CLOSE_GOING_AWAY, reason="client went away")
+            raise
+        # The turn is over and the socket is idle again: it can serve the key's next turn.
+        if turn.affinity.key:
+            self.sessions.checkin(pool_key, session)
+        else:
+            self.sessions.discard(session)
+        if isinstance(result, TurnRefused):
+            attempt.outcome = f"error_event:{result.error.code}"
+            failure = error_event_failure(_error_event_dict(result.error), wall_now=time.time())
+            return _AttemptResult(failure=failure, error_event=result.error)
+        attempt.outcome = result.terminal_type
+        self._succeeded(turn, attempt.account, result)
+        return _AttemptResult(done=result)
 
-    def _close_later(self, session: UpstreamSession, finished: bool) -> None:
-        # Closing waits for the upstream's close frame; the client must not.
-        if not session.is_open:
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _owner(self, affinity: Affinity) -> str | None:
+        if self.pool is None:
+            return None
+
+        def bound(key: str) -> str | None:
+            binding = self.bindings.get(key)
+            return binding.account_id if binding is not None else None
+
+        def produced(response_id: str) -> str | None:
+            binding = self.response_owners.get(response_id)
+            return binding.account_id if binding is not None else None
+
+        return owner_for(affinity, bound_account=bound, response_owner=produced)
+
+    def _bind(self, affinity: Affinity, account_id: str) -> None:
+        for key in affinity.keys:
+            self.bindings.set(key, Binding(account_id, affinity.kind))
+
+    def _succeeded(self, turn: Turn, account_id: str | None, result: TurnDone) -> None:
+        if account_id is None or self.pool is None:
             return
-        code = 1000 if finished else CLOSE_GOING_AWAY
-        reason = "" if finished else "client went away"
-        task = asyncio.ensure_future(session.close(code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self.pool.record_success(account_id)
+        if turn.affinity.kind is not AffinityKind.NONE:
+            self._bind(turn.affinity, account_id)
+        if result.response_id is not None:
+            self.response_owners.set(result.response_id, Binding(account_id))
+
+    # -- errors ------------------------------------------------------------------
+
+    @staticmethod
+    def _passthrough_error(result: _AttemptResult | None) -> openai_errors.HttpError:
+        """Pass-through: the upstream's verdict on the client's own credential, as it was."""
+        if result is None or result.failure is None:
+            return openai_errors.no_account()
+        if result.rejection is not None:
+            rejection = result.rejection
+            return openai_errors.upstream_rejected(
+                rejection.status, rejection.body, dict(rejection.headers)
+            )
+        if result.error_event is not None:
+            return openai_errors.from_error_event(result.error_event)
+        if result.closed is not None:
+            return openai_errors.upstream_closed(result.closed.code, result.closed.reason)
+        failure = result.failure
+        if isinstance(failure, ConnectError):
+            if failure.timed_out:
+                return openai_errors.upstream_timeout(failure.detail)
+            return openai_errors.upstream_unreachable(failure.detail)
+        return openai_errors.upstream_closed(None, describe(failure))
+
+    @staticmethod
+    def _error_for(fail: FailHttp, result: _AttemptResult | None) -> openai_errors.HttpError:
+        """Pool mode: the decision's status and code; the upstream's 429 body when it gave one."""
+        if fail.status == 429 and result is not None:
+            if result.rejection is not None and result.rejection.status == 429:
+                rejection = result.rejection
+                return openai_errors.upstream_rejected(429, rejection.body, dict(rejection.headers))
+            if result.error_event is not None:
+                return openai_errors.from_error_event(result.error_event)
+        retry_after = (
+            str(max(1, round(fail.retry_after_s))) if fail.retry_after_s is not None else None
+        )
+        return openai_errors.decision_error(
+            fail.status, fail.code, fail.message or fail.code, retry_after=retry_after
+        )
 
     async def _fail(
         self, client: ClientStream, report: TurnReport, error: openai_errors.HttpError
@@ -180,9 +453,14 @@ class BridgeService:
         await client.send_error(error)
 
     async def shutdown(self) -> None:
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=5)
-        for task in list(self._closing):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await self.sessions.close_all()
+
+
+def _error_event_dict(event: UpstreamErrorEvent) -> dict[str, object]:
+    """The event in its wire shape, which is what the policy reads reset times from."""
+    return {
+        "type": "error",
+        "status": event.status,
+        "error": dict(event.error_object),
+        "headers": dict(event.headers),
+    }

@@ -45,6 +45,9 @@ class UpstreamSettings:
 class SessionTap(Protocol):
     """Observes one upstream connection (implemented by the flow recorder)."""
 
+    def attach(self, context: object) -> None:
+        """A reused connection starts serving another request (`context` says which)."""
+
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None: ...

@@ -251,7 +251,8 @@ def test_bad_requests_never_reach_the_upstream(
 def test_failures_before_any_event_are_http_errors(
     reverse: ProxyProcess, upstream: ThreadedUpstream, plan: Plan, status: int, code: str | None
 ) -> None:
-    upstream.script(plan)
+    # A dropped connection is retried (budget 2), so it must fail three times.
+    upstream.script(*([plan] * (3 if plan.drop_after_events is not None else 1)))
     with client() as http:
         response = http.post(
             f"{reverse.url}/v1/responses", json={"model": "m", "input": "x", "stream": True}
