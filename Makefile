@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python scripts/run_local.py
+	$(BIN)/python scripts/run_local.py $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

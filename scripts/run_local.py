@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(ROOT / "addon" / "bridge.py"),
                 "--mode",
                 f"reverse:http://127.0.0.1:{upstream_port}",
+                # The bridge answers Responses requests itself; mitmproxy need not
+                # open an HTTP connection to the upstream before it knows that.
+                "--set",
+                "connection_strategy=lazy",
                 "--listen-host",
                 "127.0.0.1",
                 "--listen-port",
