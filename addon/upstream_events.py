@@ -1,19 +1,27 @@
-"""What the bridge needs to know about each upstream event frame, cheaply."""
+"""What the bridge needs to know about each upstream event frame, found cheaply.
+
+`inspect_event` runs once per upstream frame, thousands of times a second for
+text deltas, so it reads the type and sequence number of compact frames with
+string searches and parses JSON only for the few frames that carry the
+response id or end the response, or when the fast path cannot be sure.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL_TYPES = frozenset(
     {"response.completed", "response.failed", "response.incomplete", "error"}
 )
 RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
-# Frames worth a full parse: they carry the response id or the error.
-_PARSED_TYPES = TERMINAL_TYPES | {"response.created", "response.in_progress"}
+# Frames worth a full parse: they carry the response id, the final response or the error.
+_PARSED_TYPES = TERMINAL_TYPES | {"response.created", "response.queued", "response.in_progress"}
 _TYPE_PREFIX = '{"type":"'
+_SEQ_KEY = '"sequence_number"'
+_UNSURE = -1  # sequence numbers are never negative
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,47 +36,81 @@ _INVALID = EventInfo(None, None, None, False)
 
 
 def inspect_event(frame_text: str) -> EventInfo:
-    # Fast path: compact frames that start with the type, the usual shape.
-    if frame_text.startswith(_TYPE_PREFIX):
+    """Type, sequence number, response id and terminality of one upstream frame."""
+    # Fast path: a compact frame whose first key is "type", the upstream's usual shape.
+    if frame_text.startswith(_TYPE_PREFIX) and frame_text.endswith("}"):
         end = frame_text.find('"', len(_TYPE_PREFIX))
-        event_type = frame_text[len(_TYPE_PREFIX) : end] if end > 0 else None
-        if event_type is not None and "\\" not in event_type and event_type not in _PARSED_TYPES:
-            return EventInfo(event_type, _sequence_number(frame_text), None, False)
-    try:
-        event = json.loads(frame_text)
-    except ValueError:
+        event_type = frame_text[len(_TYPE_PREFIX) : end]
+        if (
+            end > 0
+            and event_type not in _PARSED_TYPES
+            and "\\" not in event_type
+            and event_type.isprintable()
+        ):
+            seq = _fast_sequence_number(frame_text)
+            if seq != _UNSURE:
+                return EventInfo(event_type, seq, None, False)
+    return _inspect_parsed(frame_text)
+
+
+def _fast_sequence_number(text: str) -> int | None:
+    """The sequence number, None when there is none, or _UNSURE."""
+    at = text.find(_SEQ_KEY)
+    if at < 0:
+        return None
+    pos = at + len(_SEQ_KEY)
+    # A second occurrence could be a nested key: let the JSON parser decide.
+    if text.find(_SEQ_KEY, pos) >= 0:
+        return _UNSURE
+    n = len(text)
+    while pos < n and text[pos] in " \t\r\n":
+        pos += 1
+    if pos >= n or text[pos] != ":":
+        return _UNSURE  # a string value "sequence_number", not the key
+    pos += 1
+    while pos < n and text[pos] in " \t\r\n":
+        pos += 1
+    start = pos
+    while pos < n and "0" <= text[pos] <= "9":
+        pos += 1
+    if pos == start or pos >= n or text[pos] not in ",} \t\r\n":
+        return _UNSURE  # not a plain integer: null, negative, fraction, exponent
+    return int(text[start:pos])
+
+
+def _inspect_parsed(frame_text: str) -> EventInfo:
+    event = _load_object(frame_text)
+    if event is None or not isinstance(event.get("type"), str):
         return _INVALID
-    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        return _INVALID
-    event_type = event["type"]
+    event_type: str = event["type"]
     seq = event.get("sequence_number")
     response = event.get("response")
     rid = response.get("id") if isinstance(response, dict) else None
     return EventInfo(
         event_type,
-        seq if isinstance(seq, int) else None,
+        seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
         rid if isinstance(rid, str) and rid else None,
         event_type in TERMINAL_TYPES,
     )
 
 
-def _sequence_number(frame_text: str) -> int | None:
-    at = frame_text.find('"sequence_number":')
-    if at < 0:
+def _load_object(frame_text: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(frame_text)
+    except (ValueError, RecursionError):
         return None
-    start = at + len('"sequence_number":')
-    end = start
-    while end < len(frame_text) and frame_text[end].isdigit():
-        end += 1
-    return int(frame_text[start:end]) if end > start else None
+    return event if isinstance(event, dict) else None
 
 
 def final_response(frame_text: str) -> dict[str, Any] | None:
-    try:
-        event = json.loads(frame_text)
-    except ValueError:
+    """The `response` object of a terminal response.* event (for non-streaming clients)."""
+    event = _load_object(frame_text)
+    if event is None:
         return None
-    response = event.get("response") if isinstance(event, dict) else None
+    event_type = event.get("type")
+    if event_type not in TERMINAL_TYPES or event_type == "error":
+        return None
+    response = event.get("response")
     return response if isinstance(response, dict) else None
 
 
@@ -80,7 +122,8 @@ class UpstreamErrorEvent:
     message: str
     param: str | None
     headers: Mapping[str, str]
-    raw: Mapping[str, Any]
+    # The upstream's error object as sent, so that a client gets all of it.
+    error_object: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def is_rate_limit(self) -> bool:
@@ -88,25 +131,38 @@ class UpstreamErrorEvent:
 
 
 def parse_error_event(frame_text: str) -> UpstreamErrorEvent | None:
-    try:
-        event = json.loads(frame_text)
-    except ValueError:
+    """The `error` event, nested (`{"error": {...}}`) or flat; None for anything else."""
+    event = _load_object(frame_text)
+    if event is None or event.get("type") != "error":
         return None
-    if not isinstance(event, dict) or event.get("type") != "error":
-        return None
-    error = event.get("error")
-    if not isinstance(error, dict):
-        error = event  # flat shape: {"type":"error","code":..,"message":..}
+    nested = event.get("error")
+    error = nested if isinstance(nested, dict) else event
     status = event.get("status", event.get("status_code"))
+    if isinstance(status, str) and status.isdigit():
+        status = int(status)
     headers = event.get("headers")
+    code = error.get("code")
+    message = _str(error.get("message")) or "the upstream reported an error"
+    if isinstance(nested, dict):
+        error_object: dict[str, Any] = dict(nested)
+        error_type = _str(nested.get("type"))
+    else:
+        # Flat shape: its "type" is the event's, not an error type.
+        error_type = None
+        error_object = {
+            "message": message,
+            "type": None,
+            "code": code,
+            "param": _str(event.get("param")),
+        }
     return UpstreamErrorEvent(
-        status=status if isinstance(status, int) else None,
-        code=_str(error.get("code")),
-        type=_str(error.get("type")) if error is not event else None,
-        message=_str(error.get("message")) or "upstream error",
+        status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+        code=_str(code),
+        type=error_type,
+        message=message,
         param=_str(error.get("param")),
         headers={str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {},
-        raw=event,
+        error_object=error_object,
     )
 
 

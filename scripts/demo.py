@@ -66,9 +66,8 @@ def main() -> int:
         event = json.loads(data)
         delta = event.get("delta", "")
         text += delta
-        print(
-            f"  {event.get('sequence_number', '-'):>3}  {event_type}  {json.dumps(delta) if delta else ''}"
-        )
+        shown = json.dumps(delta) if delta else ""
+        print(f"  {event.get('sequence_number', '-'):>3}  {event_type}  {shown}")
     print(f"\ntext: {text!r}")
     print(f"first WebSocket message: {_clip(json.dumps(record.messages[0].data), 120)}")
     return 0 if response.status_code == 200 else 1

@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 
 from addon.bridge_addon import METADATA_KEY, ResponsesBridge
 from addon.loopback import TOKEN_HEADER
 
 
-def responses_flow(body: bytes = b'{"model":"m","input":"x","stream":true}') -> tflow.HTTPFlow:
+def responses_flow(body: bytes = b'{"model":"m","input":"x","stream":true}') -> http.HTTPFlow:
     flow = tflow.tflow()
     flow.request.method = "POST"
     flow.request.scheme = "https"
@@ -63,7 +63,7 @@ def test_bridged_flow_is_detoured_and_restored() -> None:
         assert flow.request.headers["host"] == "api.openai.com"  # Host header untouched
         token = flow.request.headers[TOKEN_HEADER]
         assert len(token) >= 32 and bridge.loopback.pending == 1
-        flow.response = tflow.tresp()
+        flow.response = http.Response.make(200)
         bridge.responseheaders(flow)
         assert flow.request.url == "https://api.openai.com/v1/responses"
         assert TOKEN_HEADER not in flow.request.headers
