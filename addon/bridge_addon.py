@@ -22,7 +22,7 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from addon import openai_errors, routing
-from addon.accounts import AccountsFileError, client_key_ok
+from addon.accounts import AccountsFileError, client_key_ok, secrets_of
 from addon.accounts_file import AccountsFile
 from addon.affinity import classify
 from addon.bridge_service import (
@@ -36,7 +36,8 @@ from addon.bridge_service import (
 from addon.create_request import BadRequest, parse_create_request
 from addon.handshake_headers import UpstreamCredential, client_request_id
 from addon.loopback import TOKEN_HEADER, LoopbackServer
-from addon.upstream_client import UpstreamSettings
+from addon.recorder import HookEmitter, SessionFlowTap
+from addon.upstream_client import SessionTap, UpstreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class ResponsesBridge:
         self._routed: dict[str, _Routed] = {}
         self._accounts: AccountsFile | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._emitter: HookEmitter | None = None
+        self.record = True
+        self.redact = True
+        self.service.tap_factory = self._tap_for
 
     # -- options -----------------------------------------------------------
 
@@ -129,6 +134,18 @@ class ResponsesBridge:
             str,
             "15",
             "Seconds of upstream silence after which an SSE comment is sent (0: never).",
+        )
+        loader.add_option(
+            "bridge_record",
+            bool,
+            True,
+            "Record every upstream WebSocket session as a flow (mitmweb, -w, replay).",
+        )
+        loader.add_option(
+            "bridge_redact",
+            bool,
+            True,
+            "Redact credentials in recorded upstream sessions (off: for local debugging only).",
         )
         loader.add_option(
             "bridge_retry_budget",
@@ -192,6 +209,8 @@ class ResponsesBridge:
         if "bridge_accounts" in updated:
             self._load_accounts(opts.bridge_accounts)
         self.max_body = opts.bridge_max_body
+        self.record = opts.bridge_record
+        self.redact = opts.bridge_redact
         self.service.apply_settings(settings)
 
     def _load_accounts(self, path: str) -> None:
@@ -217,6 +236,7 @@ class ResponsesBridge:
 
     async def running(self) -> None:
         port = await self.loopback.start()
+        self._emitter = HookEmitter(ctx.master.addons.handle_lifecycle)
         self._watcher = asyncio.ensure_future(self._watch_accounts())
         logger.info("Responses bridge ready (loopback endpoint on 127.0.0.1:%d)", port)
 
@@ -227,6 +247,24 @@ class ResponsesBridge:
                 await self._watcher
         await self.service.shutdown()
         await self.loopback.stop()
+        if self._emitter is not None:
+            await self._emitter.drain()
+
+    def _tap_for(self, turn: Turn, attempt: Attempt) -> SessionTap | None:
+        if not self.record or self._emitter is None:
+            return None
+        accounts = self.service.accounts
+        secrets = secrets_of(accounts) if accounts is not None else []
+        if turn.client_credential is not None:
+            secrets.append(turn.client_credential.bearer)
+        return SessionFlowTap(
+            url=attempt.url,
+            turn=turn,
+            attempt=attempt,
+            emit=self._emitter,
+            redact=self.redact,
+            secrets=secrets,
+        )
 
     async def _watch_accounts(self) -> None:
         """Reloads the accounts file when it changes on disk, like mitmproxy's script reload."""
