@@ -36,7 +36,7 @@ from addon.bridge_service import (
 from addon.create_request import BadRequest, parse_create_request
 from addon.handshake_headers import UpstreamCredential, client_request_id
 from addon.loopback import TOKEN_HEADER, LoopbackServer
-from addon.recorder import HookEmitter, SessionFlowTap
+from addon.recorder import HookEmitter, SessionFlowTap, redact_headers
 from addon.upstream_client import SessionTap, UpstreamSettings
 
 logger = logging.getLogger(__name__)
@@ -427,6 +427,14 @@ class ResponsesBridge:
         flow.request.headers.pop(TOKEN_HEADER, None)
 
     def _annotate(self, flow: http.HTTPFlow) -> None:
+        if self.redact:
+            # The client's own key must not end up in a saved flow file either.
+            fields = list(flow.request.headers.items(multi=True))
+            safe = redact_headers(fields, account_id="client", secrets=())
+            if safe != fields:
+                flow.request.headers = http.Headers(
+                    [(k.encode("latin-1"), v.encode()) for k, v in safe]
+                )
         report = self.service.reports.pop(flow.id, None)
         meta: dict[str, Any] = flow.metadata.setdefault(METADATA_KEY, {"role": "client"})
         if report is None:
