@@ -190,6 +190,9 @@ class BridgeService:
         kind = turn.affinity.kind
         owner = self._owner(turn.affinity)
         prefer: str | None = owner
+        # The account the last decision said to retry on. The decision table
+        # alone says where a retry goes; this loop follows it to the letter.
+        pinned: str | None = owner if kind is AffinityKind.HARD else None
         exclude: set[str] = set()
         last_failure: Failure | None = None
         free_retry = True  # a reused socket found dead costs no retry
@@ -197,8 +200,8 @@ class BridgeService:
         while True:
             account: Account | None = None
             if self.pool is not None:
-                if kind is AffinityKind.HARD and owner is not None:
-                    choice = self.pool.choose_owner(owner)
+                if pinned is not None:
+                    choice = self.pool.choose_owner(pinned)
                 else:
                     choice = self.pool.choose(exclude=exclude, prefer=prefer)
                 if not isinstance(choice, Chosen):
@@ -209,7 +212,7 @@ class BridgeService:
                 if kind is AffinityKind.HARD and owner is None:
                     # The first request of a hard key binds it, before any retry:
                     # from here on only this account may serve it.
-                    owner = account.id
+                    owner = pinned = account.id
                     self._bind(turn.affinity, owner)
             number += 1
             result, attempt = await self._attempt(turn, account, client, report, number)
@@ -229,6 +232,7 @@ class BridgeService:
                 free_retry = False
                 number -= 1
                 prefer = account_id
+                pinned = account.id if account is not None else None
                 continue
             usable = True
             if self.pool is not None and account is not None:
@@ -254,6 +258,7 @@ class BridgeService:
             )
             if isinstance(decision, RetrySame):
                 prefer = decision.account
+                pinned = decision.account if self.pool is not None else None
                 await self._sleep(decision.delay_s)
             elif isinstance(decision, RetryOther):
                 if self.pool is None:
@@ -261,7 +266,7 @@ class BridgeService:
                     await self._fail(client, report, self._passthrough_error(result))
                     return
                 exclude.add(decision.exclude)
-                prefer = None
+                prefer = pinned = None
             elif isinstance(decision, FailStreamIncomplete):
                 report.outcome, report.status = "stream_incomplete", 200
                 closed = result.closed
