@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import email.utils
 import http
 import json
@@ -35,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from addon.loop_thread import LoopThread
 from addon.response_events import (
     TurnSpec,
     encode,
@@ -673,74 +673,15 @@ class LocalUpstream:
         self._observe(live)
 
 
-class ThreadedUpstream:
+class ThreadedUpstream(LoopThread[LocalUpstream]):
     """A `LocalUpstream` in its own event loop and daemon thread, for synchronous code."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.upstream = LocalUpstream(*args, **kwargs)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def start(self, timeout: float = 10.0) -> Self:
-        """Starts serving; returns once listening (or raises within `timeout`)."""
-        if self._thread is not None:
-            raise RuntimeError("already started")
-        self._thread = threading.Thread(target=self._run, name="local-upstream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"local upstream did not start within {timeout} s")
-        if self._error is not None:
-            raise RuntimeError("local upstream failed to start") from self._error
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Closes every connection and joins the thread within `timeout`."""
-        thread, loop, stop = self._thread, self._loop, self._stop
-        if thread is None:
-            return
-        if loop is not None and stop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout)
-        if thread.is_alive():
-            raise TimeoutError(f"local upstream did not stop within {timeout} s")
-        self._thread = None
+        super().__init__(LocalUpstream(*args, **kwargs), "local-upstream")
 
     @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                await self.upstream.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            try:
-                await self._stop.wait()
-            finally:
-                await self.upstream.stop()
-
-        asyncio.run(main())
+    def upstream(self) -> LocalUpstream:
+        return self.server
 
     # The LocalUpstream surface, for convenience.
 
