@@ -21,7 +21,7 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from addon import openai_errors, routing
+from addon import contentview, openai_errors, routing
 from addon.accounts import AccountsFileError, client_key_ok, secrets_of
 from addon.accounts_file import AccountsFile
 from addon.affinity import classify
@@ -36,7 +36,8 @@ from addon.bridge_service import (
 from addon.create_request import BadRequest, parse_create_request
 from addon.handshake_headers import UpstreamCredential, client_request_id
 from addon.loopback import TOKEN_HEADER, LoopbackServer
-from addon.recorder import HookEmitter, SessionFlowTap, redact_headers
+from addon.recorder import HookEmitter, SessionFlowTap
+from addon.redaction import redact_headers
 from addon.upstream_client import SessionTap, UpstreamSettings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class _Routed:
 
     token: str
     destination: Destination
+    flow: http.HTTPFlow
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -82,6 +84,8 @@ class ResponsesBridge:
     # -- options -----------------------------------------------------------
 
     def load(self, loader: Loader) -> None:
+        # Responses events, readable in mitmweb and the console (WebSocket and SSE).
+        contentview.register()
         loader.add_option(
             "bridge_upstream",
             str,
@@ -249,6 +253,7 @@ class ResponsesBridge:
         await self.loopback.stop()
         if self._emitter is not None:
             await self._emitter.drain()
+        contentview.unregister()
 
     def _tap_for(self, turn: Turn, attempt: Attempt) -> SessionTap | None:
         if not self.record or self._emitter is None:
@@ -261,6 +266,7 @@ class ResponsesBridge:
             url=attempt.url,
             turn=turn,
             attempt=attempt,
+            find_client_flow=self._client_flow,
             emit=self._emitter,
             redact=self.redact,
             secrets=secrets,
@@ -333,7 +339,7 @@ class ResponsesBridge:
         )
         service = self.service
         token = self.loopback.register(lambda sink: service.serve(turn, sink))
-        self._routed[flow.id] = _Routed(token, destination)
+        self._routed[flow.id] = _Routed(token, destination, flow)
         # Detour to the loopback endpoint. `data.*` leaves the Host header as
         # the client sent it; the destination is restored in responseheaders.
         flow.request.data.scheme = b"http"
@@ -367,6 +373,10 @@ class ResponsesBridge:
             self.loopback.discard(routed.token)
             self._restore(flow, routed)
             self._annotate(flow)
+
+    def _client_flow(self, flow_id: str) -> http.HTTPFlow | None:
+        routed = self._routed.get(flow_id)
+        return routed.flow if routed is not None else None
 
     # -- commands ----------------------------------------------------------------
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from typing import Any
-from urllib.parse import urlsplit
 
-from mitmproxy import connection, flow, hooks, http
+from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.http._hooks import (
     HttpErrorHook,
     HttpRequestHeadersHook,
@@ -32,47 +31,16 @@ from mitmproxy.proxy.layers.http._hooks import (
     HttpResponseHook,
 )
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketStartHook
-from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from websockets.http11 import Request, Response
-from wsproto.frame_protocol import Opcode
 
+from addon import session_flows
 from addon.bridge_service import Attempt, Turn
-from addon.handshake_headers import redact_secrets
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "responses_bridge"
 UPDATE_INTERVAL_S = 0.25
-# Header values that are credentials wherever they appear.
-_CREDENTIAL_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "openai-api-key"}
-)
 
 Emit = Callable[[hooks.Hook], None]
-
-
-def redact_headers(
-    headers: Sequence[tuple[str, str]], *, account_id: str | None, secrets: Collection[str]
-) -> list[tuple[str, str]]:
-    """Headers safe to keep in a flow file: credentials replaced, the account id kept."""
-    out = []
-    for name, value in headers:
-        low = name.lower()
-        if low == "authorization" and value.lower().startswith("bearer "):
-            value = f"Bearer <redacted:{account_id or 'client'}>"
-        elif low in _CREDENTIAL_HEADERS:
-            value = "<redacted>"
-        else:
-            for secret in secrets:
-                if secret and secret in value:
-                    value = value.replace(secret, "<redacted>")
-            value = redact_secrets(value)
-        out.append((name, value))
-    return out
-
-
-def _headers(pairs: Sequence[tuple[str, str]]) -> http.Headers:
-    return http.Headers([(k.encode("latin-1", "replace"), v.encode("utf-8")) for k, v in pairs])
 
 
 class SessionFlowTap:
@@ -84,155 +52,112 @@ class SessionFlowTap:
         url: str,
         turn: Turn,
         attempt: Attempt,
+        find_client_flow: Callable[[str], http.HTTPFlow | None],
         emit: Emit,
         redact: bool,
         secrets: Collection[str],
     ) -> None:
+        self._url = url
+        self._turn = turn
+        self._attempt = attempt
+        self._find_client_flow = find_client_flow
+        self._client_flow = find_client_flow(turn.flow_id)
         self._emit = emit
         self._redact = redact
-        self._secrets = secrets
-        self._account = attempt.account
+        self._secrets = secrets if redact else ()
         self._last_update = 0.0
-        self.flow = self._new_flow(url, turn, attempt)
-        attempt.upstream_flow = self.flow.id
-
-    # -- building ------------------------------------------------------------
-
-    def _new_flow(self, url: str, turn: Turn, attempt: Attempt) -> http.HTTPFlow:
-        parts = urlsplit(url)
-        secure = parts.scheme == "wss"
-        port = parts.port or (443 if secure else 80)
-        host = parts.hostname or ""
-        now = time.time()
-        client = connection.Client(
-            peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=now
-        )
-        server = connection.Server(address=(host, port), timestamp_start=now)
-        upstream = http.HTTPFlow(client, server)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        upstream.request = http.Request(
-            host=host,
-            port=port,
-            method=b"GET",
-            scheme=b"https" if secure else b"http",
-            authority=b"",
-            path=path.encode(),
-            http_version=b"HTTP/1.1",
-            headers=http.Headers(),
-            content=b"",
-            trailers=None,
-            timestamp_start=now,
-            timestamp_end=now,
-        )
-        affinity = turn.affinity
-        upstream.metadata[METADATA_KEY] = {
-            "role": "upstream",
-            "account": attempt.account,
-            "affinity": affinity.kind.value,
-            "key": affinity.key,
-            "attempt": attempt.number,
-            "client_flow": turn.flow_id,
-            "client_flows": [turn.flow_id],
-            "request_id": turn.request_id,
-            "reused": False,
-        }
-        upstream.comment = self._comment(turn, attempt)
-        upstream.marked = ":link:"
-        return upstream
-
-    @staticmethod
-    def _comment(turn: Turn, attempt: Attempt) -> str:
-        affinity = turn.affinity
-        kind = affinity.kind.value + (f" {affinity.key}" if affinity.key else "")
-        return (
-            f"upstream session · account {attempt.account or '(client credential)'} · {kind}"
-            f" · attempt {attempt.number} · client flow {turn.flow_id[:8]}"
-        )
-
-    def _safe(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-        if not self._redact:
-            return list(headers)
-        return redact_headers(headers, account_id=self._account, secrets=self._secrets)
+        self.flow: http.HTTPFlow | None = None
 
     # -- SessionTap ----------------------------------------------------------------
-
-    def attach(self, context: object) -> None:
-        if not isinstance(context, tuple) or len(context) != 2:
-            return
-        turn, attempt = context[0], context[1]
-        if not isinstance(turn, Turn) or not isinstance(attempt, Attempt):
-            return
-        attempt.upstream_flow = self.flow.id
-        meta: dict[str, Any] = self.flow.metadata[METADATA_KEY]
-        meta["client_flows"].append(turn.flow_id)
-        meta["reused"] = True
-        self.flow.comment += f"\nreused · attempt {attempt.number} · client flow {turn.flow_id[:8]}"
-        self._update(force=True)
 
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None:
-        upstream = self.flow
         now = time.time()
-        if request is not None:
-            upstream.request.headers = _headers(self._safe(list(request.headers.raw_items())))
+        affinity = self._turn.affinity
+        headers = list(request.headers.raw_items()) if request is not None else []
+        upstream = session_flows.new_upstream_flow(
+            url=self._url,
+            headers=headers,
+            timestamp=now,
+            meta=session_flows.UpstreamMeta(
+                account=self._attempt.account,
+                affinity=affinity.kind.value,
+                key=affinity.key,
+                attempt=self._attempt.number,
+            ),
+            client_flow=self._client_flow,
+            secrets=self._secrets,
+        )
+        if not self._redact:
+            upstream.request.headers = http.Headers(
+                [(k.encode("latin-1"), v.encode()) for k, v in headers]
+            )
+        self.flow = upstream
+        self._attempt.upstream_flow = upstream.id
         self._emit(HttpRequestHeadersHook(upstream))
         self._emit(HttpRequestHook(upstream))
         if response is None:
-            upstream.error = flow.Error(error or "no response from the upstream")
+            session_flows.record_error(upstream, error or "no response from the upstream")
             self._emit(HttpErrorHook(upstream))
             return
-        upstream.server_conn.timestamp_tcp_setup = now
-        upstream.response = http.Response(
-            http_version=b"HTTP/1.1",
-            status_code=response.status_code,
-            reason=response.reason_phrase.encode(),
-            headers=_headers(self._safe(list(response.headers.raw_items()))),
-            content=bytes(response.body or b""),
-            trailers=None,
-            timestamp_start=now,
-            timestamp_end=now,
+        session_flows.record_handshake_response(
+            upstream,
+            status=response.status_code,
+            reason=response.reason_phrase,
+            headers=list(response.headers.raw_items()),
+            body=bytes(response.body or b""),
+            timestamp=now,
+            secrets=self._secrets,
         )
         self._emit(HttpResponseHeadersHook(upstream))
-        if response.status_code == 101:
-            upstream.websocket = WebSocketData()
-            self._emit(HttpResponseHook(upstream))
+        self._emit(HttpResponseHook(upstream))
+        if upstream.websocket is not None:
             self._emit(WebsocketStartHook(upstream))
-        else:
-            self._emit(HttpResponseHook(upstream))
+
+    def attach(self, context: object) -> None:
+        if self.flow is None or not isinstance(context, tuple) or len(context) != 2:
+            return
+        turn, attempt = context[0], context[1]
+        if not isinstance(turn, Turn) or not isinstance(attempt, Attempt):
+            return
+        client_flow = self._find_client_flow(turn.flow_id)
+        attempt.upstream_flow = self.flow.id
+        session_flows.note_reuse(self.flow, client_flow=client_flow, attempt=attempt.number)
+        self._update(force=True)
 
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
-        websocket = self.flow.websocket
-        if websocket is None:
+        if self.flow is None or self.flow.websocket is None:
             return
-        content = data.encode() if isinstance(data, str) else data
-        if self._redact and self._secrets:
-            text = content.decode("utf-8", "replace")
-            if any(s and s in text for s in self._secrets):
-                for secret in self._secrets:
-                    text = text.replace(secret, "<redacted>")
-                content = text.encode()
-        websocket.messages.append(WebSocketMessage(Opcode.TEXT, from_client, content, timestamp))
+        session_flows.record_message(
+            self.flow,
+            from_client=from_client,
+            content=data,
+            timestamp=timestamp,
+            text=True,
+            secrets=self._secrets,
+        )
         self._update()
 
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
     ) -> None:
-        websocket = self.flow.websocket
-        if websocket is None:
+        if self.flow is None or self.flow.websocket is None:
             return
-        websocket.close_code = code if code is not None else 1006
-        websocket.close_reason = reason
-        websocket.closed_by_client = closed_by_client
-        websocket.timestamp_end = timestamp
-        self.flow.server_conn.timestamp_end = timestamp
+        session_flows.record_close(
+            self.flow,
+            code=code,
+            reason=reason,
+            closed_by_client=closed_by_client,
+            timestamp=timestamp,
+        )
         self._emit(WebsocketEndHook(self.flow))
+
+    # -- helpers -------------------------------------------------------------------
 
     def _update(self, force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self._last_update >= UPDATE_INTERVAL_S:
+        if self.flow is not None and (force or now - self._last_update >= UPDATE_INTERVAL_S):
             self._last_update = now
             self._emit(hooks.UpdateHook([self.flow]))
 

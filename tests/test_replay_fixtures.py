@@ -16,10 +16,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy import io as mitm_io
 
-from addon.loop_thread import LoopThread
 from addon.proxy_process import ROOT, ProxyProcess
-from addon.recorded_sessions import load_sessions
-from addon.replay_server import ReplayServer
+from addon.replay import ThreadedReplayServer, load_sessions
 from addon.sse import parse_sse
 
 FLOWS = ROOT / "flows"
@@ -40,11 +38,10 @@ def client_flow(path: Path) -> http.HTTPFlow:
     return flow
 
 
-def replay(fixture: Path, *extra: str) -> tuple[httpx.Response, ReplayServer]:
+def replay(fixture: Path, *extra: str) -> tuple[httpx.Response, ThreadedReplayServer]:
     sessions = load_sessions([fixture])
     recorded = client_flow(fixture)
-    server = ReplayServer(sessions, tokens=tokens(), message_timeout=5)
-    with LoopThread(server, "replay") as thread:
+    with ThreadedReplayServer(sessions, tokens=tokens(), message_timeout=5) as server:
         with ProxyProcess(
             "--mode",
             f"reverse:http://127.0.0.1:{server.port}",
@@ -66,7 +63,7 @@ def replay(fixture: Path, *extra: str) -> tuple[httpx.Response, ReplayServer]:
                     content=recorded.request.raw_content,
                 )
             proxy.stop()  # idle sessions close, as they did when recorded
-        thread.call(lambda: server.wait_all_served(10))
+        server.wait_served(len(sessions), 10)
     return response, server
 
 
@@ -86,7 +83,7 @@ def test_fixture_replays_with_no_deviation(name: str) -> None:
     recorded = client_flow(fixture)
     response, server = replay(fixture)
     assert [str(d) for d in server.deviations] == []
-    assert server.served == len(server.sessions) > 0
+    assert len(server.served) == len(server.server.sessions) > 0
     assert recorded.response is not None
     assert response.status_code == recorded.response.status_code
     if response.headers.get("content-type") == "text/event-stream":
@@ -104,4 +101,5 @@ def test_fixture_catches_the_seed_bug() -> None:
     """With the owner wrongly excluded after 1011, the retry goes to team-b: a deviation."""
     _, server = replay(FLOWS / "hard-1011-retry-on-owner.mitm", "-s", str(SEED_BUG))
     deviations = [str(d) for d in server.deviations]
-    assert "session 2: account: expected 'team-a', got 'team-b'" in deviations
+    # Sessions count from 0: the retry (the second session) went to the wrong account.
+    assert "session 1: account changed: expected 'team-a', got 'team-b'" in deviations

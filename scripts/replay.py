@@ -1,0 +1,126 @@
+"""Serve recorded upstream WebSocket sessions as a fake upstream, reporting deviations.
+
+    scripts/replay.py --flows flows/hard-1011.mitm --port 8765 [--speed 1]
+                      [--accounts accounts.json] [--exit-after-all]
+
+Prints one line per served session and per deviation. Exits 1 when any
+deviation occurred, 0 otherwise (on Ctrl-C / SIGTERM, or once every session
+was served with --exit-after-all), and 2 when the flows or accounts cannot be
+read. A thin shell over `addon.replay`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from addon.accounts import AccountsFileError, parse_accounts  # noqa: E402
+from addon.replay import (  # noqa: E402
+    Deviation,
+    FlowFileError,
+    ReplayServer,
+    ServedSession,
+    load_sessions,
+)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flows", nargs="+", required=True, metavar="PATH", help="flow files")
+    parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1 (0: any)")
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help="replay recorded gaps divided by this (1: as recorded); default: no waiting",
+    )
+    parser.add_argument(
+        "--accounts", metavar="PATH", help="accounts file, to map incoming tokens to account ids"
+    )
+    parser.add_argument(
+        "--exit-after-all", action="store_true", help="exit once every session was served"
+    )
+    parser.add_argument(
+        "--message-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for each recorded client message (default 30)",
+    )
+    args = parser.parse_args(argv)
+    if args.speed is not None and args.speed <= 0:
+        parser.error("--speed must be > 0")
+    return args
+
+
+def _tokens(path: str) -> dict[str, str]:
+    config = parse_accounts(Path(path).read_text(encoding="utf-8"))
+    return {account.bearer: account.id for account in config.accounts}
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _report(item: ServedSession | Deviation) -> None:
+    _print(f"DEVIATION {item}" if isinstance(item, Deviation) else str(item))
+
+
+async def _serve(args: argparse.Namespace, server: ReplayServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        _print(f"replaying {len(server.sessions)} sessions on {server.url}")
+        for note in server.notes:
+            _print(f"note: {note}")
+        waiters: list[asyncio.Future[bool]] = [asyncio.ensure_future(stop.wait())]
+        if args.exit_after_all:
+            waiters.append(asyncio.ensure_future(server.wait_all_served()))
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        sessions = load_sessions(args.flows)
+        tokens = _tokens(args.accounts) if args.accounts else None
+    except (FlowFileError, AccountsFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot read {args.accounts}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if not sessions:
+        print("error: no recorded WebSocket session in the flow files", file=sys.stderr)
+        return 2
+    server = ReplayServer(
+        sessions,
+        port=args.port,
+        speed=args.speed,
+        tokens=tokens,
+        message_timeout=args.message_timeout,
+        observer=_report,
+    )
+    try:
+        asyncio.run(_serve(args, server))
+    except OSError as exc:
+        print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    _print(
+        f"{len(server.served)} of {len(server.sessions)} sessions served, "
+        f"{len(server.deviations)} deviations"
+    )
+    return 1 if server.deviations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
