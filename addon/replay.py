@@ -572,6 +572,7 @@ class ReplayServer:
         message_timeout: float = 10.0,
         close_timeout: float = 10.0,
         observer: Observer | None = None,
+        cycle: bool = False,
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
@@ -587,6 +588,9 @@ class ReplayServer:
         self.message_timeout = message_timeout
         self.close_timeout = close_timeout
         self.observer = observer
+        # cycle: handshakes past the recording start over at the first session
+        # (a fake upstream that never runs dry, e.g. for `make run`).
+        self.cycle = cycle
         self.deviations: list[Deviation] = []
         self.served: list[ServedSession] = []
         self._requested_port = port
@@ -690,6 +694,8 @@ class ReplayServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         index = self._handshakes
         self._handshakes += 1
+        if self.cycle and self.sessions:
+            index %= len(self.sessions)
         if index >= len(self.sessions):
             got = (
                 f"handshake #{index} (GET {request.path}) beyond the {len(self.sessions)} recorded"

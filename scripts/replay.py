@@ -47,6 +47,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--exit-after-all", action="store_true", help="exit once every session was served"
     )
     parser.add_argument(
+        "--cycle",
+        action="store_true",
+        help="after the last recorded session, serve the first again (never runs dry)",
+    )
+    parser.add_argument(
         "--message-timeout",
         type=float,
         default=30.0,
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens=tokens,
         message_timeout=args.message_timeout,
         observer=_report,
+        cycle=args.cycle,
     )
     try:
         asyncio.run(_serve(args, server))

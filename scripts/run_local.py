@@ -1,9 +1,12 @@
-"""`make run`: the bridge in front of the embedded local upstream, no credentials, no network.
+"""`make run`: the bridge in front of an embedded upstream, no credentials, no network.
 
-Starts the local Responses WebSocket upstream on 127.0.0.1 and `mitmdump -s
-addon/bridge.py` (reverse mode, 127.0.0.1:8080) in front of it, prints a curl
-command and an `openai` SDK snippet that stream through it, and stops both on
-Ctrl-C.
+The embedded upstream is the replay of the recorded Codex CLI session in
+flows/ (`scripts/replay.py --cycle`, with the fixture accounts), so every
+request is answered as the recording was and any difference from the recorded
+handshake is printed; `--live` uses the scriptable local Responses upstream
+instead. `mitmdump -s addon/bridge.py` (reverse mode, 127.0.0.1:8080) runs in
+front of it. Prints a curl command and an `openai` SDK snippet that stream
+through it, and stops both on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+RECORDING = ROOT / "flows" / "codex-cli-http.mitm"
+ACCOUNTS = ROOT / "flows" / "accounts.json"
 
 
 def _free_port() -> int:
@@ -44,19 +49,20 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) ->
     return False
 
 
-def _banner(port: int, upstream_port: int) -> str:
+def _banner(port: int, upstream_port: int, live: bool) -> str:
     body = '{"model": "gpt-5-codex", "input": "Say hello", "stream": true}'
     curl = (
         f"curl -N http://127.0.0.1:{port}/v1/responses "
         f"-H 'content-type: application/json' -H 'authorization: Bearer local-test-key' "
         f"-d {shlex.quote(body)}"
     )
+    upstream = "local upstream" if live else f"replay of flows/{RECORDING.name}"
     sdk = f"""from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="local-test-key")
 for event in client.responses.create(model="gpt-5-codex", input="Say hello", stream=True):
     print(event.type, getattr(event, "delta", ""))"""
     return f"""
-Responses bridge: http://127.0.0.1:{port}  →  local upstream ws://127.0.0.1:{upstream_port}
+Responses bridge: http://127.0.0.1:{port}  →  {upstream} ws://127.0.0.1:{upstream_port}
 Stream a response through it:
 
   {curl}
@@ -74,18 +80,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="bridge listen port (127.0.0.1)")
     parser.add_argument("--upstream-port", type=int, default=0, help="local upstream port")
     parser.add_argument("--tool", default="mitmdump", choices=["mitmdump", "mitmweb"])
+    parser.add_argument(
+        "--live", action="store_true", help="the scriptable local upstream instead of the replay"
+    )
     args, extra = parser.parse_known_args(argv)
     if _port_in_use(args.port):
         print(f"127.0.0.1:{args.port} is already in use; try: make run ARGS='--port 8081'")
         return 1
     upstream_port = args.upstream_port or _free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "addon.local_upstream", "--port", str(upstream_port)], cwd=ROOT
-    )
+    if args.live:
+        upstream_cmd = [sys.executable, "-m", "addon.local_upstream", "--port", str(upstream_port)]
+    else:
+        upstream_cmd = [
+            sys.executable,
+            str(ROOT / "scripts" / "replay.py"),
+            "--flows",
+            str(RECORDING),
+            "--accounts",
+            str(ACCOUNTS),
+            "--cycle",
+            "--port",
+            str(upstream_port),
+        ]
+        # The recording was made with the fixture accounts: use them upstream too.
+        extra = ["--set", f"bridge_accounts={ACCOUNTS}", *extra]
+    upstream = subprocess.Popen(upstream_cmd, cwd=ROOT)
     procs = [upstream]
     try:
         if not _wait_listening(upstream_port, upstream, 15):
-            print("the local upstream did not start")
+            print("the embedded upstream did not start")
             return 1
         bridge = subprocess.Popen(
             [
@@ -110,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _wait_listening(args.port, bridge, 30):
             print("mitmdump did not start")
             return 1
-        print(_banner(args.port, upstream_port), flush=True)
+        print(_banner(args.port, upstream_port, args.live), flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
         return 1

@@ -103,3 +103,29 @@ def test_fixture_catches_the_seed_bug() -> None:
     deviations = [str(d) for d in server.deviations]
     # Sessions count from 0: the retry (the second session) went to the wrong account.
     assert "session 1: account changed: expected 'team-a', got 'team-b'" in deviations
+
+
+def test_cycle_serves_the_recording_again_and_again() -> None:
+    sessions = load_sessions([FLOWS / "codex-cli-http.mitm"])
+    recorded = client_flow(FLOWS / "codex-cli-http.mitm")
+    with ThreadedReplayServer(sessions, cycle=True, message_timeout=5) as server:
+        with (
+            ProxyProcess(
+                "--mode",
+                f"reverse:http://127.0.0.1:{server.port}",
+                "--set",
+                "connection_strategy=lazy",
+                "--set",
+                f"bridge_accounts={ACCOUNTS}",
+                "--set",
+                "bridge_session_idle_ttl=0",
+            ) as proxy,
+            httpx.Client(trust_env=False, timeout=30) as client,
+        ):
+            for _ in range(3):
+                response = client.post(
+                    f"{proxy.url}{recorded.request.path}", content=recorded.request.raw_content
+                )
+                assert response.status_code == 200
+        assert server.wait_served(3, 10)
+    assert not [d for d in server.deviations if d.kind == "unexpected"]
