@@ -10,6 +10,7 @@ as mitmproxy flows. No policy lives here.
 from __future__ import annotations
 
 import contextvars
+import logging
 import ssl
 import time
 from collections.abc import Sequence
@@ -26,6 +27,12 @@ from websockets.exceptions import (
 from websockets.frames import Close
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+
+# mitmproxy turns the root logger up to DEBUG, and websockets then logs every
+# frame, each log line running through mitmproxy's addon hooks: the upstream
+# connections get a logger of their own that stays at INFO.
+_WS_LOGGER = logging.getLogger("responses_bridge.upstream")
+_WS_LOGGER.setLevel(logging.INFO)
 
 # Close codes the bridge itself uses when it ends a session.
 CLOSE_NORMAL = 1000
@@ -246,6 +253,7 @@ async def open_session(
             # environment-configured one.
             proxy=None,
             create_connection=_TrackedConnection,
+            logger=_WS_LOGGER,
             **kwargs,
         )
     except InvalidStatus as exc:
