@@ -338,8 +338,10 @@ class ResponsesBridge:
             ),
         )
         service = self.service
-        token = self.loopback.register(lambda sink: service.serve(turn, sink))
-        self._routed[flow.id] = _Routed(token, destination, flow)
+        # Known before the job starts: with an eager task factory it runs
+        # (and asks for its client flow) inside register().
+        routed = self._routed[flow.id] = _Routed("", destination, flow)
+        token = routed.token = self.loopback.register(lambda sink: service.serve(turn, sink))
         # Detour to the loopback endpoint. `data.*` leaves the Host header as
         # the client sent it; the destination is restored in responseheaders.
         flow.request.data.scheme = b"http"

@@ -8,7 +8,9 @@ unguessable token in a request header: a request without a live token is
 refused, so the endpoint serves only the flows the addon routed to it.
 
 The server knows nothing about Responses: a registered job gets a `ResponseSink`
-and writes a status, headers and body chunks to it.
+and writes a status, headers and body chunks to it. A job starts as soon as it
+is registered (the upstream is being opened while mitmproxy connects here);
+its writes wait until mitmproxy's request arrives and claims it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import h11
 logger = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-responses-bridge-token"
+# A job whose request never arrives (its flow died unseen) gives up after this.
+CLAIM_TIMEOUT_S = 60.0
 _READ_SIZE = 65536
 
 
@@ -32,11 +36,15 @@ class ClientGone(Exception):
 
 
 class ResponseSink:
-    """Writes one HTTP/1.1 response to mitmproxy; chunked unless a length is given."""
+    """Writes one HTTP/1.1 response to mitmproxy; chunked unless a length is given.
 
-    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
-        self._conn = conn
-        self._writer = writer
+    Created with the job, attached to a connection when the request arrives.
+    """
+
+    def __init__(self) -> None:
+        self._conn: h11.Connection | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._attached: asyncio.Event | None = None
         self.started = False
         self.finished = False
         self.status: int | None = None
@@ -60,7 +68,20 @@ class ResponseSink:
         await self.write(body)
         await self.finish()
 
+    def attach(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
+        self._conn, self._writer = conn, writer
+        if self._attached is not None:
+            self._attached.set()
+
     async def _send(self, event: h11.Event) -> None:
+        if self._writer is None:
+            if self._attached is None:
+                self._attached = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._attached.wait(), CLAIM_TIMEOUT_S)
+            except TimeoutError:
+                raise ClientGone from None
+        assert self._conn is not None and self._writer is not None
         if self._writer.is_closing():
             raise ClientGone
         data = self._conn.send(event)
@@ -75,11 +96,35 @@ class ResponseSink:
 Job = Callable[[ResponseSink], Awaitable[None]]
 
 
+class _Pending:
+    """A registered job: running already when there is a loop, else at its claim."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.sink = ResponseSink()
+        self.task: asyncio.Future[None] | None = None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.task = asyncio.ensure_future(job(self.sink))
+
+    def claim(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> asyncio.Future[None]:
+        self.sink.attach(conn, writer)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.job(self.sink))
+        return self.task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class LoopbackServer:
     """HTTP/1.1 server on 127.0.0.1 that runs one registered job per token."""
 
     def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, _Pending] = {}
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -100,6 +145,8 @@ class LoopbackServer:
             server.close()
         for task in list(self._handlers):
             task.cancel()
+        for pending in self._jobs.values():
+            pending.cancel()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=5)
         if server is not None:
@@ -109,11 +156,14 @@ class LoopbackServer:
 
     def register(self, job: Job) -> str:
         token = secrets.token_urlsafe(32)
-        self._jobs[token] = job
+        self._jobs[token] = _Pending(job)
         return token
 
     def discard(self, token: str) -> None:
-        self._jobs.pop(token, None)
+        """The flow will never arrive (it failed first): stop its job."""
+        pending = self._jobs.pop(token, None)
+        if pending is not None:
+            pending.cancel()
 
     @property
     def pending(self) -> int:
@@ -138,7 +188,10 @@ class _Connection:
     """One keep-alive connection from mitmproxy, one request at a time."""
 
     def __init__(
-        self, jobs: dict[str, Job], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        jobs: dict[str, _Pending],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         self._jobs = jobs
         self._reader = reader
@@ -169,8 +222,9 @@ class _Connection:
                 if isinstance(ev, h11.ConnectionClosed):
                     return
             job = self._jobs.pop(token, None) if token else None
-            sink = ResponseSink(self._conn, self._writer)
             if job is None:
+                sink = ResponseSink()
+                sink.attach(self._conn, self._writer)
                 await sink.respond(
                     403,
                     [("content-type", "application/json")],
@@ -178,15 +232,15 @@ class _Connection:
                     b'"code":"forbidden"}}',
                 )
             else:
-                await self._run_job(job, sink)
+                await self._run_job(job)
             if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
                 self._conn.start_next_cycle()
             else:
                 return
 
-    async def _run_job(self, job: Job, sink: ResponseSink) -> None:
-        """Runs the job; cancels it as soon as mitmproxy hangs up (the client left)."""
-        job_task = asyncio.ensure_future(job(sink))
+    async def _run_job(self, job: _Pending) -> None:
+        """Lets the job write here; cancels it as soon as mitmproxy hangs up (the client left)."""
+        job_task, sink = job.claim(self._conn, self._writer), job.sink
         hangup = asyncio.ensure_future(self._wait_hangup())
         try:
             await asyncio.wait({job_task, hangup}, return_when=asyncio.FIRST_COMPLETED)

@@ -132,3 +132,42 @@ def test_failing_job_gets_a_502_and_the_server_keeps_serving() -> None:
         assert good.status_code == 200
 
     run(check)
+
+
+def test_job_starts_before_its_request_arrives_and_writes_after() -> None:
+    began = asyncio.Event()
+
+    async def job(sink: ResponseSink) -> None:
+        began.set()  # e.g. the upstream is being opened meanwhile
+        await sink.respond(200, [("content-type", "application/json")], b"{}")
+
+    async def check(server: LoopbackServer) -> None:
+        token = server.register(job)
+        await asyncio.wait_for(began.wait(), 5)
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"http://127.0.0.1:{server.port}/v1/responses", headers={TOKEN_HEADER: token}
+            )
+        assert response.status_code == 200
+
+    run(check)
+
+
+def test_discarded_job_is_cancelled() -> None:
+    cancelled = asyncio.Event()
+
+    async def job(sink: ResponseSink) -> None:
+        try:
+            await sink.write(b"never sent")
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def check(server: LoopbackServer) -> None:
+        token = server.register(job)
+        await asyncio.sleep(0)
+        server.discard(token)
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert server.pending == 0
+
+    run(check)
