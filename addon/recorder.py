@@ -8,9 +8,10 @@ message with its timestamp, the close) and feeds it through mitmproxy's hooks
 `websocket_end` or `error`), so it shows in mitmweb and the console next to the
 client flow it served and `-w` saves it like any flow.
 
-Messages are appended as they pass; to keep the per-event cost of a long
-stream low, the view is refreshed at most every `UPDATE_INTERVAL_S` per flow
-instead of running every addon's `websocket_message` hook once per event.
+Messages are appended as they pass; to keep the per-event cost of a stream
+low, flows with new messages are refreshed together, one `update` hook every
+`UPDATE_INTERVAL_S` for all of them, instead of running every addon's
+`websocket_message` hook once per event.
 Credentials are redacted (`Bearer <redacted:ACCOUNT_ID>`) unless disabled.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -38,9 +40,7 @@ from addon.bridge_service import Attempt, Turn
 
 logger = logging.getLogger(__name__)
 
-UPDATE_INTERVAL_S = 0.25
-
-Emit = Callable[[hooks.Hook], None]
+UPDATE_INTERVAL_S = 0.5
 
 
 class SessionFlowTap:
@@ -53,7 +53,7 @@ class SessionFlowTap:
         turn: Turn,
         attempt: Attempt,
         find_client_flow: Callable[[str], http.HTTPFlow | None],
-        emit: Emit,
+        emit: HookEmitter,
         redact: bool,
         secrets: Collection[str],
     ) -> None:
@@ -65,7 +65,9 @@ class SessionFlowTap:
         self._emit = emit
         self._redact = redact
         self._secrets = secrets if redact else ()
-        self._last_update = 0.0
+        # One C-level scan per message tells whether any secret needs replacing.
+        alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
+        self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
         self.flow: http.HTTPFlow | None = None
 
     # -- SessionTap ----------------------------------------------------------------
@@ -124,20 +126,23 @@ class SessionFlowTap:
         client_flow = self._find_client_flow(turn.flow_id)
         attempt.upstream_flow = self.flow.id
         session_flows.note_reuse(self.flow, client_flow=client_flow, attempt=attempt.number)
-        self._update(force=True)
+        self._emit.touch(self.flow)
 
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
         if self.flow is None or self.flow.websocket is None:
             return
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        pattern = self._secret_pattern
+        secrets = self._secrets if pattern is not None and pattern.search(text) else ()
         session_flows.record_message(
             self.flow,
             from_client=from_client,
-            content=data,
+            content=text,
             timestamp=timestamp,
             text=True,
-            secrets=self._secrets,
+            secrets=secrets,
         )
-        self._update()
+        self._emit.touch(self.flow)
 
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
@@ -155,12 +160,6 @@ class SessionFlowTap:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _update(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.flow is not None and (force or now - self._last_update >= UPDATE_INTERVAL_S):
-            self._last_update = now
-            self._emit(hooks.UpdateHook([self.flow]))
-
 
 class HookEmitter:
     """Runs hooks on mitmproxy's addons in order, one at a time, off the hot path."""
@@ -169,6 +168,21 @@ class HookEmitter:
         self._trigger = trigger
         self._queue: asyncio.Queue[hooks.Hook] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._dirty: dict[str, http.HTTPFlow] = {}
+        self._flush: asyncio.TimerHandle | None = None
+
+    def touch(self, flow: http.HTTPFlow) -> None:
+        """The flow changed (a message): refresh it with the others in a while."""
+        self._dirty[flow.id] = flow
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(UPDATE_INTERVAL_S, self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush = None
+        flows, self._dirty = list(self._dirty.values()), {}
+        if flows:
+            self(hooks.UpdateHook(flows))
 
     def __call__(self, hook: hooks.Hook) -> None:
         self._queue.put_nowait(hook)
@@ -184,5 +198,8 @@ class HookEmitter:
                 logger.exception("recording hook %s failed", hook.name)
 
     async def drain(self, timeout: float = 5.0) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush_dirty()
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task}, timeout=timeout)
