@@ -183,7 +183,6 @@ class BridgeService:
         report = self.reports.setdefault(turn.flow_id, TurnReport(turn.affinity))
         client = ClientStream(
             sink=sink,
-            stream=turn.create.stream,
             headers=[("x-request-id", turn.request_id)],
             keepalive_s=self.settings.sse_keepalive_s,
         )

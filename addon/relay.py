@@ -30,7 +30,6 @@ class ClientStream:
     """What the client has been sent so far, and how to send it more."""
 
     sink: ResponseSink
-    stream: bool
     headers: list[tuple[str, str]]
     keepalive_s: float | None
     events_sent: int = 0
