@@ -5,7 +5,9 @@ in `/responses`, one `response.create` per turn, JSON text frames back, `error`
 events for bad messages, `previous_response_id` scoped to the account that
 produced it), can be scripted per connection with `Plan`s (reject the handshake,
 close or drop mid-turn, answer with an error, hang, pace the events), and logs
-every connection as a `ConnectionRecord`.
+every connection as a `ConnectionRecord`. A request may pick its own workload
+(delta count, pace, send-time stamps) through its `metadata`: see
+`response_events.requested_workload`.
 
 `LocalUpstream` runs in the caller's event loop; `ThreadedUpstream` runs one in
 its own thread for synchronous tests. `python -m addon.local_upstream` serves
@@ -36,11 +38,14 @@ from websockets.protocol import State
 
 from addon.loop_thread import LoopThread
 from addon.response_events import (
+    BadWorkload,
     TurnSpec,
+    apply_workload,
     encode,
     error_event,
     function_call_for,
     http_error_body,
+    requested_workload,
     turn_events,
 )
 
@@ -304,6 +309,7 @@ class LocalUpstream:
         compression: Literal["deflate"] | None = None,
         close_timeout: float = 2.0,
         observer: Callable[[ConnectionRecord], None] | None = None,
+        record_events: bool = True,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -314,6 +320,9 @@ class LocalUpstream:
         self.close_timeout = close_timeout
         # Called in the server loop on every handshake answer and every end.
         self.observer = observer
+        # Off for benchmarks: keeping every event of every connection costs
+        # memory and time that would be measured as the upstream's.
+        self.record_events = record_events
         self._server: Server | None = None
         self._port = 0
         self._lock = threading.Condition()
@@ -598,11 +607,18 @@ class LocalUpstream:
             await self._send(ws, live, problem)
             return
 
+        try:
+            spec, pace_s = apply_workload(plan.turn, plan.pace_s, requested_workload(request))
+        except BadWorkload as exc:
+            await self._send(
+                ws, live, error_event(400, "invalid_value", str(exc), param=f"metadata.{exc.key}")
+            )
+            return
         response_id = _new_id("resp")
-        kind = "fc" if function_call_for(request, plan.turn) is not None else "msg"
+        kind = "fc" if function_call_for(request, spec) is not None else "msg"
         events = turn_events(
             request,
-            plan.turn,
+            spec,
             response_id=response_id,
             item_id=_new_id(kind),
             created_at=int(time.time()),
@@ -616,10 +632,10 @@ class LocalUpstream:
         for index, event in enumerate(events):
             if limit is not None and index >= limit:
                 break
-            if index and plan.pace_s:
+            if index and pace_s:
                 # Wake early when the client goes away, so the turn stops at once.
-                await asyncio.wait([closed], timeout=plan.pace_s)
-            await self._send(ws, live, event, stamp=plan.turn.stamp_ns)
+                await asyncio.wait([closed], timeout=pace_s)
+            await self._send(ws, live, event, stamp=spec.stamp_ns)
             if event["type"] == "response.completed":
                 with self._lock:
                     self._owners[response_id] = live.record.account
@@ -645,6 +661,8 @@ class LocalUpstream:
         if stamp:
             event["x_sent_ns"] = time.time_ns()
         await ws.send(encode(event))
+        if not self.record_events:
+            return
         with self._lock:
             live.events.append(SentEvent(time.time(), event))
             self._notify()
@@ -771,6 +789,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="TOKEN=ACCOUNT",
         help="accept this bearer token as this account (repeatable; none: anyone)",
     )
+    parser.add_argument(
+        "--no-record", action="store_true", help="keep no sent events in memory (benchmarks)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no line per connection")
     args = parser.parse_args(argv)
     plan = Plan(turn=TurnSpec(text=args.text, deltas=args.deltas), pace_s=args.pace)
 
@@ -780,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.port,
             tokens=_parse_tokens(args.token),
             default_plan=plan,
-            observer=lambda record: print(describe(record), flush=True),
+            observer=None if args.quiet else lambda record: print(describe(record), flush=True),
+            record_events=not args.no_record,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -4,7 +4,15 @@ Shapes follow the OpenAI Responses streaming API (`ResponsesServerEvent` in
 openai-python) and what the real server sent to Codex CLI 0.169.0 (see
 `captures/`): a text turn, a function-call turn, and the empty answer to a
 `generate: false` prewarm. Also the WebSocket `error` event, OpenAI-style HTTP
-error bodies, and the compact JSON encoding used on the wire.
+error bodies, the compact JSON encoding used on the wire, and the workload a
+request may pick from a local upstream.
+
+Workloads (benchmarks): a request's `metadata` (the Responses API's string
+map) may carry `local_deltas` (number of `response.output_text.delta` events),
+`local_pace_ms` (milliseconds between events, decimals allowed) and
+`local_stamp` ("1": stamp every event with `x_sent_ns`). Both local upstreams
+(`local_upstream`, WebSocket, and `local_sse_upstream`, HTTP SSE) honour them,
+so one upstream process serves every workload; `workload_metadata` writes them.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -349,3 +357,90 @@ def http_error_body(
 def encode(event: Mapping[str, Any]) -> str:
     """Compact JSON, as one WebSocket text frame carries it."""
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- workloads chosen by the request (local upstreams only) -----------------
+
+WORKLOAD_DELTAS = "local_deltas"
+WORKLOAD_PACE_MS = "local_pace_ms"
+WORKLOAD_STAMP = "local_stamp"
+MAX_WORKLOAD_DELTAS = 10_000_000
+MAX_WORKLOAD_PACE_MS = 60_000.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a request asks of a local upstream; None leaves the server's own setting."""
+
+    deltas: int | None = None
+    pace_s: float | None = None
+    stamp: bool | None = None
+
+
+class BadWorkload(ValueError):
+    """A `local_*` metadata value the upstream cannot honour; `key` names it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def requested_workload(request: Mapping[str, Any]) -> Workload:
+    """The workload in `request["metadata"]`; raises `BadWorkload` for a bad value."""
+    metadata = request.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return Workload()
+    deltas: int | None = None
+    pace_s: float | None = None
+    stamp: bool | None = None
+    raw = metadata.get(WORKLOAD_DELTAS)
+    if raw is not None:
+        try:
+            deltas = int(str(raw))
+        except ValueError:
+            raise BadWorkload(WORKLOAD_DELTAS, f"{WORKLOAD_DELTAS} must be an integer") from None
+        if not 0 <= deltas <= MAX_WORKLOAD_DELTAS:
+            raise BadWorkload(
+                WORKLOAD_DELTAS, f"{WORKLOAD_DELTAS} must be in 0..{MAX_WORKLOAD_DELTAS}"
+            )
+    raw = metadata.get(WORKLOAD_PACE_MS)
+    if raw is not None:
+        try:
+            pace_ms = float(str(raw))
+        except ValueError:
+            raise BadWorkload(WORKLOAD_PACE_MS, f"{WORKLOAD_PACE_MS} must be a number") from None
+        # `not <=` also refuses NaN.
+        if not 0 <= pace_ms <= MAX_WORKLOAD_PACE_MS:
+            raise BadWorkload(
+                WORKLOAD_PACE_MS, f"{WORKLOAD_PACE_MS} must be in 0..{MAX_WORKLOAD_PACE_MS:g}"
+            )
+        pace_s = pace_ms / 1000
+    raw = metadata.get(WORKLOAD_STAMP)
+    if raw is not None:
+        if str(raw) not in ("0", "1"):
+            raise BadWorkload(WORKLOAD_STAMP, f'{WORKLOAD_STAMP} must be "0" or "1"')
+        stamp = str(raw) == "1"
+    return Workload(deltas, pace_s, stamp)
+
+
+def apply_workload(spec: TurnSpec, pace_s: float, workload: Workload) -> tuple[TurnSpec, float]:
+    """The turn and pace to serve: the server's own, overridden by the request's workload."""
+    if workload.deltas is not None:
+        spec = replace(spec, deltas=workload.deltas)
+    if workload.stamp is not None:
+        spec = replace(spec, stamp_ns=workload.stamp)
+    return spec, pace_s if workload.pace_s is None else workload.pace_s
+
+
+def workload_metadata(
+    deltas: int | None = None, pace_ms: float | None = None, stamp: bool | None = None
+) -> dict[str, str]:
+    """The `metadata` entries that ask a local upstream for this workload."""
+    metadata: dict[str, str] = {}
+    if deltas is not None:
+        metadata[WORKLOAD_DELTAS] = str(deltas)
+    if pace_ms is not None:
+        metadata[WORKLOAD_PACE_MS] = f"{pace_ms:g}"
+    if stamp is not None:
+        metadata[WORKLOAD_STAMP] = "1" if stamp else "0"
+    return metadata
