@@ -167,7 +167,7 @@ class HookEmitter:
     def __init__(self, trigger: Callable[[hooks.Hook], Any]) -> None:
         self._trigger = trigger
         self._queue: asyncio.Queue[hooks.Hook] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Future[None] | None = None
         self._dirty: dict[str, http.HTTPFlow] = {}
         self._flush: asyncio.TimerHandle | None = None
 
@@ -187,7 +187,16 @@ class HookEmitter:
     def __call__(self, hook: hooks.Hook) -> None:
         self._queue.put_nowait(hook)
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
+            # mitmproxy's eager task factory would run the hooks right here, on
+            # the way to the client's first event; start them on the next turn.
+            self._task = asyncio.get_running_loop().create_future()  # placeholder
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        placeholder = self._task
+        self._task = asyncio.ensure_future(self._run())
+        if placeholder is not None and not placeholder.done():
+            placeholder.set_result(None)
 
     async def _run(self) -> None:
         while not self._queue.empty():
@@ -198,8 +207,14 @@ class HookEmitter:
                 logger.exception("recording hook %s failed", hook.name)
 
     async def drain(self, timeout: float = 5.0) -> None:
+        """Runs what is queued (used when mitmproxy shuts down)."""
         if self._flush is not None:
             self._flush.cancel()
             self._flush_dirty()
-        if self._task is not None and not self._task.done():
-            await asyncio.wait({self._task}, timeout=timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        # The placeholder resolves once the real task started; then wait for that.
+        while self._task is not None and not self._task.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait({self._task}, timeout=left)
