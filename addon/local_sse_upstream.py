@@ -26,13 +26,12 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import h11
 
 from addon.local_upstream import MODELS_BODY
-from addon.loop_thread import LoopThread
+from addon.loop_thread import AsyncServerContext, LoopThread
 from addon.response_events import (
     BadWorkload,
     TurnSpec,
@@ -99,7 +98,7 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class LocalSseUpstream:
+class LocalSseUpstream(AsyncServerContext):
     """A Responses HTTP (SSE) server on 127.0.0.1; `async with` starts and stops it."""
 
     def __init__(
@@ -135,22 +134,6 @@ class LocalSseUpstream:
             await asyncio.wait(self._handlers, timeout=5)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def url(self) -> str:

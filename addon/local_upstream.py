@@ -27,8 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -36,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from addon.loop_thread import LoopThread
+from addon.loop_thread import AsyncServerContext, LoopThread
 from addon.response_events import (
     BadWorkload,
     TurnSpec,
@@ -295,7 +294,7 @@ class _Stop(Exception):
     """The turn cannot go on: the connection is closing or gone."""
 
 
-class LocalUpstream:
+class LocalUpstream(AsyncServerContext):
     """A Responses WebSocket server on 127.0.0.1; `async with` starts and stops it."""
 
     def __init__(
@@ -359,22 +358,6 @@ class LocalUpstream:
         self._server.close()
         await self._server.wait_closed()
         self._server = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def url(self) -> str:

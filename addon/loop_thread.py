@@ -11,7 +11,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, Self
 
 
 class AsyncServer(Protocol):
@@ -20,7 +20,32 @@ class AsyncServer(Protocol):
     async def stop(self) -> None: ...
 
 
-S = TypeVar("S", bound=AsyncServer)
+class AsyncServerContext:
+    """`async with server:` starts and stops it; `port` is where it listens."""
+
+    _port: int = 0
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
 
 
 class LoopThread[S: AsyncServer]:

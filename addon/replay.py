@@ -24,8 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from mitmproxy import exceptions, http
 from mitmproxy import io as mitmio
@@ -35,7 +34,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from addon.loop_thread import LoopThread
+from addon.loop_thread import AsyncServerContext, LoopThread
 from addon.redaction import CLIENT_ACCOUNT, account_from_authorization
 from addon.session_flows import METADATA_KEY
 
@@ -551,7 +550,7 @@ class _Handshake:
     deviations: list[Deviation] = field(default_factory=list)
 
 
-class ReplayServer:
+class ReplayServer(AsyncServerContext):
     """Serves recorded sessions on 127.0.0.1, one per incoming handshake, in order.
 
     `async with ReplayServer(sessions) as srv:` starts and stops it. Sessions
@@ -627,22 +626,6 @@ class ReplayServer:
         self._server.close()
         await self._server.wait_closed()
         self._server = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def url(self) -> str:
