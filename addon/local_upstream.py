@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from addon.loop_thread import AsyncServerContext, LoopThread
+from addon.loop_thread import LoopThread, WebSocketServerContext
 from addon.response_events import (
     BadWorkload,
     TurnSpec,
@@ -294,7 +294,7 @@ class _Stop(Exception):
     """The turn cannot go on: the connection is closing or gone."""
 
 
-class LocalUpstream(AsyncServerContext):
+class LocalUpstream(WebSocketServerContext):
     """A Responses WebSocket server on 127.0.0.1; `async with` starts and stops it."""
 
     def __init__(
@@ -350,18 +350,6 @@ class LocalUpstream(AsyncServerContext):
             close_timeout=self.close_timeout,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        """Closes every connection (1001) and waits until all handlers are done."""
-        if self._server is None:
-            return
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self._port}"
 
     @property
     def http_url(self) -> str:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from websockets.asyncio.server import Server
+
 
 class AsyncServer(Protocol):
     async def start(self) -> None: ...
@@ -46,6 +48,24 @@ class AsyncServerContext:
     @property
     def port(self) -> int:
         return self._port
+
+
+class WebSocketServerContext(AsyncServerContext):
+    """A `websockets` server on `host`: `stop()` closes every connection (1001)."""
+
+    host: str = "127.0.0.1"
+    _server: Server | None = None
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self._port}"
 
 
 class LoopThread[S: AsyncServer]:

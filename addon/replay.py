@@ -34,7 +34,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from addon.loop_thread import AsyncServerContext, LoopThread
+from addon.loop_thread import LoopThread, WebSocketServerContext
 from addon.redaction import CLIENT_ACCOUNT, account_from_authorization
 from addon.session_flows import METADATA_KEY
 
@@ -550,7 +550,7 @@ class _Handshake:
     deviations: list[Deviation] = field(default_factory=list)
 
 
-class ReplayServer(AsyncServerContext):
+class ReplayServer(WebSocketServerContext):
     """Serves recorded sessions on 127.0.0.1, one per incoming handshake, in order.
 
     `async with ReplayServer(sessions) as srv:` starts and stops it. Sessions
@@ -619,17 +619,6 @@ class ReplayServer(AsyncServerContext):
             close_timeout=self.close_timeout,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self._port}"
 
     @property
     def done(self) -> bool:
