@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import h11
 
 from addon.local_upstream import MODELS_BODY
-from addon.loop_thread import AsyncServerContext, LoopThread
+from addon.loop_thread import AsyncServerContext, LoopThread, serve_until_stopped
 from addon.response_events import (
     BadWorkload,
     TurnSpec,
@@ -267,14 +266,6 @@ class ThreadedSseUpstream(LoopThread[LocalSseUpstream]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(LocalSseUpstream(*args, **kwargs), "local-sse-upstream")
 
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -291,13 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         upstream = LocalSseUpstream(
             args.host, args.port, turn=TurnSpec(deltas=args.deltas), pace_s=args.pace
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with upstream:
-            print(f"local Responses SSE upstream on {upstream.url}/v1/responses", flush=True)
-            await stop.wait()
+        await serve_until_stopped(
+            upstream,
+            lambda: print(
+                f"local Responses SSE upstream on {upstream.url}/v1/responses", flush=True
+            ),
+        )
 
     asyncio.run(serve_until_signalled())
 

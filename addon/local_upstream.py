@@ -21,7 +21,6 @@ import asyncio
 import email.utils
 import http
 import json
-import signal
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from addon.loop_thread import LoopThread, WebSocketServerContext
+from addon.loop_thread import LoopThread, WebSocketServerContext, serve_until_stopped
 from addon.response_events import (
     BadWorkload,
     TurnSpec,
@@ -675,14 +674,6 @@ class ThreadedUpstream(LoopThread[LocalUpstream]):
     # The LocalUpstream surface, for convenience.
 
     @property
-    def port(self) -> int:
-        return self.upstream.port
-
-    @property
-    def url(self) -> str:
-        return self.upstream.url
-
-    @property
     def http_url(self) -> str:
         return self.upstream.http_url
 
@@ -776,13 +767,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             observer=None if args.quiet else lambda record: print(describe(record), flush=True),
             record_events=not args.no_record,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with upstream:
-            print(f"local Responses upstream on {upstream.url}/v1/responses", flush=True)
-            await stop.wait()
+        await serve_until_stopped(
+            upstream,
+            lambda: print(f"local Responses upstream on {upstream.url}/v1/responses", flush=True),
+        )
 
     asyncio.run(serve_until_signalled())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
@@ -20,6 +21,12 @@ class AsyncServer(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def url(self) -> str: ...
 
 
 class AsyncServerContext:
@@ -107,6 +114,14 @@ class LoopThread[S: AsyncServer]:
         return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
 
     @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -138,3 +153,23 @@ class LoopThread[S: AsyncServer]:
                 await self.server.stop()
 
         asyncio.run(main())
+
+
+async def serve_until_stopped(
+    server: AsyncServerContext,
+    ready: Callable[[], None],
+    until: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+) -> None:
+    """Serves until SIGINT/SIGTERM (or `until` completes): the command-line servers' loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        ready()
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+        if until is not None:
+            waiters.append(asyncio.ensure_future(until()))
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()

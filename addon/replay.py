@@ -815,14 +815,6 @@ class ThreadedReplayServer(LoopThread[ReplayServer]):
         super().__init__(ReplayServer(sessions, **kwargs), "replay-server")
 
     @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
     def deviations(self) -> list[Deviation]:
         with self.server._lock:
             return list(self.server.deviations)

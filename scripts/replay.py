@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from addon.accounts import AccountsFileError, parse_accounts  # noqa: E402
+from addon.loop_thread import serve_until_stopped  # noqa: E402
 from addon.replay import (  # noqa: E402
     Deviation,
     FlowFileError,
@@ -77,20 +77,13 @@ def _report(item: ServedSession | Deviation) -> None:
 
 
 async def _serve(args: argparse.Namespace, server: ReplayServer) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with server:
+    def ready() -> None:
         _print(f"replaying {len(server.sessions)} sessions on {server.url}")
         for note in server.notes:
             _print(f"note: {note}")
-        waiters: list[asyncio.Future[bool]] = [asyncio.ensure_future(stop.wait())]
-        if args.exit_after_all:
-            waiters.append(asyncio.ensure_future(server.wait_all_served()))
-        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
+
+    until = server.wait_all_served if args.exit_after_all else None
+    await serve_until_stopped(server, ready, until)
 
 
 def main(argv: list[str] | None = None) -> int:
