@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         # The recording was made with the fixture accounts: use them upstream too.
         extra = ["--set", f"bridge_accounts={ACCOUNTS}", *extra]
-    upstream = subprocess.Popen(upstream_cmd, cwd=ROOT)
+    # Own sessions: the terminal's Ctrl-C reaches only this script, which then
+    # stops each child exactly once.
+    upstream = subprocess.Popen(upstream_cmd, cwd=ROOT, start_new_session=True)
     procs = [upstream]
     try:
         if not _wait_listening(upstream_port, upstream, 15):
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 *extra,
             ],
             cwd=ROOT,
+            start_new_session=True,
         )
         procs.append(bridge)
         if not _wait_listening(args.port, bridge, 30):
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C (or the terminal's, which reaches the children too)
+        # must not cut the shutdown short and leave a process behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
