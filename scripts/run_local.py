@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "--live", action="store_true", help="the scriptable local upstream instead of the replay"
     )
     args, extra = parser.parse_known_args(argv)
+    # Ctrl-C and SIGTERM both stop everything, also when started in the
+    # background (where a shell leaves SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if _port_in_use(args.port):
         print(f"127.0.0.1:{args.port} is already in use; try: make run ARGS='--port 8081'")
         return 1
