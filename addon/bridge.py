@@ -1,16 +1,10 @@
 """mitmproxy entry script: `mitmdump -s addon/bridge.py`.
 
-Loaded by path, so the repository root is put on sys.path for the `addon`
-package when it is not installed (e.g. a system-wide mitmproxy).
+mitmproxy puts this file's folder on `sys.path` while it loads the script, so
+the `responses_ws_bridge` package beside it imports whether or not it was
+installed.
 """
 
-import sys
-from pathlib import Path
-
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from addon.bridge_addon import ResponsesBridge  # noqa: E402
+from responses_ws_bridge.addons.bridge_addon import ResponsesBridge
 
 addons = [ResponsesBridge()]

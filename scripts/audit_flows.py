@@ -8,7 +8,7 @@ handshake that carries a header the bridge must remove, a missing or HTTP-only
 `OpenAI-Beta` token, or a credential in clear, one `file: flow id, url:
 violation` line each, then a summary. Exit status: 1 when it finds any, 0 when
 all are clean, 2 when a file cannot be read. The rules are
-`addon.handshake_headers.handshake_violations`.
+`responses_ws_bridge.core.handshake_headers.handshake_violations`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mitmproxy import exceptions, http  # noqa: E402
-from mitmproxy import io as mitmio  # noqa: E402
-from mitmproxy.flow import Flow  # noqa: E402
-
-from addon.handshake_headers import handshake_violations  # noqa: E402
-from addon.session_flows import METADATA_KEY  # noqa: E402
+from mitmproxy import exceptions, http
+from mitmproxy import io as mitmio
+from mitmproxy.flow import Flow
+from responses_ws_bridge.core.handshake_headers import handshake_violations
+from responses_ws_bridge.recording.session_flows import METADATA_KEY
 
 _WS_SCHEMES = {"http": "ws", "https": "wss"}
 

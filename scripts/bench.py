@@ -33,11 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from addon.bench_client import (  # noqa: E402
+from responses_ws_bridge.testing.bench_client import (
     CODEX_BODY_BYTES,
     PATHS,
     Fleet,
@@ -54,7 +50,9 @@ from addon.bench_client import (  # noqa: E402
     sample_process,
     turn_figures,
 )
-from addon.proxy_process import ProxyProcess, free_port  # noqa: E402
+from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STREAM_ALL = ROOT / "scripts" / "bench_stream_all.py"
 # The bridge with reuse, started only to hold idle sessions for the RSS figure.
@@ -117,7 +115,7 @@ def modes(pace_ms: float) -> dict[str, Mode]:
 
 
 class Upstream:
-    """One local upstream (`python -m addon.local_upstream` or `…local_sse_upstream`)."""
+    """One local upstream process (`testing.local_upstream` or `testing.local_sse_upstream`)."""
 
     def __init__(self, module: str, *args: str, start_timeout: float = 20.0) -> None:
         self.port = free_port()
@@ -179,11 +177,11 @@ def running_stack(
     idle_sessions: bool = True,
 ) -> Iterator[Stack]:
     with ExitStack() as stack:
-        ws = Upstream("addon.local_upstream", "--no-record", "--quiet")
+        ws = Upstream("responses_ws_bridge.testing.local_upstream", "--no-record", "--quiet")
         stack.callback(ws.stop)
         upstreams = {"ws": ws}
         if "passthrough" in paths:
-            sse = Upstream("addon.local_sse_upstream")
+            sse = Upstream("responses_ws_bridge.testing.local_sse_upstream")
             stack.callback(sse.stop)
             upstreams["sse"] = sse
         bridge_args = ["--set", "connection_strategy=lazy"]

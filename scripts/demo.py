@@ -11,16 +11,11 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from addon.local_upstream import ThreadedUpstream  # noqa: E402
-from addon.proxy_process import ProxyProcess  # noqa: E402
-from addon.sse import parse_sse  # noqa: E402
+from responses_ws_bridge.core.sse import parse_sse
+from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
+from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 CLIENT_HEADERS = [
     ("accept", "text/event-stream"),

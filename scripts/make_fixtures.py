@@ -18,16 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
+from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from addon.local_upstream import Plan, ThreadedUpstream  # noqa: E402
-from addon.proxy_process import ProxyProcess  # noqa: E402
 
 FLOWS = ROOT / "flows"
 ACCOUNTS = FLOWS / "accounts.json"
-CAPTURE = ROOT.parent / "shared" / "captures" / "codex-cli-0.169.0" / "http-sse.json"
+CAPTURE = ROOT / "tests" / "data" / "codex-cli-0.169.0" / "http-sse.json"
 # Dummy credentials: the fixtures must hold no real secret (they are redacted anyway).
 TOKENS = {"fixture-token-team-a": "team-a", "fixture-token-team-b": "team-b"}
 FIXED = [("user-agent", "fixture-client/1.0"), ("x-request-id", "req_fixture")]

@@ -6,7 +6,7 @@
 Prints one line per served session and per deviation. Exits 1 when any
 deviation occurred, 0 otherwise (on Ctrl-C / SIGTERM, or once every session
 was served with --exit-after-all), and 2 when the flows or accounts cannot be
-read. A thin shell over `addon.replay`.
+read. A thin shell over `responses_ws_bridge.recording.replay`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,15 @@ import asyncio
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from addon.accounts import AccountsFileError, parse_accounts  # noqa: E402
-from addon.loop_thread import serve_until_stopped  # noqa: E402
-from addon.replay import (  # noqa: E402
+from responses_ws_bridge.core.accounts import AccountsFileError, parse_accounts
+from responses_ws_bridge.recording.replay import (
     Deviation,
     FlowFileError,
     ReplayServer,
     ServedSession,
     load_sessions,
 )
+from responses_ws_bridge.testing.loop_thread import serve_until_stopped
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

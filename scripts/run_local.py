@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     upstream_port = args.upstream_port or _free_port()
     if args.live:
-        upstream_cmd = [sys.executable, "-m", "addon.local_upstream", "--port", str(upstream_port)]
+        upstream_cmd = [
+            sys.executable,
+            "-m",
+            "responses_ws_bridge.testing.local_upstream",
+            "--port",
+            str(upstream_port),
+        ]
     else:
         upstream_cmd = [
             sys.executable,

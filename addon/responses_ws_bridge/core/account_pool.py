@@ -1,0 +1,353 @@
+"""The account pool: per-account health, in-flight counts, and which account serves next.
+
+Health rules (issue 3): a handshake 401/403 disables an account until the
+accounts file changes (any `reload`); a 429 or rate-limit error event cools it
+down until the upstream's reset time (default 60 s); repeated upstream faults
+(handshake 5xx, close 1011: 3 within 60 s by default) give a short cooldown.
+A success clears cooldowns and strikes. Selection: the preferred account when
+usable, else the usable account with the fewest requests in flight, ties
+going to the first in file order. Time comes from the injected clock only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from responses_ws_bridge.core.accounts import Account, AccountsConfig
+from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.retry_policy import (
+    ErrorEvent,
+    FailHttp,
+    Failure,
+    HandshakeStatus,
+    describe,
+    fail_http_for,
+    is_auth_rejection,
+    is_rate_limit,
+    is_upstream_fault,
+)
+
+# --- health ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Healthy:
+    pass
+
+
+@dataclass(frozen=True)
+class Cooling:
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Disabled:
+    reason: str
+
+
+Health = Healthy | Cooling | Disabled
+HEALTHY = Healthy()
+
+
+@dataclass(frozen=True)
+class HealthRules:
+    rate_limit_default_s: float = 60.0
+    strike_limit: int = 3
+    strike_window_s: float = 60.0
+    strike_cooldown_s: float = 10.0
+
+
+# --- choices --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chosen:
+    account: Account
+
+
+@dataclass(frozen=True)
+class AllCoolingDown:
+    """Every candidate is cooling down; the earliest is back at `until` (pool clock)."""
+
+    until: float
+    retry_after_s: int
+
+
+@dataclass(frozen=True)
+class NoneUsable:
+    """Nothing can serve. `owner` is set when a hard owner is what is missing.
+
+    reason: "disabled" (every account disabled), "excluded" (the accounts not
+    disabled were tried and failed for this request), "removed" (the owner is
+    no longer in the file).
+    """
+
+    reason: str
+    owner: str | None = None
+
+
+Choice = Chosen | AllCoolingDown | NoneUsable
+
+
+def fail_http_for_choice(
+    choice: AllCoolingDown | NoneUsable,
+    *,
+    affinity: AffinityKind,
+    last_failure: Failure | None = None,
+) -> FailHttp:
+    """The client's HTTP error when no account was chosen.
+
+    Every account cooling: 429 with Retry-After. When the accounts left were
+    all tried and failed for this request, the last failure speaks (its 429 or
+    a 502). A missing hard owner: 502 owner_unavailable. Otherwise 503.
+    """
+    if isinstance(choice, AllCoolingDown):
+        return FailHttp(
+            429,
+            "all_accounts_cooling_down",
+            retry_after_s=float(choice.retry_after_s),
+            message="every upstream account is cooling down",
+        )
+    if last_failure is not None and (choice.owner is not None or choice.reason == "excluded"):
+        return fail_http_for(affinity, last_failure)
+    if choice.owner is not None:
+        return FailHttp(
+            502,
+            "owner_unavailable",
+            message=f"the account that owns this session is {choice.reason}",
+        )
+    return FailHttp(503, "no_account", message="no upstream account is usable")
+
+
+# --- the pool -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    """One line of the `bridge.accounts` command; never holds a secret."""
+
+    id: str
+    health: str
+    in_flight: int
+    cooldown_until: float | None
+    cooldown_remaining_s: float | None
+    served: int
+
+
+@dataclass
+class _State:
+    account: Account
+    in_flight: int = 0
+    served: int = 0
+    health: Health = HEALTHY
+    strikes: deque[float] = field(default_factory=deque)
+
+
+def _same_credential(a: Account, b: Account) -> bool:
+    return (a.bearer, a.chatgpt_account_id, a.upstream) == (
+        b.bearer,
+        b.chatgpt_account_id,
+        b.upstream,
+    )
+
+
+class AccountPool:
+    def __init__(
+        self,
+        config: AccountsConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rules: HealthRules | None = None,
+    ) -> None:
+        self._clock = clock
+        self.rules = rules or HealthRules()
+        self._states: dict[str, _State] = {a.id: _State(a) for a in config.accounts}
+
+    @property
+    def ids(self) -> list[str]:
+        """Account ids in file order."""
+        return list(self._states)
+
+    def account(self, account_id: str) -> Account | None:
+        state = self._states.get(account_id)
+        return state.account if state else None
+
+    def reload(self, config: AccountsConfig) -> list[str]:
+        """Take a new accounts file; returns the ids that are gone.
+
+        Accounts that stay keep their state, except that a disabled one is
+        enabled again (the file changed) and a changed credential starts
+        afresh. In-flight counts always survive: those requests are still
+        running and will release.
+        """
+        old = self._states
+        self._states = {}
+        for account in config.accounts:
+            state = old.get(account.id)
+            if state is None:
+                state = _State(account)
+            elif not _same_credential(state.account, account):
+                state = _State(account, in_flight=state.in_flight)
+            else:
+                state.account = account
+                if isinstance(state.health, Disabled):
+                    state.health = HEALTHY
+            self._states[account.id] = state
+        return [account_id for account_id in old if account_id not in self._states]
+
+    # in-flight accounting; ids removed meanwhile are ignored
+
+    def acquire(self, account_id: str) -> None:
+        state = self._states.get(account_id)
+        if state is not None:
+            state.in_flight += 1
+
+    def release(self, account_id: str) -> None:
+        state = self._states.get(account_id)
+        if state is not None and state.in_flight > 0:
+            state.in_flight -= 1
+
+    # health
+
+    def health(self, account_id: str) -> Health | None:
+        """The account's health now (an expired cooldown reads as healthy); None if unknown."""
+        state = self._states.get(account_id)
+        if state is None:
+            return None
+        return self._current(state, self._clock())
+
+    def is_usable(self, account_id: str) -> bool:
+        return isinstance(self.health(account_id), Healthy)
+
+    def record_success(self, account_id: str) -> None:
+        """A response reached its terminal event on this account."""
+        state = self._states.get(account_id)
+        if state is None:
+            return
+        state.served += 1
+        state.strikes.clear()
+        # A disabled account stays so until the file changes, even if an older socket
+        # still works; a cooldown ends early since the account evidently serves again.
+        if isinstance(state.health, Cooling):
+            state.health = HEALTHY
+
+    def record_failure(self, account_id: str, failure: Failure) -> Health | None:
+        """Apply the health rules to a failed attempt; returns the account's new health."""
+        state = self._states.get(account_id)
+        if state is None:
+            return None
+        now = self._clock()
+        current = self._current(state, now)
+        if isinstance(current, Disabled):
+            return current
+        if is_auth_rejection(failure):
+            state.health = Disabled(describe(failure))
+        elif is_rate_limit(failure):
+            given = (
+                failure.retry_after_s if isinstance(failure, HandshakeStatus | ErrorEvent) else None
+            )
+            delay = given or self.rules.rate_limit_default_s
+            self._cool(state, current, now + delay, describe(failure))
+        elif is_upstream_fault(failure):
+            strikes = state.strikes
+            strikes.append(now)
+            while strikes and now - strikes[0] > self.rules.strike_window_s:
+                strikes.popleft()
+            if len(strikes) >= self.rules.strike_limit:
+                strikes.clear()
+                self._cool(
+                    state, current, now + self.rules.strike_cooldown_s, "repeated upstream errors"
+                )
+        return self._current(state, now)
+
+    def _cool(self, state: _State, current: Health, until: float, reason: str) -> None:
+        # A longer cooldown already running is not shortened by a shorter one.
+        if isinstance(current, Cooling) and current.until >= until:
+            return
+        state.health = Cooling(until, reason)
+
+    @staticmethod
+    def _current(state: _State, now: float) -> Health:
+        if isinstance(state.health, Cooling) and now >= state.health.until:
+            state.health = HEALTHY
+        return state.health
+
+    # selection
+
+    def choose(self, *, exclude: Collection[str] = (), prefer: str | None = None) -> Choice:
+        """An account for a SOFT/NONE request (HARD owners go through `choose_owner`)."""
+        now = self._clock()
+        if prefer is not None and prefer not in exclude:
+            state = self._states.get(prefer)
+            if state is not None and isinstance(self._current(state, now), Healthy):
+                return Chosen(state.account)
+        best: _State | None = None
+        cooling_until: float | None = None
+        for account_id, state in self._states.items():
+            if account_id in exclude:
+                continue
+            health = self._current(state, now)
+            if isinstance(health, Healthy):
+                if best is None or state.in_flight < best.in_flight:
+                    best = state
+            elif isinstance(health, Cooling):
+                cooling_until = (
+                    health.until if cooling_until is None else min(cooling_until, health.until)
+                )
+        if best is not None:
+            return Chosen(best.account)
+        if cooling_until is not None:
+            return self._all_cooling(cooling_until, now)
+        # When accounts were excluded (tried and failed for this request), the last
+        # failure is the better answer for the client than a bare "no account".
+        tried = any(account_id in self._states for account_id in exclude)
+        return NoneUsable("excluded" if tried else "disabled")
+
+    def choose_owner(self, owner: str) -> Choice:
+        """The hard owner if it can serve; never another account."""
+        state = self._states.get(owner)
+        if state is None:
+            return NoneUsable("removed", owner=owner)
+        now = self._clock()
+        health = self._current(state, now)
+        if isinstance(health, Cooling):
+            return self._all_cooling(health.until, now)
+        if isinstance(health, Disabled):
+            return NoneUsable("disabled", owner=owner)
+        return Chosen(state.account)
+
+    @staticmethod
+    def _all_cooling(until: float, now: float) -> AllCoolingDown:
+        return AllCoolingDown(until, max(1, math.ceil(until - now)))
+
+    # operator view
+
+    def snapshot(self) -> list[AccountRow]:
+        now = self._clock()
+        rows = []
+        for account_id, state in self._states.items():
+            health = self._current(state, now)
+            until: float | None = None
+            match health:
+                case Healthy():
+                    label = "healthy"
+                case Cooling(until=until, reason=reason):
+                    label = f"cooling: {reason}"
+                case Disabled(reason=reason):
+                    label = f"disabled: {reason}"
+            rows.append(
+                AccountRow(
+                    id=account_id,
+                    health=label,
+                    in_flight=state.in_flight,
+                    cooldown_until=until,
+                    cooldown_remaining_s=None if until is None else until - now,
+                    served=state.served,
+                )
+            )
+        return rows

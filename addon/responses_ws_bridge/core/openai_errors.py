@@ -1,0 +1,229 @@
+"""OpenAI-style HTTP error answers: `{"error": {"message", "type", "code", "param"}}`.
+
+One constructor per way a bridged request can fail before the client has seen
+an event (BRIEF §3.5). Messages name what failed, never a credential: text that
+comes from elsewhere (upstream bodies, exception details) is passed through
+`redact_secrets`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from responses_ws_bridge.core.handshake_headers import redact_secrets
+
+if TYPE_CHECKING:
+    from responses_ws_bridge.core.create_request import BadRequest
+    from responses_ws_bridge.core.upstream_events import UpstreamErrorEvent
+
+_JSON = ("content-type", "application/json")
+
+
+def error_body(message: str, *, type_: str, code: str | None, param: str | None = None) -> bytes:
+    error = {"message": message, "type": type_, "code": code, "param": param}
+    return json.dumps({"error": error}).encode()
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Every body here is JSON; say so even when the caller forgot.
+        if not any(k.lower() == "content-type" for k, _ in self.headers):
+            object.__setattr__(self, "headers", (_JSON, *self.headers))
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    retry_after: str | None = None,
+) -> HttpError:
+    extra = (("retry-after", retry_after),) if retry_after else ()
+    body = error_body(message, type_=type_, code=code, param=param)
+    return HttpError(status, body, (_JSON, *extra))
+
+
+def bad_request(exc: BadRequest) -> HttpError:
+    """A body the bridge refused (400, or 413 when too large)."""
+    return _error(
+        exc.status, exc.message, type_="invalid_request_error", code=exc.code, param=exc.param
+    )
+
+
+def request_too_large(length: int | None, limit: int) -> HttpError:
+    """413 from the announced Content-Length (None: the body itself was too large)."""
+    size = f"{length} bytes" if length is not None else "too large"
+    return _error(
+        413,
+        f"request body is {size}; the bridge accepts at most {limit} bytes",
+        type_="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def bridge_not_ready() -> HttpError:
+    return _error(
+        503,
+        "the bridge is starting; try again",
+        type_="server_error",
+        code="bridge_not_ready",
+        retry_after="1",
+    )
+
+
+def unauthorized_client_key() -> HttpError:
+    # Never echo what the client sent: it may be a real key sent to the wrong place.
+    return _error(
+        401,
+        "missing or unknown client key: send Authorization: Bearer <one of the bridge's "
+        "client keys>",
+        type_="invalid_request_error",
+        code="invalid_client_key",
+    )
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    return next((v.strip() for k, v in headers.items() if k.lower() == name), None)
+
+
+def _upstream_json_error(body: bytes | None) -> bytes | None:
+    """The upstream's body when it is an OpenAI-style error object, re-serialized."""
+    if not body:
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(parsed, dict) and "error" in parsed:
+        return redact_secrets(json.dumps(parsed)).encode()
+    return None
+
+
+def upstream_rejected(status: int, body: bytes | None, headers: Mapping[str, str]) -> HttpError:
+    """The upstream refused the WebSocket handshake with an HTTP status.
+
+    401/403/429 are the client's business (credentials, permissions, limits)
+    and keep their status and JSON error body; anything else is the bridge's
+    failure to reach a working upstream: 502. Of the upstream's headers only a
+    429's Retry-After is passed on.
+    """
+    if status in (401, 403, 429):
+        retry_after = _header(headers, "retry-after") if status == 429 else None
+        extra = (("retry-after", retry_after),) if retry_after else ()
+        forwarded = _upstream_json_error(body)
+        if forwarded is not None:
+            return HttpError(status, forwarded, (_JSON, *extra))
+        return _error(
+            status,
+            f"the upstream refused the WebSocket handshake with HTTP {status}",
+            type_="rate_limit_error" if status == 429 else "invalid_request_error",
+            code="upstream_rejected",
+            retry_after=retry_after,
+        )
+    return _error(
+        502,
+        f"the upstream refused the WebSocket handshake with HTTP {status}",
+        type_="upstream_error",
+        code="upstream_handshake_rejected",
+    )
+
+
+def upstream_unreachable(detail: str) -> HttpError:
+    return _error(
+        502,
+        f"could not reach the upstream: {redact_secrets(detail)}",
+        type_="upstream_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_timeout(detail: str) -> HttpError:
+    return _error(
+        502,
+        f"the upstream did not answer in time: {redact_secrets(detail)}",
+        type_="upstream_error",
+        code="upstream_timeout",
+    )
+
+
+def upstream_closed(close_code: int | None, reason: str) -> HttpError:
+    what = f"close code {close_code}" if close_code is not None else "connection lost"
+    if reason:
+        what += f": {redact_secrets(reason)}"
+    return _error(
+        502,
+        f"the upstream WebSocket closed before any event ({what})",
+        type_="upstream_error",
+        code="upstream_closed",
+    )
+
+
+def from_error_event(event: UpstreamErrorEvent) -> HttpError:
+    """An upstream `error` event before any other event, as an HTTP error."""
+    status = event.status if event.status is not None and 400 <= event.status < 600 else 502
+    error: dict[str, Any] = dict(event.error_object)
+    error.setdefault("message", event.message)
+    error.setdefault("code", event.code)
+    error.setdefault("param", event.param)
+    if not isinstance(error.get("type"), str):
+        limited = event.is_rate_limit or status == 429
+        error["type"] = event.type or ("rate_limit_error" if limited else "upstream_error")
+    body = redact_secrets(json.dumps({"error": error})).encode()
+    retry_after = _header(event.headers, "retry-after")
+    extra = (("retry-after", retry_after),) if retry_after else ()
+    return HttpError(status, body, (_JSON, *extra))
+
+
+_TYPE_FOR_STATUS = {429: "rate_limit_error", 502: "upstream_error", 503: "server_error"}
+
+
+def decision_error(
+    status: int, code: str, message: str, *, retry_after: str | None = None
+) -> HttpError:
+    """The error for a routing or retry decision of the account pool."""
+    return _error(
+        status,
+        message,
+        type_=_TYPE_FOR_STATUS.get(status, "upstream_error"),
+        code=code,
+        retry_after=retry_after,
+    )
+
+
+def all_accounts_cooling(retry_after_s: int) -> HttpError:
+    return _error(
+        429,
+        "every upstream account is cooling down; retry after the Retry-After delay",
+        type_="rate_limit_error",
+        code="all_accounts_cooling_down",
+        retry_after=str(max(1, retry_after_s)),
+    )
+
+
+def no_account() -> HttpError:
+    return _error(
+        503,
+        "no upstream account can serve this request",
+        type_="server_error",
+        code="no_account_available",
+    )
+
+
+def owner_unavailable(account_id: str, detail: str) -> HttpError:
+    return _error(
+        502,
+        f"this session is bound to account {account_id!r}, which cannot serve it now "
+        f"({redact_secrets(detail)}); it is never moved to another account",
+        type_="upstream_error",
+        code="owner_unavailable",
+    )

@@ -1,0 +1,220 @@
+"""Records every upstream WebSocket session as a live mitmproxy flow.
+
+The bridge's upstream connections are its own, so mitmproxy never sees them.
+A `SessionFlowTap` per connection builds a standard `HTTPFlow` with WebSocket
+data (the handshake as sent, the 101 or the rejection as received, every
+message with its timestamp, the close) and feeds it through mitmproxy's hooks
+(`requestheaders`, `request`, `responseheaders`, `response`, `websocket_start`,
+`websocket_end` or `error`), so it shows in mitmweb and the console next to the
+client flow it served and `-w` saves it like any flow.
+
+Messages are appended as they pass; to keep the per-event cost of a stream
+low, flows with new messages are refreshed together, one `update` hook every
+`UPDATE_INTERVAL_S` for all of them, instead of running every addon's
+`websocket_message` hook once per event.
+Credentials are redacted (`Bearer <redacted:ACCOUNT_ID>`) unless disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from mitmproxy import hooks, http
+from mitmproxy.proxy.layers.http._hooks import (
+    HttpErrorHook,
+    HttpRequestHeadersHook,
+    HttpRequestHook,
+    HttpResponseHeadersHook,
+    HttpResponseHook,
+)
+from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketStartHook
+from websockets.http11 import Request, Response
+
+from responses_ws_bridge.recording import session_flows
+from responses_ws_bridge.shell.bridge_service import Attempt, Turn
+
+logger = logging.getLogger(__name__)
+
+UPDATE_INTERVAL_S = 0.5
+
+
+class SessionFlowTap:
+    """Implements `upstream_client.SessionTap` for one upstream connection."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        turn: Turn,
+        attempt: Attempt,
+        find_client_flow: Callable[[str], http.HTTPFlow | None],
+        emit: HookEmitter,
+        redact: bool,
+        secrets: Collection[str],
+    ) -> None:
+        self._url = url
+        self._turn = turn
+        self._attempt = attempt
+        self._find_client_flow = find_client_flow
+        self._client_flow = find_client_flow(turn.flow_id)
+        self._emit = emit
+        self._redact = redact
+        self._secrets = secrets if redact else ()
+        # One C-level scan per message tells whether any secret needs replacing.
+        alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
+        self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
+        self.flow: http.HTTPFlow | None = None
+
+    # -- SessionTap ----------------------------------------------------------------
+
+    def handshake_done(
+        self, request: Request | None, response: Response | None, error: str | None
+    ) -> None:
+        now = time.time()
+        affinity = self._turn.affinity
+        headers = list(request.headers.raw_items()) if request is not None else []
+        upstream = session_flows.new_upstream_flow(
+            url=self._url,
+            headers=headers,
+            timestamp=now,
+            meta=session_flows.UpstreamMeta(
+                account=self._attempt.account,
+                affinity=affinity.kind.value,
+                key=affinity.key,
+                attempt=self._attempt.number,
+            ),
+            client_flow=self._client_flow,
+            secrets=self._secrets,
+        )
+        if not self._redact:
+            upstream.request.headers = http.Headers(
+                [(k.encode("latin-1"), v.encode()) for k, v in headers]
+            )
+        self.flow = upstream
+        self._attempt.upstream_flow = upstream.id
+        self._emit(HttpRequestHeadersHook(upstream))
+        self._emit(HttpRequestHook(upstream))
+        if response is None:
+            session_flows.record_error(upstream, error or "no response from the upstream")
+            self._emit(HttpErrorHook(upstream))
+            return
+        session_flows.record_handshake_response(
+            upstream,
+            status=response.status_code,
+            reason=response.reason_phrase,
+            headers=list(response.headers.raw_items()),
+            body=bytes(response.body or b""),
+            timestamp=now,
+            secrets=self._secrets,
+        )
+        self._emit(HttpResponseHeadersHook(upstream))
+        self._emit(HttpResponseHook(upstream))
+        if upstream.websocket is not None:
+            self._emit(WebsocketStartHook(upstream))
+
+    def attach(self, context: object) -> None:
+        if self.flow is None or not isinstance(context, tuple) or len(context) != 2:
+            return
+        turn, attempt = context[0], context[1]
+        if not isinstance(turn, Turn) or not isinstance(attempt, Attempt):
+            return
+        client_flow = self._find_client_flow(turn.flow_id)
+        attempt.upstream_flow = self.flow.id
+        session_flows.note_reuse(self.flow, client_flow=client_flow, attempt=attempt.number)
+        self._emit.touch(self.flow)
+
+    def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
+        if self.flow is None or self.flow.websocket is None:
+            return
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        pattern = self._secret_pattern
+        secrets = self._secrets if pattern is not None and pattern.search(text) else ()
+        session_flows.record_message(
+            self.flow,
+            from_client=from_client,
+            content=text,
+            timestamp=timestamp,
+            text=True,
+            secrets=secrets,
+        )
+        self._emit.touch(self.flow)
+
+    def closed(
+        self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
+    ) -> None:
+        if self.flow is None or self.flow.websocket is None:
+            return
+        session_flows.record_close(
+            self.flow,
+            code=code,
+            reason=reason,
+            closed_by_client=closed_by_client,
+            timestamp=timestamp,
+        )
+        self._emit(WebsocketEndHook(self.flow))
+
+    # -- helpers -------------------------------------------------------------------
+
+
+class HookEmitter:
+    """Runs hooks on mitmproxy's addons in order, one at a time, off the hot path."""
+
+    def __init__(self, trigger: Callable[[hooks.Hook], Any]) -> None:
+        self._trigger = trigger
+        self._queue: asyncio.Queue[hooks.Hook] = asyncio.Queue()
+        self._task: asyncio.Future[None] | None = None
+        self._dirty: dict[str, http.HTTPFlow] = {}
+        self._flush: asyncio.TimerHandle | None = None
+
+    def touch(self, flow: http.HTTPFlow) -> None:
+        """The flow changed (a message): refresh it with the others in a while."""
+        self._dirty[flow.id] = flow
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(UPDATE_INTERVAL_S, self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush = None
+        flows, self._dirty = list(self._dirty.values()), {}
+        if flows:
+            self(hooks.UpdateHook(flows))
+
+    def __call__(self, hook: hooks.Hook) -> None:
+        self._queue.put_nowait(hook)
+        if self._task is None or self._task.done():
+            # mitmproxy's eager task factory would run the hooks right here, on
+            # the way to the client's first event; start them on the next turn.
+            self._task = asyncio.get_running_loop().create_future()  # placeholder
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        placeholder = self._task
+        self._task = asyncio.ensure_future(self._run())
+        if placeholder is not None and not placeholder.done():
+            placeholder.set_result(None)
+
+    async def _run(self) -> None:
+        while not self._queue.empty():
+            hook = self._queue.get_nowait()
+            try:
+                await self._trigger(hook)
+            except Exception:
+                logger.exception("recording hook %s failed", hook.name)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Runs what is queued (used when mitmproxy shuts down)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush_dirty()
+        deadline = asyncio.get_running_loop().time() + timeout
+        # The placeholder resolves once the real task started; then wait for that.
+        while self._task is not None and not self._task.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait({self._task}, timeout=left)

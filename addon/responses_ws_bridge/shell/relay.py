@@ -1,0 +1,159 @@
+"""Relays one turn from an upstream session to the client: SSE or one JSON body.
+
+The client sees nothing until the first upstream event arrives, so that every
+failure before it can still become a retry or a plain HTTP error. After that,
+events are written as they come, several in one write when several had already
+arrived, and never held back to wait for more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from responses_ws_bridge.core import sse
+from responses_ws_bridge.core.create_request import CreateRequest
+from responses_ws_bridge.core.openai_errors import HttpError
+from responses_ws_bridge.core.upstream_events import (
+    UpstreamErrorEvent,
+    final_response,
+    inspect_event,
+    parse_error_event,
+)
+from responses_ws_bridge.shell.loopback import ResponseSink
+from responses_ws_bridge.shell.upstream_client import UpstreamSession
+
+
+@dataclass
+class ClientStream:
+    """What the client has been sent so far, and how to send it more."""
+
+    sink: ResponseSink
+    headers: list[tuple[str, str]]
+    keepalive_s: float | None
+    events_sent: int = 0
+    last_sequence: int | None = None
+    response_id: str | None = None
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def has_seen_event(self) -> bool:
+        return self.events_sent > 0
+
+    async def send_error(self, error: HttpError) -> None:
+        headers = [*self.headers, *error.headers]
+        await self.sink.respond(error.status, headers, error.body)
+
+    async def send_json(self, body: bytes) -> None:
+        headers = [*self.headers, *self.extra_headers, ("content-type", "application/json")]
+        await self.sink.respond(200, headers, body)
+
+    async def start_sse(self) -> None:
+        await self.sink.start(
+            200,
+            [
+                ("content-type", "text/event-stream"),
+                ("cache-control", "no-cache"),
+                *self.headers,
+                *self.extra_headers,
+            ],
+        )
+
+    async def fail_incomplete(self, code: int | None, reason: str) -> None:
+        """The upstream broke after the client saw events: no replay, say so and end."""
+        sequence = 0 if self.last_sequence is None else self.last_sequence + 1
+        event = sse.stream_incomplete_event(
+            close_code=code, reason=reason, response_id=self.response_id, sequence_number=sequence
+        )
+        text = json.dumps(event, separators=(",", ":"))
+        await self.sink.write(sse.encode_event(text, "response.failed"))
+        await self.sink.finish()
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    """The turn reached its terminal event and the client has all of it."""
+
+    terminal_type: str
+    response_id: str | None
+
+
+@dataclass(frozen=True)
+class TurnRefused:
+    """The upstream answered with an `error` event before anything reached the client."""
+
+    error: UpstreamErrorEvent
+
+
+async def relay_turn(
+    session: UpstreamSession, create: CreateRequest, client: ClientStream
+) -> TurnDone | TurnRefused:
+    """Sends `response.create` and relays events until the terminal one.
+
+    Raises `UpstreamClosed` when the upstream ends first; the caller decides
+    what the client gets then (it can tell from `client.has_seen_event`).
+    """
+    await session.send(create.message)
+    if create.stream:
+        return await _relay_sse(session, client)
+    return await _collect_json(session, client)
+
+
+async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone | TurnRefused:
+    sink = client.sink
+    while True:
+        if client.events_sent and client.keepalive_s:
+            try:
+                async with asyncio.timeout(client.keepalive_s):
+                    batch = await session.next_batch()
+            except TimeoutError:
+                # Upstream silence: a comment keeps intermediaries from timing out.
+                await sink.write(sse.KEEPALIVE)
+                continue
+        else:
+            batch = await session.next_batch()
+        out: list[bytes] = []
+        terminal: str | None = None
+        for frame in batch:
+            info = inspect_event(frame)
+            if info.type == "error" and not client.events_sent and not out:
+                error = parse_error_event(frame)
+                if error is not None:
+                    return TurnRefused(error)
+            out.append(sse.encode_event(frame, info.type))
+            if info.sequence_number is not None:
+                client.last_sequence = info.sequence_number
+            if info.response_id is not None:
+                client.response_id = info.response_id
+            if info.terminal:
+                terminal = info.type
+                break
+        if not client.events_sent:
+            await client.start_sse()
+        client.events_sent += len(out)
+        await sink.write(out[0] if len(out) == 1 else b"".join(out))
+        if terminal is not None:
+            await sink.finish()
+            return TurnDone(terminal, client.response_id)
+
+
+async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnDone | TurnRefused:
+    """A client that did not ask to stream gets the final response object."""
+    while True:
+        for frame in await session.next_batch():
+            info = inspect_event(frame)
+            if info.response_id is not None:
+                client.response_id = info.response_id
+            if not info.terminal:
+                continue
+            if info.type == "error":
+                error = parse_error_event(frame)
+                if error is not None:
+                    return TurnRefused(error)
+                continue
+            response = final_response(frame)
+            body = json.dumps(response if response is not None else {}).encode()
+            await client.send_json(body)
+            assert info.type is not None
+            return TurnDone(info.type, client.response_id)

@@ -1,0 +1,202 @@
+"""The addon's hooks, options and commands, with mitmproxy's own test helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow
+from responses_ws_bridge.addons.bridge_addon import METADATA_KEY, ResponsesBridge
+from responses_ws_bridge.shell.loopback import TOKEN_HEADER
+
+
+def responses_flow(body: bytes = b'{"model":"m","input":"x","stream":true}') -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.request.method = "POST"
+    flow.request.scheme = "https"
+    flow.request.host = "api.openai.com"
+    flow.request.port = 443
+    flow.request.path = "/v1/responses"
+    flow.request.headers["host"] = "api.openai.com"
+    flow.request.content = body
+    return flow
+
+
+def started(bridge: ResponsesBridge) -> None:
+    # The loopback endpoint needs a loop; these tests only check routing.
+    bridge.loopback.port = 4242
+    bridge.loopback._server = object()  # type: ignore[assignment]
+
+
+def test_other_requests_are_untouched() -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge):
+        started(bridge)
+        for method, path in [
+            ("GET", "/v1/models"),
+            ("POST", "/v1/responses/compact"),
+            ("GET", "/v1/responses"),
+        ]:
+            flow = responses_flow()
+            flow.request.method, flow.request.path = method, path
+            bridge.request(flow)
+            assert flow.response is None
+            assert flow.request.host == "api.openai.com"
+            assert METADATA_KEY not in flow.metadata
+
+
+def test_bridged_flow_is_detoured_and_restored() -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge):
+        started(bridge)
+        flow = responses_flow()
+        bridge.request(flow)
+        assert (flow.request.host, flow.request.port, flow.request.scheme) == (
+            "127.0.0.1",
+            4242,
+            "http",
+        )
+        assert flow.request.headers["host"] == "api.openai.com"  # Host header untouched
+        token = flow.request.headers[TOKEN_HEADER]
+        assert len(token) >= 32 and bridge.loopback.pending == 1
+        flow.response = http.Response.make(200)
+        bridge.responseheaders(flow)
+        assert flow.request.url == "https://api.openai.com/v1/responses"
+        assert TOKEN_HEADER not in flow.request.headers
+        assert callable(flow.response.stream)
+        flow.response.stream(b"event: a\ndata: {}\n\n")
+        bridge.response(flow)
+        assert flow.response.content == b"event: a\ndata: {}\n\n"
+        assert flow.metadata[METADATA_KEY]["role"] == "client"
+
+
+def test_flow_that_errors_gives_back_its_token() -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge):
+        started(bridge)
+        flow = responses_flow()
+        bridge.request(flow)
+        bridge.error(flow)
+        assert bridge.loopback.pending == 0
+        assert flow.request.host == "api.openai.com"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"nope", 400), (b'"text"', 400), (b'{"background": true}', 400), (b"{}" + b" " * 100, 413)],
+)
+def test_bad_bodies_are_answered_in_the_request_hook(body: bytes, status: int) -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge) as tctx:
+        tctx.configure(bridge, bridge_max_body=50)
+        started(bridge)
+        flow = responses_flow(body)
+        bridge.request(flow)
+        assert flow.response is not None and flow.response.status_code == status
+        assert flow.response.headers["content-type"] == "application/json"
+        assert json.loads(flow.response.content or b"")["error"]["message"]
+        assert bridge.loopback.pending == 0
+
+
+def test_declared_oversized_body_is_refused_before_it_is_read() -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge) as tctx:
+        tctx.configure(bridge, bridge_max_body=10)
+        flow = responses_flow()
+        flow.request.headers["content-length"] = "1000"
+        bridge.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 413
+
+
+def test_not_ready_yet_is_503() -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge):
+        flow = responses_flow()
+        bridge.request(flow)
+        assert flow.response is not None and flow.response.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("bridge_upstream", "ftp://x", "bridge_upstream"),
+        ("bridge_connect_timeout", "soon", "not a number"),
+        ("bridge_connect_timeout", "0", "positive"),
+        ("bridge_ping_interval", "-1", ">= 0"),
+        ("bridge_max_body", 0, "positive"),
+        ("bridge_retry_budget", -1, "negative"),
+        ("bridge_session_idle_ttl", "inf", "finite"),
+    ],
+)
+def test_bad_options_are_clear_errors(option: str, value: object, message: str) -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge) as tctx, pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(bridge, **{option: value})
+
+
+def test_accounts_option_loads_and_keeps_previous_pool_on_error(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"accounts": [{"id": "a", "api_key": "sk-aaaaaaaaaa"}]}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"accounts": [{"id": "a"}]}))
+    bridge = ResponsesBridge()
+    with taddons.context(bridge) as tctx:
+        tctx.configure(bridge, bridge_accounts=str(good))
+        assert bridge.service.pool is not None and bridge.service.pool.ids == ["a"]
+        with pytest.raises(exceptions.OptionsError) as raised:
+            tctx.configure(bridge, bridge_accounts=str(bad))
+        assert "accounts[0]" in str(raised.value)
+        assert bridge.service.pool.ids == ["a"]
+        assert "a" in bridge.accounts_command() and "healthy" in bridge.accounts_command()
+        assert "sk-aaaaaaaaaa" not in bridge.accounts_command()
+        tctx.configure(bridge, bridge_accounts="")
+        assert bridge.service.pool is None
+        assert "pass-through" in bridge.accounts_command()
+
+
+def test_client_key_is_checked_before_anything_else(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.json"
+    path.write_text(
+        json.dumps({"accounts": [{"id": "a", "api_key": "sk-aaaaaaaaaa"}], "client_keys": ["ck"]})
+    )
+    bridge = ResponsesBridge()
+    with taddons.context(bridge) as tctx:
+        tctx.configure(bridge, bridge_accounts=str(path))
+        started(bridge)
+        flow = responses_flow(b"not even json")
+        flow.request.headers["authorization"] = "Bearer wrong"
+        bridge.request(flow)
+        assert flow.response is not None and flow.response.status_code == 401
+        flow = responses_flow()
+        flow.request.headers["authorization"] = "Bearer ck"
+        bridge.request(flow)
+        assert flow.response is None and bridge.loopback.pending == 1
+
+
+def test_sessions_command_lists_bindings() -> None:
+    bridge = ResponsesBridge()
+    with taddons.context(bridge):
+        assert bridge.sessions_command().splitlines()[0].split() == [
+            "key",
+            "kind",
+            "account",
+            "idle",
+            "sockets",
+            "idle",
+            "for",
+        ]
+
+
+def test_done_stops_the_loopback() -> None:
+    async def main() -> None:
+        bridge = ResponsesBridge()
+        with taddons.context(bridge):
+            await bridge.running()
+            assert bridge.loopback.running
+            await bridge.done()
+            assert not bridge.loopback.running
+
+    asyncio.run(main())

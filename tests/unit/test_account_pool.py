@@ -1,0 +1,430 @@
+"""The account pool: selection, health rules with an injected clock, reload, operator rows."""
+
+from __future__ import annotations
+
+import pytest
+from responses_ws_bridge.core.account_pool import (
+    AccountPool,
+    AccountRow,
+    AllCoolingDown,
+    Chosen,
+    Cooling,
+    Disabled,
+    HealthRules,
+    Healthy,
+    NoneUsable,
+    fail_http_for_choice,
+)
+from responses_ws_bridge.core.accounts import Account, AccountsConfig
+from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.retry_policy import (
+    ConnectionLost,
+    ErrorEvent,
+    FailHttp,
+    HandshakeStatus,
+    UpstreamClose,
+    error_event_failure,
+    handshake_failure,
+)
+from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
+
+WALL = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def config(*ids: str) -> AccountsConfig:
+    return AccountsConfig(accounts=tuple(Account(i, f"secret-{i}") for i in ids))
+
+
+def pool(*ids: str, clock: Clock | None = None) -> tuple[AccountPool, Clock]:
+    clock = clock or Clock()
+    return AccountPool(config(*ids), clock=clock), clock
+
+
+def chosen(choice: object) -> str:
+    assert isinstance(choice, Chosen), choice
+    return choice.account.id
+
+
+# --- selection ------------------------------------------------------------------------------
+
+
+def test_fewest_in_flight_wins_ties_go_to_file_order() -> None:
+    p, _ = pool("a", "b", "c")
+    assert chosen(p.choose()) == "a"
+    p.acquire("a")
+    assert chosen(p.choose()) == "b"
+    p.acquire("b")
+    p.acquire("c")
+    assert chosen(p.choose()) == "a"
+    p.acquire("a")
+    assert chosen(p.choose()) == "b"
+    p.release("a")
+    p.release("a")
+    assert chosen(p.choose()) == "a"
+
+
+def test_preferred_account_when_usable_even_if_busier() -> None:
+    p, _ = pool("a", "b")
+    p.acquire("b")
+    p.acquire("b")
+    assert chosen(p.choose(prefer="b")) == "b"
+    p.record_failure("b", HandshakeStatus(429))
+    assert chosen(p.choose(prefer="b")) == "a"
+    assert chosen(p.choose(prefer="gone")) == "a"
+
+
+def test_exclude() -> None:
+    p, _ = pool("a", "b", "c")
+    assert chosen(p.choose(exclude={"a"})) == "b"
+    assert chosen(p.choose(exclude={"a", "b"}, prefer="a")) == "c"
+    assert p.choose(exclude={"a", "b", "c"}) == NoneUsable("excluded")
+
+
+def test_all_cooling_down_reports_the_earliest_return() -> None:
+    p, clock = pool("a", "b")
+    p.record_failure("a", HandshakeStatus(429, retry_after_s=30.5))
+    p.record_failure("b", HandshakeStatus(429, retry_after_s=90.0))
+    assert p.choose() == AllCoolingDown(until=130.5, retry_after_s=31)
+    clock.now = 130.4
+    assert p.choose() == AllCoolingDown(until=130.5, retry_after_s=1)
+    clock.now = 130.5
+    assert chosen(p.choose()) == "a"
+
+
+def test_all_disabled_is_none_usable() -> None:
+    p, _ = pool("a", "b")
+    p.record_failure("a", HandshakeStatus(401))
+    p.record_failure("b", HandshakeStatus(403))
+    assert p.choose() == NoneUsable("disabled")
+    # Disabled accounts are not "cooling": one cooling account is enough for a 429.
+    p2, _ = pool("a", "b")
+    p2.record_failure("a", HandshakeStatus(401))
+    p2.record_failure("b", HandshakeStatus(429))
+    assert p2.choose() == AllCoolingDown(until=160.0, retry_after_s=60)
+
+
+def test_excluded_rest_disabled_is_reported_as_excluded() -> None:
+    p, _ = pool("a", "b")
+    p.record_failure("b", HandshakeStatus(401))
+    assert p.choose(exclude={"a"}) == NoneUsable("excluded")
+
+
+def test_choose_owner_never_returns_another_account() -> None:
+    p, clock = pool("a", "b")
+    assert chosen(p.choose_owner("b")) == "b"
+    p.record_failure("b", HandshakeStatus(429, retry_after_s=5.0))
+    assert p.choose_owner("b") == AllCoolingDown(until=105.0, retry_after_s=5)
+    clock.now = 105.0
+    assert chosen(p.choose_owner("b")) == "b"
+    p.record_failure("b", HandshakeStatus(403))
+    assert p.choose_owner("b") == NoneUsable("disabled", owner="b")
+    assert p.choose_owner("zzz") == NoneUsable("removed", owner="zzz")
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+def test_handshake_401_403_disable_until_reload() -> None:
+    p, clock = pool("a", "b")
+    assert p.record_failure("a", HandshakeStatus(401)) == Disabled(
+        "upstream rejected the WebSocket handshake with HTTP 401"
+    )
+    clock.now += 10_000
+    assert not p.is_usable("a")
+    p.record_success("a")  # an older socket finishing does not re-enable it
+    assert not p.is_usable("a")
+    # Nothing else overrides a disabled state.
+    assert isinstance(p.record_failure("a", HandshakeStatus(429)), Disabled)
+    assert p.reload(config("a", "b")) == []
+    assert p.is_usable("a")
+
+
+def test_429_cooldown_honours_retry_after_and_expires() -> None:
+    p, clock = pool("a")
+    failure = handshake_failure(429, [("Retry-After", "20")], b"", wall_now=WALL)
+    assert p.record_failure("a", failure) == Cooling(
+        120.0, "upstream rejected the WebSocket handshake with HTTP 429"
+    )
+    clock.now = 119.9
+    assert not p.is_usable("a")
+    clock.now = 120.0
+    assert p.is_usable("a")
+    assert p.health("a") == Healthy()
+
+
+@pytest.mark.parametrize(
+    ("body", "seconds"),
+    [
+        (b'{"error": {"code": "usage_limit_reached", "resets_in_seconds": 300}}', 300.0),
+        (b'{"error": {"resets_at": 1800000045}}', 45.0),
+        (b'{"error": {"retry_after": 12}}', 12.0),
+        (b'{"error": {"message": "Rate limited"}}', 60.0),  # nothing said: the default
+        (b"", 60.0),
+    ],
+)
+def test_429_cooldown_from_the_error_body(body: bytes, seconds: float) -> None:
+    p, _ = pool("a")
+    failure = handshake_failure(429, [], body, wall_now=WALL)
+    health = p.record_failure("a", failure)
+    assert isinstance(health, Cooling)
+    assert health.until == pytest.approx(100.0 + seconds)
+
+
+def test_rate_limit_error_events_cool_down() -> None:
+    p, _ = pool("a", "b", "c")
+    assert p.record_failure("a", error_event_failure(rate_limit_event(7), wall_now=WALL)) == (
+        Cooling(107.0, "upstream error event rate_limit_exceeded")
+    )
+    usage = error_event(429, "usage_limit_reached", "The usage limit has been reached")
+    usage["error"]["resets_at"] = WALL + 3600
+    health = p.record_failure("b", error_event_failure(usage, wall_now=WALL))
+    assert isinstance(health, Cooling)
+    assert health.until == pytest.approx(3700.0)
+    # A non-rate-limit error event says nothing about the account.
+    assert p.record_failure("c", ErrorEvent("invalid_request_error", 400)) == Healthy()
+
+
+def test_a_shorter_cooldown_does_not_shorten_a_longer_one() -> None:
+    p, _ = pool("a")
+    p.record_failure("a", HandshakeStatus(429, retry_after_s=600.0))
+    health = p.record_failure("a", HandshakeStatus(429, retry_after_s=5.0))
+    assert isinstance(health, Cooling)
+    assert health.until == 700.0
+    health = p.record_failure("a", HandshakeStatus(429, retry_after_s=900.0))
+    assert isinstance(health, Cooling)
+    assert health.until == 1000.0
+
+
+def test_repeated_1011_and_5xx_give_a_short_cooldown() -> None:
+    p, clock = pool("a")
+    assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+    clock.now += 20
+    assert p.record_failure("a", HandshakeStatus(502)) == Healthy()
+    clock.now += 20
+    assert p.record_failure("a", UpstreamClose(1011)) == Cooling(150.0, "repeated upstream errors")
+    clock.now = 150.0
+    assert p.is_usable("a")
+    # Strikes were spent by that cooldown: one more fault alone does not cool again.
+    assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+
+
+def test_faults_spread_beyond_the_window_do_not_add_up() -> None:
+    p, clock = pool("a")
+    for _ in range(5):
+        assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+        clock.now += 31  # at most two faults within any 60 s
+    assert p.is_usable("a")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        UpstreamClose(1000),
+        UpstreamClose(1001),
+        UpstreamClose(1006),
+        UpstreamClose(1012),
+        UpstreamClose(1013),
+        ConnectionLost(),
+        HandshakeStatus(404),
+        HandshakeStatus(426),
+    ],
+    ids=repr,
+)
+def test_other_failures_do_not_affect_health(failure: HandshakeStatus | UpstreamClose) -> None:
+    p, _ = pool("a")
+    for _ in range(5):
+        assert p.record_failure("a", failure) == Healthy()
+
+
+def test_success_clears_strikes_and_cooldown() -> None:
+    p, _ = pool("a")
+    p.record_failure("a", UpstreamClose(1011))
+    p.record_failure("a", UpstreamClose(1011))
+    p.record_success("a")
+    assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+    p.record_failure("a", HandshakeStatus(429))
+    p.record_success("a")
+    assert p.is_usable("a")
+
+
+def test_custom_rules() -> None:
+    clock = Clock()
+    rules = HealthRules(rate_limit_default_s=5.0, strike_limit=1, strike_cooldown_s=2.0)
+    p = AccountPool(config("a", "b"), clock=clock, rules=rules)
+    assert p.record_failure("a", HandshakeStatus(429)) == Cooling(
+        105.0, "upstream rejected the WebSocket handshake with HTTP 429"
+    )
+    assert p.record_failure("b", UpstreamClose(1011)) == Cooling(102.0, "repeated upstream errors")
+
+
+# --- reload and removal ---------------------------------------------------------------------
+
+
+def test_reload_keeps_state_of_accounts_that_stay() -> None:
+    p, _ = pool("a", "b", "c")
+    p.acquire("a")
+    p.record_success("a")
+    p.record_failure("b", HandshakeStatus(429, retry_after_s=50.0))
+    removed = p.reload(config("c", "b", "a", "d"))
+    assert removed == []
+    assert p.ids == ["c", "b", "a", "d"]  # the new file's order
+    rows = {row.id: row for row in p.snapshot()}
+    assert (rows["a"].in_flight, rows["a"].served) == (1, 1)
+    assert rows["b"].cooldown_until == 150.0
+    assert rows["d"] == AccountRow("d", "healthy", 0, None, None, 0)
+
+
+def test_reload_with_a_changed_credential_starts_afresh_but_keeps_in_flight() -> None:
+    p, _ = pool("a")
+    p.acquire("a")
+    p.record_success("a")
+    p.record_failure("a", HandshakeStatus(429))
+    p.reload(AccountsConfig(accounts=(Account("a", "new-secret"),)))
+    assert p.is_usable("a")
+    assert p.snapshot() == [AccountRow("a", "healthy", 1, None, None, 0)]
+    account = p.account("a")
+    assert account is not None and account.bearer == "new-secret"
+    p.release("a")  # the request that was running still balances
+    assert p.snapshot()[0].in_flight == 0
+
+
+def test_reload_with_a_changed_upstream_or_chatgpt_account_counts_as_a_new_credential() -> None:
+    p, _ = pool("a", "b")
+    p.record_failure("a", HandshakeStatus(429))
+    p.record_failure("b", HandshakeStatus(429))
+    p.reload(
+        AccountsConfig(
+            accounts=(
+                Account("a", "secret-a", upstream="ws://127.0.0.1:1/v1/responses"),
+                Account("b", "secret-b", chatgpt_account_id="acct"),
+            )
+        )
+    )
+    assert p.is_usable("a") and p.is_usable("b")
+
+
+def test_removed_accounts_are_reported_and_forgotten() -> None:
+    p, _ = pool("a", "b", "c")
+    p.acquire("b")
+    assert p.reload(config("a")) == ["b", "c"]
+    assert p.ids == ["a"]
+    assert p.account("b") is None
+    assert p.health("b") is None
+    assert not p.is_usable("b")
+    # Requests still running on a removed account finish without effect.
+    p.release("b")
+    p.record_success("b")
+    assert p.record_failure("b", UpstreamClose(1011)) is None
+    assert chosen(p.choose(prefer="b")) == "a"
+    assert [row.id for row in p.snapshot()] == ["a"]
+
+
+def test_release_never_goes_negative() -> None:
+    p, _ = pool("a")
+    p.release("a")
+    p.acquire("a")
+    assert p.snapshot()[0].in_flight == 1
+    p.release("a")
+    p.release("a")
+    assert p.snapshot()[0].in_flight == 0
+
+
+# --- operator view and client errors --------------------------------------------------------
+
+
+def test_snapshot_rows() -> None:
+    p, clock = pool("a", "b", "c")
+    p.acquire("a")
+    p.record_success("a")
+    p.record_success("a")
+    p.record_failure("b", HandshakeStatus(429, retry_after_s=40.0))
+    p.record_failure("c", HandshakeStatus(401))
+    clock.now = 110.0
+    assert p.snapshot() == [
+        AccountRow("a", "healthy", 1, None, None, 2),
+        AccountRow(
+            "b",
+            "cooling: upstream rejected the WebSocket handshake with HTTP 429",
+            0,
+            140.0,
+            30.0,
+            0,
+        ),
+        AccountRow(
+            "c",
+            "disabled: upstream rejected the WebSocket handshake with HTTP 401",
+            0,
+            None,
+            None,
+            0,
+        ),
+    ]
+    assert "secret" not in repr(p.snapshot())
+
+
+@pytest.mark.parametrize(
+    ("choice", "affinity", "last_failure", "expected"),
+    [
+        (
+            AllCoolingDown(150.0, 50),
+            AffinityKind.NONE,
+            None,
+            FailHttp(429, "all_accounts_cooling_down", 50.0),
+        ),
+        (
+            AllCoolingDown(150.0, 7),
+            AffinityKind.HARD,
+            None,
+            FailHttp(429, "all_accounts_cooling_down", 7.0),
+        ),
+        (NoneUsable("disabled"), AffinityKind.NONE, None, FailHttp(503, "no_account")),
+        (
+            NoneUsable("disabled"),
+            AffinityKind.SOFT,
+            UpstreamClose(1011),
+            FailHttp(503, "no_account"),
+        ),
+        # Every other account was tried for this request: the last failure speaks.
+        (
+            NoneUsable("excluded"),
+            AffinityKind.SOFT,
+            UpstreamClose(1011),
+            FailHttp(502, "upstream_error"),
+        ),
+        (
+            NoneUsable("excluded"),
+            AffinityKind.NONE,
+            HandshakeStatus(429, 9.0),
+            FailHttp(429, "rate_limit_exceeded", 9.0, upstream_status=429),
+        ),
+        (NoneUsable("excluded"), AffinityKind.NONE, None, FailHttp(503, "no_account")),
+        # A hard owner that is gone or disabled.
+        (
+            NoneUsable("removed", owner="a"),
+            AffinityKind.HARD,
+            None,
+            FailHttp(502, "owner_unavailable"),
+        ),
+        (
+            NoneUsable("disabled", owner="a"),
+            AffinityKind.HARD,
+            HandshakeStatus(401),
+            FailHttp(502, "owner_unavailable", upstream_status=401),
+        ),
+    ],
+)
+def test_fail_http_for_choice(
+    choice: AllCoolingDown | NoneUsable,
+    affinity: AffinityKind,
+    last_failure: UpstreamClose | HandshakeStatus | None,
+    expected: FailHttp,
+) -> None:
+    assert fail_http_for_choice(choice, affinity=affinity, last_failure=last_failure) == expected

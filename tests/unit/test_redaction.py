@@ -1,0 +1,110 @@
+"""Redaction of recorded headers and message bodies, and reading the account back."""
+
+from __future__ import annotations
+
+import pytest
+from responses_ws_bridge.core.redaction import (
+    account_from_authorization,
+    redact_headers,
+    redact_text,
+    redacted_authorization,
+)
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJlLWJ5dGVz"
+SECRET = "opaque-account-secret-42"
+
+
+@pytest.mark.parametrize(
+    ("header", "account", "expected"),
+    [
+        (("Authorization", f"Bearer {SECRET}"), "team-a", "Bearer <redacted:team-a>"),
+        (("authorization", "Bearer sk-live-abcdefghijkl"), None, "Bearer <redacted:client>"),
+        (("Authorization", "Basic dXNlcjpwYXNz"), "team-b", "Basic <redacted:team-b>"),
+        # A bare token without a scheme is still a token.
+        (("Authorization", "sk-bare-abcdefghijkl"), "team-a", "Bearer <redacted:team-a>"),
+        (("Cookie", "session=abc; other=def"), "team-a", "<redacted>"),
+        (("set-cookie", "id=1; HttpOnly"), None, "<redacted>"),
+        (("X-Api-Key", "anything"), None, "<redacted>"),
+        (("api-key", "anything"), None, "<redacted>"),
+        (("OpenAI-Api-Key", "anything"), None, "<redacted>"),
+        (("Proxy-Authorization", "Basic Zm9vOmJhcg=="), None, "<redacted>"),
+        # A known secret anywhere in another header.
+        (("x-debug", f"token={SECRET};"), "team-a", "token=<redacted>;"),
+        # Anything that looks like an API key or a JWT.
+        (("x-other", "key sk-proj-abcdefghijklmnop here"), None, "key <redacted> here"),
+        (("x-forwarded-token", JWT), None, "<redacted>"),
+        # Words that merely contain "sk-" stay.
+        (("x-codex-window-id", "task-12345678:0"), None, "task-12345678:0"),
+        (
+            ("openai-beta", "responses_websockets=2026-02-06"),
+            None,
+            "responses_websockets=2026-02-06",
+        ),
+        (("session-id", "01a20a0c-ddf0-77e1"), "team-a", "01a20a0c-ddf0-77e1"),
+    ],
+)
+def test_redact_headers(header: tuple[str, str], account: str | None, expected: str) -> None:
+    out = redact_headers([header], account_id=account, secrets=[SECRET])
+    assert out == [(header[0], expected)]
+
+
+def test_redact_headers_keeps_order_names_and_repeats() -> None:
+    headers = [
+        ("Host", "chatgpt.com"),
+        ("Authorization", "Bearer tok"),
+        ("x-a", "1"),
+        ("Cookie", "a=1"),
+        ("x-a", "2"),
+    ]
+    assert redact_headers(headers, account_id="acc", secrets=["tok"]) == [
+        ("Host", "chatgpt.com"),
+        ("Authorization", "Bearer <redacted:acc>"),
+        ("x-a", "1"),
+        ("Cookie", "<redacted>"),
+        ("x-a", "2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "secrets", "expected"),
+    [
+        ("no secrets here", ["abc123"], "no secrets here"),
+        ('{"key":"abc123"}', ["abc123"], '{"key":"<redacted>"}'),
+        ("abc123 and abc123", ["abc123"], "<redacted> and <redacted>"),
+        # The longer secret wins over one it contains.
+        ("abc123456", ["abc123", "abc123456"], "<redacted>"),
+        # An empty secret must not redact everything.
+        ("keep", [""], "keep"),
+        # Only known secrets: message bodies are not scanned for key shapes.
+        ("sk-looks-like-a-key-but-is-text", [], "sk-looks-like-a-key-but-is-text"),
+    ],
+)
+def test_redact_text(text: str, secrets: list[str], expected: str) -> None:
+    assert redact_text(text, secrets) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Bearer <redacted:team-a>", "team-a"),
+        ("bearer <redacted:team-a>", "team-a"),
+        ("Bearer <redacted:client>", "client"),
+        ("Bearer <redacted:>", ""),
+        ("Bearer sk-real-token", None),
+        ("Basic <redacted:team-a>", None),
+        ("<redacted>", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_account_from_authorization(value: str | None, expected: str | None) -> None:
+    assert account_from_authorization(value) == expected
+
+
+@pytest.mark.parametrize("account", ["team-a", "user@example.com", None])
+def test_account_round_trips_through_redaction(account: str | None) -> None:
+    [(_, value)] = redact_headers(
+        [("Authorization", "Bearer secret")], account_id=account, secrets=()
+    )
+    assert value == redacted_authorization(account)
+    assert account_from_authorization(value) == (account if account is not None else "client")

@@ -1,0 +1,464 @@
+"""The reconnect decision table, cell by cell, and the helpers around it."""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.retry_policy import (
+    ConnectError,
+    ConnectionLost,
+    Decision,
+    ErrorEvent,
+    FailHttp,
+    FailStreamIncomplete,
+    Failure,
+    HandshakeStatus,
+    Relay,
+    RetryOther,
+    RetrySame,
+    UpstreamClose,
+    backoff_delay,
+    decide,
+    error_event_failure,
+    handshake_failure,
+    retry_after_from,
+)
+from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
+
+HARD, SOFT, NONE = AffinityKind.HARD, AffinityKind.SOFT, AffinityKind.NONE
+ACCOUNT = "team-a"
+BUDGET = 2
+
+C1000, C1001, C1006 = UpstreamClose(1000), UpstreamClose(1001), UpstreamClose(1006)
+C1011, C1012, C1013 = UpstreamClose(1011), UpstreamClose(1012), UpstreamClose(1013)
+LOST = ConnectionLost()
+H401, H403, H503 = HandshakeStatus(401), HandshakeStatus(403), HandshakeStatus(503)
+H429 = HandshakeStatus(429, retry_after_s=30.0)
+RATE = ErrorEvent("rate_limit_exceeded", 429, retry_after_s=5.0)
+
+# First retry with jitter 0, base 0.25 s: half of one step.
+SAME = RetrySame(ACCOUNT, 0.125)
+OTHER = RetryOther(ACCOUNT)
+OWNER_GONE = FailHttp(502, "owner_unavailable")
+UPSTREAM = FailHttp(502, "upstream_error")
+PASS_429_HS = FailHttp(429, "rate_limit_exceeded", 30.0, upstream_status=429)
+PASS_429_EV = FailHttp(429, "rate_limit_exceeded", 5.0)
+RELAY = Relay()
+
+
+def owner_gone(status: int) -> FailHttp:
+    return FailHttp(502, "owner_unavailable", upstream_status=status)
+
+
+def upstream(status: int) -> FailHttp:
+    return FailHttp(502, "upstream_error", upstream_status=status)
+
+
+def incomplete(code: int | None) -> FailStreamIncomplete:
+    return FailStreamIncomplete(code)
+
+
+# (affinity, failure, before any event & budget left, before & budget spent,
+#  after an event & budget left, after & budget spent)
+TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]] = [
+    # HARD: every retry goes to the owner, 1011 like any other close; never another account.
+    (HARD, C1000, SAME, OWNER_GONE, incomplete(1000), incomplete(1000)),
+    (HARD, C1001, SAME, OWNER_GONE, incomplete(1001), incomplete(1001)),
+    (HARD, C1006, SAME, OWNER_GONE, incomplete(1006), incomplete(1006)),
+    (HARD, C1011, SAME, OWNER_GONE, incomplete(1011), incomplete(1011)),
+    (HARD, C1012, SAME, OWNER_GONE, incomplete(1012), incomplete(1012)),
+    (HARD, C1013, SAME, OWNER_GONE, incomplete(1013), incomplete(1013)),
+    (HARD, LOST, SAME, OWNER_GONE, incomplete(1006), incomplete(1006)),
+    (HARD, H401, owner_gone(401), owner_gone(401), incomplete(None), incomplete(None)),
+    (HARD, H403, owner_gone(403), owner_gone(403), incomplete(None), incomplete(None)),
+    (HARD, H429, PASS_429_HS, PASS_429_HS, incomplete(None), incomplete(None)),
+    (HARD, H503, SAME, owner_gone(503), incomplete(None), incomplete(None)),
+    (HARD, RATE, PASS_429_EV, PASS_429_EV, RELAY, RELAY),
+    # SOFT: 1011, handshake errors and rate limits move; other closes stay.
+    (SOFT, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
+    (SOFT, C1001, SAME, UPSTREAM, incomplete(1001), incomplete(1001)),
+    (SOFT, C1006, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
+    (SOFT, C1011, OTHER, UPSTREAM, incomplete(1011), incomplete(1011)),
+    (SOFT, C1012, SAME, UPSTREAM, incomplete(1012), incomplete(1012)),
+    (SOFT, C1013, SAME, UPSTREAM, incomplete(1013), incomplete(1013)),
+    (SOFT, LOST, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
+    (SOFT, H401, OTHER, upstream(401), incomplete(None), incomplete(None)),
+    (SOFT, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
+    (SOFT, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
+    (SOFT, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
+    (SOFT, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
+    # NONE: the same rules as SOFT.
+    (NONE, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
+    (NONE, C1001, SAME, UPSTREAM, incomplete(1001), incomplete(1001)),
+    (NONE, C1006, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
+    (NONE, C1011, OTHER, UPSTREAM, incomplete(1011), incomplete(1011)),
+    (NONE, C1012, SAME, UPSTREAM, incomplete(1012), incomplete(1012)),
+    (NONE, C1013, SAME, UPSTREAM, incomplete(1013), incomplete(1013)),
+    (NONE, LOST, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
+    (NONE, H401, OTHER, upstream(401), incomplete(None), incomplete(None)),
+    (NONE, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
+    (NONE, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
+    (NONE, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
+    (NONE, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
+]
+
+CELLS = [
+    pytest.param(
+        affinity,
+        failure,
+        seen,
+        spent,
+        expected,
+        id=f"{affinity}-{failure}-{'after' if seen else 'before'}-{'spent' if spent else 'left'}",
+    )
+    for affinity, failure, *expectations in TABLE
+    for (seen, spent), expected in zip(
+        [(False, False), (False, True), (True, False), (True, True)], expectations, strict=True
+    )
+]
+
+
+@pytest.mark.parametrize(("affinity", "failure", "seen", "spent", "expected"), CELLS)
+def test_decision_table(
+    affinity: AffinityKind, failure: Failure, seen: bool, spent: bool, expected: Decision
+) -> None:
+    decision = decide(
+        affinity=affinity,
+        failure=failure,
+        client_has_seen_event=seen,
+        attempts_made=BUDGET + 1 if spent else 1,
+        retry_budget=BUDGET,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert decision == expected
+
+
+def test_table_covers_every_cell() -> None:
+    failures = {C1000, C1001, C1006, C1011, C1012, C1013, LOST, H401, H403, H429, H503, RATE}
+    assert {(a, f) for a, f, *_ in TABLE} == {(a, f) for a in AffinityKind for f in failures}
+    assert len(CELLS) == 3 * len(failures) * 2 * 2
+
+
+def test_seed_bug_hard_affinity_1011_before_response_created_retries_the_owner() -> None:
+    # codex-lb #1016: a 1011 before response.created excluded the hard owner and
+    # replayed the session on another account. Every retry must go to the owner.
+    for attempts_made in range(1, BUDGET + 1):
+        decision = decide(
+            affinity=HARD,
+            failure=UpstreamClose(1011, "internal error"),
+            client_has_seen_event=False,
+            attempts_made=attempts_made,
+            retry_budget=BUDGET,
+            account_id="owner",
+            owner_usable=True,
+        )
+        assert isinstance(decision, RetrySame)
+        assert decision.account == "owner"
+    spent = decide(
+        affinity=HARD,
+        failure=UpstreamClose(1011),
+        client_has_seen_event=False,
+        attempts_made=BUDGET + 1,
+        retry_budget=BUDGET,
+        account_id="owner",
+        owner_usable=True,
+    )
+    assert spent == FailHttp(502, "owner_unavailable")
+
+
+ALL_FAILURES: list[Failure] = [
+    C1000,
+    C1001,
+    C1006,
+    C1011,
+    C1012,
+    C1013,
+    UpstreamClose(None),
+    UpstreamClose(1005),
+    UpstreamClose(1015),
+    LOST,
+    ConnectError("refused"),
+    ConnectError("timeout", timed_out=True),
+    H401,
+    H403,
+    HandshakeStatus(404),
+    HandshakeStatus(426),
+    H429,
+    HandshakeStatus(500),
+    H503,
+    RATE,
+    ErrorEvent("usage_limit_reached"),
+    ErrorEvent("insufficient_quota"),
+    ErrorEvent("invalid_request_error", 400),
+]
+
+
+@pytest.mark.parametrize("failure", ALL_FAILURES, ids=repr)
+@pytest.mark.parametrize("owner_usable", [True, False])
+@pytest.mark.parametrize("attempts_made", [1, 2, 3, 4])
+def test_hard_never_moves_to_another_account(
+    failure: Failure, owner_usable: bool, attempts_made: int
+) -> None:
+    decision = decide(
+        affinity=HARD,
+        failure=failure,
+        client_has_seen_event=False,
+        attempts_made=attempts_made,
+        retry_budget=BUDGET,
+        account_id="owner",
+        owner_usable=owner_usable,
+    )
+    assert not isinstance(decision, RetryOther)
+    if isinstance(decision, RetrySame):
+        assert decision.account == "owner"
+
+
+@pytest.mark.parametrize(
+    ("affinity", "failure", "expected"),
+    [
+        # The pool made the owner unusable (e.g. repeated 1011 cooldown): fail, never move.
+        (HARD, C1011, OWNER_GONE),
+        (HARD, LOST, OWNER_GONE),
+        (HARD, H503, owner_gone(503)),
+        # SOFT/NONE leave an account the pool no longer finds usable, whatever the close.
+        (SOFT, C1000, OTHER),
+        (SOFT, C1006, OTHER),
+        (NONE, LOST, OTHER),
+        (NONE, C1013, OTHER),
+    ],
+)
+def test_owner_not_usable(affinity: AffinityKind, failure: Failure, expected: Decision) -> None:
+    decision = decide(
+        affinity=affinity,
+        failure=failure,
+        client_has_seen_event=False,
+        attempts_made=1,
+        retry_budget=BUDGET,
+        account_id=ACCOUNT,
+        owner_usable=False,
+    )
+    assert decision == expected
+
+
+@pytest.mark.parametrize(
+    ("affinity", "failure", "expected"),
+    [
+        # Not a WebSocket endpoint: never the same account again.
+        (HARD, HandshakeStatus(404), owner_gone(404)),
+        (HARD, HandshakeStatus(426), owner_gone(426)),
+        (SOFT, HandshakeStatus(404), OTHER),
+        (NONE, HandshakeStatus(426), OTHER),
+        # Connect failures say nothing against the account.
+        (HARD, ConnectError("refused"), SAME),
+        (SOFT, ConnectError("timeout", timed_out=True), SAME),
+        (NONE, ConnectError("refused"), SAME),
+        # Other close codes a client may see behave like 1000/1001/1006.
+        (SOFT, UpstreamClose(None), SAME),
+        (NONE, UpstreamClose(1015), SAME),
+        (HARD, UpstreamClose(1005), SAME),
+        # Quota codes count as rate limits, and their code is passed on.
+        (HARD, ErrorEvent("usage_limit_reached", 429), FailHttp(429, "usage_limit_reached")),
+        (HARD, ErrorEvent("insufficient_quota", 429), FailHttp(429, "insufficient_quota")),
+        (SOFT, ErrorEvent("usage_limit_reached", 429), OTHER),
+        (NONE, ErrorEvent("insufficient_quota"), OTHER),
+    ],
+)
+def test_other_failures_before_any_event(
+    affinity: AffinityKind, failure: Failure, expected: Decision
+) -> None:
+    decision = decide(
+        affinity=affinity,
+        failure=failure,
+        client_has_seen_event=False,
+        attempts_made=1,
+        retry_budget=BUDGET,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert decision == expected
+
+
+@pytest.mark.parametrize("affinity", list(AffinityKind))
+@pytest.mark.parametrize("seen", [False, True])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ErrorEvent("invalid_request_error", 400),
+        ErrorEvent("previous_response_not_found", 400),
+        ErrorEvent(None, 500),
+    ],
+    ids=repr,
+)
+def test_other_error_events_go_to_the_client_as_they_are(
+    affinity: AffinityKind, seen: bool, failure: Failure
+) -> None:
+    decision = decide(
+        affinity=affinity,
+        failure=failure,
+        client_has_seen_event=seen,
+        attempts_made=1,
+        retry_budget=BUDGET,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert decision == RELAY
+
+
+@pytest.mark.parametrize("affinity", list(AffinityKind))
+def test_zero_budget_never_retries(affinity: AffinityKind) -> None:
+    decision = decide(
+        affinity=affinity,
+        failure=C1006,
+        client_has_seen_event=False,
+        attempts_made=1,
+        retry_budget=0,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert isinstance(decision, FailHttp)
+    assert decision.status == 502
+
+
+def test_retry_delays_grow_and_take_the_injected_jitter() -> None:
+    delays = [
+        decide(
+            affinity=HARD,
+            failure=C1011,
+            client_has_seen_event=False,
+            attempts_made=attempts_made,
+            retry_budget=5,
+            account_id=ACCOUNT,
+            owner_usable=True,
+            backoff_base_s=1.0,
+            backoff_cap_s=4.0,
+            jitter=0.5,
+        )
+        for attempts_made in (1, 2, 3, 4)
+    ]
+    assert delays == [
+        RetrySame(ACCOUNT, 0.75),
+        RetrySame(ACCOUNT, 1.5),
+        RetrySame(ACCOUNT, 3.0),
+        RetrySame(ACCOUNT, 3.0),
+    ]
+
+
+def test_stream_incomplete_message_names_the_close_code() -> None:
+    decision = decide(
+        affinity=SOFT,
+        failure=UpstreamClose(1011, "boom"),
+        client_has_seen_event=True,
+        attempts_made=1,
+        retry_budget=BUDGET,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert isinstance(decision, FailStreamIncomplete)
+    assert "1011" in decision.message
+
+
+def test_attempts_made_must_count_the_failed_attempt() -> None:
+    with pytest.raises(ValueError, match="attempts_made"):
+        decide(
+            affinity=NONE,
+            failure=C1000,
+            client_has_seen_event=False,
+            attempts_made=0,
+            retry_budget=BUDGET,
+            account_id=ACCOUNT,
+            owner_usable=True,
+        )
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "cap", "jitter", "expected"),
+    [
+        (0, 0.25, 2.0, 0.0, 0.125),
+        (0, 0.25, 2.0, 0.5, 0.1875),
+        (1, 0.25, 2.0, 0.0, 0.25),
+        (1, 0.25, 2.0, 0.5, 0.375),
+        (2, 0.25, 2.0, 0.0, 0.5),
+        (5, 0.25, 2.0, 0.0, 1.0),  # capped: 0.25 * 32 > 2
+        (5, 0.25, 2.0, 0.75, 1.75),
+        (0, 0.0, 2.0, 0.9, 0.0),
+    ],
+)
+def test_backoff_delay(
+    attempt: int, base: float, cap: float, jitter: float, expected: float
+) -> None:
+    assert backoff_delay(attempt, base=base, cap=cap, jitter=jitter) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("attempt", "jitter"), [(-1, 0.0), (0, 1.0), (0, -0.1)])
+def test_backoff_delay_rejects_bad_arguments(attempt: int, jitter: float) -> None:
+    with pytest.raises(ValueError):
+        backoff_delay(attempt, base=0.25, cap=2.0, jitter=jitter)
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "expected"),
+    [
+        ([("Retry-After", "7")], None, 7.0),
+        ([("retry-after", "2.5")], b"", 2.5),
+        ({"retry-after": "3"}, None, 3.0),
+        ([("Retry-After", email.utils.formatdate(NOW + 90, usegmt=True))], None, 90.0),
+        ([("Retry-After", "0")], None, None),
+        ([("Retry-After", "soon")], None, None),
+        (None, {"error": {"resets_in_seconds": 120}}, 120.0),
+        (None, {"error": {"retry_after": "15"}}, 15.0),
+        (None, {"error": {"resets_at": NOW + 300}}, 300.0),
+        (None, {"resets_in_seconds": 42}, 42.0),
+        (None, {"resets_at": int(NOW) + 10}, 10.0),
+        (None, {"retry_after": 8}, 8.0),
+        (None, b'{"error": {"resets_in_seconds": 11}}', 11.0),
+        (None, '{"error": {"code": "usage_limit_reached", "resets_at": 1800000060}}', 60.0),
+        (None, {"error": {"message": "Rate limit reached. Please try again in 1.5s."}}, 1.5),
+        (None, {"error": {"message": "Please try again in 250ms."}}, 0.25),
+        # Header first, then the error object before the top level.
+        ([("Retry-After", "4")], {"error": {"resets_in_seconds": 99}}, 4.0),
+        (None, {"error": {"resets_in_seconds": 5}, "resets_in_seconds": 50}, 5.0),
+        # Past, absent, malformed: nothing said.
+        (None, {"error": {"resets_at": NOW - 5}}, None),
+        (None, {"error": {"resets_in_seconds": True}}, None),
+        (None, {"error": {"resets_in_seconds": "NaN"}}, None),
+        (None, {"error": {"message": "slow down"}}, None),
+        (None, b"not json", None),
+        (None, None, None),
+        ([("content-type", "application/json")], {"error": {}}, None),
+    ],
+)
+def test_retry_after_from(
+    headers: Mapping[str, str] | list[tuple[str, str]] | None, body: Any, expected: float | None
+) -> None:
+    got = retry_after_from(headers, body, wall_now=NOW)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_handshake_failure_reads_reset_time_only_for_429() -> None:
+    headers = [("Retry-After", "7")]
+    assert handshake_failure(429, headers, b"", wall_now=NOW) == HandshakeStatus(429, 7.0)
+    body = b'{"error": {"resets_in_seconds": 30}}'
+    assert handshake_failure(429, [], body, wall_now=NOW) == HandshakeStatus(429, 30.0)
+    assert handshake_failure(503, headers, b"", wall_now=NOW) == HandshakeStatus(503, None)
+
+
+def test_error_event_failure_from_real_event_shapes() -> None:
+    assert error_event_failure(rate_limit_event(3), wall_now=NOW) == ErrorEvent(
+        "rate_limit_exceeded", 429, 3.0
+    )
+    usage = error_event(429, "usage_limit_reached", "The usage limit has been reached")
+    usage["error"]["resets_in_seconds"] = 600
+    assert error_event_failure(usage, wall_now=NOW) == ErrorEvent("usage_limit_reached", 429, 600.0)
+    invalid = error_event(400, "invalid_value", "bad input")
+    assert error_event_failure(invalid, wall_now=NOW) == ErrorEvent("invalid_value", 400, None)
+    # The SSE `error` event carries its code at the top level.
+    sse = {"type": "error", "code": "rate_limit_exceeded", "message": "try again in 2s"}
+    assert error_event_failure(sse, wall_now=NOW) == ErrorEvent("rate_limit_exceeded", None, 2.0)
