@@ -5,6 +5,6 @@ the `responses_ws_bridge` package beside it imports whether or not it was
 installed.
 """
 
-from responses_ws_bridge.addons.bridge_addon import ResponsesBridge
+from responses_ws_bridge.addons import bridge_addons
 
-addons = [ResponsesBridge()]
+addons = bridge_addons()

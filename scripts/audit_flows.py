@@ -1,4 +1,4 @@
-"""Audit upstream WebSocket handshakes in flow files against BRIEF §3.3.
+"""Audit upstream WebSocket handshakes in flow files against the handshake header policy.
 
     scripts/audit_flows.py flows/*.mitm
 

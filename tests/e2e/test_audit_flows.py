@@ -42,7 +42,7 @@ def bridge_recording(extra: list[tuple[str, str]] | None = None) -> http.HTTPFlo
         headers=[*LIBRARY, ("Authorization", "Bearer at-secret"), *SAFE, *(extra or [])],
         timestamp=1.0,
         meta=UpstreamMeta("team-a", "hard", "session:s-1", 1),
-        client_flow=None,
+        client_flow_id=None,
     )
 
 

@@ -1,4 +1,4 @@
-"""The addon's hooks, options and commands, with mitmproxy's own test helpers."""
+"""The addons' hooks, options and commands, with mitmproxy's own test helpers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
-from responses_ws_bridge.addons.bridge_addon import METADATA_KEY, ResponsesBridge
+from responses_ws_bridge.addons import bridge_addons
+from responses_ws_bridge.addons.accounts import Accounts
+from responses_ws_bridge.addons.responses_bridge import METADATA_KEY, ResponsesBridge
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER
 
 
@@ -31,8 +33,17 @@ def started(bridge: ResponsesBridge) -> None:
     bridge.loopback._server = object()  # type: ignore[assignment]
 
 
+class Addons:
+    """The bridge's addons as `addon/bridge.py` wires them."""
+
+    def __init__(self) -> None:
+        self.all = bridge_addons()
+        self.bridge = next(a for a in self.all if isinstance(a, ResponsesBridge))
+        self.accounts = next(a for a in self.all if isinstance(a, Accounts))
+
+
 def test_other_requests_are_untouched() -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge):
         started(bridge)
         for method, path in [
@@ -49,7 +60,7 @@ def test_other_requests_are_untouched() -> None:
 
 
 def test_bridged_flow_is_detoured_and_restored() -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge):
         started(bridge)
         flow = responses_flow()
@@ -74,7 +85,7 @@ def test_bridged_flow_is_detoured_and_restored() -> None:
 
 
 def test_flow_that_errors_gives_back_its_token() -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge):
         started(bridge)
         flow = responses_flow()
@@ -89,7 +100,7 @@ def test_flow_that_errors_gives_back_its_token() -> None:
     [(b"nope", 400), (b'"text"', 400), (b'{"background": true}', 400), (b"{}" + b" " * 100, 413)],
 )
 def test_bad_bodies_are_answered_in_the_request_hook(body: bytes, status: int) -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge) as tctx:
         tctx.configure(bridge, bridge_max_body=50)
         started(bridge)
@@ -102,7 +113,7 @@ def test_bad_bodies_are_answered_in_the_request_hook(body: bytes, status: int) -
 
 
 def test_declared_oversized_body_is_refused_before_it_is_read() -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge) as tctx:
         tctx.configure(bridge, bridge_max_body=10)
         flow = responses_flow()
@@ -112,7 +123,7 @@ def test_declared_oversized_body_is_refused_before_it_is_read() -> None:
 
 
 def test_not_ready_yet_is_503() -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge):
         flow = responses_flow()
         bridge.request(flow)
@@ -132,9 +143,12 @@ def test_not_ready_yet_is_503() -> None:
     ],
 )
 def test_bad_options_are_clear_errors(option: str, value: object, message: str) -> None:
-    bridge = ResponsesBridge()
-    with taddons.context(bridge) as tctx, pytest.raises(exceptions.OptionsError, match=message):
-        tctx.configure(bridge, **{option: value})
+    addons = Addons()
+    with (
+        taddons.context(*addons.all) as tctx,
+        pytest.raises(exceptions.OptionsError, match=message),
+    ):
+        tctx.options.update(**{option: value})
 
 
 def test_accounts_option_loads_and_keeps_previous_pool_on_error(tmp_path: Path) -> None:
@@ -142,19 +156,20 @@ def test_accounts_option_loads_and_keeps_previous_pool_on_error(tmp_path: Path) 
     good.write_text(json.dumps({"accounts": [{"id": "a", "api_key": "sk-aaaaaaaaaa"}]}))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"accounts": [{"id": "a"}]}))
-    bridge = ResponsesBridge()
-    with taddons.context(bridge) as tctx:
-        tctx.configure(bridge, bridge_accounts=str(good))
-        assert bridge.service.pool is not None and bridge.service.pool.ids == ["a"]
+    addons = Addons()
+    accounts, state = addons.accounts, addons.bridge.service.state
+    with taddons.context(*addons.all) as tctx:
+        tctx.configure(accounts, bridge_accounts=str(good))
+        assert state.pool is not None and state.pool.ids == ["a"]
         with pytest.raises(exceptions.OptionsError) as raised:
-            tctx.configure(bridge, bridge_accounts=str(bad))
+            tctx.configure(accounts, bridge_accounts=str(bad))
         assert "accounts[0]" in str(raised.value)
-        assert bridge.service.pool.ids == ["a"]
-        assert "a" in bridge.accounts_command() and "healthy" in bridge.accounts_command()
-        assert "sk-aaaaaaaaaa" not in bridge.accounts_command()
-        tctx.configure(bridge, bridge_accounts="")
-        assert bridge.service.pool is None
-        assert "pass-through" in bridge.accounts_command()
+        assert state.pool.ids == ["a"]
+        assert "a" in accounts.accounts_command() and "healthy" in accounts.accounts_command()
+        assert "sk-aaaaaaaaaa" not in accounts.accounts_command()
+        tctx.configure(accounts, bridge_accounts="")
+        assert state.pool is None
+        assert "pass-through" in accounts.accounts_command()
 
 
 def test_client_key_is_checked_before_anything_else(tmp_path: Path) -> None:
@@ -162,9 +177,10 @@ def test_client_key_is_checked_before_anything_else(tmp_path: Path) -> None:
     path.write_text(
         json.dumps({"accounts": [{"id": "a", "api_key": "sk-aaaaaaaaaa"}], "client_keys": ["ck"]})
     )
-    bridge = ResponsesBridge()
-    with taddons.context(bridge) as tctx:
-        tctx.configure(bridge, bridge_accounts=str(path))
+    addons = Addons()
+    bridge = addons.bridge
+    with taddons.context(*addons.all) as tctx:
+        tctx.configure(addons.accounts, bridge_accounts=str(path))
         started(bridge)
         flow = responses_flow(b"not even json")
         flow.request.headers["authorization"] = "Bearer wrong"
@@ -177,7 +193,7 @@ def test_client_key_is_checked_before_anything_else(tmp_path: Path) -> None:
 
 
 def test_sessions_command_lists_bindings() -> None:
-    bridge = ResponsesBridge()
+    bridge = Addons().bridge
     with taddons.context(bridge):
         assert bridge.sessions_command().splitlines()[0].split() == [
             "key",
@@ -192,7 +208,7 @@ def test_sessions_command_lists_bindings() -> None:
 
 def test_done_stops_the_loopback() -> None:
     async def main() -> None:
-        bridge = ResponsesBridge()
+        bridge = Addons().bridge
         with taddons.context(bridge):
             await bridge.running()
             assert bridge.loopback.running

@@ -17,7 +17,9 @@ import pytest
 from mitmproxy import http
 from mitmproxy import io as mitmio
 from mitmproxy.test import tflow
+from responses_ws_bridge.core.failures import AttemptFailed, close_code_seen
 from responses_ws_bridge.core.handshake_headers import WEBSOCKET_BETA
+from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.recording.replay import (
     Abort,
     AwaitClose,
@@ -42,7 +44,7 @@ from responses_ws_bridge.recording.session_flows import (
     record_handshake_response,
     record_message,
 )
-from responses_ws_bridge.shell.upstream_client import UpstreamClosed, UpstreamSettings, open_session
+from responses_ws_bridge.shell.upstream_client import UpstreamSettings, open_session
 from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
 from responses_ws_bridge.testing.response_events import encode, rate_limit_event
 from websockets.asyncio.client import ClientConnection, connect
@@ -101,7 +103,7 @@ def recorded_flow(
         headers=wire_headers(extra),
         timestamp=start,
         meta=UpstreamMeta(account, "hard", "session:s-1", 1),
-        client_flow=None,
+        client_flow_id=None,
         secrets=SECRETS,
     )
     record_handshake_response(
@@ -370,7 +372,7 @@ class RecordingTap:
         self.url, self.account = url, account
         self.flow: http.HTTPFlow | None = None
 
-    def attach(self, context: object) -> None:
+    def attach(self, turn: Turn, attempt: Attempt) -> None:
         pass
 
     def handshake_done(
@@ -382,7 +384,7 @@ class RecordingTap:
             headers=headers,
             timestamp=time.time(),
             meta=UpstreamMeta(self.account, "none", None, 1),
-            client_flow=None,
+            client_flow_id=None,
             secrets=SECRETS,
         )
         if response is not None:
@@ -425,8 +427,8 @@ async def bridge_like_turn(url: str, tap: RecordingTap | None) -> tuple[list[str
     try:
         while not any('"response.completed"' in e for e in events):
             events.extend(await session.next_batch())
-    except UpstreamClosed as exc:
-        return events, exc.code
+    except AttemptFailed as exc:
+        return events, close_code_seen(exc.failure)
     await session.close()
     return events, 1000
 

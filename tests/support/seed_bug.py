@@ -1,4 +1,4 @@
-"""Test-only mitmproxy script: switches the seed bug (codex-lb #1016) back on.
+"""Test-only mitmproxy script: switches the original hard-affinity bug back on.
 
 Loaded after addon/bridge.py, it makes the bridge exclude the hard-affinity
 owner after a close 1011 and retry elsewhere, as the buggy bridge did. The
@@ -8,11 +8,12 @@ replay of flows/hard-1011-retry-on-owner.mitm must then report a deviation.
 from collections.abc import Callable
 from typing import Any
 
-import responses_ws_bridge.shell.bridge_service as service
+import responses_ws_bridge.core.attempt_plan as plan
 from responses_ws_bridge.core.affinity import AffinityKind
-from responses_ws_bridge.core.retry_policy import Decision, RetryOther, RetrySame, UpstreamClose
+from responses_ws_bridge.core.failures import UpstreamClosed
+from responses_ws_bridge.core.retry_policy import Decision, RetryOther, RetrySame
 
-_decide: Callable[..., Decision] = vars(service)["decide"]
+_decide: Callable[..., Decision] = vars(plan)["decide"]
 
 
 def _buggy_decide(**kwargs: Any) -> Decision:
@@ -20,7 +21,7 @@ def _buggy_decide(**kwargs: Any) -> Decision:
     failure = kwargs["failure"]
     if (
         kwargs["affinity"] is AffinityKind.HARD
-        and isinstance(failure, UpstreamClose)
+        and isinstance(failure, UpstreamClosed)
         and failure.code == 1011
         and isinstance(decision, RetrySame)
     ):
@@ -28,4 +29,4 @@ def _buggy_decide(**kwargs: Any) -> Decision:
     return decision
 
 
-vars(service)["decide"] = _buggy_decide
+vars(plan)["decide"] = _buggy_decide

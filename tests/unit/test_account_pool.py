@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from responses_ws_bridge.core.account_pool import (
     AccountPool,
@@ -17,18 +20,23 @@ from responses_ws_bridge.core.account_pool import (
 )
 from responses_ws_bridge.core.accounts import Account, AccountsConfig
 from responses_ws_bridge.core.affinity import AffinityKind
-from responses_ws_bridge.core.retry_policy import (
+from responses_ws_bridge.core.failures import (
     ConnectionLost,
-    ErrorEvent,
-    FailHttp,
-    HandshakeStatus,
-    UpstreamClose,
-    error_event_failure,
-    handshake_failure,
+    HandshakeRejected,
+    UpstreamClosed,
+    UpstreamErrorEvent,
 )
+from responses_ws_bridge.core.retry_policy import FailHttp, handshake_rejected
+from responses_ws_bridge.core.upstream_events import parse_error_event
 from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
 
 WALL = 1_800_000_000.0
+
+
+def error_failure(event: dict[str, Any]) -> UpstreamErrorEvent:
+    parsed = parse_error_event(json.dumps(event), wall_now=WALL)
+    assert parsed is not None
+    return parsed
 
 
 class Clock:
@@ -76,7 +84,7 @@ def test_preferred_account_when_usable_even_if_busier() -> None:
     p.acquire("b")
     p.acquire("b")
     assert chosen(p.choose(prefer="b")) == "b"
-    p.record_failure("b", HandshakeStatus(429))
+    p.record_failure("b", HandshakeRejected(429))
     assert chosen(p.choose(prefer="b")) == "a"
     assert chosen(p.choose(prefer="gone")) == "a"
 
@@ -90,8 +98,8 @@ def test_exclude() -> None:
 
 def test_all_cooling_down_reports_the_earliest_return() -> None:
     p, clock = pool("a", "b")
-    p.record_failure("a", HandshakeStatus(429, retry_after_s=30.5))
-    p.record_failure("b", HandshakeStatus(429, retry_after_s=90.0))
+    p.record_failure("a", HandshakeRejected(429, retry_after_s=30.5))
+    p.record_failure("b", HandshakeRejected(429, retry_after_s=90.0))
     assert p.choose() == AllCoolingDown(until=130.5, retry_after_s=31)
     clock.now = 130.4
     assert p.choose() == AllCoolingDown(until=130.5, retry_after_s=1)
@@ -101,30 +109,30 @@ def test_all_cooling_down_reports_the_earliest_return() -> None:
 
 def test_all_disabled_is_none_usable() -> None:
     p, _ = pool("a", "b")
-    p.record_failure("a", HandshakeStatus(401))
-    p.record_failure("b", HandshakeStatus(403))
+    p.record_failure("a", HandshakeRejected(401))
+    p.record_failure("b", HandshakeRejected(403))
     assert p.choose() == NoneUsable("disabled")
     # Disabled accounts are not "cooling": one cooling account is enough for a 429.
     p2, _ = pool("a", "b")
-    p2.record_failure("a", HandshakeStatus(401))
-    p2.record_failure("b", HandshakeStatus(429))
+    p2.record_failure("a", HandshakeRejected(401))
+    p2.record_failure("b", HandshakeRejected(429))
     assert p2.choose() == AllCoolingDown(until=160.0, retry_after_s=60)
 
 
 def test_excluded_rest_disabled_is_reported_as_excluded() -> None:
     p, _ = pool("a", "b")
-    p.record_failure("b", HandshakeStatus(401))
+    p.record_failure("b", HandshakeRejected(401))
     assert p.choose(exclude={"a"}) == NoneUsable("excluded")
 
 
 def test_choose_owner_never_returns_another_account() -> None:
     p, clock = pool("a", "b")
     assert chosen(p.choose_owner("b")) == "b"
-    p.record_failure("b", HandshakeStatus(429, retry_after_s=5.0))
+    p.record_failure("b", HandshakeRejected(429, retry_after_s=5.0))
     assert p.choose_owner("b") == AllCoolingDown(until=105.0, retry_after_s=5)
     clock.now = 105.0
     assert chosen(p.choose_owner("b")) == "b"
-    p.record_failure("b", HandshakeStatus(403))
+    p.record_failure("b", HandshakeRejected(403))
     assert p.choose_owner("b") == NoneUsable("disabled", owner="b")
     assert p.choose_owner("zzz") == NoneUsable("removed", owner="zzz")
 
@@ -134,7 +142,7 @@ def test_choose_owner_never_returns_another_account() -> None:
 
 def test_handshake_401_403_disable_until_reload() -> None:
     p, clock = pool("a", "b")
-    assert p.record_failure("a", HandshakeStatus(401)) == Disabled(
+    assert p.record_failure("a", HandshakeRejected(401)) == Disabled(
         "upstream rejected the WebSocket handshake with HTTP 401"
     )
     clock.now += 10_000
@@ -142,14 +150,14 @@ def test_handshake_401_403_disable_until_reload() -> None:
     p.record_success("a")  # an older socket finishing does not re-enable it
     assert not p.is_usable("a")
     # Nothing else overrides a disabled state.
-    assert isinstance(p.record_failure("a", HandshakeStatus(429)), Disabled)
+    assert isinstance(p.record_failure("a", HandshakeRejected(429)), Disabled)
     assert p.reload(config("a", "b")) == []
     assert p.is_usable("a")
 
 
 def test_429_cooldown_honours_retry_after_and_expires() -> None:
     p, clock = pool("a")
-    failure = handshake_failure(429, [("Retry-After", "20")], b"", wall_now=WALL)
+    failure = handshake_rejected(429, [("Retry-After", "20")], b"", wall_now=WALL)
     assert p.record_failure("a", failure) == Cooling(
         120.0, "upstream rejected the WebSocket handshake with HTTP 429"
     )
@@ -172,7 +180,7 @@ def test_429_cooldown_honours_retry_after_and_expires() -> None:
 )
 def test_429_cooldown_from_the_error_body(body: bytes, seconds: float) -> None:
     p, _ = pool("a")
-    failure = handshake_failure(429, [], body, wall_now=WALL)
+    failure = handshake_rejected(429, [], body, wall_now=WALL)
     health = p.record_failure("a", failure)
     assert isinstance(health, Cooling)
     assert health.until == pytest.approx(100.0 + seconds)
@@ -180,46 +188,46 @@ def test_429_cooldown_from_the_error_body(body: bytes, seconds: float) -> None:
 
 def test_rate_limit_error_events_cool_down() -> None:
     p, _ = pool("a", "b", "c")
-    assert p.record_failure("a", error_event_failure(rate_limit_event(7), wall_now=WALL)) == (
+    assert p.record_failure("a", error_failure(rate_limit_event(7))) == (
         Cooling(107.0, "upstream error event rate_limit_exceeded")
     )
     usage = error_event(429, "usage_limit_reached", "The usage limit has been reached")
     usage["error"]["resets_at"] = WALL + 3600
-    health = p.record_failure("b", error_event_failure(usage, wall_now=WALL))
+    health = p.record_failure("b", error_failure(usage))
     assert isinstance(health, Cooling)
     assert health.until == pytest.approx(3700.0)
     # A non-rate-limit error event says nothing about the account.
-    assert p.record_failure("c", ErrorEvent("invalid_request_error", 400)) == Healthy()
+    assert p.record_failure("c", UpstreamErrorEvent("invalid_request_error", 400)) == Healthy()
 
 
 def test_a_shorter_cooldown_does_not_shorten_a_longer_one() -> None:
     p, _ = pool("a")
-    p.record_failure("a", HandshakeStatus(429, retry_after_s=600.0))
-    health = p.record_failure("a", HandshakeStatus(429, retry_after_s=5.0))
+    p.record_failure("a", HandshakeRejected(429, retry_after_s=600.0))
+    health = p.record_failure("a", HandshakeRejected(429, retry_after_s=5.0))
     assert isinstance(health, Cooling)
     assert health.until == 700.0
-    health = p.record_failure("a", HandshakeStatus(429, retry_after_s=900.0))
+    health = p.record_failure("a", HandshakeRejected(429, retry_after_s=900.0))
     assert isinstance(health, Cooling)
     assert health.until == 1000.0
 
 
 def test_repeated_1011_and_5xx_give_a_short_cooldown() -> None:
     p, clock = pool("a")
-    assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+    assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
     clock.now += 20
-    assert p.record_failure("a", HandshakeStatus(502)) == Healthy()
+    assert p.record_failure("a", HandshakeRejected(502)) == Healthy()
     clock.now += 20
-    assert p.record_failure("a", UpstreamClose(1011)) == Cooling(150.0, "repeated upstream errors")
+    assert p.record_failure("a", UpstreamClosed(1011)) == Cooling(150.0, "repeated upstream errors")
     clock.now = 150.0
     assert p.is_usable("a")
     # Strikes were spent by that cooldown: one more fault alone does not cool again.
-    assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+    assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
 
 
 def test_faults_spread_beyond_the_window_do_not_add_up() -> None:
     p, clock = pool("a")
     for _ in range(5):
-        assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
+        assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
         clock.now += 31  # at most two faults within any 60 s
     assert p.is_usable("a")
 
@@ -227,18 +235,18 @@ def test_faults_spread_beyond_the_window_do_not_add_up() -> None:
 @pytest.mark.parametrize(
     "failure",
     [
-        UpstreamClose(1000),
-        UpstreamClose(1001),
-        UpstreamClose(1006),
-        UpstreamClose(1012),
-        UpstreamClose(1013),
+        UpstreamClosed(1000),
+        UpstreamClosed(1001),
+        UpstreamClosed(1006),
+        UpstreamClosed(1012),
+        UpstreamClosed(1013),
         ConnectionLost(),
-        HandshakeStatus(404),
-        HandshakeStatus(426),
+        HandshakeRejected(404),
+        HandshakeRejected(426),
     ],
     ids=repr,
 )
-def test_other_failures_do_not_affect_health(failure: HandshakeStatus | UpstreamClose) -> None:
+def test_other_failures_do_not_affect_health(failure: HandshakeRejected | UpstreamClosed) -> None:
     p, _ = pool("a")
     for _ in range(5):
         assert p.record_failure("a", failure) == Healthy()
@@ -246,11 +254,11 @@ def test_other_failures_do_not_affect_health(failure: HandshakeStatus | Upstream
 
 def test_success_clears_strikes_and_cooldown() -> None:
     p, _ = pool("a")
-    p.record_failure("a", UpstreamClose(1011))
-    p.record_failure("a", UpstreamClose(1011))
+    p.record_failure("a", UpstreamClosed(1011))
+    p.record_failure("a", UpstreamClosed(1011))
     p.record_success("a")
-    assert p.record_failure("a", UpstreamClose(1011)) == Healthy()
-    p.record_failure("a", HandshakeStatus(429))
+    assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
+    p.record_failure("a", HandshakeRejected(429))
     p.record_success("a")
     assert p.is_usable("a")
 
@@ -259,10 +267,10 @@ def test_custom_rules() -> None:
     clock = Clock()
     rules = HealthRules(rate_limit_default_s=5.0, strike_limit=1, strike_cooldown_s=2.0)
     p = AccountPool(config("a", "b"), clock=clock, rules=rules)
-    assert p.record_failure("a", HandshakeStatus(429)) == Cooling(
+    assert p.record_failure("a", HandshakeRejected(429)) == Cooling(
         105.0, "upstream rejected the WebSocket handshake with HTTP 429"
     )
-    assert p.record_failure("b", UpstreamClose(1011)) == Cooling(102.0, "repeated upstream errors")
+    assert p.record_failure("b", UpstreamClosed(1011)) == Cooling(102.0, "repeated upstream errors")
 
 
 # --- reload and removal ---------------------------------------------------------------------
@@ -272,7 +280,7 @@ def test_reload_keeps_state_of_accounts_that_stay() -> None:
     p, _ = pool("a", "b", "c")
     p.acquire("a")
     p.record_success("a")
-    p.record_failure("b", HandshakeStatus(429, retry_after_s=50.0))
+    p.record_failure("b", HandshakeRejected(429, retry_after_s=50.0))
     removed = p.reload(config("c", "b", "a", "d"))
     assert removed == []
     assert p.ids == ["c", "b", "a", "d"]  # the new file's order
@@ -286,7 +294,7 @@ def test_reload_with_a_changed_credential_starts_afresh_but_keeps_in_flight() ->
     p, _ = pool("a")
     p.acquire("a")
     p.record_success("a")
-    p.record_failure("a", HandshakeStatus(429))
+    p.record_failure("a", HandshakeRejected(429))
     p.reload(AccountsConfig(accounts=(Account("a", "new-secret"),)))
     assert p.is_usable("a")
     assert p.snapshot() == [AccountRow("a", "healthy", 1, None, None, 0)]
@@ -298,8 +306,8 @@ def test_reload_with_a_changed_credential_starts_afresh_but_keeps_in_flight() ->
 
 def test_reload_with_a_changed_upstream_or_chatgpt_account_counts_as_a_new_credential() -> None:
     p, _ = pool("a", "b")
-    p.record_failure("a", HandshakeStatus(429))
-    p.record_failure("b", HandshakeStatus(429))
+    p.record_failure("a", HandshakeRejected(429))
+    p.record_failure("b", HandshakeRejected(429))
     p.reload(
         AccountsConfig(
             accounts=(
@@ -322,7 +330,7 @@ def test_removed_accounts_are_reported_and_forgotten() -> None:
     # Requests still running on a removed account finish without effect.
     p.release("b")
     p.record_success("b")
-    assert p.record_failure("b", UpstreamClose(1011)) is None
+    assert p.record_failure("b", UpstreamClosed(1011)) is None
     assert chosen(p.choose(prefer="b")) == "a"
     assert [row.id for row in p.snapshot()] == ["a"]
 
@@ -345,8 +353,8 @@ def test_snapshot_rows() -> None:
     p.acquire("a")
     p.record_success("a")
     p.record_success("a")
-    p.record_failure("b", HandshakeStatus(429, retry_after_s=40.0))
-    p.record_failure("c", HandshakeStatus(401))
+    p.record_failure("b", HandshakeRejected(429, retry_after_s=40.0))
+    p.record_failure("c", HandshakeRejected(401))
     clock.now = 110.0
     assert p.snapshot() == [
         AccountRow("a", "healthy", 1, None, None, 2),
@@ -389,20 +397,20 @@ def test_snapshot_rows() -> None:
         (
             NoneUsable("disabled"),
             AffinityKind.SOFT,
-            UpstreamClose(1011),
+            UpstreamClosed(1011),
             FailHttp(503, "no_account"),
         ),
         # Every other account was tried for this request: the last failure speaks.
         (
             NoneUsable("excluded"),
             AffinityKind.SOFT,
-            UpstreamClose(1011),
+            UpstreamClosed(1011),
             FailHttp(502, "upstream_error"),
         ),
         (
             NoneUsable("excluded"),
             AffinityKind.NONE,
-            HandshakeStatus(429, 9.0),
+            HandshakeRejected(429, retry_after_s=9.0),
             FailHttp(429, "rate_limit_exceeded", 9.0, upstream_status=429),
         ),
         (NoneUsable("excluded"), AffinityKind.NONE, None, FailHttp(503, "no_account")),
@@ -416,7 +424,7 @@ def test_snapshot_rows() -> None:
         (
             NoneUsable("disabled", owner="a"),
             AffinityKind.HARD,
-            HandshakeStatus(401),
+            HandshakeRejected(401),
             FailHttp(502, "owner_unavailable", upstream_status=401),
         ),
     ],
@@ -424,7 +432,7 @@ def test_snapshot_rows() -> None:
 def test_fail_http_for_choice(
     choice: AllCoolingDown | NoneUsable,
     affinity: AffinityKind,
-    last_failure: UpstreamClose | HandshakeStatus | None,
+    last_failure: UpstreamClosed | HandshakeRejected | None,
     expected: FailHttp,
 ) -> None:
     assert fail_http_for_choice(choice, affinity=affinity, last_failure=last_failure) == expected

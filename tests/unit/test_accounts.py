@@ -19,7 +19,7 @@ TOKEN_A = "eyJSECRET-token-a"
 KEY_B = "sk-SECRET-key-b"
 CLIENT_KEY = "SECRET-client-key"
 
-BRIEF_EXAMPLE = {
+README_EXAMPLE = {
     "accounts": [
         {"id": "team-a", "access_token": TOKEN_A, "chatgpt_account_id": "acct-123"},
         {"id": "team-b", "api_key": KEY_B, "upstream": "wss://api.openai.com/v1/responses"},
@@ -29,7 +29,7 @@ BRIEF_EXAMPLE = {
 
 
 def test_parses_the_brief_example() -> None:
-    config = parse_accounts(json.dumps(BRIEF_EXAMPLE))
+    config = parse_accounts(json.dumps(README_EXAMPLE))
     assert config == AccountsConfig(
         accounts=(
             Account("team-a", TOKEN_A, chatgpt_account_id="acct-123"),
@@ -184,7 +184,7 @@ def test_accounts_file_error_is_a_value_error() -> None:
 
 
 def test_repr_never_shows_a_secret() -> None:
-    config = parse_accounts(json.dumps(BRIEF_EXAMPLE))
+    config = parse_accounts(json.dumps(README_EXAMPLE))
     assert repr(config.accounts[0]) == (
         "Account(id='team-a', bearer=<redacted>, chatgpt_account_id='acct-123', upstream=None)"
     )
@@ -230,6 +230,6 @@ def test_no_client_keys_means_no_check(authorization: str | None) -> None:
 
 
 def test_secrets_of_lists_every_bearer_and_client_key() -> None:
-    config = parse_accounts(json.dumps(BRIEF_EXAMPLE))
+    config = parse_accounts(json.dumps(README_EXAMPLE))
     assert sorted(secrets_of(config)) == sorted([TOKEN_A, KEY_B, CLIENT_KEY])
     assert secrets_of(AccountsConfig(accounts=(Account("a", "sk-1"),))) == ["sk-1"]

@@ -48,7 +48,7 @@ def test_message_matches_what_codex_sends_over_websocket_but_stream() -> None:
     http_body = capture_body("http-sse.json")
     ws_first = load_capture("websocket.json")["messages"][0]
     sent = message(http_body)
-    # Codex also sends "stream" over the WebSocket; the bridge leaves it out (BRIEF §2).
+    # Codex also sends "stream" over the WebSocket; the bridge leaves it out.
     # "generate": false marks Codex's prewarm turn, which has no HTTP counterpart.
     assert set(sent) == set(ws_first) - {"stream", "generate"}
 

@@ -1,4 +1,4 @@
-"""The upstream handshake header policy (BRIEF §3.3) and the handshake audit."""
+"""The upstream handshake header policy and the handshake audit."""
 
 from __future__ import annotations
 

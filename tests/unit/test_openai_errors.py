@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from responses_ws_bridge.core import openai_errors
 from responses_ws_bridge.core.create_request import BadRequest
+from responses_ws_bridge.core.failures import UpstreamErrorEvent
 from responses_ws_bridge.core.openai_errors import HttpError, error_body
-from responses_ws_bridge.core.upstream_events import UpstreamErrorEvent, parse_error_event
+from responses_ws_bridge.core.upstream_events import parse_error_event
 from responses_ws_bridge.testing import response_events
 
 JSON = ("content-type", "application/json")

@@ -3,42 +3,45 @@
 from __future__ import annotations
 
 import email.utils
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 from responses_ws_bridge.core.affinity import AffinityKind
-from responses_ws_bridge.core.retry_policy import (
-    ConnectError,
+from responses_ws_bridge.core.failures import (
+    ConnectFailed,
     ConnectionLost,
+    Failure,
+    HandshakeRejected,
+    UpstreamClosed,
+    UpstreamErrorEvent,
+)
+from responses_ws_bridge.core.retry_policy import (
     Decision,
-    ErrorEvent,
     FailHttp,
     FailStreamIncomplete,
-    Failure,
-    HandshakeStatus,
     Relay,
     RetryOther,
     RetrySame,
-    UpstreamClose,
     backoff_delay,
     decide,
-    error_event_failure,
-    handshake_failure,
+    handshake_rejected,
     retry_after_from,
 )
+from responses_ws_bridge.core.upstream_events import parse_error_event
 from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
 
 HARD, SOFT, NONE = AffinityKind.HARD, AffinityKind.SOFT, AffinityKind.NONE
 ACCOUNT = "team-a"
 BUDGET = 2
 
-C1000, C1001, C1006 = UpstreamClose(1000), UpstreamClose(1001), UpstreamClose(1006)
-C1011, C1012, C1013 = UpstreamClose(1011), UpstreamClose(1012), UpstreamClose(1013)
+C1000, C1001, C1006 = UpstreamClosed(1000), UpstreamClosed(1001), UpstreamClosed(1006)
+C1011, C1012, C1013 = UpstreamClosed(1011), UpstreamClosed(1012), UpstreamClosed(1013)
 LOST = ConnectionLost()
-H401, H403, H503 = HandshakeStatus(401), HandshakeStatus(403), HandshakeStatus(503)
-H429 = HandshakeStatus(429, retry_after_s=30.0)
-RATE = ErrorEvent("rate_limit_exceeded", 429, retry_after_s=5.0)
+H401, H403, H503 = HandshakeRejected(401), HandshakeRejected(403), HandshakeRejected(503)
+H429 = HandshakeRejected(429, retry_after_s=30.0)
+RATE = UpstreamErrorEvent("rate_limit_exceeded", 429, retry_after_s=5.0)
 
 # First retry with jitter 0, base 0.25 s: half of one step.
 SAME = RetrySame(ACCOUNT, 0.125)
@@ -145,12 +148,13 @@ def test_table_covers_every_cell() -> None:
 
 
 def test_seed_bug_hard_affinity_1011_before_response_created_retries_the_owner() -> None:
-    # codex-lb #1016: a 1011 before response.created excluded the hard owner and
-    # replayed the session on another account. Every retry must go to the owner.
+    # The bug this bridge exists to avoid: a 1011 before response.created
+    # excluded the hard owner and replayed the session on another account.
+    # Every retry must go to the owner.
     for attempts_made in range(1, BUDGET + 1):
         decision = decide(
             affinity=HARD,
-            failure=UpstreamClose(1011, "internal error"),
+            failure=UpstreamClosed(1011, "internal error"),
             client_has_seen_event=False,
             attempts_made=attempts_made,
             retry_budget=BUDGET,
@@ -161,7 +165,7 @@ def test_seed_bug_hard_affinity_1011_before_response_created_retries_the_owner()
         assert decision.account == "owner"
     spent = decide(
         affinity=HARD,
-        failure=UpstreamClose(1011),
+        failure=UpstreamClosed(1011),
         client_has_seen_event=False,
         attempts_made=BUDGET + 1,
         retry_budget=BUDGET,
@@ -178,23 +182,23 @@ ALL_FAILURES: list[Failure] = [
     C1011,
     C1012,
     C1013,
-    UpstreamClose(None),
-    UpstreamClose(1005),
-    UpstreamClose(1015),
+    UpstreamClosed(1005),
+    UpstreamClosed(1005),
+    UpstreamClosed(1015),
     LOST,
-    ConnectError("refused"),
-    ConnectError("timeout", timed_out=True),
+    ConnectFailed("refused"),
+    ConnectFailed("timeout", timed_out=True),
     H401,
     H403,
-    HandshakeStatus(404),
-    HandshakeStatus(426),
+    HandshakeRejected(404),
+    HandshakeRejected(426),
     H429,
-    HandshakeStatus(500),
+    HandshakeRejected(500),
     H503,
     RATE,
-    ErrorEvent("usage_limit_reached"),
-    ErrorEvent("insufficient_quota"),
-    ErrorEvent("invalid_request_error", 400),
+    UpstreamErrorEvent("usage_limit_reached"),
+    UpstreamErrorEvent("insufficient_quota"),
+    UpstreamErrorEvent("invalid_request_error", 400),
 ]
 
 
@@ -249,23 +253,27 @@ def test_owner_not_usable(affinity: AffinityKind, failure: Failure, expected: De
     ("affinity", "failure", "expected"),
     [
         # Not a WebSocket endpoint: never the same account again.
-        (HARD, HandshakeStatus(404), owner_gone(404)),
-        (HARD, HandshakeStatus(426), owner_gone(426)),
-        (SOFT, HandshakeStatus(404), OTHER),
-        (NONE, HandshakeStatus(426), OTHER),
+        (HARD, HandshakeRejected(404), owner_gone(404)),
+        (HARD, HandshakeRejected(426), owner_gone(426)),
+        (SOFT, HandshakeRejected(404), OTHER),
+        (NONE, HandshakeRejected(426), OTHER),
         # Connect failures say nothing against the account.
-        (HARD, ConnectError("refused"), SAME),
-        (SOFT, ConnectError("timeout", timed_out=True), SAME),
-        (NONE, ConnectError("refused"), SAME),
+        (HARD, ConnectFailed("refused"), SAME),
+        (SOFT, ConnectFailed("timeout", timed_out=True), SAME),
+        (NONE, ConnectFailed("refused"), SAME),
         # Other close codes a client may see behave like 1000/1001/1006.
-        (SOFT, UpstreamClose(None), SAME),
-        (NONE, UpstreamClose(1015), SAME),
-        (HARD, UpstreamClose(1005), SAME),
+        (SOFT, UpstreamClosed(1005), SAME),
+        (NONE, UpstreamClosed(1015), SAME),
+        (HARD, UpstreamClosed(1005), SAME),
         # Quota codes count as rate limits, and their code is passed on.
-        (HARD, ErrorEvent("usage_limit_reached", 429), FailHttp(429, "usage_limit_reached")),
-        (HARD, ErrorEvent("insufficient_quota", 429), FailHttp(429, "insufficient_quota")),
-        (SOFT, ErrorEvent("usage_limit_reached", 429), OTHER),
-        (NONE, ErrorEvent("insufficient_quota"), OTHER),
+        (
+            HARD,
+            UpstreamErrorEvent("usage_limit_reached", 429),
+            FailHttp(429, "usage_limit_reached"),
+        ),
+        (HARD, UpstreamErrorEvent("insufficient_quota", 429), FailHttp(429, "insufficient_quota")),
+        (SOFT, UpstreamErrorEvent("usage_limit_reached", 429), OTHER),
+        (NONE, UpstreamErrorEvent("insufficient_quota"), OTHER),
     ],
 )
 def test_other_failures_before_any_event(
@@ -288,9 +296,9 @@ def test_other_failures_before_any_event(
 @pytest.mark.parametrize(
     "failure",
     [
-        ErrorEvent("invalid_request_error", 400),
-        ErrorEvent("previous_response_not_found", 400),
-        ErrorEvent(None, 500),
+        UpstreamErrorEvent("invalid_request_error", 400),
+        UpstreamErrorEvent("previous_response_not_found", 400),
+        UpstreamErrorEvent(None, 500),
     ],
     ids=repr,
 )
@@ -351,7 +359,7 @@ def test_retry_delays_grow_and_take_the_injected_jitter() -> None:
 def test_stream_incomplete_message_names_the_close_code() -> None:
     decision = decide(
         affinity=SOFT,
-        failure=UpstreamClose(1011, "boom"),
+        failure=UpstreamClosed(1011, "boom"),
         client_has_seen_event=True,
         attempts_made=1,
         retry_budget=BUDGET,
@@ -442,23 +450,27 @@ def test_retry_after_from(
     assert got == (pytest.approx(expected) if expected is not None else None)
 
 
-def test_handshake_failure_reads_reset_time_only_for_429() -> None:
+def test_handshake_rejected_reads_reset_time_only_for_429() -> None:
     headers = [("Retry-After", "7")]
-    assert handshake_failure(429, headers, b"", wall_now=NOW) == HandshakeStatus(429, 7.0)
+    assert handshake_rejected(429, headers, b"", wall_now=NOW).retry_after_s == 7.0
     body = b'{"error": {"resets_in_seconds": 30}}'
-    assert handshake_failure(429, [], body, wall_now=NOW) == HandshakeStatus(429, 30.0)
-    assert handshake_failure(503, headers, b"", wall_now=NOW) == HandshakeStatus(503, None)
+    assert handshake_rejected(429, [], body, wall_now=NOW).retry_after_s == 30.0
+    assert handshake_rejected(503, headers, b"", wall_now=NOW).retry_after_s is None
 
 
-def test_error_event_failure_from_real_event_shapes() -> None:
-    assert error_event_failure(rate_limit_event(3), wall_now=NOW) == ErrorEvent(
-        "rate_limit_exceeded", 429, 3.0
-    )
+def error_failure(event: Mapping[str, Any]) -> tuple[str | None, int | None, float | None]:
+    parsed = parse_error_event(json.dumps(event), wall_now=NOW)
+    assert parsed is not None
+    return parsed.code, parsed.status, parsed.retry_after_s
+
+
+def test_error_event_reset_times_from_real_event_shapes() -> None:
+    assert error_failure(rate_limit_event(3)) == ("rate_limit_exceeded", 429, 3.0)
     usage = error_event(429, "usage_limit_reached", "The usage limit has been reached")
     usage["error"]["resets_in_seconds"] = 600
-    assert error_event_failure(usage, wall_now=NOW) == ErrorEvent("usage_limit_reached", 429, 600.0)
+    assert error_failure(usage) == ("usage_limit_reached", 429, 600.0)
     invalid = error_event(400, "invalid_value", "bad input")
-    assert error_event_failure(invalid, wall_now=NOW) == ErrorEvent("invalid_value", 400, None)
+    assert error_failure(invalid) == ("invalid_value", 400, None)
     # The SSE `error` event carries its code at the top level.
     sse = {"type": "error", "code": "rate_limit_exceeded", "message": "try again in 2s"}
-    assert error_event_failure(sse, wall_now=NOW) == ErrorEvent("rate_limit_exceeded", None, 2.0)
+    assert error_failure(sse) == ("rate_limit_exceeded", None, 2.0)

@@ -1,4 +1,4 @@
-"""Which requests are bridged, and the upstream WebSocket URL (BRIEF §3.1)."""
+"""Which requests are bridged, and the upstream WebSocket URL."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def open_flow(
         headers=capture_headers(),
         timestamp=T0,
         meta=meta(**changes),
-        client_flow=client_flow,
+        client_flow_id=client_flow.id if client_flow is not None else None,
         local_address=("127.0.0.1", 50123),
         secrets=[SECRET],
     )
@@ -265,7 +265,7 @@ def test_client_flow_links_its_attempts() -> None:
 def test_reused_socket_names_the_new_client_flow() -> None:
     first, later = tflow.tflow(), tflow.tflow()
     f = open_flow(client_flow=first, attempt=1)
-    note_reuse(f, client_flow=later)
+    note_reuse(f, client_flow_id=later.id)
     data = f.metadata[METADATA_KEY]
     assert (data["client_flow"], data["reused"], data["client_flows"]) == (
         later.id,

@@ -6,11 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from responses_ws_bridge.core.failures import RATE_LIMIT_CODES, UpstreamErrorEvent
 from responses_ws_bridge.core.upstream_events import (
-    RATE_LIMIT_CODES,
     TERMINAL_TYPES,
     EventInfo,
-    UpstreamErrorEvent,
     final_response,
     inspect_event,
     parse_error_event,

@@ -1,0 +1,33 @@
+"""The bridge's mitmproxy addons, one concern each, sharing one service and one pool state.
+
+Order matters: mitmproxy runs a hook on addons in list order, so the bridge
+writes a client flow's report before `Recording` redacts it, and both run
+before mitmproxy's own save addon writes the flow.
+"""
+
+from __future__ import annotations
+
+from responses_ws_bridge.addons.accounts import Accounts
+from responses_ws_bridge.addons.contentview import ResponsesView
+from responses_ws_bridge.addons.recording import Recording
+from responses_ws_bridge.addons.responses_bridge import ResponsesBridge
+from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
+from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
+from responses_ws_bridge.shell.session_pool import SessionPool
+
+
+def bridge_addons() -> list[object]:
+    """Every addon of the bridge, wired together (what `addon/bridge.py` loads)."""
+    state = PoolState()
+    recording = Recording(state)
+    service = BridgeService(
+        BridgeSettings(), state=state, sessions=SessionPool(), taps=recording.tap_for
+    )
+    return [
+        ResponsesView(),
+        Accounts(state, service),
+        UpstreamConnections(service),
+        ResponsesBridge(service),
+        recording,
+    ]

@@ -321,3 +321,13 @@ def unregister() -> None:
     if registry.get(VIEW_NAME) is responses_view:
         # mitmproxy 12 has no public removal; the registry is a plain name map.
         registry._by_name.pop(VIEW_NAME.lower(), None)
+
+
+class ResponsesView:
+    """The addon that puts the view in mitmproxy while the bridge is loaded."""
+
+    def load(self, loader: object) -> None:
+        register()
+
+    def done(self) -> None:
+        unregister()

@@ -1,6 +1,6 @@
 """The account pool: per-account health, in-flight counts, and which account serves next.
 
-Health rules (issue 3): a handshake 401/403 disables an account until the
+Health rules: a handshake 401/403 disables an account until the
 accounts file changes (any `reload`); a 429 or rate-limit error event cools it
 down until the upstream's reset time (default 60 s); repeated upstream faults
 (handshake 5xx, close 1011: 3 within 60 s by default) give a short cooldown.
@@ -19,17 +19,15 @@ from dataclasses import dataclass, field
 
 from responses_ws_bridge.core.accounts import Account, AccountsConfig
 from responses_ws_bridge.core.affinity import AffinityKind
-from responses_ws_bridge.core.retry_policy import (
-    ErrorEvent,
-    FailHttp,
+from responses_ws_bridge.core.failures import (
     Failure,
-    HandshakeStatus,
     describe,
-    fail_http_for,
     is_auth_rejection,
     is_rate_limit,
     is_upstream_fault,
+    retry_after_of,
 )
+from responses_ws_bridge.core.retry_policy import FailHttp, fail_http_for
 
 # --- health ---------------------------------------------------------------------------------
 
@@ -248,10 +246,7 @@ class AccountPool:
         if is_auth_rejection(failure):
             state.health = Disabled(describe(failure))
         elif is_rate_limit(failure):
-            given = (
-                failure.retry_after_s if isinstance(failure, HandshakeStatus | ErrorEvent) else None
-            )
-            delay = given or self.rules.rate_limit_default_s
+            delay = retry_after_of(failure) or self.rules.rate_limit_default_s
             self._cool(state, current, now + delay, describe(failure))
         elif is_upstream_fault(failure):
             strikes = state.strikes

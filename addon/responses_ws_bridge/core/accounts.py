@@ -1,4 +1,4 @@
-"""The accounts file (BRIEF §3.2): parsing, validation, client keys, secret listing.
+"""The accounts file: parsing, validation, client keys, secret listing.
 
 Pure code: `parse_accounts` takes the file's text and returns an `AccountsConfig`
 or raises `AccountsFileError` naming the offending field. Nothing here reads

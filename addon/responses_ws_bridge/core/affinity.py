@@ -1,4 +1,4 @@
-"""Request affinity (BRIEF §3.4): classify a request as hard, soft or none, and find its owner.
+"""Request affinity: classify a request as hard, soft or none, and find its owner.
 
 Keys are namespaced by what they identify (`session:`, `turn-state:`, `thread:`,
 `conversation:`, `response:`, `prompt-cache:`), so the same value arriving as
@@ -133,3 +133,18 @@ def owner_for(
         if account is not None:
             return account
     return None
+
+
+SessionKey = tuple[str, str | None]  # (affinity key, account id; None in pass-through)
+
+
+def session_key(affinity: Affinity, account_id: str | None) -> SessionKey | None:
+    """Which idle upstream socket may carry this request, or None: a new one, never kept.
+
+    A socket holds the previous response's state for its key on its account
+    (with `store: false` nothing else does), so it is reused only for the same
+    affinity key on the same account.
+    """
+    if affinity.key is None:
+        return None
+    return (affinity.key, account_id)

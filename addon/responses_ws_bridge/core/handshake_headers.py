@@ -1,4 +1,4 @@
-"""The upstream WebSocket handshake headers (BRIEF §3.3), and an audit of a handshake.
+"""The upstream WebSocket handshake headers, and an audit of a handshake.
 
 Only WebSocket-safe headers go upstream: HTTP framing, hop-by-hop, proxy and
 client-credential fields are removed, the bridge's own credential is placed

@@ -1,7 +1,7 @@
 """OpenAI-style HTTP error answers: `{"error": {"message", "type", "code", "param"}}`.
 
 One constructor per way a bridged request can fail before the client has seen
-an event (BRIEF §3.5). Messages name what failed, never a credential: text that
+an event. Messages name what failed, never a credential: text that
 comes from elsewhere (upstream bodies, exception details) is passed through
 `redact_secrets`.
 """
@@ -9,15 +9,23 @@ comes from elsewhere (upstream bodies, exception details) is passed through
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from responses_ws_bridge.core.failures import (
+    ConnectFailed,
+    ConnectionLost,
+    Failure,
+    HandshakeRejected,
+    UpstreamClosed,
+    UpstreamErrorEvent,
+)
 from responses_ws_bridge.core.handshake_headers import redact_secrets
 
 if TYPE_CHECKING:
     from responses_ws_bridge.core.create_request import BadRequest
-    from responses_ws_bridge.core.upstream_events import UpstreamErrorEvent
+    from responses_ws_bridge.core.retry_policy import FailHttp
 
 _JSON = ("content-type", "application/json")
 
@@ -92,8 +100,9 @@ def unauthorized_client_key() -> HttpError:
     )
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    return next((v.strip() for k, v in headers.items() if k.lower() == name), None)
+def _header(headers: Mapping[str, str] | Sequence[tuple[str, str]], name: str) -> str | None:
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return next((v.strip() for k, v in pairs if k.lower() == name), None)
 
 
 def _upstream_json_error(body: bytes | None) -> bytes | None:
@@ -109,7 +118,9 @@ def _upstream_json_error(body: bytes | None) -> bytes | None:
     return None
 
 
-def upstream_rejected(status: int, body: bytes | None, headers: Mapping[str, str]) -> HttpError:
+def upstream_rejected(
+    status: int, body: bytes | None, headers: Mapping[str, str] | Sequence[tuple[str, str]]
+) -> HttpError:
     """The upstream refused the WebSocket handshake with an HTTP status.
 
     401/403/429 are the client's business (credentials, permissions, limits)
@@ -227,3 +238,48 @@ def owner_unavailable(account_id: str, detail: str) -> HttpError:
         type_="upstream_error",
         code="owner_unavailable",
     )
+
+
+# --- failures and decisions: the one place they become HTTP answers ---------------------------
+
+
+def for_failure(failure: Failure, fail: FailHttp | None, *, passthrough: bool) -> HttpError:
+    """The client's answer when `failure` ends a request before any event.
+
+    Pass-through: the upstream's verdict on the client's own credential, as it
+    was. Pool mode: `fail` (the decision) says status and code; an upstream
+    429 keeps its own body. `fail` None: the failure is relayed as it is (an
+    error event that is no reason to retry).
+    """
+    if passthrough or fail is None:
+        return _upstream_verdict(failure)
+    if fail.status == 429:
+        if isinstance(failure, HandshakeRejected) and failure.status == 429:
+            return upstream_rejected(429, failure.body, failure.headers)
+        if isinstance(failure, UpstreamErrorEvent):
+            return from_error_event(failure)
+    return for_decision(fail)
+
+
+def for_decision(fail: FailHttp) -> HttpError:
+    """A routing or retry decision's own status and code."""
+    retry_after = str(max(1, round(fail.retry_after_s))) if fail.retry_after_s is not None else None
+    return decision_error(
+        fail.status, fail.code, fail.message or fail.code, retry_after=retry_after
+    )
+
+
+def _upstream_verdict(failure: Failure) -> HttpError:
+    match failure:
+        case HandshakeRejected(status=status, body=body, headers=headers):
+            return upstream_rejected(status, body, headers)
+        case UpstreamErrorEvent():
+            return from_error_event(failure)
+        case UpstreamClosed(code=code, reason=reason):
+            return upstream_closed(code, reason)
+        case ConnectFailed(timed_out=True, detail=detail):
+            return upstream_timeout(detail)
+        case ConnectFailed(detail=detail):
+            return upstream_unreachable(detail)
+        case ConnectionLost():
+            return upstream_closed(None, "")

@@ -1,4 +1,4 @@
-"""Credential redaction for recorded flows (BRIEF §3.6), and reading it back.
+"""Credential redaction for recorded flows, and reading it back.
 
 Recorded upstream sessions keep which account was used but never its secret:
 `Authorization` becomes `Bearer <redacted:ACCOUNT_ID>` (`<redacted:client>` for

@@ -1,4 +1,4 @@
-"""What to do after a failed upstream attempt: the reconnect decision table (BRIEF §3.5).
+"""What to do after a failed upstream attempt: the reconnect decision table.
 
 A failed attempt is a plain `Failure` value; `decide()` maps it, the request's
 affinity, whether the client has seen an event, and the attempt count to one
@@ -40,98 +40,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from websockets.frames import CloseCode
+
 from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.failures import (
+    Failure,
+    HandshakeRejected,
+    UpstreamClosed,
+    UpstreamErrorEvent,
+    close_code_seen,
+    describe,
+    is_rate_limit,
+    retry_after_of,
+)
 
-CLOSE_INTERNAL_ERROR = 1011
-RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
 DEFAULT_RETRY_BUDGET = 2
-
-
-# --- failures -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UpstreamClose:
-    """The upstream closed the WebSocket with a close frame (code None: no status, 1005)."""
-
-    code: int | None
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class ConnectionLost:
-    """The connection dropped without a close frame (seen by clients as 1006)."""
-
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class HandshakeStatus:
-    """The upstream answered the upgrade with a plain HTTP status."""
-
-    status: int
-    retry_after_s: float | None = None
-
-
-@dataclass(frozen=True)
-class ConnectError:
-    """No connection: refused, unreachable, TLS failure, or timeout."""
-
-    detail: str = ""
-    timed_out: bool = False
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    """An in-band `error` event from the upstream."""
-
-    code: str | None
-    status: int | None = None
-    retry_after_s: float | None = None
-
-
-Failure = UpstreamClose | ConnectionLost | HandshakeStatus | ConnectError | ErrorEvent
-
-
-def is_rate_limit(failure: Failure) -> bool:
-    """A 429 handshake or an error event whose code says the account is out of quota."""
-    if isinstance(failure, HandshakeStatus):
-        return failure.status == 429
-    if isinstance(failure, ErrorEvent):
-        return failure.code in RATE_LIMIT_CODES
-    return False
-
-
-def is_auth_rejection(failure: Failure) -> bool:
-    return isinstance(failure, HandshakeStatus) and failure.status in (401, 403)
-
-
-def is_upstream_fault(failure: Failure) -> bool:
-    """A failure that counts against the account's health: handshake 5xx or close 1011."""
-    if isinstance(failure, HandshakeStatus):
-        return failure.status >= 500
-    return isinstance(failure, UpstreamClose) and failure.code == CLOSE_INTERNAL_ERROR
-
-
-def describe(failure: Failure) -> str:
-    """A short, secret-free description for error messages and flow metadata."""
-    match failure:
-        case UpstreamClose(code=None):
-            return "upstream closed the WebSocket without a status code"
-        case UpstreamClose(code=code, reason=reason):
-            return f"upstream closed the WebSocket with code {code}" + (
-                f" ({reason})" if reason else ""
-            )
-        case ConnectionLost():
-            return "upstream connection lost without a close frame"
-        case HandshakeStatus(status=status):
-            return f"upstream rejected the WebSocket handshake with HTTP {status}"
-        case ConnectError(timed_out=True):
-            return "upstream connection timed out"
-        case ConnectError():
-            return "could not connect to the upstream"
-        case ErrorEvent(code=code):
-            return f"upstream error event {code or 'without a code'}"
 
 
 # --- reset times ----------------------------------------------------------------------------
@@ -217,34 +140,17 @@ def _as_json(body: Any) -> Any:
     return body
 
 
-def handshake_failure(
+def handshake_rejected(
     status: int,
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
-    body: bytes | str | None,
+    body: bytes | None,
     *,
     wall_now: float,
-) -> HandshakeStatus:
-    """The `Failure` for a rejected upgrade, with any reset time the upstream gave."""
-    delay = retry_after_from(headers, body, wall_now=wall_now) if status == 429 else None
-    return HandshakeStatus(status, delay)
-
-
-def error_event_failure(event: Mapping[str, Any], *, wall_now: float) -> ErrorEvent:
-    """The `Failure` for an upstream `error` event, WebSocket or SSE shape."""
-    error = event.get("error")
-    scope: Mapping[str, Any] = error if isinstance(error, Mapping) else event
-    code = scope.get("code")
-    status = event.get("status")
-    failure = ErrorEvent(
-        code if isinstance(code, str) else None,
-        status if isinstance(status, int) and not isinstance(status, bool) else None,
-    )
-    if is_rate_limit(failure):
-        raw_headers = event.get("headers")
-        headers = raw_headers if isinstance(raw_headers, Mapping) else None
-        delay = retry_after_from(headers, event, wall_now=wall_now)
-        failure = ErrorEvent(failure.code, failure.status, delay)
-    return failure
+) -> HandshakeRejected:
+    """The failure for a rejected upgrade, with any reset time the upstream gave."""
+    pairs = tuple(headers.items() if isinstance(headers, Mapping) else headers)
+    delay = retry_after_from(pairs, body, wall_now=wall_now) if status == 429 else None
+    return HandshakeRejected(status, pairs, body or b"", delay)
 
 
 # --- decisions ------------------------------------------------------------------------------
@@ -314,13 +220,13 @@ def backoff_delay(attempt: int, *, base: float, cap: float, jitter: float) -> fl
 def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
     """The client's HTTP error when `failure` is the last word on a request."""
     message = describe(failure)
-    upstream_status = failure.status if isinstance(failure, HandshakeStatus) else None
+    upstream_status = failure.status if isinstance(failure, HandshakeRejected) else None
     if is_rate_limit(failure):
-        code = failure.code if isinstance(failure, ErrorEvent) and failure.code else None
+        code = failure.code if isinstance(failure, UpstreamErrorEvent) and failure.code else None
         return FailHttp(
             429,
             code or "rate_limit_exceeded",
-            failure.retry_after_s if isinstance(failure, HandshakeStatus | ErrorEvent) else None,
+            retry_after_of(failure),
             upstream_status,
             message,
         )
@@ -336,16 +242,16 @@ def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
 
 def _moves_soft(failure: Failure) -> bool:
     """Whether a SOFT/NONE request leaves the failed account (see the module table)."""
-    if isinstance(failure, HandshakeStatus):
+    if isinstance(failure, HandshakeRejected):
         return True
-    if isinstance(failure, ErrorEvent):
+    if isinstance(failure, UpstreamErrorEvent):
         return is_rate_limit(failure)
-    return isinstance(failure, UpstreamClose) and failure.code == CLOSE_INTERNAL_ERROR
+    return isinstance(failure, UpstreamClosed) and failure.code == CloseCode.INTERNAL_ERROR
 
 
 def _owner_cannot_serve(failure: Failure) -> bool:
     """HARD failures that retrying the owner cannot fix: auth, rate limit, no WebSocket there."""
-    return isinstance(failure, HandshakeStatus) and (
+    return isinstance(failure, HandshakeRejected) and (
         failure.status in (401, 403, 404, 426) or is_rate_limit(failure)
     )
 
@@ -372,18 +278,17 @@ def decide(
     """
     if attempts_made < 1:
         raise ValueError("attempts_made must be >= 1")
-    if isinstance(failure, ErrorEvent) and (client_has_seen_event or not is_rate_limit(failure)):
+    if isinstance(failure, UpstreamErrorEvent) and (
+        client_has_seen_event or not is_rate_limit(failure)
+    ):
         return Relay()
     if client_has_seen_event:
-        code = failure.code if isinstance(failure, UpstreamClose) else None
-        if isinstance(failure, ConnectionLost):
-            code = 1006  # what a WebSocket client reports for a drop without a close frame
-        return FailStreamIncomplete(code, describe(failure))
+        return FailStreamIncomplete(close_code_seen(failure), describe(failure))
 
     retries_used = attempts_made - 1
     budget_left = retries_used < retry_budget
     if affinity is AffinityKind.HARD:
-        # The seed bug: a 1011 from the owner is just another close. The owner keeps
+        # A 1011 from the owner is just another close. The owner keeps
         # the request; no other account is ever chosen.
         if is_rate_limit(failure) or _owner_cannot_serve(failure):
             return fail_http_for(affinity, failure)

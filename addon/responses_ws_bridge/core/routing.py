@@ -1,4 +1,4 @@
-"""Which requests are bridged, and which upstream WebSocket URL they go to (BRIEF §3.1)."""
+"""Which requests are bridged, and which upstream WebSocket URL they go to."""
 
 from __future__ import annotations
 

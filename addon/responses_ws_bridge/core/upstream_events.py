@@ -9,14 +9,15 @@ response id or end the response, or when the fast path cannot be sure.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
+
+from responses_ws_bridge.core.failures import UpstreamErrorEvent
+from responses_ws_bridge.core.retry_policy import retry_after_from
 
 TERMINAL_TYPES = frozenset(
     {"response.completed", "response.failed", "response.incomplete", "error"}
 )
-RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
 # Frames worth a full parse: they carry the response id, the final response or the error.
 _PARSED_TYPES = TERMINAL_TYPES | {"response.created", "response.queued", "response.in_progress"}
 _TYPE_PREFIX = '{"type":"'
@@ -114,24 +115,14 @@ def final_response(frame_text: str) -> dict[str, Any] | None:
     return response if isinstance(response, dict) else None
 
 
-@dataclass(frozen=True)
-class UpstreamErrorEvent:
-    status: int | None
-    code: str | None
-    type: str | None
-    message: str
-    param: str | None
-    headers: Mapping[str, str]
-    # The upstream's error object as sent, so that a client gets all of it.
-    error_object: Mapping[str, Any] = field(default_factory=dict)
+def parse_error_event(
+    frame_text: str, *, wall_now: float | None = None
+) -> UpstreamErrorEvent | None:
+    """The `error` event, nested (`{"error": {...}}`) or flat; None for anything else.
 
-    @property
-    def is_rate_limit(self) -> bool:
-        return self.code in RATE_LIMIT_CODES
-
-
-def parse_error_event(frame_text: str) -> UpstreamErrorEvent | None:
-    """The `error` event, nested (`{"error": {...}}`) or flat; None for anything else."""
+    With `wall_now` (epoch seconds), a rate-limit event also gets the reset
+    time its headers or body give.
+    """
     event = _load_object(frame_text)
     if event is None or event.get("type") != "error":
         return None
@@ -155,15 +146,20 @@ def parse_error_event(frame_text: str) -> UpstreamErrorEvent | None:
             "code": code,
             "param": _str(event.get("param")),
         }
-    return UpstreamErrorEvent(
+    header_map = {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
+    parsed = UpstreamErrorEvent(
         status=status if isinstance(status, int) and not isinstance(status, bool) else None,
         code=_str(code),
         type=error_type,
         message=message,
         param=_str(error.get("param")),
-        headers={str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {},
+        headers=header_map,
         error_object=error_object,
     )
+    if wall_now is None or not parsed.is_rate_limit:
+        return parsed
+    delay = retry_after_from(header_map, event, wall_now=wall_now)
+    return replace(parsed, retry_after_s=delay)
 
 
 def _str(value: Any) -> str | None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from mitmproxy import hooks, http
-from mitmproxy.proxy.layers.http._hooks import (
+from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
     HttpRequestHeadersHook,
     HttpRequestHook,
@@ -35,8 +35,8 @@ from mitmproxy.proxy.layers.http._hooks import (
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketStartHook
 from websockets.http11 import Request, Response
 
+from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.recording import session_flows
-from responses_ws_bridge.shell.bridge_service import Attempt, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +49,14 @@ class SessionFlowTap:
     def __init__(
         self,
         *,
-        url: str,
         turn: Turn,
         attempt: Attempt,
-        find_client_flow: Callable[[str], http.HTTPFlow | None],
         emit: HookEmitter,
         redact: bool,
         secrets: Collection[str],
     ) -> None:
-        self._url = url
         self._turn = turn
         self._attempt = attempt
-        self._find_client_flow = find_client_flow
-        self._client_flow = find_client_flow(turn.flow_id)
         self._emit = emit
         self._redact = redact
         self._secrets = secrets if redact else ()
@@ -79,7 +74,7 @@ class SessionFlowTap:
         affinity = self._turn.affinity
         headers = list(request.headers.raw_items()) if request is not None else []
         upstream = session_flows.new_upstream_flow(
-            url=self._url,
+            url=self._attempt.url,
             headers=headers,
             timestamp=now,
             meta=session_flows.UpstreamMeta(
@@ -88,7 +83,7 @@ class SessionFlowTap:
                 key=affinity.key,
                 attempt=self._attempt.number,
             ),
-            client_flow=self._client_flow,
+            client_flow_id=self._turn.flow_id,
             secrets=self._secrets,
         )
         if not self._redact:
@@ -117,15 +112,11 @@ class SessionFlowTap:
         if upstream.websocket is not None:
             self._emit(WebsocketStartHook(upstream))
 
-    def attach(self, context: object) -> None:
-        if self.flow is None or not isinstance(context, tuple) or len(context) != 2:
+    def attach(self, turn: Turn, attempt: Attempt) -> None:
+        if self.flow is None:
             return
-        turn, attempt = context[0], context[1]
-        if not isinstance(turn, Turn) or not isinstance(attempt, Attempt):
-            return
-        client_flow = self._find_client_flow(turn.flow_id)
         attempt.upstream_flow = self.flow.id
-        session_flows.note_reuse(self.flow, client_flow=client_flow, attempt=attempt.number)
+        session_flows.note_reuse(self.flow, client_flow_id=turn.flow_id, attempt=attempt.number)
         self._emit.touch(self.flow)
 
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
@@ -157,8 +148,6 @@ class SessionFlowTap:
             timestamp=timestamp,
         )
         self._emit(WebsocketEndHook(self.flow))
-
-    # -- helpers -------------------------------------------------------------------
 
 
 class HookEmitter:

@@ -32,15 +32,12 @@ from mitmproxy.flow import Flow
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, account_from_authorization
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
 from responses_ws_bridge.testing.loop_thread import LoopThread, WebSocketServerContext
-
-ABNORMAL_CLOSURE = 1006
-NO_STATUS = 1005
-TLS_FAILURE = 1015
 
 # Differ on every connection by design; Authorization is compared as the account.
 VOLATILE_HEADERS = frozenset({"host", "sec-websocket-key", "x-request-id", "authorization"})
@@ -134,7 +131,7 @@ class RecordedSession:
         if self.closed_by_client is None and self.close_code is None:
             return words + "recording ends open"
         who = "client" if self.closed_by_client else "server"
-        if self.close_code in (None, ABNORMAL_CLOSURE):
+        if self.close_code in (None, CloseCode.ABNORMAL_CLOSURE):
             return words + f"{who} dropped the connection (1006)"
         reason = f" {json.dumps(self.close_reason)}" if self.close_reason else ""
         return words + f"{who} closed {self.close_code}{reason}"
@@ -479,13 +476,13 @@ def replay_steps(session: RecordedSession, speed: float | None) -> list[Step]:
         before = message.timestamp
     code = session.close_code
     if session.closed_by_client:
-        steps.append(AwaitClose(code if code is not None else ABNORMAL_CLOSURE))
+        steps.append(AwaitClose(code if code is not None else CloseCode.ABNORMAL_CLOSURE))
     elif session.closed_by_client is None and code is None:
         steps.append(AwaitClose(None))
-    elif code in (None, ABNORMAL_CLOSURE, TLS_FAILURE):
+    elif code in (None, CloseCode.ABNORMAL_CLOSURE, CloseCode.TLS_HANDSHAKE):
         steps.append(Abort(gap(session.ended, before)))
     else:
-        sent = None if code == NO_STATUS else code
+        sent = None if code == CloseCode.NO_STATUS_RCVD else code
         steps.append(Close(sent, session.close_reason, gap(session.ended, before)))
     return steps
 
@@ -497,7 +494,9 @@ def _describe_step(step: Step) -> str:
         case Send():
             return "a server message still to send"
         case Close(code=code):
-            return f"the server closing with {code if code is not None else NO_STATUS}"
+            return (
+                f"the server closing with {code if code is not None else CloseCode.NO_STATUS_RCVD}"
+            )
         case Abort():
             return "the server dropping the connection"
         case AwaitClose(code=code):
@@ -754,7 +753,9 @@ class ReplayServer(WebSocketServerContext):
                             )
                         ]
                     )
-                    await ws.close(1008, "replay: expected client message not received")
+                    await ws.close(
+                        CloseCode.POLICY_VIOLATION, "replay: expected client message not received"
+                    )
                     return False
                 self._deviate(compare_message(index, position, message, got))
             case Send(message=message, delay=delay):
@@ -792,7 +793,7 @@ class ReplayServer(WebSocketServerContext):
                     )
                     extra += 1
         except ConnectionClosed as exc:
-            seen = exc.rcvd.code if exc.rcvd is not None else ABNORMAL_CLOSURE
+            seen = exc.rcvd.code if exc.rcvd is not None else CloseCode.ABNORMAL_CLOSURE
             if code is not None and seen != code:
                 self._deviate([Deviation(index, "client close code", code, seen)])
         except TimeoutError:

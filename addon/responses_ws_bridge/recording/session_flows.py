@@ -1,4 +1,4 @@
-"""Upstream WebSocket sessions as mitmproxy flows, built step by step (BRIEF §3.6).
+"""Upstream WebSocket sessions as mitmproxy flows, built step by step.
 
 The bridge opens its upstream connections itself, so mitmproxy never sees
 them. These functions build the `HTTPFlow` mitmproxy would have made for such a
@@ -18,13 +18,13 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, flow, http
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
+from websockets.frames import CloseCode
 from wsproto.frame_protocol import Opcode
 
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, redact_headers, redact_text
 
 METADATA_KEY = "responses_bridge"
 # What mitmproxy records for a connection that ended without a close frame.
-ABNORMAL_CLOSURE = 1006
 
 Affinity = Literal["hard", "soft", "none"]
 
@@ -78,7 +78,7 @@ def new_upstream_flow(
     headers: Sequence[tuple[str, str]],
     timestamp: float,
     meta: UpstreamMeta,
-    client_flow: http.HTTPFlow | None,
+    client_flow_id: str | None,
     local_address: tuple[str, int] | None = None,
     secrets: Collection[str] = (),
 ) -> http.HTTPFlow:
@@ -130,20 +130,20 @@ def new_upstream_flow(
         "affinity": meta.affinity,
         "key": meta.key,
         "attempt": meta.attempt,
-        "client_flow": client_flow.id if client_flow is not None else None,
+        "client_flow": client_flow_id,
         "reused": meta.reused,
     }
     f.comment = describe_upstream(f.metadata[METADATA_KEY])
     return f
 
 
-def note_reuse(f: http.HTTPFlow, *, client_flow: http.HTTPFlow | None, attempt: int = 1) -> None:
+def note_reuse(f: http.HTTPFlow, *, client_flow_id: str | None, attempt: int = 1) -> None:
     """The session's socket now serves another client request (a later turn)."""
     meta = f.metadata[METADATA_KEY]
     served = meta.setdefault("client_flows", [meta["client_flow"]] if meta["client_flow"] else [])
-    if client_flow is not None and client_flow.id not in served:
-        served.append(client_flow.id)
-    meta["client_flow"] = client_flow.id if client_flow is not None else None
+    if client_flow_id is not None and client_flow_id not in served:
+        served.append(client_flow_id)
+    meta["client_flow"] = client_flow_id
     meta["attempt"] = attempt
     meta["reused"] = True
     f.comment = describe_upstream(meta)
@@ -216,7 +216,7 @@ def record_close(
 ) -> None:
     """The end of the session; `code` None means it ended without a close frame."""
     assert f.websocket is not None, "not a WebSocket flow"
-    f.websocket.close_code = code if code is not None else ABNORMAL_CLOSURE
+    f.websocket.close_code = code if code is not None else CloseCode.ABNORMAL_CLOSURE
     f.websocket.close_reason = reason
     f.websocket.closed_by_client = closed_by_client
     f.websocket.timestamp_end = timestamp

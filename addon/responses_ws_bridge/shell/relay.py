@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 
 from responses_ws_bridge.core import sse
 from responses_ws_bridge.core.create_request import CreateRequest
+from responses_ws_bridge.core.failures import AttemptFailed
 from responses_ws_bridge.core.openai_errors import HttpError
 from responses_ws_bridge.core.upstream_events import (
-    UpstreamErrorEvent,
     final_response,
     inspect_event,
     parse_error_event,
@@ -79,20 +80,14 @@ class TurnDone:
     response_id: str | None
 
 
-@dataclass(frozen=True)
-class TurnRefused:
-    """The upstream answered with an `error` event before anything reached the client."""
-
-    error: UpstreamErrorEvent
-
-
 async def relay_turn(
     session: UpstreamSession, create: CreateRequest, client: ClientStream
-) -> TurnDone | TurnRefused:
+) -> TurnDone:
     """Sends `response.create` and relays events until the terminal one.
 
-    Raises `UpstreamClosed` when the upstream ends first; the caller decides
-    what the client gets then (it can tell from `client.has_seen_event`).
+    Raises `AttemptFailed` when the upstream ends first, or answers with an
+    `error` event before anything reached the client; the caller decides what
+    the client gets then (it can tell from `client.has_seen_event`).
     """
     await session.send(create.message)
     if create.stream:
@@ -100,7 +95,7 @@ async def relay_turn(
     return await _collect_json(session, client)
 
 
-async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone | TurnRefused:
+async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone:
     sink = client.sink
     while True:
         if client.events_sent and client.keepalive_s:
@@ -118,9 +113,7 @@ async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone
         for frame in batch:
             info = inspect_event(frame)
             if info.type == "error" and not client.events_sent and not out:
-                error = parse_error_event(frame)
-                if error is not None:
-                    return TurnRefused(error)
+                _refuse(frame)
             out.append(sse.encode_event(frame, info.type))
             if info.sequence_number is not None:
                 client.last_sequence = info.sequence_number
@@ -138,7 +131,7 @@ async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone
             return TurnDone(terminal, client.response_id)
 
 
-async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnDone | TurnRefused:
+async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnDone:
     """A client that did not ask to stream gets the final response object."""
     while True:
         for frame in await session.next_batch():
@@ -148,12 +141,17 @@ async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnD
             if not info.terminal:
                 continue
             if info.type == "error":
-                error = parse_error_event(frame)
-                if error is not None:
-                    return TurnRefused(error)
+                _refuse(frame)
                 continue
             response = final_response(frame)
             body = json.dumps(response if response is not None else {}).encode()
             await client.send_json(body)
             assert info.type is not None
             return TurnDone(info.type, client.response_id)
+
+
+def _refuse(frame: str) -> None:
+    """An `error` event before the client saw anything: the attempt failed with it."""
+    error = parse_error_event(frame, wall_now=time.time())
+    if error is not None:
+        raise AttemptFailed(error)

@@ -14,9 +14,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from websockets.frames import CloseCode
+
+from responses_ws_bridge.core.affinity import SessionKey
 from responses_ws_bridge.shell.upstream_client import UpstreamSession
 
-PoolKey = tuple[str, str | None]  # (affinity key, account id or None in pass-through)
+DEFAULT_IDLE_TTL_S = 120.0
 
 
 @dataclass
@@ -29,14 +32,14 @@ class SessionPool:
     def __init__(
         self,
         *,
-        idle_ttl_s: float = 120.0,
+        idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
         max_idle: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_ttl_s = idle_ttl_s
         self.max_idle = max_idle
         self._clock = clock
-        self._idle: OrderedDict[PoolKey, list[_Idle]] = OrderedDict()
+        self._idle: OrderedDict[SessionKey, list[_Idle]] = OrderedDict()
         self._count = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -45,7 +48,7 @@ class SessionPool:
     def idle_count(self) -> int:
         return self._count
 
-    def checkout(self, key: PoolKey) -> UpstreamSession | None:
+    def checkout(self, key: SessionKey) -> UpstreamSession | None:
         """An open idle session for the key, most recently used first."""
         entries = self._idle.get(key)
         while entries:
@@ -59,7 +62,7 @@ class SessionPool:
             entries = self._idle.get(key)
         return None
 
-    def checkin(self, key: PoolKey, session: UpstreamSession) -> None:
+    def checkin(self, key: SessionKey, session: UpstreamSession) -> None:
         if self.idle_ttl_s <= 0 or not session.is_open:
             self._close(session)
             return
@@ -70,7 +73,9 @@ class SessionPool:
             self._evict_oldest()
         self._ensure_reaper()
 
-    def discard(self, session: UpstreamSession, *, code: int = 1000, reason: str = "") -> None:
+    def discard(
+        self, session: UpstreamSession, *, code: int = CloseCode.NORMAL_CLOSURE, reason: str = ""
+    ) -> None:
         """Closes a session that will not come back (failed, or its client left)."""
         self._close(session, code, reason)
 
@@ -78,9 +83,9 @@ class SessionPool:
         for key in [k for k in self._idle if k[1] == account_id]:
             for entry in self._idle.pop(key):
                 self._count -= 1
-                self._close(entry.session, 1000, "account removed")
+                self._close(entry.session, CloseCode.NORMAL_CLOSURE, "account removed")
 
-    def snapshot(self) -> list[tuple[PoolKey, int, float]]:
+    def snapshot(self) -> list[tuple[SessionKey, int, float]]:
         """(key, idle sockets, idle for the longest, seconds) for `bridge.sessions`."""
         now = self._clock()
         return [
@@ -95,7 +100,7 @@ class SessionPool:
             keep = [e for e in entries if e.session.is_open and now - e.since < self.idle_ttl_s]
             for entry in entries:
                 if entry not in keep:
-                    self._close(entry.session, 1000, "idle")
+                    self._close(entry.session, CloseCode.NORMAL_CLOSURE, "idle")
             self._count -= len(entries) - len(keep)
             if keep:
                 self._idle[key] = keep
@@ -110,7 +115,7 @@ class SessionPool:
             self._reaper = None
         for entries in self._idle.values():
             for entry in entries:
-                self._close(entry.session, 1001, "proxy shutting down")
+                self._close(entry.session, CloseCode.GOING_AWAY, "proxy shutting down")
         self._idle.clear()
         self._count = 0
         if self._closing:
@@ -124,9 +129,11 @@ class SessionPool:
         self._count -= 1
         if not entries:
             del self._idle[key]
-        self._close(entry.session, 1000, "idle")
+        self._close(entry.session, CloseCode.NORMAL_CLOSURE, "idle")
 
-    def _close(self, session: UpstreamSession, code: int = 1000, reason: str = "") -> None:
+    def _close(
+        self, session: UpstreamSession, code: int = CloseCode.NORMAL_CLOSURE, reason: str = ""
+    ) -> None:
         if not session.is_open:
             session.abort()  # already closing or closed: make sure the socket is gone
             return

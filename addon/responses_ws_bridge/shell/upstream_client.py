@@ -24,19 +24,25 @@ from websockets.exceptions import (
     InvalidStatus,
     InvalidURI,
 )
-from websockets.frames import Close
+from websockets.frames import Close, CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+
+from responses_ws_bridge.core.failures import (
+    AttemptFailed,
+    ConnectFailed,
+    ConnectionLost,
+    Failure,
+    UpstreamClosed,
+)
+from responses_ws_bridge.core.retry_policy import handshake_rejected
+from responses_ws_bridge.core.turns import Attempt, Turn
 
 # mitmproxy turns the root logger up to DEBUG, and websockets then logs every
 # frame, each log line running through mitmproxy's addon hooks: the upstream
 # connections get a logger of their own that stays at INFO.
 _WS_LOGGER = logging.getLogger("responses_bridge.upstream")
 _WS_LOGGER.setLevel(logging.INFO)
-
-# Close codes the bridge itself uses when it ends a session.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,8 @@ class UpstreamSettings:
 class SessionTap(Protocol):
     """Observes one upstream connection (implemented by the flow recorder)."""
 
-    def attach(self, context: object) -> None:
-        """A reused connection starts serving another request (`context` says which)."""
+    def attach(self, turn: Turn, attempt: Attempt) -> None:
+        """A reused connection starts serving another request."""
 
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
@@ -64,43 +70,6 @@ class SessionTap(Protocol):
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
     ) -> None: ...
-
-
-class HandshakeRejected(Exception):
-    """The upstream answered the upgrade with a plain HTTP status."""
-
-    def __init__(
-        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
-    ) -> None:
-        super().__init__(f"upstream rejected the WebSocket handshake with HTTP {status}")
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
-
-
-class ConnectFailed(Exception):
-    """No WebSocket could be opened: refused, unreachable, TLS, timeout, bad answer."""
-
-    def __init__(self, detail: str, *, timed_out: bool = False) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.timed_out = timed_out
-
-
-class UpstreamClosed(Exception):
-    """The upstream connection ended (close frame, or lost without one)."""
-
-    def __init__(self, code: int | None, reason: str, *, by_client: bool) -> None:
-        what = f"close code {code}" if code is not None else "connection lost"
-        super().__init__(f"upstream WebSocket ended ({what}{': ' + reason if reason else ''})")
-        self.code = code
-        self.reason = reason
-        self.by_client = by_client
 
 
 # The connection object the websockets client creates, so that the handshake
@@ -178,7 +147,7 @@ class UpstreamSession:
                 self.tap.message(False, text, now)
         return texts
 
-    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         try:
             await self._ws.close(code, reason)
         finally:
@@ -191,13 +160,16 @@ class UpstreamSession:
             transport.abort()
         self._report_close()
 
-    def _closed(self, exc: ConnectionClosed) -> UpstreamClosed:
+    def _closed(self, exc: ConnectionClosed) -> AttemptFailed:
         self._report_close()
-        by_client = _closed_by_client(exc.rcvd, exc.sent, exc.rcvd_then_sent)
+        by_bridge = _closed_by_client(exc.rcvd, exc.sent, exc.rcvd_then_sent)
         frame = exc.rcvd if exc.rcvd is not None else exc.sent
+        failure: Failure
         if frame is None:
-            return UpstreamClosed(None, "", by_client=False)
-        return UpstreamClosed(frame.code, frame.reason, by_client=by_client)
+            failure = ConnectionLost()
+        else:
+            failure = UpstreamClosed(frame.code, frame.reason, by_bridge=by_bridge)
+        return AttemptFailed(failure)
 
     def _report_close(self) -> None:
         if self._closed_reported or self.tap is None:
@@ -231,7 +203,7 @@ async def open_session(
     tap: SessionTap | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> UpstreamSession:
-    """Opens an upstream connection; raises HandshakeRejected or ConnectFailed."""
+    """Opens an upstream connection; raises `AttemptFailed` when it cannot."""
     created: list[ClientConnection] = []
     token = _created.set(created)
     kwargs: dict[str, Any] = {}
@@ -258,25 +230,25 @@ async def open_session(
         )
     except InvalidStatus as exc:
         response = exc.response
-        rejected = HandshakeRejected(
+        rejected = handshake_rejected(
             response.status_code,
-            response.reason_phrase,
-            list(response.headers.raw_items()),
+            response.headers.raw_items(),
             bytes(response.body or b""),
+            wall_now=time.time(),
         )
         if tap is not None:
             tap.handshake_done(_request_of(created), response, None)
-        raise rejected from exc
+        raise AttemptFailed(rejected) from exc
     except TimeoutError as exc:
         detail = f"timed out after {settings.connect_timeout:g} s opening {url}"
         if tap is not None:
             tap.handshake_done(_request_of(created), None, detail)
-        raise ConnectFailed(detail, timed_out=True) from exc
+        raise AttemptFailed(ConnectFailed(detail, timed_out=True)) from exc
     except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed, ssl.SSLError) as exc:
         detail = f"cannot open {url}: {exc or type(exc).__name__}"
         if tap is not None:
             tap.handshake_done(_request_of(created), None, detail)
-        raise ConnectFailed(detail) from exc
+        raise AttemptFailed(ConnectFailed(detail)) from exc
     finally:
         _created.reset(token)
     if tap is not None:

@@ -453,7 +453,7 @@ def http_request_bytes(
 
 
 def ws_message(body: Mapping[str, Any]) -> str:
-    """The `response.create` a WebSocket client sends for an HTTP body (BRIEF §2)."""
+    """The `response.create` a WebSocket client sends for an HTTP body."""
     fields = {k: v for k, v in body.items() if k not in ("stream", "background")}
     return json.dumps({"type": "response.create", **fields}, separators=(",", ":"))
 

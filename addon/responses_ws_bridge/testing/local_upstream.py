@@ -31,6 +31,7 @@ from typing import Any, Literal
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -52,10 +53,6 @@ from responses_ws_bridge.testing.response_events import (
 )
 
 ClosedBy = Literal["client", "server", "abrupt"]
-
-# What a client reads when the connection ended without any close frame
-# (RFC 6455 §7.1.5); never sent on the wire.
-ABNORMAL_CLOSURE = 1006
 
 MODELS_BODY: dict[str, Any] = {
     "object": "list",
@@ -645,8 +642,9 @@ class LocalUpstream(WebSocketServerContext):
         protocol = ws.protocol
         rcvd, sent = protocol.close_rcvd, protocol.close_sent
         closed_by: ClosedBy
+        code: int
         if rcvd is None and sent is None:
-            closed_by, code, reason = "abrupt", ABNORMAL_CLOSURE, ""
+            closed_by, code, reason = "abrupt", CloseCode.ABNORMAL_CLOSURE, ""
         elif rcvd is not None and (sent is None or protocol.close_rcvd_then_sent):
             closed_by, code, reason = "client", rcvd.code, rcvd.reason
         else:

@@ -298,7 +298,7 @@ def error_event(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A WebSocket `error` event (BRIEF §2); `headers` only when given."""
+    """A WebSocket `error` event; `headers` only when given."""
     event: dict[str, Any] = {
         "type": "error",
         "status": status,

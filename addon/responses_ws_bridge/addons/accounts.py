@@ -1,0 +1,127 @@
+"""The accounts file and the affinity bindings: options, live reload, `bridge.accounts`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from mitmproxy import command, ctx, exceptions
+from mitmproxy.addonmanager import Loader
+
+from responses_ws_bridge.addons.option_values import positive, seconds, table
+from responses_ws_bridge.core.accounts import AccountsConfig, AccountsFileError
+from responses_ws_bridge.core.pool_state import (
+    DEFAULT_BINDING_MAX,
+    DEFAULT_BINDING_TTL_S,
+    PoolState,
+)
+from responses_ws_bridge.shell.accounts_file import AccountsFile
+from responses_ws_bridge.shell.bridge_service import BridgeService
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 1.0
+
+
+class Accounts:
+    def __init__(self, state: PoolState, service: BridgeService) -> None:
+        self.state = state
+        self.service = service
+        self._file: AccountsFile | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "bridge_accounts",
+            str,
+            "",
+            "JSON file of upstream accounts (and client keys). Empty: pass-through mode, "
+            "the client's own Authorization goes upstream. Edits are picked up live.",
+        )
+        loader.add_option(
+            "bridge_binding_max",
+            int,
+            DEFAULT_BINDING_MAX,
+            "Most affinity bindings (key → account) and response owners kept in memory.",
+        )
+        loader.add_option(
+            "bridge_binding_ttl",
+            str,
+            f"{DEFAULT_BINDING_TTL_S:g}",
+            "Seconds an unused affinity binding or response owner is kept.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if updated & {"bridge_binding_max", "bridge_binding_ttl"}:
+            self.state.set_binding_limits(
+                positive(opts, "bridge_binding_max"),
+                seconds(opts, "bridge_binding_ttl") or float("inf"),
+            )
+        if "bridge_accounts" in updated:
+            self._open(opts.bridge_accounts)
+
+    def _open(self, path: str) -> None:
+        if not path:
+            self._file = None
+            self._apply(None)
+            return
+        accounts = AccountsFile(path)
+        try:
+            config = accounts.load()
+        except AccountsFileError as exc:
+            # mitmproxy keeps the previous value (and so the previous pool) in force.
+            raise exceptions.OptionsError(f"bridge_accounts: {exc}") from exc
+        self._file = accounts
+        self._apply(config)
+        logger.info(
+            "bridge accounts: %s (%s)",
+            ", ".join(a.id for a in config.accounts),
+            "client keys required" if config.client_keys else "no client keys",
+        )
+
+    def _apply(self, config: AccountsConfig | None) -> None:
+        self.service.accounts_removed(self.state.set_accounts(config))
+
+    async def running(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch(self) -> None:
+        """Reloads the accounts file when it changes on disk, like mitmproxy's script reload."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            accounts = self._file
+            if accounts is None or not accounts.changed():
+                continue
+            try:
+                config = accounts.load()
+            except AccountsFileError as exc:
+                accounts.mark_seen()
+                logger.error("bridge_accounts: %s; the previous accounts stay in force", exc)
+                continue
+            self._apply(config)
+            logger.info("bridge accounts reloaded: %s", ", ".join(a.id for a in config.accounts))
+
+    @command.command("bridge.accounts")
+    def accounts_command(self) -> str:
+        """Upstream accounts: health, requests in flight, cooldown, requests served."""
+        pool = self.state.pool
+        if pool is None:
+            return "pass-through mode: no accounts file (bridge_accounts is empty)"
+        rows = [("account", "health", "in flight", "cooldown until", "served")]
+        for row in pool.snapshot():
+            until = (
+                time.strftime("%H:%M:%S", time.localtime(time.time() + row.cooldown_remaining_s))
+                if row.cooldown_remaining_s
+                else "-"
+            )
+            rows.append((row.id, row.health, str(row.in_flight), until, str(row.served)))
+        return table(rows)

@@ -1,0 +1,82 @@
+"""Recording: every upstream WebSocket session as a flow, and client flows kept free of secrets.
+
+The service asks `tap_for` for a tap per new upstream connection; the taps
+feed the flows through mitmproxy's hooks via one `HookEmitter`. The client
+flows of bridged requests get their credentials redacted in `response` and
+`error`, which run before mitmproxy's own save addon writes them.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from responses_ws_bridge.core import routing
+from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.core.redaction import redact_headers
+from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
+from responses_ws_bridge.shell.upstream_client import SessionTap
+
+
+class Recording:
+    def __init__(self, state: PoolState) -> None:
+        self.state = state
+        self.record = True
+        self.redact = True
+        self._emitter: HookEmitter | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "bridge_record",
+            bool,
+            True,
+            "Record every upstream WebSocket session as a flow (mitmweb, -w, replay).",
+        )
+        loader.add_option(
+            "bridge_redact",
+            bool,
+            True,
+            "Redact credentials in recorded upstream sessions (off: for local debugging only).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        self.record = ctx.options.bridge_record
+        self.redact = ctx.options.bridge_redact
+
+    async def running(self) -> None:
+        self._emitter = HookEmitter(ctx.master.addons.handle_lifecycle)
+
+    async def done(self) -> None:
+        if self._emitter is not None:
+            await self._emitter.drain()
+
+    def tap_for(self, turn: Turn, attempt: Attempt) -> SessionTap | None:
+        """A tap recording a new upstream connection of `turn` (None: recording is off)."""
+        if not self.record or self._emitter is None:
+            return None
+        secrets = self.state.secrets()
+        if turn.client_credential is not None:
+            secrets.append(turn.client_credential.bearer)
+        return SessionFlowTap(
+            turn=turn, attempt=attempt, emit=self._emitter, redact=self.redact, secrets=secrets
+        )
+
+    # -- client flows ----------------------------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._redact_client_flow(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._redact_client_flow(flow)
+
+    def _redact_client_flow(self, flow: http.HTTPFlow) -> None:
+        if not self.redact or not routing.is_bridged(flow.request.method, flow.request.path):
+            return
+        # The client's own key must not end up in a saved flow file either.
+        fields = list(flow.request.headers.items(multi=True))
+        safe = redact_headers(fields, account_id="client", secrets=())
+        if safe != fields:
+            flow.request.headers = http.Headers(
+                [(k.encode("latin-1"), v.encode()) for k, v in safe]
+            )

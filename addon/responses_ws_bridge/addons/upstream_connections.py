@@ -1,0 +1,79 @@
+"""Options of the bridge's upstream WebSocket connections (timeouts, pings, sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+
+from responses_ws_bridge.addons.option_values import not_negative, seconds
+from responses_ws_bridge.shell.bridge_service import BridgeService
+from responses_ws_bridge.shell.upstream_client import UpstreamSettings
+
+_DEFAULTS = UpstreamSettings()
+OPTIONS = (
+    "bridge_connect_timeout",
+    "bridge_max_message_size",
+    "bridge_ping_interval",
+    "bridge_ping_timeout",
+    "bridge_compression",
+)
+
+
+def _duration(value: float | None) -> str:
+    return "0" if value is None else f"{value:g}"
+
+
+class UpstreamConnections:
+    def __init__(self, service: BridgeService) -> None:
+        self.service = service
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "bridge_connect_timeout",
+            str,
+            _duration(_DEFAULTS.connect_timeout),
+            "Seconds to open an upstream WebSocket (TCP, TLS and handshake).",
+        )
+        loader.add_option(
+            "bridge_max_message_size",
+            int,
+            _DEFAULTS.max_message_size or 0,
+            "Largest upstream WebSocket message accepted, in bytes (0: no limit).",
+        )
+        loader.add_option(
+            "bridge_ping_interval",
+            str,
+            _duration(_DEFAULTS.ping_interval),
+            "Seconds between WebSocket pings to the upstream (0: no pings).",
+        )
+        loader.add_option(
+            "bridge_ping_timeout",
+            str,
+            _duration(_DEFAULTS.ping_timeout),
+            "Seconds to wait for a pong before the upstream counts as lost (0: wait forever).",
+        )
+        loader.add_option(
+            "bridge_compression",
+            bool,
+            _DEFAULTS.compression,
+            "Offer permessage-deflate to the upstream.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated.intersection(OPTIONS):
+            return
+        opts = ctx.options
+        connect_timeout = seconds(opts, "bridge_connect_timeout")
+        if connect_timeout == 0:
+            raise exceptions.OptionsError("bridge_connect_timeout must be positive")
+        upstream = dataclasses.replace(
+            self.service.settings.upstream,
+            connect_timeout=connect_timeout,
+            max_message_size=not_negative(opts, "bridge_max_message_size") or None,
+            ping_interval=seconds(opts, "bridge_ping_interval") or None,
+            ping_timeout=seconds(opts, "bridge_ping_timeout") or None,
+            compression=opts.bridge_compression,
+        )
+        self.service.apply_settings(dataclasses.replace(self.service.settings, upstream=upstream))

@@ -1,0 +1,145 @@
+"""The retry loop of one request, as explicit state: which account next, and what after a failure.
+
+The shell asks `next_pick()` where the next attempt goes, tells `picked()`
+which account the pool gave, runs the attempt, and on failure asks
+`retry_for_free()` and then `decide()`. Every move of the request between
+accounts happens here, and only as `retry_policy.decide` says:
+
+| state                | event                               | then                              |
+|----------------------|-------------------------------------|-----------------------------------|
+| HARD, owner known    | next_pick                           | PickOwner(owner)                  |
+| HARD, no owner       | picked(a)                           | owner = pinned = a; bind now      |
+| SOFT/NONE            | next_pick                           | PickAny(excluded, prefer)         |
+| pass-through         | next_pick                           | PickClient                        |
+| any                  | reused socket dead, no event, once  | free retry on the same account    |
+| any                  | decide -> RetrySame(a)              | prefer = a; pinned = a (pool)     |
+| pool                 | decide -> RetryOther(a)             | a excluded; pinned = prefer = None|
+| pass-through         | decide -> RetryOther                | FailHttp: one credential only     |
+| any                  | FailHttp, FailStreamIncomplete, Relay | returned: the request ends      |
+
+HARD never reaches RetryOther (the decision table never says it), so a hard
+request's `excluded` stays empty and its pin stays on the owner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.failures import ConnectionLost, Failure, UpstreamClosed
+from responses_ws_bridge.core.retry_policy import (
+    DEFAULT_RETRY_BUDGET,
+    Decision,
+    RetryOther,
+    RetrySame,
+    decide,
+    fail_http_for,
+)
+
+
+@dataclass(frozen=True)
+class PickOwner:
+    """Only this account may serve the next attempt."""
+
+    account: str
+
+
+@dataclass(frozen=True)
+class PickAny:
+    """Any usable account but the excluded ones, `prefer` first when it is usable."""
+
+    exclude: frozenset[str]
+    prefer: str | None
+
+
+@dataclass(frozen=True)
+class PickClient:
+    """Pass-through mode: the client's own credential."""
+
+
+Pick = PickOwner | PickAny | PickClient
+
+
+@dataclass
+class AttemptPlan:
+    kind: AffinityKind
+    # The account the request is tied to before it starts (None: not tied yet).
+    owner: str | None
+    pooled: bool
+    retry_budget: int = DEFAULT_RETRY_BUDGET
+    pinned: str | None = None
+    prefer: str | None = None
+    excluded: set[str] = field(default_factory=set)
+    attempts: int = 0
+    free_retry_left: bool = True
+
+    def __post_init__(self) -> None:
+        self.prefer = self.owner
+        if self.kind is AffinityKind.HARD:
+            self.pinned = self.owner
+
+    def next_pick(self) -> Pick:
+        if not self.pooled:
+            return PickClient()
+        if self.pinned is not None:
+            return PickOwner(self.pinned)
+        return PickAny(frozenset(self.excluded), self.prefer)
+
+    def picked(self, account: str | None) -> bool:
+        """An attempt starts on `account`; True when a hard key must be bound to it now.
+
+        The first request of a hard key binds it before any retry: from then on
+        only that account may serve it.
+        """
+        self.attempts += 1
+        if self.kind is AffinityKind.HARD and self.owner is None and account is not None:
+            self.owner = self.pinned = account
+            return True
+        return False
+
+    def retry_for_free(
+        self, failure: Failure, *, account: str | None, reused: bool, client_has_seen_event: bool
+    ) -> bool:
+        """A reused socket that turns out dead costs no retry, once, on the same account."""
+        if not (
+            reused
+            and self.free_retry_left
+            and not client_has_seen_event
+            and isinstance(failure, UpstreamClosed | ConnectionLost)
+        ):
+            return False
+        self.free_retry_left = False
+        self.attempts -= 1
+        self.prefer = account
+        self.pinned = account
+        return True
+
+    def decide(
+        self,
+        failure: Failure,
+        *,
+        account: str | None,
+        client_has_seen_event: bool,
+        owner_usable: bool,
+        jitter: float,
+    ) -> Decision:
+        """The decision table's answer for this failure, with the plan moved accordingly."""
+        decision = decide(
+            affinity=self.kind,
+            failure=failure,
+            client_has_seen_event=client_has_seen_event,
+            attempts_made=self.attempts,
+            retry_budget=self.retry_budget,
+            account_id=account if account is not None else "client",
+            owner_usable=owner_usable,
+            jitter=jitter,
+        )
+        if isinstance(decision, RetrySame):
+            self.prefer = decision.account
+            self.pinned = decision.account if self.pooled else None
+        elif isinstance(decision, RetryOther):
+            if not self.pooled:
+                return fail_http_for(self.kind, failure)
+            self.excluded.add(decision.exclude)
+            self.prefer = self.pinned = None
+        return decision

@@ -1,0 +1,177 @@
+"""How an upstream attempt fails: one vocabulary from the socket to the HTTP answer.
+
+The `websockets` client layer turns what happened into one of these values and
+raises it inside `AttemptFailed`; the retry policy judges the same value, the
+account pool counts it, and `openai_errors.for_failure` turns it into the
+client's answer. Nothing re-describes a failure on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.frames import CloseCode
+
+RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
+
+
+@dataclass(frozen=True)
+class UpstreamClosed:
+    """The WebSocket ended with a close frame (1005: a frame without a status code).
+
+    `by_bridge` is True when the bridge's own client sent the close first (for
+    example its keepalive gave up and sent 1011): then the code is the bridge's
+    verdict on the connection, not the upstream's.
+    """
+
+    code: int
+    reason: str = ""
+    by_bridge: bool = False
+
+
+@dataclass(frozen=True)
+class ConnectionLost:
+    """The connection dropped without a close frame (a WebSocket client reports 1006)."""
+
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class HandshakeRejected:
+    """The upstream answered the upgrade with a plain HTTP status."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    body: bytes = field(default=b"", compare=False)
+    # Seconds until a rate-limited account may be used again, when it said.
+    retry_after_s: float | None = None
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    """No WebSocket could be opened: refused, unreachable, TLS failure, timeout, bad answer."""
+
+    detail: str = ""
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamErrorEvent:
+    """An in-band `error` event from the upstream, WebSocket (nested) or flat shape."""
+
+    code: str | None
+    status: int | None = None
+    type: str | None = None
+    message: str = "the upstream reported an error"
+    param: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # The upstream's error object as sent, so that a client gets all of it.
+    error_object: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    retry_after_s: float | None = None
+
+    @property
+    def is_rate_limit(self) -> bool:
+        return self.code in RATE_LIMIT_CODES
+
+
+Failure = UpstreamClosed | ConnectionLost | HandshakeRejected | ConnectFailed | UpstreamErrorEvent
+
+
+class AttemptFailed(Exception):
+    """Raised by the I/O layer when an attempt ends in `failure`."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(describe(failure))
+        self.failure = failure
+
+
+def close_code_seen(failure: Failure) -> int | None:
+    """The close code a WebSocket client would report for `failure`, if it ended a socket."""
+    if isinstance(failure, UpstreamClosed):
+        return failure.code
+    if isinstance(failure, ConnectionLost):
+        return CloseCode.ABNORMAL_CLOSURE
+    return None
+
+
+def is_rate_limit(failure: Failure) -> bool:
+    """A 429 handshake or an error event whose code says the account is out of quota."""
+    if isinstance(failure, HandshakeRejected):
+        return failure.status == 429
+    if isinstance(failure, UpstreamErrorEvent):
+        return failure.is_rate_limit
+    return False
+
+
+def is_auth_rejection(failure: Failure) -> bool:
+    return isinstance(failure, HandshakeRejected) and failure.status in (401, 403)
+
+
+def is_upstream_fault(failure: Failure) -> bool:
+    """A failure that counts against the account's health: handshake 5xx or close 1011."""
+    if isinstance(failure, HandshakeRejected):
+        return failure.status >= 500
+    return (
+        isinstance(failure, UpstreamClosed)
+        and failure.code == CloseCode.INTERNAL_ERROR
+        and not failure.by_bridge
+    )
+
+
+def retry_after_of(failure: Failure) -> float | None:
+    if isinstance(failure, HandshakeRejected | UpstreamErrorEvent):
+        return failure.retry_after_s
+    return None
+
+
+def describe(failure: Failure) -> str:
+    """A short, secret-free description for error messages, logs and flow metadata."""
+    match failure:
+        case UpstreamClosed(code=CloseCode.NO_STATUS_RCVD):
+            return "upstream closed the WebSocket without a status code"
+        case UpstreamClosed(code=code, by_bridge=True):
+            return f"the bridge closed the upstream WebSocket with code {code} (connection lost)"
+        case UpstreamClosed(code=code):
+            return f"upstream closed the WebSocket with code {code}"
+        case ConnectionLost():
+            return "upstream connection lost without a close frame"
+        case HandshakeRejected(status=status):
+            return f"upstream rejected the WebSocket handshake with HTTP {status}"
+        case ConnectFailed(timed_out=True):
+            return "upstream connection timed out"
+        case ConnectFailed():
+            return "could not connect to the upstream"
+        case UpstreamErrorEvent(code=code):
+            return f"upstream error event {code or 'without a code'}"
+
+
+def outcome(failure: Failure) -> str:
+    """The attempt's outcome word in the client flow's metadata."""
+    match failure:
+        case UpstreamClosed() | ConnectionLost():
+            return "closed"
+        case HandshakeRejected():
+            return "rejected"
+        case ConnectFailed():
+            return "connect_failed"
+        case UpstreamErrorEvent(code=code):
+            return f"error_event:{code}"
+
+
+def detail(failure: Failure) -> str:
+    """What the attempt list shows beside the outcome."""
+    match failure:
+        case HandshakeRejected(status=status):
+            return f"HTTP {status}"
+        case ConnectFailed(detail=text) | ConnectionLost(detail=text):
+            return text
+        case UpstreamClosed(reason=reason, by_bridge=by_bridge):
+            return reason + (" (closed by the bridge: connection lost)" if by_bridge else "")
+        case UpstreamErrorEvent():
+            return ""

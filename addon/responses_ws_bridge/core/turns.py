@@ -1,0 +1,90 @@
+"""One bridged request as the shell carries it: what was decided, and what happened.
+
+`Turn` is fixed in the `request` hook; its `report` fills in as attempts run
+and is read back by the addon (flow metadata, comment) and the recorder, so no
+one has to look a turn up by flow id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from responses_ws_bridge.core.affinity import Affinity
+from responses_ws_bridge.core.create_request import CreateRequest
+from responses_ws_bridge.core.handshake_headers import UpstreamCredential
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the client meant to send the request (before the loopback detour)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+@dataclass
+class Attempt:
+    """One upstream attempt, as the client flow's metadata shows it."""
+
+    number: int
+    account: str | None
+    url: str
+    reused: bool = False
+    outcome: str = "pending"
+    close_code: int | None = None
+    detail: str = ""
+    upstream_flow: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+
+
+@dataclass
+class TurnReport:
+    """What happened to a turn, for the client flow's metadata and the log."""
+
+    affinity: Affinity
+    account: str | None = None
+    outcome: str = "pending"
+    status: int | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The client flow's comment: one line for the turn, one per attempt."""
+        affinity = self.affinity
+        head = f"bridged · {affinity.kind.value}"
+        if affinity.key:
+            head += f" {affinity.key}"
+        head += f" · account {self.account or '(client credential)'} · {self.outcome}"
+        return "\n".join([head, *(_describe_attempt(a) for a in self.attempts)])
+
+
+def _describe_attempt(attempt: Attempt) -> str:
+    parts = [f"attempt {attempt.number}: {attempt.account or '(client)'}", attempt.outcome]
+    if attempt.reused:
+        parts.append("reused socket")
+    if attempt.close_code is not None:
+        parts.append(f"close {attempt.close_code}")
+    if attempt.detail:
+        parts.append(attempt.detail)
+    return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Everything decided about one client request in the `request` hook."""
+
+    flow_id: str
+    create: CreateRequest
+    client_headers: tuple[tuple[str, str], ...]
+    request_id: str
+    destination: Destination
+    affinity: Affinity
+    # Pass-through mode only: the client's own credential, placed deliberately.
+    client_credential: UpstreamCredential | None
+    report: TurnReport = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "report", TurnReport(self.affinity))
