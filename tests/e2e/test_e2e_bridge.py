@@ -24,12 +24,6 @@ WS_LIBRARY_FIELDS = ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ThreadedUpstream]:
-    with ThreadedUpstream() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def reverse(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
     """The bridge as a reverse proxy in front of the upstream."""
     with ProxyProcess(
@@ -48,11 +42,6 @@ def regular(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
     """The bridge as an explicit HTTP proxy (regular mode)."""
     with ProxyProcess() as proxy:
         yield proxy
-
-
-@pytest.fixture(autouse=True)
-def fresh_upstream(upstream: ThreadedUpstream) -> None:
-    upstream.reset()
 
 
 def sdk(proxy: ProxyProcess, **kwargs: object) -> openai.OpenAI:

@@ -16,19 +16,13 @@ from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 from tests.support.http import client, header_values
 
-TOKENS = {"tok-team-a": "team-a", "tok-team-b": "team-b"}
+UPSTREAM_TOKENS = TOKENS = {"tok-team-a": "team-a", "tok-team-b": "team-b"}
 CLIENT_KEY = "client-key-1"
 
 
 def accounts_json(*ids: str) -> str:
     accounts = [{"id": i, "access_token": f"tok-{i}"} for i in ids]
     return json.dumps({"accounts": accounts, "client_keys": [CLIENT_KEY]})
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ThreadedUpstream]:
-    with ThreadedUpstream(tokens=TOKENS) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +44,6 @@ def bridge(upstream: ThreadedUpstream, accounts_file: Path) -> Iterator[ProxyPro
         f"bridge_accounts={accounts_file}",
     ) as proxy:
         yield proxy
-
-
-@pytest.fixture(autouse=True)
-def fresh_upstream(upstream: ThreadedUpstream) -> None:
-    upstream.reset()
 
 
 def post(

@@ -106,16 +106,17 @@ def tail(credential: UpstreamCredential | None = None, beta: str = WEBSOCKET_BET
 # --- removal -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [v for n in REMOVED_NAMES for v in variants(n)])
-def test_removed_field_never_reaches_the_upstream(name: str) -> None:
-    client = [
-        ("session_id", "s-1"),
-        (name, "client-value-1"),
-        ("originator", "codex_exec"),
-        (name, "client-value-2"),
-    ]
-    out = upstream_handshake_headers(client, None, request_id="req-1")
-    assert out == [("session_id", "s-1"), ("originator", "codex_exec"), *tail()]
+@pytest.mark.parametrize("removed", REMOVED_NAMES)
+def test_removed_field_never_reaches_the_upstream(removed: str) -> None:
+    for name in variants(removed):
+        client = [
+            ("session_id", "s-1"),
+            (name, "client-value-1"),
+            ("originator", "codex_exec"),
+            (name, "client-value-2"),
+        ]
+        out = upstream_handshake_headers(client, None, request_id="req-1")
+        assert out == [("session_id", "s-1"), ("originator", "codex_exec"), *tail()], name
 
 
 @pytest.mark.parametrize("name", KEPT_NAMES)

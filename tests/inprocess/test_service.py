@@ -1,0 +1,281 @@
+"""The service, relay, session pool and recorder in one event loop, against real sockets.
+
+A real `LocalUpstream` (a `websockets` server on 127.0.0.1) plays the
+upstream, the real loopback endpoint carries the answer and `httpx` reads it
+the way mitmproxy would. Only the retry backoff is skipped (an injected sleep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from mitmproxy import hooks
+from responses_ws_bridge.core.accounts import parse_accounts
+from responses_ws_bridge.core.affinity import classify
+from responses_ws_bridge.core.create_request import parse_create_request
+from responses_ws_bridge.core.handshake_headers import UpstreamCredential
+from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.core.turns import Attempt, Destination, Turn
+from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
+from responses_ws_bridge.recording.session_flows import METADATA_KEY
+from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings, TapFactory
+from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
+from responses_ws_bridge.shell.session_pool import SessionPool
+from responses_ws_bridge.shell.upstream_client import SessionTap, UpstreamSettings
+from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
+from responses_ws_bridge.testing.response_events import rate_limit_event
+
+TOKENS = {"tok-a": "a", "tok-b": "b"}
+BOUND_S = 10.0
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+@dataclass
+class Rig:
+    upstream: LocalUpstream
+    loopback: LoopbackServer
+    service: BridgeService
+    state: PoolState
+    http: httpx.AsyncClient
+
+    async def post(
+        self, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
+    ) -> tuple[Turn, httpx.Response]:
+        """One client request through the service, as the addon would hand it over."""
+        raw = json.dumps(body).encode()
+        client_headers = tuple(headers or [])
+        create = parse_create_request(raw, max_body=1 << 20)
+        turn = Turn(
+            flow_id=f"flow-{id(raw)}",
+            create=create,
+            client_headers=client_headers,
+            request_id="req-1",
+            destination=Destination("http", "127.0.0.1", 1, "/v1/responses"),
+            affinity=classify(client_headers, create.body),
+            client_credential=(None if self.state.pooled else UpstreamCredential("tok-a", None)),
+        )
+        service = self.service
+        token = self.loopback.register(lambda sink: service.serve(turn, sink))
+        response = await self.http.post(
+            f"http://127.0.0.1:{self.loopback.port}/v1/responses",
+            content=raw,
+            headers={TOKEN_HEADER: token},
+        )
+        return turn, response
+
+
+@asynccontextmanager
+async def rig(*, pooled: bool = True, taps: TapFactory | None = None) -> AsyncIterator[Rig]:
+    async with LocalUpstream(tokens=TOKENS) as upstream:
+        ws_url = upstream.http_url.replace("http://", "ws://") + "/v1/responses"
+        state = PoolState()
+        if pooled:
+            config = {
+                "accounts": [
+                    {"id": "a", "api_key": "tok-a", "upstream": ws_url},
+                    {"id": "b", "api_key": "tok-b", "upstream": ws_url},
+                ]
+            }
+            state.set_accounts(parse_accounts(json.dumps(config)))
+        settings = BridgeSettings(
+            upstream_option="" if pooled else ws_url,
+            upstream=UpstreamSettings(connect_timeout=BOUND_S, ping_interval=None),
+        )
+        sessions = SessionPool()
+        service = BridgeService(settings, state=state, sessions=sessions, taps=taps, sleep=no_sleep)
+        loopback = LoopbackServer()
+        await loopback.start()
+        try:
+            async with httpx.AsyncClient(timeout=BOUND_S, trust_env=False) as http:
+                yield Rig(upstream, loopback, service, state, http)
+        finally:
+            await service.shutdown()
+            await loopback.stop()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+STREAM = {"model": "m", "input": "Say hello", "stream": True}
+SESSION = [("session-id", "s-1")]
+
+
+def sse_types(body: bytes) -> list[str]:
+    return [line[7:] for line in body.decode().splitlines() if line.startswith("event: ")]
+
+
+def test_hard_1011_before_created_is_retried_on_the_owner_only() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(close_code=1011))
+            turn, response = await r.post(STREAM, SESSION)
+            assert response.status_code == 200
+            assert sse_types(response.content)[-1] == "response.completed"
+            accounts = [a.account for a in turn.report.attempts]
+            assert len(set(accounts)) == 1 and len(accounts) == 2
+            assert turn.report.attempts[0].close_code == 1011
+            assert {rec.account for rec in r.upstream.records()} == {accounts[0]}
+
+    run(main())
+
+
+def test_soft_1011_moves_to_the_other_account() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(close_code=1011))
+            turn, response = await r.post({**STREAM, "prompt_cache_key": "k"})
+            assert response.status_code == 200
+            first, second = (a.account for a in turn.report.attempts)
+            assert first != second
+
+    run(main())
+
+
+def test_a_session_reuses_its_socket_for_the_next_turn() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            first, _ = await r.post(STREAM, SESSION)
+            second, response = await r.post(STREAM, SESSION)
+            assert response.status_code == 200
+            assert not first.report.attempts[0].reused and second.report.attempts[0].reused
+            assert len(r.upstream.records()) == 1
+            assert r.service.sessions.idle_count == 1
+
+    run(main())
+
+
+def test_a_hard_owner_rate_limited_is_a_429_and_no_other_account_is_tried() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(error=rate_limit_event(30)), Plan(error=rate_limit_event(30)))
+            turn, response = await r.post(STREAM, SESSION)
+            assert response.status_code == 429
+            assert response.headers["retry-after"] == "30"
+            assert len({a.account for a in turn.report.attempts}) == 1
+
+    run(main())
+
+
+def test_a_client_that_did_not_ask_to_stream_gets_one_json_body() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            _, response = await r.post({"model": "m", "input": "Say hello"})
+            assert response.headers["content-type"] == "application/json"
+            assert response.json()["status"] == "completed"
+
+    run(main())
+
+
+def test_pass_through_keeps_the_upstream_verdict() -> None:
+    async def main() -> None:
+        async with rig(pooled=False) as r:
+            r.upstream.script(Plan(reject_status=401))
+            turn, response = await r.post(STREAM)
+            assert response.status_code == 401
+            assert turn.report.attempts[0].outcome == "rejected"
+
+    run(main())
+
+
+def test_after_events_a_close_ends_the_stream_with_stream_incomplete() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(close_code=1011, close_after_events=3))
+            turn, response = await r.post(STREAM, SESSION)
+            assert sse_types(response.content)[-1] == "response.failed"
+            assert b"stream_incomplete" in response.content
+            assert turn.report.outcome == "stream_incomplete"
+            assert len(turn.report.attempts) == 1
+
+    run(main())
+
+
+def test_a_removed_account_is_not_bound_again_when_its_turn_ends() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(pace_s=0.05))
+            task = asyncio.ensure_future(r.post(STREAM, SESSION))
+            await r.upstream.wait_until(lambda records: any(x.events for x in records), BOUND_S)
+            owner = r.upstream.records()[0].account
+            keep = next(a for a in ("a", "b") if a != owner)
+            config = {"accounts": [{"id": keep, "api_key": f"tok-{keep}"}]}
+            r.service.accounts_removed(r.state.set_accounts(parse_accounts(json.dumps(config))))
+            await task
+            assert r.state.bindings.get("session:s-1") is None
+            assert r.service.sessions.idle_count == 0  # its socket closed, not kept
+
+    run(main())
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.seen: list[hooks.Hook] = []
+
+    async def __call__(self, hook: hooks.Hook) -> None:
+        self.seen.append(hook)
+
+
+def test_the_recorder_builds_the_session_flow_through_mitmproxy_hooks() -> None:
+    collected = Hooks()
+    taps: list[SessionFlowTap] = []
+
+    async def main() -> None:
+        emitter = HookEmitter(collected)
+
+        def tap_for(turn: Turn, attempt: Attempt) -> SessionTap | None:
+            tap = SessionFlowTap(
+                turn=turn, attempt=attempt, emit=emitter, redact=True, secrets=["tok-a", "tok-b"]
+            )
+            taps.append(tap)
+            return tap
+
+        async with rig(taps=tap_for) as r:
+            turn, _ = await r.post(STREAM, SESSION)
+            await r.post(STREAM, SESSION)
+        await emitter.drain()
+        (tap,) = taps  # the second turn reused the socket: one session flow
+        flow = tap.flow
+        assert flow is not None and flow.websocket is not None
+        names = [h.name for h in collected.seen]
+        assert names[:5] == [
+            "requestheaders",
+            "request",
+            "responseheaders",
+            "response",
+            "websocket_start",
+        ]
+        assert "websocket_end" in names and "error" not in names
+        meta = flow.metadata[METADATA_KEY]
+        assert meta["client_flow"] != turn.flow_id and turn.flow_id in meta["client_flows"]
+        assert turn.report.attempts[0].upstream_flow == flow.id
+        assert "tok-" not in str(flow.request.headers)
+        sent = [m for m in flow.websocket.messages if m.from_client]
+        assert len(sent) == 2 and b"response.create" in sent[0].content
+
+    run(main())
+
+
+@pytest.mark.parametrize("idle_ttl", [0.0])
+def test_no_reuse_when_the_idle_ttl_is_zero(idle_ttl: float) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.service.apply_settings(
+                BridgeSettings(upstream=r.service.settings.upstream, session_idle_ttl_s=idle_ttl)
+            )
+            await r.post(STREAM, SESSION)
+            second, _ = await r.post(STREAM, SESSION)
+            assert not second.report.attempts[0].reused
+            assert len(r.upstream.records()) == 2
+
+    run(main())
