@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from mitmproxy import http
 from mitmproxy import io as mitmio
 from mitmproxy.test import tflow
 from responses_ws_bridge.core.handshake_headers import WEBSOCKET_BETA
+from responses_ws_bridge.recording.audit import audit_files, audit_flows
 from responses_ws_bridge.recording.session_flows import (
     UpstreamMeta,
     new_upstream_flow,
@@ -19,11 +19,6 @@ from responses_ws_bridge.recording.session_flows import (
 )
 
 from tests.support.data import ROOT
-
-# scripts/ is not a package that mypy maps (no __init__.py), so the script's
-# module is imported by name; pytest puts the repository root on sys.path.
-audit = importlib.import_module("scripts.audit_flows")
-audit_files, audit_flows = audit.audit_files, audit.audit_flows
 
 LIBRARY = [
     ("Host", "chatgpt.com"),
