@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy import exceptions, http
@@ -28,9 +30,16 @@ def responses_flow(body: bytes = b'{"model":"m","input":"x","stream":true}') -> 
 
 
 def started(bridge: ResponsesBridge) -> None:
-    # The loopback endpoint needs a loop; these tests only check routing.
+    """The detour, with a loopback endpoint that these routing tests never connect to."""
+    bridge.in_proxy = False
     bridge.loopback.port = 4242
     bridge.loopback._server = object()  # type: ignore[assignment]
+
+
+def hook(coro: Coroutine[Any, Any, None]) -> None:
+    """Runs an async hook that answers without waiting (what these tests check)."""
+    with pytest.raises(StopIteration):
+        coro.send(None)
 
 
 class Addons:
@@ -53,7 +62,7 @@ def test_other_requests_are_untouched() -> None:
         ]:
             flow = responses_flow()
             flow.request.method, flow.request.path = method, path
-            bridge.request(flow)
+            hook(bridge.request(flow))
             assert flow.response is None
             assert flow.request.host == "api.openai.com"
             assert METADATA_KEY not in flow.metadata
@@ -64,7 +73,7 @@ def test_bridged_flow_is_detoured_and_restored() -> None:
     with taddons.context(bridge):
         started(bridge)
         flow = responses_flow()
-        bridge.request(flow)
+        hook(bridge.request(flow))
         assert (flow.request.host, flow.request.port, flow.request.scheme) == (
             "127.0.0.1",
             4242,
@@ -89,7 +98,7 @@ def test_flow_that_errors_gives_back_its_token() -> None:
     with taddons.context(bridge):
         started(bridge)
         flow = responses_flow()
-        bridge.request(flow)
+        hook(bridge.request(flow))
         bridge.error(flow)
         assert bridge.loopback.pending == 0
         assert flow.request.host == "api.openai.com"
@@ -105,7 +114,7 @@ def test_bad_bodies_are_answered_in_the_request_hook(body: bytes, status: int) -
         tctx.configure(bridge, bridge_max_body=50)
         started(bridge)
         flow = responses_flow(body)
-        bridge.request(flow)
+        hook(bridge.request(flow))
         assert flow.response is not None and flow.response.status_code == status
         assert flow.response.headers["content-type"] == "application/json"
         assert json.loads(flow.response.content or b"")["error"]["message"]
@@ -126,7 +135,7 @@ def test_not_ready_yet_is_503() -> None:
     bridge = Addons().bridge
     with taddons.context(bridge):
         flow = responses_flow()
-        bridge.request(flow)
+        hook(bridge.request(flow))
         assert flow.response is not None and flow.response.status_code == 503
 
 
@@ -184,11 +193,11 @@ def test_client_key_is_checked_before_anything_else(tmp_path: Path) -> None:
         started(bridge)
         flow = responses_flow(b"not even json")
         flow.request.headers["authorization"] = "Bearer wrong"
-        bridge.request(flow)
+        hook(bridge.request(flow))
         assert flow.response is not None and flow.response.status_code == 401
         flow = responses_flow()
         flow.request.headers["authorization"] = "Bearer ck"
-        bridge.request(flow)
+        hook(bridge.request(flow))
         assert flow.response is None and bridge.loopback.pending == 1
 
 

@@ -10,6 +10,8 @@ writes the turn's report into the flow's metadata and comment.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -20,6 +22,7 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
+from responses_ws_bridge.addons import flow_streaming
 from responses_ws_bridge.addons.option_values import (
     MiB,
     not_negative,
@@ -37,6 +40,7 @@ from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.shell.bridge_service import DEFAULT_SSE_KEEPALIVE_S, BridgeService
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S
+from responses_ws_bridge.shell.sink import ClientGone
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ DEFAULT_MAX_BODY = 32 * MiB
 READY_LINE = "Responses bridge ready"
 OPTIONS = (
     "bridge_upstream",
+    "bridge_detour",
     "bridge_max_body",
     "bridge_sse_keepalive",
     "bridge_retry_budget",
@@ -54,10 +59,14 @@ OPTIONS = (
 
 @dataclass
 class _Routed:
-    """A flow currently detoured through the loopback endpoint."""
+    """A bridged flow whose answer is on its way."""
 
-    token: str
     turn: Turn
+    # The detour: the loopback endpoint's one-time token ("" when streamed in the proxy).
+    token: str = ""
+    # Streamed in the proxy: the task serving the turn.
+    task: asyncio.Future[None] | None = None
+    streamed: bool = False
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -77,6 +86,8 @@ class ResponsesBridge:
         self.service = service
         self.loopback = LoopbackServer()
         self.max_body = DEFAULT_MAX_BODY
+        # Answer from inside mitmproxy's connection handling (else: the loopback detour).
+        self.in_proxy = False
         self._routed: dict[str, _Routed] = {}
 
     # -- options -----------------------------------------------------------
@@ -100,6 +111,13 @@ class ResponsesBridge:
             str,
             f"{DEFAULT_SSE_KEEPALIVE_S:g}",
             "Seconds of upstream silence after which an SSE comment is sent (0: never).",
+        )
+        loader.add_option(
+            "bridge_detour",
+            bool,
+            False,
+            "Carry bridged answers through a loopback endpoint instead of streaming them "
+            "from inside mitmproxy (for a mitmproxy the bridge cannot stream in).",
         )
         loader.add_option(
             "bridge_retry_budget",
@@ -132,11 +150,20 @@ class ResponsesBridge:
             session_idle_ttl_s=seconds(opts, "bridge_session_idle_ttl"),
         )
         self.max_body = positive(opts, "bridge_max_body")
+        self.in_proxy = not opts.bridge_detour and flow_streaming.install()
+        if not opts.bridge_detour and not self.in_proxy:
+            logger.warning(
+                "this mitmproxy cannot stream addon-produced bodies; "
+                "bridged answers take the loopback detour"
+            )
         self.service.apply_settings(settings)
 
     # -- lifecycle -----------------------------------------------------------
 
     async def running(self) -> None:
+        if self.in_proxy:
+            logger.info("%s (answers streamed from inside mitmproxy)", READY_LINE)
+            return
         port = await self.loopback.start()
         logger.info("%s (loopback endpoint on 127.0.0.1:%d)", READY_LINE, port)
 
@@ -154,36 +181,52 @@ class ResponsesBridge:
             # Refuse before mitmproxy reads a body we would refuse anyway.
             self._answer(flow, openai_errors.request_too_large(int(length), self.max_body))
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if not self._wants(flow) or flow.response is not None:
             return
-        if not self.loopback.running:
-            self._answer(flow, openai_errors.bridge_not_ready())
+        turn = self._turn_for(flow)
+        if turn is None:
             return
+        flow.metadata[METADATA_KEY] = {
+            "role": "client",
+            "request_id": turn.request_id,
+            "affinity": turn.affinity.kind.value,
+            "key": turn.affinity.key,
+        }
+        if self.in_proxy:
+            await self._stream(flow, turn)
+        else:
+            self._detour(flow, turn)
+
+    def _turn_for(self, flow: http.HTTPFlow) -> Turn | None:
+        """The checked request as a turn, or None when it was answered with an error."""
+        if not self.in_proxy and not self.loopback.running:
+            self._answer(flow, openai_errors.bridge_not_ready())
+            return None
         state = self.service.state
         accounts = state.config
         if accounts is not None and not client_key_ok(
             accounts, flow.request.headers.get("authorization")
         ):
             self._answer(flow, openai_errors.unauthorized_client_key())
-            return
+            return None
         body = flow.request.raw_content
         if body is None:  # streamed by mitmproxy (stream_large_bodies): too large for us
             self._answer(flow, openai_errors.request_too_large(None, self.max_body))
-            return
+            return None
         try:
             create = parse_create_request(
                 flow.request.get_content(strict=False) or b"", max_body=self.max_body
             )
         except BadRequest as exc:
             self._answer(flow, openai_errors.bad_request(exc))
-            return
+            return None
         headers = tuple(flow.request.headers.items(multi=True))
         request_id = client_request_id(headers) or f"req_{uuid.uuid4().hex}"
         destination = Destination(
             flow.request.scheme, flow.request.host, flow.request.port, flow.request.path
         )
-        turn = Turn(
+        return Turn(
             flow_id=flow.id,
             create=create,
             client_headers=headers,
@@ -192,42 +235,85 @@ class ResponsesBridge:
             affinity=classify(headers, create.body),
             client_credential=(None if state.pooled else _client_credential(flow.request.headers)),
         )
+
+    async def _stream(self, flow: http.HTTPFlow, turn: Turn) -> None:
+        """Serves the turn and answers the flow from inside mitmproxy, streaming when it can."""
+        sink = flow_streaming.FlowSink(flow)
+        task = asyncio.ensure_future(self._serve(turn, sink))
+        routed = self._routed[flow.id] = _Routed(turn, task=task)
+        # The status is known once the first upstream event (or the failure) is.
+        waiting: list[asyncio.Future[Any]] = [sink.head, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not sink.head.done():
+            self._answer(flow, openai_errors.bridge_internal_error())
+            return
+        head = sink.head.result()
+        headers = http.Headers([(k.encode(), v.encode()) for k, v in head.headers])
+        if head.body is not None:
+            flow.response = http.Response.make(head.status, head.body, headers)
+            return
+        # No length: mitmproxy frames it (chunked, or h2 DATA frames).
+        headers["transfer-encoding"] = "chunked"
+        flow.response = http.Response.make(head.status, b"", headers)
+        routed.streamed = True
+
+    async def _serve(self, turn: Turn, sink: flow_streaming.FlowSink) -> None:
+        try:
+            await self.service.serve(turn, sink)
+        except ClientGone:
+            pass
+        except Exception:
+            # A bug in a turn must not take the proxy down: answer what can still be answered.
+            logger.exception("bridge turn %s failed", turn.request_id)
+            error = openai_errors.bridge_internal_error()
+            with contextlib.suppress(ClientGone):
+                if not sink.started:
+                    await sink.respond(error.status, list(error.headers), error.body)
+                else:
+                    await sink.abort("the bridge failed to serve this request")
+
+    def _detour(self, flow: http.HTTPFlow, turn: Turn) -> None:
         service = self.service
         token = self.loopback.register(lambda sink: service.serve(turn, sink))
-        self._routed[flow.id] = _Routed(token, turn)
+        self._routed[flow.id] = _Routed(turn, token=token, streamed=True)
         # Detour to the loopback endpoint. `data.*` leaves the Host header as
         # the client sent it; the destination is restored in responseheaders.
         flow.request.data.scheme = b"http"
         flow.request.data.host = "127.0.0.1"
         flow.request.data.port = self.loopback.port
         flow.request.headers[TOKEN_HEADER] = token
-        flow.metadata[METADATA_KEY] = {
-            "role": "client",
-            "request_id": request_id,
-            "affinity": turn.affinity.kind.value,
-            "key": turn.affinity.key,
-        }
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.get(flow.id)
         if routed is None or flow.response is None:
             return
-        self._restore(flow, routed)
-        flow.response.stream = _Tap(routed.body)
+        if routed.token:
+            self._restore(flow, routed)
+        if routed.streamed:
+            flow.response.stream = _Tap(routed.body)
 
     def response(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.pop(flow.id, None)
         if routed is None or flow.response is None:
             return
-        flow.response.content = bytes(routed.body)
+        if routed.streamed:
+            flow.response.content = bytes(routed.body)
         self._annotate(flow, routed)
 
     def error(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.pop(flow.id, None)
-        if routed is not None:
+        if routed is None:
+            return
+        flow_streaming.forget(flow)
+        if routed.task is not None:
+            # The client left: end the upstream turn promptly.
+            routed.task.cancel()
+        if routed.token:
             self.loopback.discard(routed.token)
             self._restore(flow, routed)
-            self._annotate(flow, routed)
+        if routed.streamed and flow.response is not None:
+            flow.response.content = bytes(routed.body)
+        self._annotate(flow, routed)
 
     # -- commands ----------------------------------------------------------------
 

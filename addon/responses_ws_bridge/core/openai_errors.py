@@ -89,6 +89,16 @@ def bridge_not_ready() -> HttpError:
     )
 
 
+def bridge_internal_error() -> HttpError:
+    """A bug in the bridge ended the turn before any event: say so, keep serving the rest."""
+    return _error(
+        502,
+        "the bridge failed to serve this request",
+        type_="server_error",
+        code="bridge_internal_error",
+    )
+
+
 def unauthorized_client_key() -> HttpError:
     # Never echo what the client sent: it may be a real key sent to the wrong place.
     return _error(

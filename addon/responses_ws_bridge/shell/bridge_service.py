@@ -47,9 +47,9 @@ from responses_ws_bridge.core.retry_policy import (
     RetrySame,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
-from responses_ws_bridge.shell.loopback import ResponseSink
 from responses_ws_bridge.shell.relay import ClientStream, TurnDone, relay_turn
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, SessionPool
+from responses_ws_bridge.shell.sink import ClientSink
 from responses_ws_bridge.shell.upstream_client import (
     SessionTap,
     UpstreamSession,
@@ -103,7 +103,7 @@ class BridgeService:
 
     # -- serving ------------------------------------------------------------------
 
-    async def serve(self, turn: Turn, sink: ResponseSink) -> None:
+    async def serve(self, turn: Turn, sink: ClientSink) -> None:
         """Answers the client of `turn` through `sink`; `turn.report` says what happened."""
         report = turn.report
         client = ClientStream(

@@ -23,16 +23,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import h11
 
+from responses_ws_bridge.shell.sink import ClientGone
+
 logger = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-responses-bridge-token"
 # A job whose request never arrives (its flow died unseen) gives up after this.
 CLAIM_TIMEOUT_S = 60.0
 _READ_SIZE = 65536
-
-
-class ClientGone(Exception):
-    """The connection to mitmproxy (and so to the client) is gone."""
 
 
 class ResponseSink:

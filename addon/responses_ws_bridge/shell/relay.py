@@ -22,7 +22,7 @@ from responses_ws_bridge.core.upstream_events import (
     inspect_event,
     parse_error_event,
 )
-from responses_ws_bridge.shell.loopback import ResponseSink
+from responses_ws_bridge.shell.sink import ClientSink
 from responses_ws_bridge.shell.upstream_client import UpstreamSession
 
 
@@ -30,7 +30,7 @@ from responses_ws_bridge.shell.upstream_client import UpstreamSession
 class ClientStream:
     """What the client has been sent so far, and how to send it more."""
 
-    sink: ResponseSink
+    sink: ClientSink
     headers: list[tuple[str, str]]
     keepalive_s: float | None
     events_sent: int = 0

@@ -58,6 +58,11 @@ class ProxyProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def confdir(self) -> str:
+        """mitmproxy's configuration folder: its CA is `mitmproxy-ca-cert.pem` there."""
+        return self._dir.name
+
     def start(self) -> Self:
         cmd = [
             tool(self.program),

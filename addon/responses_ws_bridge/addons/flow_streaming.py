@@ -1,0 +1,222 @@
+"""A response body the addon produces itself, streamed from inside mitmproxy's HTTP layer.
+
+mitmproxy sends a response that an addon sets in the `request` hook all at
+once. For a bridged flow the body is the upstream's events, produced while the
+client waits, so this module teaches mitmproxy's HTTP layer (12.x) two things,
+for flows registered here only:
+
+- a response set by the addon starts a *streamed* response (headers now, body
+  later), exactly as a streamed upstream response does;
+- a `_Feed` event, sent with the connection handler's `server_event`, carries
+  a body chunk (or the end, or an error) to that flow's stream, which then runs
+  through mitmproxy's own code: `flow.response.stream`, h1/h2 framing, TLS,
+  the `response` hook at the end, `error` when the client leaves.
+
+Everything else is mitmproxy's unchanged code path. These are mitmproxy
+internals, so `install()` checks for them and says False when they are not
+there; the bridge then keeps its loopback endpoint instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy import flow as mitmflow
+from mitmproxy.proxy import events, layer
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import (
+    DropStream,
+    ErrorCode,
+    HttpErrorHook,
+    HttpLayer,
+    HttpStream,
+    RequestProtocolError,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseProtocolError,
+)
+
+from responses_ws_bridge.shell.sink import ClientGone
+
+logger = logging.getLogger(__name__)
+
+# Ids of the flows whose response body an addon produces.
+_live: set[str] = set()
+_installed = False
+
+
+@dataclass
+class _Feed(events.Event):
+    """A body chunk for `flow` (`data` None: the end; `error`: abort the response)."""
+
+    flow: http.HTTPFlow
+    data: bytes | None = None
+    error: str | None = None
+
+
+class _AddonStream(HttpStream):
+    def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
+        if (
+            not already_streamed
+            and self.flow.id in _live
+            and self.server_state == self.state_wait_for_response_headers
+        ):
+            # Headers now; the body comes as `_Feed` events.
+            yield from self.start_response_stream()
+            return
+        yield from super().send_response(already_streamed)
+
+    def handle_protocol_error(
+        self, event: RequestProtocolError | ResponseProtocolError
+    ) -> layer.CommandGenerator[None]:
+        if (
+            isinstance(event, RequestProtocolError)
+            and self.flow.id in _live
+            and self.server_state == self.state_stream_response_body
+        ):
+            # The client left mid-stream. mitmproxy would forward that to the
+            # server connection, which an addon-produced response never had.
+            _live.discard(self.flow.id)
+            self.flow.error = mitmflow.Error(event.message)
+            yield HttpErrorHook(self.flow)
+            self.flow.live = False
+            self.client_state = self.server_state = self.state_errored
+            yield DropStream(self.stream_id)
+            return
+        yield from super().handle_protocol_error(event)
+
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        _live.discard(self.flow.id)
+        yield from super().flow_done()
+
+
+_original_handle_event = HttpLayer._handle_event
+
+
+def _handle_event(self: HttpLayer, event: events.Event) -> layer.CommandGenerator[None]:
+    if isinstance(event, _Feed):
+        return _route(self, event)
+    result: layer.CommandGenerator[None] = _original_handle_event(self, event)
+    return result
+
+
+def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
+    for stream in list(self.streams.values()):
+        if getattr(stream, "flow", None) is not event.flow:
+            continue
+        if stream._handle_event == stream.passthrough:
+            break
+        if not (stream._paused or stream.server_state == stream.state_stream_response_body):
+            return  # the stream already ended (the client left): nothing to deliver
+        inner: events.Event
+        if event.error is not None:
+            inner = ResponseProtocolError(
+                stream.stream_id, event.error, ErrorCode.GENERIC_SERVER_ERROR
+            )
+        elif event.data is None:
+            inner = ResponseEndOfMessage(stream.stream_id)
+        else:
+            inner = ResponseData(stream.stream_id, event.data)
+        yield from self.event_to_child(stream, inner)
+        return
+    # A CONNECT tunnel (or an upgraded stream) holds the flow's HTTP layer further down.
+    for stream in list(self.streams.values()):
+        if stream.child_layer is not None and stream._handle_event == stream.passthrough:
+            yield from self.event_to_child(stream, event)
+
+
+def install() -> bool:
+    """Patches mitmproxy's HTTP layer once per process; False when this mitmproxy cannot."""
+    global _installed
+    if _installed:
+        return True
+    needed = (
+        hasattr(HttpStream, "start_response_stream"),
+        hasattr(HttpStream, "state_wait_for_response_headers"),
+        hasattr(HttpStream, "state_stream_response_body"),
+        hasattr(HttpLayer, "_handle_event"),
+        hasattr(HttpLayer, "event_to_child"),
+        getattr(http_layers, "HttpStream", None) is HttpStream,
+    )
+    if not all(needed):
+        return False
+    # HttpLayer.make_stream looks the class up by module name for every new stream.
+    http_layers.HttpStream = _AddonStream  # type: ignore[misc]
+    HttpLayer._handle_event = _handle_event  # type: ignore[method-assign]
+    _installed = True
+    return True
+
+
+@dataclass(frozen=True)
+class Head:
+    """How the response starts: streamed (`body` None) or whole."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None = None
+
+
+class FlowSink:
+    """The service's answer for one flow, delivered through mitmproxy's own connection.
+
+    `head` resolves with the status and headers (and the whole body, for a
+    response with a known length); the `request` hook awaits it and sets
+    `flow.response`. Streamed chunks go in as `_Feed` events, with mitmproxy's
+    write buffers drained after each, so a slow client slows the relay down.
+    """
+
+    def __init__(self, flow: http.HTTPFlow) -> None:
+        self._flow = flow
+        self.head: asyncio.Future[Head] = asyncio.get_running_loop().create_future()
+        self.started = False
+        self.finished = False
+        self.status: int | None = None
+
+    async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        self._begin(Head(status, tuple(headers)))
+        _live.add(self._flow.id)
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._feed(_Feed(self._flow, data))
+
+    async def finish(self) -> None:
+        self.finished = True
+        await self._feed(_Feed(self._flow, None))
+
+    async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
+        self._begin(Head(status, tuple(headers), body))
+        self.finished = True
+
+    async def abort(self, reason: str) -> None:
+        """The producer failed after the headers went out: cut the response."""
+        if self.started and not self.finished and self._flow.id in _live:
+            self.finished = True
+            await self._feed(_Feed(self._flow, error=reason))
+
+    def _begin(self, head: Head) -> None:
+        self.status = head.status
+        self.started = True
+        if not self.head.done():
+            self.head.set_result(head)
+
+    async def _feed(self, event: _Feed) -> None:
+        if self._flow.id not in _live:
+            raise ClientGone
+        handler = ctx.master.addons.get("proxyserver").connections.get(self._flow.client_conn.id)
+        if handler is None:
+            raise ClientGone
+        await handler.server_event(event)
+        await handler.drain_writers()
+        if event.data is not None and self._flow.id not in _live:
+            raise ClientGone
+
+
+def forget(flow: http.HTTPFlow) -> None:
+    """The flow ended (response sent, or an error): it streams no more."""
+    _live.discard(flow.id)

@@ -1,0 +1,32 @@
+"""Where the service writes its answer to the client: one HTTP response, streamed or whole."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class ClientGone(Exception):
+    """The connection to the client is gone; nothing more can be written."""
+
+
+class ClientSink(Protocol):
+    """One HTTP response to the client (mitmproxy's own connection, or the loopback detour).
+
+    `start` sends the status and headers of a streamed response, `write` a body
+    chunk, `finish` ends it; `respond` sends a whole response with a known
+    length. Each raises `ClientGone` once the client has left.
+    """
+
+    started: bool
+    finished: bool
+
+    async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    async def respond(
+        self, status: int, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> None: ...
