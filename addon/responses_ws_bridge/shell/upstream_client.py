@@ -10,6 +10,7 @@ as mitmproxy flows. No policy lives here.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import ssl
 import time
@@ -47,6 +48,34 @@ class UpstreamSettings:
     ping_timeout: float | None = 20.0
     compression: bool = False
     close_timeout: float = 5.0
+    # How `wss://` upstreams are verified, as mitmproxy verifies its own upstreams:
+    # `ssl_verify_upstream_trusted_ca` (a PEM bundle) and
+    # `ssl_verify_upstream_trusted_confdir` (a directory of hashed certificates)
+    # replace the default trust store; `ssl_insecure` turns verification off.
+    trusted_ca: str | None = None
+    trusted_ca_dir: str | None = None
+    insecure: bool = False
+
+
+def tls_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
+    """The client context for `wss://` (None: the library's default, the system's CAs).
+
+    Raises OSError or ssl.SSLError when a trusted CA cannot be loaded.
+    """
+    if settings.trusted_ca is None and settings.trusted_ca_dir is None and not settings.insecure:
+        return None
+    return _tls_context(settings.trusted_ca, settings.trusted_ca_dir, settings.insecure)
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(cafile: str | None, capath: str | None, insecure: bool) -> ssl.SSLContext:
+    # One context per configuration: loading a CA bundle costs milliseconds per connection.
+    # With a CA file or directory given, the system's CAs are not loaded at all.
+    context = ssl.create_default_context(cafile=cafile, capath=capath)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class SessionTap(Protocol):
@@ -235,9 +264,11 @@ async def open_session(
     created: list[ClientConnection] = []
     token = _created.set(created)
     kwargs: dict[str, Any] = {}
-    if ssl_context is not None and url.startswith("wss:"):
-        kwargs["ssl"] = ssl_context
     try:
+        if url.startswith("wss:"):
+            context = ssl_context if ssl_context is not None else tls_context(settings)
+            if context is not None:
+                kwargs["ssl"] = context
         ws = await connect(
             url,
             additional_headers=list(headers),
