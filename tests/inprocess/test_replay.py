@@ -373,6 +373,9 @@ class RecordingTap:
     def attach(self, context: object) -> None:
         pass
 
+    def idle(self) -> None:
+        pass
+
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None:

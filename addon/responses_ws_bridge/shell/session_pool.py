@@ -63,6 +63,8 @@ class SessionPool:
         if self.idle_ttl_s <= 0 or not session.is_open:
             self._close(session)
             return
+        # The recording of the turn ends here: an idle socket keeps none of its messages.
+        session.idle()
         self._idle.setdefault(key, []).append(_Idle(session, self._clock()))
         self._idle.move_to_end(key)
         self._count += 1

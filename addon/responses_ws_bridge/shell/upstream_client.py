@@ -84,6 +84,9 @@ class SessionTap(Protocol):
     def attach(self, context: object) -> None:
         """A reused connection starts serving another request (`context` says which)."""
 
+    def idle(self) -> None:
+        """The turn is over; the connection waits, open, for its next one."""
+
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None: ...
@@ -206,6 +209,11 @@ class UpstreamSession:
             for text in texts:
                 self.tap.message(False, text, now)
         return texts
+
+    def idle(self) -> None:
+        """The turn is over and the session waits for the next (told to the tap)."""
+        if self.tap is not None:
+            self.tap.idle()
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         try:
