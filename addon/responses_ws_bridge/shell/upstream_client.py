@@ -168,6 +168,18 @@ class UpstreamSession:
         return list(response.headers.raw_items()) if response is not None else []
 
     @property
+    def handshake(self) -> tuple[Request | None, Response | None]:
+        """The upgrade request as sent and the 101 as received."""
+        return self._ws.request, self._ws.response
+
+    def adopt(self, tap: SessionTap | None) -> None:
+        """A session opened without a tap (a warm spare) starts being recorded."""
+        self.tap = tap
+        if tap is not None:
+            request, response = self.handshake
+            tap.handshake_done(request, response, None)
+
+    @property
     def local_address(self) -> tuple[str, int] | None:
         try:
             address = self._ws.local_address
