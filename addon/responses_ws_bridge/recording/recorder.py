@@ -61,10 +61,12 @@ class SessionFlowTap:
         secrets: Collection[str],
     ) -> None:
         self._url = url
-        self._turn = turn
+        # Only what the recording needs: the turn (its 40 KB body) and the client
+        # flow would otherwise live as long as the socket.
+        self._affinity = turn.affinity
+        self._client_flow_id = turn.flow_id
         self._attempt = attempt
         self._find_client_flow = find_client_flow
-        self._client_flow = find_client_flow(turn.flow_id)
         self._emit = emit
         self._redact = redact
         self._secrets = secrets if redact else ()
@@ -83,7 +85,7 @@ class SessionFlowTap:
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None:
         now = time.time()
-        affinity = self._turn.affinity
+        affinity = self._affinity
         headers = list(request.headers.raw_items()) if request is not None else []
         upstream = session_flows.new_upstream_flow(
             url=self._url,
@@ -95,7 +97,7 @@ class SessionFlowTap:
                 key=affinity.key,
                 attempt=self._attempt.number,
             ),
-            client_flow=self._client_flow,
+            client_flow=self._find_client_flow(self._client_flow_id),
             secrets=self._secrets,
         )
         self._attempt.upstream_flow = upstream.id

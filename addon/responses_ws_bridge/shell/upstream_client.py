@@ -330,9 +330,28 @@ async def open_session(
         raise ConnectFailed(detail) from exc
     finally:
         _created.reset(token)
+    _shrink_tls_buffer(ws)
     if tap is not None:
         tap.handshake_done(ws.request, ws.response, None)
     return UpstreamSession(ws, url, tap)
+
+
+# asyncio's TLS transport reads into a 256 KiB buffer per connection, written
+# through once at allocation: on an upstream socket that idles between turns
+# most of its memory. TLS records are at most 16 KiB, so 32 KiB loses nothing.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def _shrink_tls_buffer(ws: ClientConnection) -> None:
+    """Gives a TLS connection a smaller read buffer (asyncio internals; a no-op if they change)."""
+    protocol = getattr(ws.transport, "_ssl_protocol", None)
+    if protocol is None or not isinstance(getattr(protocol, "_ssl_buffer", None), bytearray):
+        return
+    if getattr(protocol, "max_size", 0) <= TLS_READ_BUFFER:
+        return
+    protocol.max_size = TLS_READ_BUFFER
+    protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
+    protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
 
 
 def _request_of(created: list[ClientConnection]) -> Request | None:
