@@ -15,13 +15,15 @@ import httpx
 import pytest
 from cryptography import x509
 from responses_ws_bridge.shell.upstream_client import (
+    TLS_READ_BUFFER,
     ConnectFailed,
     UpstreamSettings,
     open_session,
     tls_context,
 )
 from responses_ws_bridge.testing.local_sse_upstream import LocalSseUpstream
-from responses_ws_bridge.testing.local_upstream import LocalUpstream
+from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
+from responses_ws_bridge.testing.response_events import TurnSpec, split_text
 from responses_ws_bridge.testing.tls import TestPki, make_test_pki
 
 TIMEOUT = 15.0
@@ -163,3 +165,31 @@ def test_the_command_lines_want_both_tls_flags(module: str, pki: TestPki) -> Non
         timeout=30,
     )
     assert proc.returncode == 2 and "--tls-cert and --tls-key go together" in proc.stderr
+
+
+def test_upstream_tls_sockets_read_into_a_small_buffer_and_lose_nothing(pki: TestPki) -> None:
+    text = "0123456789abcdef" * 8192  # 128 KiB of deltas, frames larger than the buffer
+
+    async def body() -> tuple[int, str]:
+        plan = Plan(turn=TurnSpec(text=text, deltas=2))
+        async with LocalUpstream(ssl_context=pki.server_context(), default_plan=plan) as upstream:
+            settings = UpstreamSettings(trusted_ca=str(pki.ca_cert))
+            session = await open_session(f"{upstream.url}/v1/responses", [], settings)
+            # asyncio's internals: the guard that the shrinking still applies.
+            protocol = session._ws.transport._ssl_protocol  # type: ignore[attr-defined]
+            size = len(protocol._ssl_buffer)
+            await session.send(CREATE)
+            deltas: list[str] = []
+            done = False
+            while not done:
+                for message in await session.next_batch():
+                    event = json.loads(message)
+                    if event["type"] == "response.output_text.delta":
+                        deltas.append(event["delta"])
+                    done = done or event["type"] == "response.completed"
+            await session.close()
+            return size, "".join(deltas)
+
+    size, received = run_async(body)
+    assert size == TLS_READ_BUFFER
+    assert received == "".join(split_text(text, 2))
