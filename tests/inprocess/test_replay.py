@@ -375,6 +375,9 @@ class RecordingTap:
     def attach(self, turn: Turn, attempt: Attempt) -> None:
         pass
 
+    def idle(self) -> None:
+        pass
+
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None:

@@ -8,6 +8,7 @@ the way mitmproxy would. Only the retry backoff is skipped (an injected sleep).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from mitmproxy import hooks
+from mitmproxy.proxy.layers.http import HttpRequestHook
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.create_request import parse_create_request
@@ -75,7 +77,9 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(*, pooled: bool = True, taps: TapFactory | None = None) -> AsyncIterator[Rig]:
+async def rig(
+    *, pooled: bool = True, taps: TapFactory | None = None, spares: int = 0
+) -> AsyncIterator[Rig]:
     async with LocalUpstream(tokens=TOKENS) as upstream:
         ws_url = upstream.http_url.replace("http://", "ws://") + "/v1/responses"
         state = PoolState()
@@ -90,6 +94,7 @@ async def rig(*, pooled: bool = True, taps: TapFactory | None = None) -> AsyncIt
         settings = BridgeSettings(
             upstream_option="" if pooled else ws_url,
             upstream=UpstreamSettings(connect_timeout=BOUND_S, ping_interval=None),
+            warm_spares=spares,
         )
         sessions = SessionPool()
         service = BridgeService(settings, state=state, sessions=sessions, taps=taps, sleep=no_sleep)
@@ -241,12 +246,10 @@ def test_the_recorder_builds_the_session_flow_through_mitmproxy_hooks() -> None:
             return tap
 
         async with rig(taps=tap_for) as r:
-            turn, _ = await r.post(STREAM, SESSION)
-            await r.post(STREAM, SESSION)
+            first, _ = await r.post(STREAM, SESSION)
+            second, _ = await r.post(STREAM, SESSION)
         await emitter.drain()
-        (tap,) = taps  # the second turn reused the socket: one session flow
-        flow = tap.flow
-        assert flow is not None and flow.websocket is not None
+        assert len(taps) == 1  # the second turn reused the socket
         names = [h.name for h in collected.seen]
         assert names[:5] == [
             "requestheaders",
@@ -255,13 +258,22 @@ def test_the_recorder_builds_the_session_flow_through_mitmproxy_hooks() -> None:
             "response",
             "websocket_start",
         ]
-        assert "websocket_end" in names and "error" not in names
-        meta = flow.metadata[METADATA_KEY]
-        assert meta["client_flow"] != turn.flow_id and turn.flow_id in meta["client_flows"]
-        assert turn.report.attempts[0].upstream_flow == flow.id
-        assert "tok-" not in str(flow.request.headers)
-        sent = [m for m in flow.websocket.messages if m.from_client]
-        assert len(sent) == 2 and b"response.create" in sent[0].content
+        assert "error" not in names
+        # One flow per turn on the socket, so an idle socket holds no recorded messages.
+        flows = [h.flow for h in collected.seen if isinstance(h, HttpRequestHook)]
+        # ... and the close at shutdown in a segment of its own, so replay ends the socket so.
+        assert len(flows) == 3
+        closing = flows[2].websocket
+        assert closing is not None and closing.close_code is not None and not closing.messages
+        for flow, turn in zip(flows[:2], (first, second), strict=True):
+            meta = flow.metadata[METADATA_KEY]
+            assert meta["client_flow"] == turn.flow_id
+            assert turn.report.attempts[0].upstream_flow == flow.id
+            assert "tok-" not in str(flow.request.headers)
+            assert flow.websocket is not None
+            sent = [m for m in flow.websocket.messages if m.from_client]
+            assert len(sent) == 1 and b"response.create" in sent[0].content
+        assert flows[1].metadata[METADATA_KEY]["socket"] == flows[0].id
 
     run(main())
 
@@ -271,11 +283,27 @@ def test_no_reuse_when_the_idle_ttl_is_zero(idle_ttl: float) -> None:
     async def main() -> None:
         async with rig() as r:
             r.service.apply_settings(
-                BridgeSettings(upstream=r.service.settings.upstream, session_idle_ttl_s=idle_ttl)
+                dataclasses.replace(r.service.settings, session_idle_ttl_s=idle_ttl)
             )
             await r.post(STREAM, SESSION)
             second, _ = await r.post(STREAM, SESSION)
             assert not second.report.attempts[0].reused
             assert len(r.upstream.records()) == 2
+
+    run(main())
+
+
+def test_a_request_without_an_idle_socket_takes_a_warm_spare() -> None:
+    async def main() -> None:
+        async with rig(spares=1) as r:
+            first, _ = await r.post(STREAM, SESSION)
+            await r.service.spares.wait_idle()
+            second, response = await r.post(STREAM, [("session-id", "s-2")])
+            assert response.status_code == 200
+            assert not first.report.attempts[0].spare and second.report.attempts[0].spare
+            await r.service.spares.wait_idle()
+            # The taken spare was replaced at once: one more socket, none opened by a request.
+            assert len(r.upstream.records()) == 3
+            assert r.service.spares.ready_count == 1
 
     run(main())

@@ -14,15 +14,20 @@ from responses_ws_bridge.addons.responses_bridge import ResponsesBridge
 from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
-from responses_ws_bridge.shell.session_pool import SessionPool
+from responses_ws_bridge.shell.session_pool import SessionPool, WarmSpares
 
 
 def bridge_addons() -> list[object]:
     """Every addon of the bridge, wired together (what `addon/bridge.py` loads)."""
     state = PoolState()
     recording = Recording(state)
+    settings = BridgeSettings()
     service = BridgeService(
-        BridgeSettings(), state=state, sessions=SessionPool(), taps=recording.tap_for
+        settings,
+        state=state,
+        sessions=SessionPool(),
+        spares=WarmSpares(per_key=settings.warm_spares),
+        taps=recording.tap_for,
     )
     return [
         ResponsesView(),

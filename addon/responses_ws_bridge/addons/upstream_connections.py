@@ -1,4 +1,9 @@
-"""Options of the bridge's upstream WebSocket connections (timeouts, pings, sizes)."""
+"""Options of the bridge's upstream WebSocket connections: timeouts, pings, sizes, TLS, spares.
+
+TLS follows mitmproxy's own options for its upstream connections
+(`ssl_verify_upstream_trusted_ca`, `ssl_verify_upstream_trusted_confdir`,
+`ssl_insecure`), so one setting covers both.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from mitmproxy.addonmanager import Loader
 
 from responses_ws_bridge.addons.option_values import not_negative, seconds
 from responses_ws_bridge.shell.bridge_service import BridgeService
+from responses_ws_bridge.shell.session_pool import DEFAULT_WARM_SPARES
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
 
 _DEFAULTS = UpstreamSettings()
@@ -18,6 +24,10 @@ OPTIONS = (
     "bridge_ping_interval",
     "bridge_ping_timeout",
     "bridge_compression",
+    "bridge_warm_spares",
+    "ssl_verify_upstream_trusted_ca",
+    "ssl_verify_upstream_trusted_confdir",
+    "ssl_insecure",
 )
 
 
@@ -60,6 +70,13 @@ class UpstreamConnections:
             _DEFAULTS.compression,
             "Offer permessage-deflate to the upstream.",
         )
+        loader.add_option(
+            "bridge_warm_spares",
+            int,
+            DEFAULT_WARM_SPARES,
+            "Pre-opened upstream WebSockets kept per account for requests that find no idle "
+            "session; one taken is replaced at once (0: none).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if not updated.intersection(OPTIONS):
@@ -75,5 +92,13 @@ class UpstreamConnections:
             ping_interval=seconds(opts, "bridge_ping_interval") or None,
             ping_timeout=seconds(opts, "bridge_ping_timeout") or None,
             compression=opts.bridge_compression,
+            trusted_ca=opts.ssl_verify_upstream_trusted_ca or None,
+            trusted_ca_dir=opts.ssl_verify_upstream_trusted_confdir or None,
+            insecure=opts.ssl_insecure,
         )
-        self.service.apply_settings(dataclasses.replace(self.service.settings, upstream=upstream))
+        settings = dataclasses.replace(
+            self.service.settings,
+            upstream=upstream,
+            warm_spares=not_negative(opts, "bridge_warm_spares"),
+        )
+        self.service.apply_settings(settings)

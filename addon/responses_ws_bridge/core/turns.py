@@ -32,6 +32,8 @@ class Attempt:
     account: str | None
     url: str
     reused: bool = False
+    # A pre-opened socket of the account (handshake done before the request came).
+    spare: bool = False
     outcome: str = "pending"
     close_code: int | None = None
     detail: str = ""
@@ -65,6 +67,8 @@ def _describe_attempt(attempt: Attempt) -> str:
     parts = [f"attempt {attempt.number}: {attempt.account or '(client)'}", attempt.outcome]
     if attempt.reused:
         parts.append("reused socket")
+    if attempt.spare:
+        parts.append("warm spare")
     if attempt.close_code is not None:
         parts.append(f"close {attempt.close_code}")
     if attempt.detail:

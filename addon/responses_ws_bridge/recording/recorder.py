@@ -8,10 +8,13 @@ message with its timestamp, the close) and feeds it through mitmproxy's hooks
 `websocket_end` or `error`), so it shows in mitmweb and the console next to the
 client flow it served and `-w` saves it like any flow.
 
-Messages are appended as they pass; to keep the per-event cost of a stream
-low, flows with new messages are refreshed together, one `update` hook every
-`UPDATE_INTERVAL_S` for all of them, instead of running every addon's
-`websocket_message` hook once per event.
+A socket reused across turns is recorded as one flow per turn (see
+`session_flows`): `idle()` (the session pool calls it when a turn is over)
+ends the turn's flow with `websocket_end`, which is when `-w` writes it, and
+the next `attach` starts the next one. Messages are appended as they pass;
+to keep the per-event cost of a stream low, flows with new messages are
+refreshed together, one `update` hook every `UPDATE_INTERVAL_S` for all of
+them, instead of running every addon's `websocket_message` hook once per event.
 Credentials are redacted (`Bearer <redacted:ACCOUNT_ID>`) unless disabled.
 """
 
@@ -55,7 +58,11 @@ class SessionFlowTap:
         redact: bool,
         secrets: Collection[str],
     ) -> None:
-        self._turn = turn
+        self._url = attempt.url
+        # Only what the recording needs: the turn (its 40 KB body) and the client
+        # flow would otherwise live as long as the socket.
+        self._affinity = turn.affinity
+        self._client_flow_id = turn.flow_id
         self._attempt = attempt
         self._emit = emit
         self._redact = redact
@@ -63,7 +70,11 @@ class SessionFlowTap:
         # One C-level scan per message tells whether any secret needs replacing.
         alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
         self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
+        # The segment being recorded (None: the socket is idle between turns).
         self.flow: http.HTTPFlow | None = None
+        self._handshake: tuple[list[tuple[str, str]], Response] | None = None
+        # The last segment that ended: its id and metadata, for the next one.
+        self._last: tuple[str, dict[str, Any]] | None = None
 
     # -- SessionTap ----------------------------------------------------------------
 
@@ -71,10 +82,10 @@ class SessionFlowTap:
         self, request: Request | None, response: Response | None, error: str | None
     ) -> None:
         now = time.time()
-        affinity = self._turn.affinity
+        affinity = self._affinity
         headers = list(request.headers.raw_items()) if request is not None else []
         upstream = session_flows.new_upstream_flow(
-            url=self._attempt.url,
+            url=self._url,
             headers=headers,
             timestamp=now,
             meta=session_flows.UpstreamMeta(
@@ -83,43 +94,43 @@ class SessionFlowTap:
                 key=affinity.key,
                 attempt=self._attempt.number,
             ),
-            client_flow_id=self._turn.flow_id,
+            client_flow_id=self._client_flow_id,
             secrets=self._secrets,
         )
-        if not self._redact:
-            upstream.request.headers = http.Headers(
-                [(k.encode("latin-1"), v.encode()) for k, v in headers]
-            )
-        self.flow = upstream
         self._attempt.upstream_flow = upstream.id
-        self._emit(HttpRequestHeadersHook(upstream))
-        self._emit(HttpRequestHook(upstream))
         if response is None:
+            self._show_request(upstream, headers)
             session_flows.record_error(upstream, error or "no response from the upstream")
             self._emit(HttpErrorHook(upstream))
             return
-        session_flows.record_handshake_response(
-            upstream,
-            status=response.status_code,
-            reason=response.reason_phrase,
-            headers=list(response.headers.raw_items()),
-            body=bytes(response.body or b""),
-            timestamp=now,
-            secrets=self._secrets,
-        )
-        self._emit(HttpResponseHeadersHook(upstream))
-        self._emit(HttpResponseHook(upstream))
-        if upstream.websocket is not None:
-            self._emit(WebsocketStartHook(upstream))
+        # Kept for the socket's later segments; the connection holds both anyway.
+        self._handshake = (headers, response)
+        self._start(upstream, now)
 
     def attach(self, turn: Turn, attempt: Attempt) -> None:
         if self.flow is None:
+            # The socket was idle: this turn gets a segment of its own.
+            self._next_segment(turn.flow_id, attempt.number)
+        else:
+            session_flows.note_reuse(self.flow, client_flow_id=turn.flow_id, attempt=attempt.number)
+            self._emit.touch(self.flow)
+        if self.flow is not None:
+            attempt.upstream_flow = self.flow.id
+
+    def idle(self) -> None:
+        flow = self.flow
+        if flow is None or flow.websocket is None:
             return
-        attempt.upstream_flow = self.flow.id
-        session_flows.note_reuse(self.flow, client_flow_id=turn.flow_id, attempt=attempt.number)
-        self._emit.touch(self.flow)
+        # Ended and saved now, so the idle socket keeps none of the turn's messages.
+        session_flows.end_segment(flow, timestamp=time.time())
+        self._last = (flow.id, flow.metadata[session_flows.METADATA_KEY])
+        self.flow = None
+        self._emit(WebsocketEndHook(flow))
 
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
+        if self.flow is None:
+            # Something arrived on an idle socket (an error event, say): it is recorded too.
+            self._next_segment(None, self._attempt.number)
         if self.flow is None or self.flow.websocket is None:
             return
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
@@ -138,6 +149,9 @@ class SessionFlowTap:
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
     ) -> None:
+        if self.flow is None:
+            # Closed while idle: the close gets a segment, so replay ends the socket as it ended.
+            self._next_segment(None, self._attempt.number)
         if self.flow is None or self.flow.websocket is None:
             return
         session_flows.record_close(
@@ -148,6 +162,53 @@ class SessionFlowTap:
             timestamp=timestamp,
         )
         self._emit(WebsocketEndHook(self.flow))
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _show_request(self, upstream: http.HTTPFlow, headers: list[tuple[str, str]]) -> None:
+        if not self._redact:
+            upstream.request.headers = http.Headers(
+                [(k.encode("latin-1"), v.encode()) for k, v in headers]
+            )
+        self.flow = upstream
+        self._emit(HttpRequestHeadersHook(upstream))
+        self._emit(HttpRequestHook(upstream))
+
+    def _start(self, upstream: http.HTTPFlow, now: float) -> None:
+        """Shows a segment: its request, the socket's handshake answer, the WebSocket start."""
+        assert self._handshake is not None
+        headers, response = self._handshake
+        self._show_request(upstream, headers)
+        session_flows.record_handshake_response(
+            upstream,
+            status=response.status_code,
+            reason=response.reason_phrase,
+            headers=list(response.headers.raw_items()),
+            body=bytes(response.body or b""),
+            timestamp=now,
+            secrets=self._secrets,
+        )
+        self._emit(HttpResponseHeadersHook(upstream))
+        self._emit(HttpResponseHook(upstream))
+        if upstream.websocket is not None:
+            self._emit(WebsocketStartHook(upstream))
+
+    def _next_segment(self, client_flow_id: str | None, attempt: int) -> None:
+        if self._handshake is None or self._last is None:
+            return
+        now = time.time()
+        previous_id, previous_meta = self._last
+        upstream = session_flows.next_segment(
+            previous_meta,
+            previous_id,
+            url=self._url,
+            headers=self._handshake[0],
+            timestamp=now,
+            client_flow_id=client_flow_id,
+            attempt=attempt,
+            secrets=self._secrets,
+        )
+        self._start(upstream, now)
 
 
 class HookEmitter:

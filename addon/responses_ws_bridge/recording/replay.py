@@ -22,7 +22,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +111,9 @@ class RecordedSession:
     closed_by_client: bool | None = None
     ended: float | None = None
     error: str | None = None
+    # A socket recorded one flow per turn: the first segment's flow id, and this one's index.
+    socket: str | None = None
+    segment: int = 0
 
     @property
     def servable(self) -> bool:
@@ -195,6 +198,8 @@ def session_from_flow(flow: Flow, source: str) -> RecordedSession | None:
         closed_by_client=ws.closed_by_client if ws is not None else None,
         ended=ended,
         error=session.error,
+        socket=str(meta["socket"]) if isinstance(meta, dict) and meta.get("socket") else None,
+        segment=int(meta.get("segment", 0)) if isinstance(meta, dict) else 0,
     )
 
 
@@ -216,7 +221,35 @@ def load_sessions(paths: Iterable[str | Path]) -> list[RecordedSession]:
         except exceptions.FlowReadException as exc:
             raise FlowFileError(f"{path}: not a readable flow file ({exc})") from exc
     # sorted() is stable: flows recorded at the same instant keep file order.
-    return sorted(found, key=lambda s: s.started)
+    return merge_segments(sorted(found, key=lambda s: s.started))
+
+
+def merge_segments(sessions: Sequence[RecordedSession]) -> list[RecordedSession]:
+    """Joins the per-turn flows of one socket back into the one session it was.
+
+    `sessions` in start order; a merged session keeps its first segment's place
+    and handshake, every segment's messages in order, and the last one's end.
+    """
+    merged: list[RecordedSession] = []
+    where: dict[str, int] = {}
+    for session in sessions:
+        index = where.get(session.socket) if session.socket is not None else None
+        if index is None:
+            if session.socket is not None:
+                where[session.socket] = len(merged)
+            merged.append(session)
+            continue
+        head = merged[index]
+        merged[index] = replace(
+            head,
+            messages=head.messages + session.messages,
+            close_code=session.close_code,
+            close_reason=session.close_reason,
+            closed_by_client=session.closed_by_client,
+            ended=session.ended,
+            segment=session.segment,
+        )
+    return merged
 
 
 # -- deviations

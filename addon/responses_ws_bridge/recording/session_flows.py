@@ -4,9 +4,19 @@ The bridge opens its upstream connections itself, so mitmproxy never sees
 them. These functions build the `HTTPFlow` mitmproxy would have made for such a
 session (the handshake as sent, the 101 or rejection as received, every
 message, the close) so that it shows in mitmweb beside the client flow it
-served and is saved by `-w`. Credentials are redacted as they are recorded
-(`responses_ws_bridge.core.redaction`). No I/O: the caller supplies every value and timestamp and
-triggers mitmproxy's hooks itself.
+served and is saved by `-w`.
+
+A socket kept open between turns is recorded as one flow per turn (a
+*segment*): the turn's flow ends, and is saved, when the turn does, and the
+next turn on the socket starts a new one with the same handshake. So an idle
+socket holds no recorded messages, whatever the number of turns it served.
+Segments carry `socket` (the first segment's flow id) and `segment` (0, 1, …)
+in their metadata, and `socket_open` when the socket lived on after them;
+`replay.merge_segments` joins them back into one session.
+
+Credentials are redacted as they are recorded (`responses_ws_bridge.core.redaction`).
+No I/O: the caller supplies every value and timestamp and triggers
+mitmproxy's hooks itself.
 """
 
 from __future__ import annotations
@@ -69,6 +79,9 @@ def describe_upstream(meta: dict[str, Any]) -> str:
         parts.append(f"client flow {_short(str(client_flow))}")
     if meta.get("reused"):
         parts.append("reused socket")
+    segment = meta.get("segment")
+    if isinstance(segment, int) and segment > 0:
+        parts.append(f"turn {segment + 1} on socket {_short(str(meta.get('socket')))}")
     return " · ".join(parts)
 
 
@@ -147,6 +160,54 @@ def note_reuse(f: http.HTTPFlow, *, client_flow_id: str | None, attempt: int = 1
     meta["attempt"] = attempt
     meta["reused"] = True
     f.comment = describe_upstream(meta)
+
+
+def next_segment(
+    previous_meta: dict[str, Any],
+    previous_id: str,
+    *,
+    url: str,
+    headers: Sequence[tuple[str, str]],
+    timestamp: float,
+    client_flow_id: str | None,
+    attempt: int,
+    secrets: Collection[str] = (),
+) -> http.HTTPFlow:
+    """The flow of a socket's next turn, after the segment `previous_id` ended.
+
+    Its handshake request is the socket's own (`headers`, redacted as
+    recorded); the caller records the socket's 101 on it again.
+    """
+    meta = UpstreamMeta(
+        account=previous_meta.get("account"),
+        affinity=previous_meta.get("affinity", "none"),
+        key=previous_meta.get("key"),
+        attempt=attempt,
+        reused=True,
+    )
+    f = new_upstream_flow(
+        url=url,
+        headers=headers,
+        timestamp=timestamp,
+        meta=meta,
+        client_flow_id=client_flow_id,
+        secrets=secrets,
+    )
+    data = f.metadata[METADATA_KEY]
+    data["socket"] = previous_meta.get("socket") or previous_id
+    data["segment"] = int(previous_meta.get("segment", 0)) + 1
+    f.comment = describe_upstream(data)
+    return f
+
+
+def end_segment(f: http.HTTPFlow, *, timestamp: float) -> None:
+    """The turn is over and the socket stays open for the next: this segment ends here."""
+    assert f.websocket is not None, "not a WebSocket flow"
+    f.websocket.timestamp_end = timestamp
+    data = f.metadata[METADATA_KEY]
+    data["socket_open"] = True
+    data.setdefault("socket", f.id)
+    data.setdefault("segment", 0)
 
 
 def record_handshake_response(

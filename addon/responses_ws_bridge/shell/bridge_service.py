@@ -48,13 +48,17 @@ from responses_ws_bridge.core.retry_policy import (
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.shell.relay import ClientStream, TurnDone, relay_turn
-from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, SessionPool
+from responses_ws_bridge.shell.session_pool import (
+    DEFAULT_IDLE_TTL_S,
+    DEFAULT_WARM_SPARES,
+    SessionPool,
+    WarmSpares,
+)
 from responses_ws_bridge.shell.sink import ClientSink
 from responses_ws_bridge.shell.upstream_client import (
     SessionTap,
     UpstreamSession,
     UpstreamSettings,
-    open_session,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ class BridgeSettings:
     sse_keepalive_s: float | None = DEFAULT_SSE_KEEPALIVE_S
     retry_budget: int = DEFAULT_RETRY_BUDGET
     session_idle_ttl_s: float = DEFAULT_IDLE_TTL_S
+    warm_spares: int = DEFAULT_WARM_SPARES
 
 
 class BridgeService:
@@ -81,6 +86,7 @@ class BridgeService:
         *,
         state: PoolState,
         sessions: SessionPool,
+        spares: WarmSpares | None = None,
         taps: TapFactory | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -88,6 +94,7 @@ class BridgeService:
         self.settings = settings
         self.state = state
         self.sessions = sessions
+        self.spares = spares if spares is not None else WarmSpares(per_key=settings.warm_spares)
         self._taps = taps
         self._sleep = sleep
         self._jitter = jitter
@@ -95,11 +102,13 @@ class BridgeService:
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
         self.sessions.idle_ttl_s = settings.session_idle_ttl_s
+        self.spares.per_key = settings.warm_spares
 
     def accounts_removed(self, account_ids: list[str]) -> None:
         """Sockets of removed accounts close (idle ones now, busy ones when their turn ends)."""
         for account_id in account_ids:
             self.sessions.drop_account(account_id)
+            self.spares.drop_account(account_id)
 
     # -- serving ------------------------------------------------------------------
 
@@ -155,8 +164,10 @@ class BridgeService:
             attempt.close_code = close_code_seen(failure)
             attempt.detail = attempt.detail or detail(failure)
             seen = client.has_seen_event
+            # A reused socket, or a spare, that turns out dead is not the account's fault.
+            prepared = attempt.reused or attempt.spare
             if plan.retry_for_free(
-                failure, account=account_id, reused=attempt.reused, client_has_seen_event=seen
+                failure, account=account_id, reused=prepared, client_has_seen_event=seen
             ):
                 continue
             usable = True
@@ -230,7 +241,9 @@ class BridgeService:
                     turn.client_headers, credential, request_id=turn.request_id
                 )
                 tap = self._taps(turn, attempt) if self._taps is not None else None
-                session = await open_session(attempt.url, headers, self.settings.upstream, tap=tap)
+                session, attempt.spare = await self.spares.open(
+                    attempt.url, headers, self.settings.upstream, account=account_id, tap=tap
+                )
             elif session.tap is not None:
                 session.tap.attach(turn, attempt)
             return await self._relay(session, turn, client, attempt, key)
@@ -286,3 +299,4 @@ class BridgeService:
 
     async def shutdown(self) -> None:
         await self.sessions.close_all()
+        await self.spares.close_all()

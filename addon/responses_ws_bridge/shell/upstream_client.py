@@ -10,6 +10,7 @@ as mitmproxy flows. No policy lives here.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import ssl
 import time
@@ -53,6 +54,34 @@ class UpstreamSettings:
     ping_timeout: float | None = 20.0
     compression: bool = False
     close_timeout: float = 5.0
+    # How `wss://` upstreams are verified, as mitmproxy verifies its own upstreams:
+    # `ssl_verify_upstream_trusted_ca` (a PEM bundle) and
+    # `ssl_verify_upstream_trusted_confdir` (a directory of hashed certificates)
+    # replace the default trust store; `ssl_insecure` turns verification off.
+    trusted_ca: str | None = None
+    trusted_ca_dir: str | None = None
+    insecure: bool = False
+
+
+def tls_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
+    """The client context for `wss://` (None: the library's default, the system's CAs).
+
+    Raises OSError or ssl.SSLError when a trusted CA cannot be loaded.
+    """
+    if settings.trusted_ca is None and settings.trusted_ca_dir is None and not settings.insecure:
+        return None
+    return _tls_context(settings.trusted_ca, settings.trusted_ca_dir, settings.insecure)
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(cafile: str | None, capath: str | None, insecure: bool) -> ssl.SSLContext:
+    # One context per configuration: loading a CA bundle costs milliseconds per connection.
+    # With a CA file or directory given, the system's CAs are not loaded at all.
+    context = ssl.create_default_context(cafile=cafile, capath=capath)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class SessionTap(Protocol):
@@ -60,6 +89,9 @@ class SessionTap(Protocol):
 
     def attach(self, turn: Turn, attempt: Attempt) -> None:
         """A reused connection starts serving another request."""
+
+    def idle(self) -> None:
+        """The turn is over; the connection waits, open, for its next one."""
 
     def handshake_done(
         self, request: Request | None, response: Response | None, error: str | None
@@ -105,6 +137,18 @@ class UpstreamSession:
         return list(response.headers.raw_items()) if response is not None else []
 
     @property
+    def handshake(self) -> tuple[Request | None, Response | None]:
+        """The upgrade request as sent and the 101 as received."""
+        return self._ws.request, self._ws.response
+
+    def adopt(self, tap: SessionTap | None) -> None:
+        """A session opened without a tap (a warm spare) starts being recorded."""
+        self.tap = tap
+        if tap is not None:
+            request, response = self.handshake
+            tap.handshake_done(request, response, None)
+
+    @property
     def local_address(self) -> tuple[str, int] | None:
         try:
             address = self._ws.local_address
@@ -146,6 +190,11 @@ class UpstreamSession:
             for text in texts:
                 self.tap.message(False, text, now)
         return texts
+
+    def idle(self) -> None:
+        """The turn is over and the session waits for the next (told to the tap)."""
+        if self.tap is not None:
+            self.tap.idle()
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         try:
@@ -207,9 +256,11 @@ async def open_session(
     created: list[ClientConnection] = []
     token = _created.set(created)
     kwargs: dict[str, Any] = {}
-    if ssl_context is not None and url.startswith("wss:"):
-        kwargs["ssl"] = ssl_context
     try:
+        if url.startswith("wss:"):
+            context = ssl_context if ssl_context is not None else tls_context(settings)
+            if context is not None:
+                kwargs["ssl"] = context
         ws = await connect(
             url,
             additional_headers=list(headers),
@@ -251,9 +302,28 @@ async def open_session(
         raise AttemptFailed(ConnectFailed(detail)) from exc
     finally:
         _created.reset(token)
+    _shrink_tls_buffer(ws)
     if tap is not None:
         tap.handshake_done(ws.request, ws.response, None)
     return UpstreamSession(ws, url, tap)
+
+
+# asyncio's TLS transport reads into a 256 KiB buffer per connection, written
+# through once at allocation: on an upstream socket that idles between turns
+# most of its memory. TLS records are at most 16 KiB, so 32 KiB loses nothing.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def _shrink_tls_buffer(ws: ClientConnection) -> None:
+    """Gives a TLS connection a smaller read buffer (asyncio internals; a no-op if they change)."""
+    protocol = getattr(ws.transport, "_ssl_protocol", None)
+    if protocol is None or not isinstance(getattr(protocol, "_ssl_buffer", None), bytearray):
+        return
+    if getattr(protocol, "max_size", 0) <= TLS_READ_BUFFER:
+        return
+    protocol.max_size = TLS_READ_BUFFER
+    protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
+    protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
 
 
 def _request_of(created: list[ClientConnection]) -> Request | None:

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from responses_ws_bridge.testing.response_events import (
     requested_workload,
     turn_events,
 )
+from responses_ws_bridge.testing.tls import add_tls_arguments, tls_context_from
 
 MAX_BODY = 64 * 1024 * 1024
 _READ_SIZE = 65536
@@ -111,8 +113,11 @@ class LocalSseUpstream(AsyncServerContext):
         *,
         turn: TurnSpec | None = None,
         pace_s: float = 0.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        # Set: the server speaks TLS (https://), as real upstreams do.
+        self.ssl_context = ssl_context
         self._requested_port = port
         self.turn = turn if turn is not None else TurnSpec()
         self.pace_s = pace_s
@@ -122,7 +127,9 @@ class LocalSseUpstream(AsyncServerContext):
         self._port = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self._requested_port)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self._requested_port, ssl=self.ssl_context
+        )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -140,7 +147,8 @@ class LocalSseUpstream(AsyncServerContext):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self._port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self._port}"
 
     # -- one connection
 
@@ -280,11 +288,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--deltas", type=int, default=None, help="delta events per turn")
     parser.add_argument("--pace", type=float, default=0.0, help="seconds between events")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
 
     async def serve_until_signalled() -> None:
         upstream = LocalSseUpstream(
-            args.host, args.port, turn=TurnSpec(deltas=args.deltas), pace_s=args.pace
+            args.host,
+            args.port,
+            turn=TurnSpec(deltas=args.deltas),
+            pace_s=args.pace,
+            ssl_context=tls_context_from(parser, args),
         )
         await serve_until_stopped(
             upstream,

@@ -21,6 +21,7 @@ import asyncio
 import email.utils
 import http
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -51,6 +52,7 @@ from responses_ws_bridge.testing.response_events import (
     requested_workload,
     turn_events,
 )
+from responses_ws_bridge.testing.tls import add_tls_arguments, tls_context_from
 
 ClosedBy = Literal["client", "server", "abrupt"]
 
@@ -309,8 +311,11 @@ class LocalUpstream(WebSocketServerContext):
         close_timeout: float = 2.0,
         observer: Callable[[ConnectionRecord], None] | None = None,
         record_events: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        # Set: the server speaks TLS (wss://), as real upstreams do.
+        self.ssl_context = ssl_context
         self._requested_port = port
         self.tokens: dict[str, str] | None = dict(tokens) if tokens is not None else None
         self.default_plan = default_plan if default_plan is not None else Plan()
@@ -348,12 +353,19 @@ class LocalUpstream(WebSocketServerContext):
             max_size=self.max_size,
             compression=self.compression,
             close_timeout=self.close_timeout,
+            ssl=self.ssl_context,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self._port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self._port}"
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://{self.host}:{self._port}"
 
     # -- scripting and records (any thread)
 
@@ -757,6 +769,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--no-record", action="store_true", help="keep no sent events in memory (benchmarks)"
     )
     parser.add_argument("--quiet", action="store_true", help="no line per connection")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     plan = Plan(turn=TurnSpec(text=args.text, deltas=args.deltas), pace_s=args.pace)
 
@@ -768,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             default_plan=plan,
             observer=None if args.quiet else lambda record: print(describe(record), flush=True),
             record_events=not args.no_record,
+            ssl_context=tls_context_from(parser, args),
         )
         await serve_until_stopped(
             upstream,

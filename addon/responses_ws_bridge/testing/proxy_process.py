@@ -43,6 +43,7 @@ class ProxyProcess:
         start_timeout: float = 30.0,
         script: Path | None = SCRIPT,
         extra_ready: str | None = None,
+        warm_spares: int = 0,
     ) -> None:
         self.port = free_port()
         self.args = list(args)
@@ -50,6 +51,8 @@ class ProxyProcess:
         self.start_timeout = start_timeout
         self.script = script
         self.extra_ready = extra_ready
+        # Off unless asked for: most tests count the upstream connections a request makes.
+        self.warm_spares = warm_spares
         self._dir = tempfile.TemporaryDirectory(prefix="bridge-proxy-")
         self.log_path = Path(self._dir.name) / "proxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,6 +80,9 @@ class ProxyProcess:
         ]
         if self.script is not None:
             cmd += ["-s", str(self.script)]
+            # mitmproxy stalls on an option of a script given twice: only when not in args.
+            if not any(a.startswith("bridge_warm_spares=") for a in self.args):
+                cmd += ["--set", f"bridge_warm_spares={self.warm_spares}"]
         cmd += self.args
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         with self.log_path.open("wb") as log:
