@@ -15,14 +15,21 @@ from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.session_pool import SessionPool
+from responses_ws_bridge.shell.token_refresher import TokenRefresher
 
 
 def bridge_addons() -> list[object]:
     """Every addon of the bridge, wired together (what `addon/bridge.py` loads)."""
     state = PoolState()
+    tokens = TokenRefresher()
+    state.live_secrets = tokens.secrets
     recording = Recording(state)
     service = BridgeService(
-        BridgeSettings(), state=state, sessions=SessionPool(), taps=recording.tap_for
+        BridgeSettings(),
+        state=state,
+        sessions=SessionPool(),
+        taps=recording.tap_for,
+        tokens=tokens,
     )
     return [
         ResponsesView(),

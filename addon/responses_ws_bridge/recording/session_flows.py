@@ -69,6 +69,8 @@ def describe_upstream(meta: dict[str, Any]) -> str:
         parts.append(f"client flow {_short(str(client_flow))}")
     if meta.get("reused"):
         parts.append("reused socket")
+    if meta.get("connection_lost"):
+        parts.append(str(meta["connection_lost"]))
     return " · ".join(parts)
 
 
@@ -214,8 +216,16 @@ def record_close(
     closed_by_client: bool,
     timestamp: float,
 ) -> None:
-    """The end of the session; `code` None means it ended without a close frame."""
+    """The end of the session; `code` None means it ended without a close frame.
+
+    A 1011 the bridge sent itself is its keepalive giving up on a silent
+    upstream: a lost connection, not an upstream error, and the flow says so.
+    """
     assert f.websocket is not None, "not a WebSocket flow"
+    if closed_by_client and code == CloseCode.INTERNAL_ERROR:
+        meta = f.metadata.setdefault(METADATA_KEY, {})
+        meta["connection_lost"] = "connection lost: closed 1011 by the bridge (keepalive)"
+        f.comment = describe_upstream(meta)
     f.websocket.close_code = code if code is not None else CloseCode.ABNORMAL_CLOSURE
     f.websocket.close_reason = reason
     f.websocket.closed_by_client = closed_by_client

@@ -158,6 +158,9 @@ class BridgeService:
             if plan.picked(account_id) and account_id is not None:
                 state.bind(turn.affinity, account_id)
             attempt = Attempt(plan.attempts, account_id, "")
+            if pool is not None:
+                # The serving account's own figures only, never an earlier attempt's.
+                client.rate_limits = pool.rate_limits(account_id) if account_id else None
             report.account = account_id
             report.attempts.append(attempt)
             try:
@@ -306,8 +309,6 @@ class BridgeService:
             if k.lower() == "x-codex-turn-state"
         ][:1]
         account_id = attempt.account
-        if account_id is not None:
-            client.rate_limits = self._account_limits(account_id, client.rate_limits)
 
         def seen(limits: RateLimits) -> None:
             if account_id is not None:
