@@ -300,6 +300,21 @@ def test_unknown_previous_response_keeps_its_canonical_code(
     assert response.json()["error"]["param"] == "previous_response_id"
 
 
+def test_an_incomplete_response_gets_no_owner(upstream: ThreadedUpstream, tmp_path: Path) -> None:
+    """Only a completed, delivered response binds its id to the account that made it."""
+    half_full = rate_limits_event(50, reset_at=RESET_AT)
+    upstream.script(
+        Plan(turn=TurnSpec(terminal="incomplete"), rate_limits=half_full), account="team-a"
+    )
+    with bridge(upstream, two_accounts(tmp_path)) as proxy:
+        first = post(proxy, stream())
+        assert event_types(first)[-1] == "response.incomplete"
+        response_id = json.loads(parse_sse(first.content)[0][1])["response"]["id"]
+        post(proxy, stream(previous_response_id=response_id))
+    # Unowned, the follow-up goes where the headroom is (team-b), not to team-a.
+    assert accounts_of(upstream) == ["team-a", "team-b"]
+
+
 # -- 7. token refresh ------------------------------------------------------------------------
 
 

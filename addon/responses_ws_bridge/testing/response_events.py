@@ -88,6 +88,8 @@ class TurnSpec:
     # False: `response.completed` carries `output: []`, as the Codex backend often
     # sends it; the items came as `response.output_item.done` only.
     completed_output: bool = True
+    # "incomplete": the turn ends with `response.incomplete` instead.
+    terminal: str = "completed"
 
     def __post_init__(self) -> None:
         if self.deltas is not None and self.deltas < 0:
@@ -230,6 +232,9 @@ def turn_events(
         body["sequence_number"] = sequence_number
         if not spec.completed_output and body["type"] == "response.completed":
             body["response"]["output"] = []
+        if spec.terminal != "completed" and body["type"] == "response.completed":
+            body["type"] = f"response.{spec.terminal}"
+            body["response"]["status"] = spec.terminal
         yield body
 
 
