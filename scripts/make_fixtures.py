@@ -12,25 +12,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
+from responses_ws_bridge.testing.oauth_server import (
+    FakeTokenEndpoint,
+    access_token_for,
+    unsigned_jwt,
+)
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
+from responses_ws_bridge.testing.response_events import (
+    TurnSpec,
+    connection_limit_event,
+    invalid_previous_response_event,
+    rate_limits_event,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 FLOWS = ROOT / "flows"
 ACCOUNTS = FLOWS / "accounts.json"
+REFRESH_ACCOUNTS = FLOWS / "accounts-refresh.json"
+# What each fixture needs to replay (bridge options, accounts, the OAuth endpoint).
+SPECS = FLOWS / "fixtures.json"
+LAZY = ["--set", "connection_strategy=lazy"]
+# A ChatGPT login whose access token expired long ago: the bridge refreshes it first.
+REFRESH_LOGINS = {"rt-team-c-0": "team-c"}
+EXPIRED_TOKEN = unsigned_jwt({"sub": "team-c", "exp": 1_000_000_000})
+# Fixed, so that the recorded x-codex-* headers replay alike.
+RESET_AT = 4102444800
 CAPTURE = ROOT / "tests" / "data" / "codex-cli-0.169.0" / "http-sse.json"
 # Dummy credentials: the fixtures must hold no real secret (they are redacted anyway).
 TOKENS = {"fixture-token-team-a": "team-a", "fixture-token-team-b": "team-b"}
 FIXED = [("user-agent", "fixture-client/1.0"), ("x-request-id", "req_fixture")]
 BODY = {"model": "gpt-5-codex", "input": "Say hello", "stream": True, "store": False}
 FAIL_1011 = Plan(close_code=1011, close_after_events=0)
+
+
+Request = tuple[list[tuple[str, str]], dict[str, object]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +65,21 @@ class Scenario:
     headers: list[tuple[str, str]]
     body: dict[str, object]
     plans: dict[str, list[Plan]] = field(default_factory=dict)
+    # Requests after the first, in order, on the same bridge.
+    more: list[Request] = field(default_factory=list)
+    args: list[str] = field(default_factory=lambda: list(LAZY))
+    accounts: Path = ACCOUNTS
+    oauth: dict[str, str] | None = None
+    default_plan: Plan | None = None
+
+    def spec(self) -> dict[str, object]:
+        tokens = {access_token_for(a, 1): a for a in (self.oauth or {}).values()}
+        return {
+            "args": self.args,
+            "accounts": self.accounts.name,
+            "oauth": self.oauth,
+            "tokens": tokens,
+        }
 
 
 def codex_request() -> tuple[list[tuple[str, str]], dict[str, object]]:
@@ -89,6 +129,100 @@ def scenarios() -> list[Scenario]:
             codex_headers,
             codex_body,
         ),
+        *codex_upstream_scenarios(),
+    ]
+
+
+def codex_upstream_scenarios() -> list[Scenario]:
+    """What the real Codex backend does, one behaviour each."""
+    session = [*FIXED, ("session-id", "fixture-session-codex")]
+    soft = {**BODY, "prompt_cache_key": "fixture-cache-codex"}
+    return [
+        Scenario(
+            "rate-limits-headers",
+            "a codex.rate_limits frame before response.created: its figures reach the client "
+            "as x-codex-* headers, the frame itself is not relayed",
+            FIXED,
+            BODY,
+            {"team-a": [Plan(rate_limits=rate_limits_event(42, reset_at=RESET_AT))]},
+        ),
+        Scenario(
+            "connection-limit-new-socket",
+            "hard affinity, second turn on a reused socket answered "
+            "websocket_connection_limit_reached: a new socket on the owner serves it",
+            session,
+            BODY,
+            {"team-a": [Plan(error=connection_limit_event(), error_turn=2)]},
+            more=[(session, BODY)],
+        ),
+        Scenario(
+            "handoff-1000-same-account",
+            "soft affinity, close 1000 before response.created: a hand-off, retried once on "
+            "the same account",
+            FIXED,
+            soft,
+            {"team-a": [Plan(close_code=1000)]},
+        ),
+        Scenario(
+            "drop-1006-same-account",
+            "soft affinity, connection dropped (1006) before any event: account-neutral, "
+            "retried on the same account",
+            FIXED,
+            soft,
+            {"team-a": [Plan(drop_after_events=0)]},
+        ),
+        Scenario(
+            "every-account-once",
+            "soft affinity, 1011 on team-a then on team-b: the first account is tried again "
+            "and serves",
+            FIXED,
+            soft,
+            {"team-a": [FAIL_1011], "team-b": [FAIL_1011]},
+        ),
+        Scenario(
+            "output-items-json",
+            "a non-streaming request answered with response.completed output []: the JSON "
+            "answer carries the output_item.done items",
+            FIXED,
+            {**BODY, "stream": False},
+            default_plan=Plan(turn=TurnSpec(completed_output=False)),
+        ),
+        Scenario(
+            "previous-response-invalid",
+            "the upstream's other shape of an unknown previous_response_id (no code, "
+            "message Invalid `previous_response_id`.): the client gets previous_response_not_found",
+            FIXED,
+            {**BODY, "previous_response_id": "resp_fixture_unknown"},
+            {"team-a": [Plan(error=invalid_previous_response_event())]},
+        ),
+        Scenario(
+            "token-refresh",
+            "a ChatGPT account whose access token expired: refreshed at the OAuth endpoint "
+            "before the handshake, which carries the new token",
+            FIXED,
+            BODY,
+            accounts=REFRESH_ACCOUNTS,
+            oauth=REFRESH_LOGINS,
+        ),
+        Scenario(
+            "reverse-default-strategy",
+            "reverse mode without --set connection_strategy=lazy: bridged all the same",
+            FIXED,
+            BODY,
+            args=[],
+        ),
+        Scenario(
+            "codex-session-one-socket",
+            "a Codex session (prewarm, then two turns whose x-codex-turn-state differs) "
+            "carried by one upstream socket",
+            session,
+            {**BODY, "generate": False},
+            more=[
+                ([*session, ("x-codex-turn-state", "ts-fixture")], BODY),
+                ([*session, ("x-codex-turn-state", "ts-fixture-2")], BODY),
+            ],
+            default_plan=Plan(turn_state="ts-fixture"),
+        ),
     ]
 
 
@@ -97,26 +231,43 @@ def accounts_file() -> str:
     return json.dumps({"accounts": accounts}, indent=2) + "\n"
 
 
+def refresh_accounts_file() -> str:
+    (refresh_token, account), *_ = REFRESH_LOGINS.items()
+    accounts = [{"id": account, "access_token": EXPIRED_TOKEN, "refresh_token": refresh_token}]
+    return json.dumps({"accounts": accounts}, indent=2) + "\n"
+
+
 def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
-    with ThreadedUpstream(tokens=TOKENS) as upstream:
+    with (
+        ThreadedUpstream(tokens=TOKENS) as upstream,
+        FakeTokenEndpoint(scenario.oauth or {}, on_issue=upstream.add_token) as oauth,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        if scenario.default_plan is not None:
+            upstream.default_plan = scenario.default_plan
         for account, plans in scenario.plans.items():
             upstream.script(*plans, account=account)
+        # A copy: the refresher writes its state file beside the accounts file.
+        accounts = Path(scratch) / scenario.accounts.name
+        shutil.copy(scenario.accounts, accounts)
         with ProxyProcess(
             "--mode",
             f"reverse:http://127.0.0.1:{upstream.port}",
+            *scenario.args,
             "--set",
-            "connection_strategy=lazy",
+            f"bridge_accounts={accounts}",
             "--set",
-            f"bridge_accounts={ACCOUNTS}",
+            f"bridge_oauth_token_url={oauth.url}",
             "-w",
             str(out),
         ) as proxy:
+            statuses = []
             with httpx.Client(trust_env=False, timeout=30) as client:
-                response = client.post(
-                    f"{proxy.url}/v1/responses", headers=scenario.headers, json=scenario.body
-                )
+                for headers, body in [(scenario.headers, scenario.body), *scenario.more]:
+                    response = client.post(f"{proxy.url}/v1/responses", headers=headers, json=body)
+                    statuses.append(response.status_code)
             proxy.stop()
-    log(f"{out.name}: HTTP {response.status_code}, {len(upstream.records())} upstream sessions")
+    log(f"{out.name}: HTTP {statuses}, {len(upstream.records())} upstream sessions")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,15 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ACCOUNTS.write_text(accounts_file())
+    REFRESH_ACCOUNTS.write_text(refresh_accounts_file())
     index = []
+    specs = {}
     for scenario in scenarios():
         record(scenario, args.out / f"{scenario.name}.mitm", print)
         index.append(f"- `{scenario.name}.mitm`: {scenario.what}")
+        specs[f"{scenario.name}.mitm"] = scenario.spec()
+    SPECS.write_text(json.dumps(specs, indent=2) + "\n")
     (args.out / "README.md").write_text(
         "# Recorded fixtures\n\n"
         "Made by `scripts/make_fixtures.py` (the bridge with `-w` in front of the scripted "
         "local upstream, accounts in `accounts.json`, dummy tokens); replayed by "
-        "`tests/test_replay_fixtures.py`.\n\n" + "\n".join(index) + "\n"
+        "`tests/e2e/test_replay_fixtures.py`, with what `fixtures.json` says each needs "
+        "(bridge options, accounts file, the fake OAuth endpoint's logins).\n\n"
+        + "\n".join(index)
+        + "\n"
     )
     return 0
 

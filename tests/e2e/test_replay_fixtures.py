@@ -9,7 +9,10 @@ the replay server must see exactly the recorded handshakes and messages.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from mitmproxy import http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
 from responses_ws_bridge.recording.replay import ThreadedReplayServer, load_sessions
+from responses_ws_bridge.testing.oauth_server import FakeTokenEndpoint
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 from tests.support.data import ROOT
@@ -25,77 +29,123 @@ FLOWS = ROOT / "flows"
 ACCOUNTS = FLOWS / "accounts.json"
 FIXTURES = sorted(p.name for p in FLOWS.glob("*.mitm"))
 SEED_BUG = ROOT / "tests" / "support" / "seed_bug.py"
+# What each fixture needs to replay, written by scripts/make_fixtures.py.
+SPECS: dict[str, dict[str, Any]] = json.loads((FLOWS / "fixtures.json").read_text())
 
 
-def tokens() -> dict[str, str]:
-    config = json.loads(ACCOUNTS.read_text())
-    return {a["access_token"]: a["id"] for a in config["accounts"]}
+def tokens(spec: dict[str, Any]) -> dict[str, str]:
+    config = json.loads((FLOWS / spec["accounts"]).read_text())
+    found = {a["access_token"]: a["id"] for a in config["accounts"] if "access_token" in a}
+    return {**found, **spec["tokens"]}
+
+
+def client_flows(path: Path) -> list[http.HTTPFlow]:
+    """The fixture's client requests, in the order they were sent."""
+    with path.open("rb") as f:
+        flows = [fl for fl in mitm_io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
+    found = [f for f in flows if f.metadata.get("responses_bridge", {}).get("role") == "client"]
+    return sorted(found, key=lambda f: f.request.timestamp_start)
 
 
 def client_flow(path: Path) -> http.HTTPFlow:
-    with path.open("rb") as f:
-        flows = [fl for fl in mitm_io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
-    (flow,) = [f for f in flows if f.metadata.get("responses_bridge", {}).get("role") == "client"]
+    (flow,) = client_flows(path)
     return flow
 
 
-def replay(fixture: Path, *extra: str) -> tuple[httpx.Response, ThreadedReplayServer]:
+def replay(fixture: Path, *extra: str) -> tuple[list[httpx.Response], ThreadedReplayServer]:
+    spec = SPECS[fixture.name]
     sessions = load_sessions([fixture])
-    recorded = client_flow(fixture)
-    with ThreadedReplayServer(sessions, tokens=tokens(), message_timeout=5) as server:
+    with (
+        ThreadedReplayServer(sessions, tokens=tokens(spec), message_timeout=5) as server,
+        FakeTokenEndpoint(spec["oauth"] or {}) as oauth,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        # A copy: a refreshing bridge writes its token state file beside it.
+        accounts = Path(scratch) / spec["accounts"]
+        shutil.copy(FLOWS / spec["accounts"], accounts)
         with ProxyProcess(
             "--mode",
             f"reverse:http://127.0.0.1:{server.port}",
+            *spec["args"],
             "--set",
-            "connection_strategy=lazy",
+            f"bridge_accounts={accounts}",
             "--set",
-            f"bridge_accounts={ACCOUNTS}",
+            f"bridge_oauth_token_url={oauth.url}",
             *extra,
         ) as proxy:
-            headers = [
-                (k, v)
-                for k, v in recorded.request.headers.items(multi=True)
-                if k.lower() not in {"host", "content-length"}
-            ]
+            responses = []
             with httpx.Client(trust_env=False, timeout=30) as client:
-                response = client.post(
-                    f"{proxy.url}{recorded.request.path}",
-                    headers=headers,
-                    content=recorded.request.raw_content,
-                )
+                for recorded in client_flows(fixture):
+                    headers = [
+                        (k, v)
+                        for k, v in recorded.request.headers.items(multi=True)
+                        if k.lower() not in {"host", "content-length"}
+                    ]
+                    responses.append(
+                        client.post(
+                            f"{proxy.url}{recorded.request.path}",
+                            headers=headers,
+                            content=recorded.request.raw_content,
+                        )
+                    )
             proxy.stop()  # idle sessions close, as they did when recorded
         server.wait_served(len(sessions), 10)
-    return response, server
+        assert oauth.reuses == 0
+    return responses, server
 
 
 def test_fixtures_exist() -> None:
-    assert set(FIXTURES) == {
-        "hard-1011-retry-on-owner.mitm",
-        "soft-1011-other-account.mitm",
-        "1011-after-created.mitm",
-        "hard-owner-keeps-failing.mitm",
-        "codex-cli-http.mitm",
-    }
+    assert (
+        set(FIXTURES)
+        == set(SPECS)
+        == {
+            "hard-1011-retry-on-owner.mitm",
+            "soft-1011-other-account.mitm",
+            "1011-after-created.mitm",
+            "hard-owner-keeps-failing.mitm",
+            "codex-cli-http.mitm",
+            "rate-limits-headers.mitm",
+            "connection-limit-new-socket.mitm",
+            "handoff-1000-same-account.mitm",
+            "drop-1006-same-account.mitm",
+            "every-account-once.mitm",
+            "output-items-json.mitm",
+            "previous-response-invalid.mitm",
+            "token-refresh.mitm",
+            "reverse-default-strategy.mitm",
+            "codex-session-one-socket.mitm",
+        }
+    )
+
+
+def rate_limit_headers(headers: Any) -> list[tuple[str, str]]:
+    return sorted((k.lower(), v) for k, v in headers.items() if k.lower().startswith("x-codex-"))
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_replays_with_no_deviation(name: str) -> None:
     fixture = FLOWS / name
-    recorded = client_flow(fixture)
-    response, server = replay(fixture)
+    responses, server = replay(fixture)
     assert [str(d) for d in server.deviations] == []
     assert len(server.served) == len(server.server.sessions) > 0
-    assert recorded.response is not None
-    assert response.status_code == recorded.response.status_code
-    if response.headers.get("content-type") == "text/event-stream":
-        got = [(t, json.loads(d)["type"]) for t, d in parse_sse(response.content)]
-        want = [(t, json.loads(d)["type"]) for t, d in parse_sse(recorded.response.content or b"")]
-        assert got == want
-    else:
-        assert (
-            response.json()["error"]["code"]
-            == json.loads(recorded.response.content or b"")["error"]["code"]
-        )
+    recorded_flows = client_flows(fixture)
+    assert len(responses) == len(recorded_flows)
+    for response, recorded_flow in zip(responses, recorded_flows, strict=True):
+        recorded = recorded_flow.response
+        assert recorded is not None
+        assert response.status_code == recorded.status_code
+        assert rate_limit_headers(response.headers) == rate_limit_headers(recorded.headers)
+        want_body = recorded.content or b""
+        if response.headers.get("content-type") == "text/event-stream":
+            got = [(t, json.loads(d)["type"]) for t, d in parse_sse(response.content)]
+            want = [(t, json.loads(d)["type"]) for t, d in parse_sse(want_body)]
+            assert got == want
+        elif response.status_code == 200:
+            got_output = [item["content"] for item in response.json()["output"]]
+            assert got_output == [item["content"] for item in json.loads(want_body)["output"]]
+            assert got_output
+        else:
+            assert response.json()["error"]["code"] == json.loads(want_body)["error"]["code"]
 
 
 def test_fixture_catches_the_seed_bug() -> None:
@@ -104,6 +154,12 @@ def test_fixture_catches_the_seed_bug() -> None:
     deviations = [str(d) for d in server.deviations]
     # Sessions count from 0: the retry (the second session) went to the wrong account.
     assert "session 1: account changed: expected 'team-a', got 'team-b'" in deviations
+
+
+def test_rate_limit_fixture_carries_the_headers() -> None:
+    recorded = client_flow(FLOWS / "rate-limits-headers.mitm").response
+    assert recorded is not None
+    assert recorded.headers["x-codex-primary-used-percent"] == "42"
 
 
 def test_cycle_serves_the_recording_again_and_again() -> None:

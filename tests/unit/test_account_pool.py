@@ -26,6 +26,7 @@ from responses_ws_bridge.core.failures import (
     UpstreamClosed,
     UpstreamErrorEvent,
 )
+from responses_ws_bridge.core.rate_limits import RateLimits, Window
 from responses_ws_bridge.core.retry_policy import FailHttp, handshake_rejected
 from responses_ws_bridge.core.upstream_events import parse_error_event
 from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
@@ -436,3 +437,76 @@ def test_fail_http_for_choice(
     expected: FailHttp,
 ) -> None:
     assert fail_http_for_choice(choice, affinity=affinity, last_failure=last_failure) == expected
+
+
+# -- rate-limit figures ---------------------------------------------------------------------
+
+
+def figures(used: float, reset_in: float = 3600.0) -> RateLimits:
+    return RateLimits(Window(used, 300, WALL + reset_in))
+
+
+def chosen_as(pool: AccountPool, account_id: str) -> Chosen:
+    account = pool.account(account_id)
+    assert account is not None
+    return Chosen(account)
+
+
+def pool_with_wall(*ids: str) -> tuple[AccountPool, list[float]]:
+    now = [0.0]
+    config = AccountsConfig(tuple(Account(i, f"tok-{i}") for i in ids))
+    return AccountPool(config, clock=lambda: now[0], wall_clock=lambda: WALL + now[0]), now
+
+
+def test_the_most_headroom_is_preferred_then_fewest_in_flight() -> None:
+    pool, _ = pool_with_wall("team-a", "team-b", "team-c")
+    pool.record_rate_limits("team-a", figures(80))
+    pool.record_rate_limits("team-b", figures(10))
+    assert pool.choose() == chosen_as(pool, "team-c")  # unknown: full headroom
+    pool.record_rate_limits("team-c", figures(50))
+    assert pool.choose() == chosen_as(pool, "team-b")
+    pool.record_rate_limits("team-c", figures(10))
+    pool.acquire("team-b")
+    assert pool.choose() == chosen_as(pool, "team-c")
+
+
+def test_an_exhausted_window_keeps_the_account_out_until_its_reset() -> None:
+    pool, now = pool_with_wall("team-a", "team-b")
+    pool.record_rate_limits("team-a", figures(100, reset_in=600))
+    assert pool.choose() == chosen_as(pool, "team-b")
+    assert pool.choose(prefer="team-a") == chosen_as(pool, "team-b")
+    assert pool.choose(exclude={"team-b"}) == AllCoolingDown(600.0, 600)
+    assert pool.snapshot()[0].health == "exhausted: rate limit window at 100%"
+    # A hard owner is still its owner: the upstream's own answer decides.
+    assert pool.choose_owner("team-a") == chosen_as(pool, "team-a")
+    now[0] = 600.0
+    assert pool.choose(exclude={"team-b"}) == chosen_as(pool, "team-a")
+
+
+def test_rows_show_the_figures() -> None:
+    pool, _ = pool_with_wall("team-a")
+    pool.record_rate_limits("team-a", figures(42))
+    assert pool.snapshot()[0].rate_limits == "primary 42% of 300m"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConnectionLost(),
+        UpstreamClosed(1000),
+        UpstreamClosed(1011, "keepalive ping timeout", by_bridge=True),
+        UpstreamErrorEvent("websocket_connection_limit_reached", 400),
+    ],
+)
+def test_account_neutral_failures_never_strike(
+    failure: ConnectionLost | UpstreamClosed | UpstreamErrorEvent,
+) -> None:
+    pool, _ = pool_with_wall("team-a")
+    for _ in range(5):
+        assert pool.record_failure("team-a", failure) == Healthy()
+
+
+def test_disable() -> None:
+    pool, _ = pool_with_wall("team-a")
+    pool.disable("team-a", "token refresh refused: invalid_grant")
+    assert pool.health("team-a") == Disabled("token refresh refused: invalid_grant")

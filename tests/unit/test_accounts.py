@@ -141,7 +141,8 @@ ERRORS: list[tuple[str, str]] = [
     (
         json.dumps({"accounts": [account(), account(acces_token=TOKEN_A)]}),
         "accounts[1]: unknown key 'acces_token' "
-        "(expected one of id, access_token, api_key, chatgpt_account_id, upstream)",
+        "(expected one of id, access_token, api_key, chatgpt_account_id, upstream, "
+        "refresh_token, client_id)",
     ),
     (
         json.dumps({"accounts": [account()], "client_keys": CLIENT_KEY}),

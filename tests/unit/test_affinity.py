@@ -11,6 +11,7 @@ from responses_ws_bridge.core.affinity import (
     AffinityKind,
     classify,
     owner_for,
+    socket_key,
 )
 
 from tests.support.data import load_capture
@@ -251,3 +252,21 @@ def test_owner_for(
 ) -> None:
     got = owner_for(affinity, bound_account=bindings.get, response_owner=responses.get)
     assert got == owner
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "socket"),
+    [
+        ([("session-id", "s1"), ("x-codex-turn-state", "t1")], {}, "session:s1"),
+        ([("session-id", "s1"), ("x-codex-turn-state", "t2")], {}, "session:s1"),
+        ([("x-codex-turn-state", "t1")], {}, "turn-state:t1"),
+        ([("thread-id", "th")], {"previous_response_id": "resp_1"}, "thread:th"),
+        ([], {"previous_response_id": "resp_1"}, "response:resp_1"),
+        ([], {"prompt_cache_key": "p"}, "prompt-cache:p"),
+        ([], {}, None),
+    ],
+)
+def test_socket_key_is_the_steadiest_key(
+    headers: list[tuple[str, str]], body: dict[str, object], socket: str | None
+) -> None:
+    assert socket_key(classify(headers, body)) == socket

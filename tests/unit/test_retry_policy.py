@@ -26,7 +26,9 @@ from responses_ws_bridge.core.retry_policy import (
     RetrySame,
     backoff_delay,
     decide,
+    free_retry,
     handshake_rejected,
+    is_transient,
     retry_after_from,
 )
 from responses_ws_bridge.core.upstream_events import parse_error_event
@@ -464,3 +466,92 @@ def test_error_event_reset_times_from_real_event_shapes() -> None:
     # The SSE `error` event carries its code at the top level.
     sse = {"type": "error", "code": "rate_limit_exceeded", "message": "try again in 2s"}
     assert error_failure(sse) == ("rate_limit_exceeded", None, 2.0)
+
+
+# -- what the Codex backend does ------------------------------------------------------------
+
+KEEPALIVE = UpstreamClosed(1011, "keepalive ping timeout", by_bridge=True)
+AGE_LIMIT = UpstreamErrorEvent("websocket_connection_limit_reached", 400)
+
+
+@pytest.mark.parametrize(
+    ("affinity", "failure", "attempts", "expected"),
+    [
+        # The bridge's own keepalive 1011 is a lost connection: never a move.
+        (SOFT, KEEPALIVE, 1, SAME),
+        (NONE, KEEPALIVE, 1, SAME),
+        (HARD, KEEPALIVE, 1, SAME),
+        (SOFT, C1011, 1, OTHER),
+        # The socket age limit: a new socket on the same account, at once, whatever the affinity.
+        (HARD, AGE_LIMIT, 1, RetrySame(ACCOUNT, 0.0)),
+        (SOFT, AGE_LIMIT, 1, RetrySame(ACCOUNT, 0.0)),
+        (SOFT, AGE_LIMIT, 3, UPSTREAM),
+        (HARD, AGE_LIMIT, 3, OWNER_GONE),
+    ],
+)
+def test_codex_backend_rows(
+    affinity: AffinityKind, failure: Failure, attempts: int, expected: Decision
+) -> None:
+    got = decide(
+        affinity=affinity,
+        failure=failure,
+        client_has_seen_event=False,
+        attempts_made=attempts,
+        retry_budget=BUDGET,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert got == expected
+
+
+def test_age_limit_after_an_event_is_relayed() -> None:
+    got = decide(
+        affinity=SOFT,
+        failure=AGE_LIMIT,
+        client_has_seen_event=True,
+        attempts_made=1,
+        account_id=ACCOUNT,
+        owner_usable=True,
+    )
+    assert got == RELAY
+
+
+@pytest.mark.parametrize(
+    ("failure", "reused", "seen", "refreshed", "why"),
+    [
+        (C1011, True, False, False, "dead_reused_socket"),
+        (LOST, True, False, False, "dead_reused_socket"),
+        (C1011, False, False, False, None),
+        (AGE_LIMIT, True, False, False, "connection_limit"),
+        (AGE_LIMIT, False, False, False, "connection_limit"),
+        (C1000, False, False, False, "handoff"),
+        (UpstreamClosed(1000, by_bridge=True), False, False, False, None),
+        (C1001, False, False, False, None),
+        (H401, False, False, True, "token_refreshed"),
+        (H401, False, False, False, None),
+        (H403, False, False, True, None),
+        (C1000, False, True, False, None),  # the client saw an event: nothing is free
+        (AGE_LIMIT, True, True, False, None),
+    ],
+)
+def test_free_retries(
+    failure: Failure, reused: bool, seen: bool, refreshed: bool, why: str | None
+) -> None:
+    got = free_retry(failure, reused=reused, client_has_seen_event=seen, token_refreshed=refreshed)
+    assert got == why
+
+
+@pytest.mark.parametrize(
+    ("failure", "transient"),
+    [
+        (C1011, True),
+        (H503, True),
+        (ConnectFailed("refused"), True),
+        (LOST, True),
+        (H401, False),
+        (H429, False),
+        (RATE, False),
+    ],
+)
+def test_transient(failure: Failure, transient: bool) -> None:
+    assert is_transient(failure) is transient

@@ -12,9 +12,12 @@ from responses_ws_bridge.core.upstream_events import (
     EventInfo,
     final_response,
     inspect_event,
+    output_item,
     parse_error_event,
+    with_output,
 )
 from responses_ws_bridge.testing import response_events
+from responses_ws_bridge.testing.response_events import error_event
 
 DELTA = '{"type":"response.output_text.delta","item_id":"msg_1","delta":"Hi","sequence_number":4}'
 
@@ -287,3 +290,46 @@ def test_rate_limit_codes(code: str | None, limited: bool) -> None:
     frame = json.dumps({"type": "error", "status": 429, "error": {"code": code, "message": "m"}})
     event = parse_error_event(frame)
     assert event is not None and event.is_rate_limit is limited
+
+
+# -- the Codex terminal shape and the unknown previous response ---------------------------
+
+ITEM_A = {"id": "msg_a", "type": "message", "content": [{"type": "output_text", "text": "A"}]}
+ITEM_B = {"id": "fc_b", "type": "function_call", "name": "f"}
+
+
+def test_output_is_assembled_from_items_when_the_terminal_event_has_none() -> None:
+    done = {"id": "resp_1", "output": []}
+    assert with_output(done, [(1, ITEM_B), (0, ITEM_A)])["output"] == [ITEM_A, ITEM_B]
+    assert with_output(done, [(None, ITEM_B), (None, ITEM_A)])["output"] == [ITEM_B, ITEM_A]
+    assert with_output(done, []) == done
+    # The upstream's own non-empty output stays.
+    own = {"id": "resp_1", "output": [ITEM_B]}
+    assert with_output(own, [(0, ITEM_A)]) == own
+
+
+def test_output_item_frames() -> None:
+    frame = json.dumps({"type": "response.output_item.done", "output_index": 2, "item": ITEM_A})
+    assert output_item(frame) == (2, ITEM_A)
+    assert output_item('{"type":"response.output_item.added","item":{}}') is None
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        error_event(400, "previous_response_not_found", "Previous response 'x' not found."),
+        error_event(400, None, "Invalid `previous_response_id`.", param="previous_response_id"),
+        error_event(400, "invalid_request_error", "Invalid `previous_response_id`."),
+        {"type": "error", "code": None, "message": "Invalid `previous_response_id`."},
+    ],
+)
+def test_both_shapes_of_an_unknown_previous_response_have_one_code(event: dict[str, Any]) -> None:
+    parsed = parse_error_event(json.dumps(event))
+    assert parsed is not None
+    assert parsed.code == "previous_response_not_found"
+    assert parsed.error_object["code"] == "previous_response_not_found"
+
+
+def test_other_invalid_request_errors_keep_their_code() -> None:
+    parsed = parse_error_event(json.dumps(error_event(400, "invalid_value", "Invalid model.")))
+    assert parsed is not None and parsed.code == "invalid_value"

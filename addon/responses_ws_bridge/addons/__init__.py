@@ -15,11 +15,14 @@ from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.session_pool import SessionPool, WarmSpares
+from responses_ws_bridge.shell.token_refresher import TokenRefresher
 
 
 def bridge_addons() -> list[object]:
     """Every addon of the bridge, wired together (what `addon/bridge.py` loads)."""
     state = PoolState()
+    tokens = TokenRefresher()
+    state.live_secrets = tokens.secrets
     recording = Recording(state)
     settings = BridgeSettings()
     service = BridgeService(
@@ -28,6 +31,7 @@ def bridge_addons() -> list[object]:
         sessions=SessionPool(),
         spares=WarmSpares(per_key=settings.warm_spares),
         taps=recording.tap_for,
+        tokens=tokens,
     )
     return [
         ResponsesView(),

@@ -1,4 +1,8 @@
-"""The accounts file and the affinity bindings: options, live reload, `bridge.accounts`."""
+"""The accounts file and the affinity bindings: options, live reload, `bridge.accounts`.
+
+ChatGPT accounts with a `refresh_token` keep their rotated tokens in a state
+file beside the accounts file (`shell.token_refresher`), read at every load.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from responses_ws_bridge.core.pool_state import (
     DEFAULT_BINDING_TTL_S,
     PoolState,
 )
+from responses_ws_bridge.core.token_refresh import DEFAULT_TOKEN_URL
 from responses_ws_bridge.shell.accounts_file import AccountsFile
 from responses_ws_bridge.shell.bridge_service import BridgeService
+from responses_ws_bridge.shell.token_refresher import state_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +58,21 @@ class Accounts:
             f"{DEFAULT_BINDING_TTL_S:g}",
             "Seconds an unused affinity binding or response owner is kept.",
         )
+        loader.add_option(
+            "bridge_oauth_token_url",
+            str,
+            DEFAULT_TOKEN_URL,
+            "OAuth token endpoint that refreshes the access tokens of accounts with a "
+            "refresh_token (ChatGPT logins).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
+        if "bridge_oauth_token_url" in updated:
+            url = opts.bridge_oauth_token_url
+            if not url.startswith(("https://", "http://")):
+                raise exceptions.OptionsError("bridge_oauth_token_url must be an http(s) URL")
+            self.service.tokens.token_url = url
         if updated & {"bridge_binding_max", "bridge_binding_ttl"}:
             self.state.set_binding_limits(
                 positive(opts, "bridge_binding_max"),
@@ -84,6 +102,13 @@ class Accounts:
 
     def _apply(self, config: AccountsConfig | None) -> None:
         self.service.accounts_removed(self.state.set_accounts(config))
+        state_path = state_path_for(self._file.path) if self._file is not None else None
+        refused = self.service.tokens.load(config, state_path)
+        pool = self.state.pool
+        for account_id, reason in refused.items():
+            # The login was refused for good before: its spent token is never sent again.
+            if pool is not None:
+                pool.disable(account_id, f"token refresh refused: {reason}")
 
     async def running(self) -> None:
         self._watcher = asyncio.ensure_future(self._watch())
@@ -112,16 +137,18 @@ class Accounts:
 
     @command.command("bridge.accounts")
     def accounts_command(self) -> str:
-        """Upstream accounts: health, requests in flight, cooldown, requests served."""
+        """Upstream accounts: health, requests in flight, cooldown, served, rate limits."""
         pool = self.state.pool
         if pool is None:
             return "pass-through mode: no accounts file (bridge_accounts is empty)"
-        rows = [("account", "health", "in flight", "cooldown until", "served")]
+        rows = [("account", "health", "in flight", "cooldown until", "served", "rate limits")]
         for row in pool.snapshot():
             until = (
                 time.strftime("%H:%M:%S", time.localtime(time.time() + row.cooldown_remaining_s))
                 if row.cooldown_remaining_s
                 else "-"
             )
-            rows.append((row.id, row.health, str(row.in_flight), until, str(row.served)))
+            rows.append(
+                (row.id, row.health, str(row.in_flight), until, str(row.served), row.rate_limits)
+            )
         return table(rows)

@@ -39,7 +39,7 @@ from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.shell.bridge_service import DEFAULT_SSE_KEEPALIVE_S, BridgeService
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
-from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S
+from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
 from responses_ws_bridge.shell.sink import ClientGone
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ OPTIONS = (
     "bridge_sse_keepalive",
     "bridge_retry_budget",
     "bridge_session_idle_ttl",
+    "bridge_session_max_age",
+)
+LAZY_NOTE = (
+    "bridge: reverse mode, connection_strategy set to lazy (mitmproxy must not connect to "
+    "the target before the bridge has taken the request)"
 )
 
 
@@ -132,8 +137,17 @@ class ResponsesBridge:
             "Seconds an upstream WebSocket stays open after a turn, for the next request of "
             "the same affinity key and account (0: no reuse).",
         )
+        loader.add_option(
+            "bridge_session_max_age",
+            str,
+            f"{DEFAULT_MAX_AGE_S:g}",
+            "Seconds after which an idle upstream WebSocket is retired instead of reused "
+            "(the upstream ends sockets after 60 minutes; 0: no limit).",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if updated & {"mode", "connection_strategy"}:
+            self._lazy_in_reverse_mode()
         if not updated.intersection(OPTIONS):
             return
         opts = ctx.options
@@ -148,6 +162,7 @@ class ResponsesBridge:
             sse_keepalive_s=seconds(opts, "bridge_sse_keepalive") or None,
             retry_budget=not_negative(opts, "bridge_retry_budget"),
             session_idle_ttl_s=seconds(opts, "bridge_session_idle_ttl"),
+            session_max_age_s=seconds(opts, "bridge_session_max_age"),
         )
         self.max_body = positive(opts, "bridge_max_body")
         self.in_proxy = not opts.bridge_detour and flow_streaming.install()
@@ -157,6 +172,16 @@ class ResponsesBridge:
                 "bridged answers take the loopback detour"
             )
         self.service.apply_settings(settings)
+
+    @staticmethod
+    def _lazy_in_reverse_mode() -> None:
+        """In reverse mode mitmproxy's default (eager) strategy connects to the target
+        first and drops the client when that fails, before any hook could answer."""
+        opts = ctx.options
+        modes = getattr(opts, "mode", [])
+        if opts.connection_strategy != "lazy" and any(m.startswith("reverse:") for m in modes):
+            opts.connection_strategy = "lazy"
+            logger.info(LAZY_NOTE)
 
     # -- lifecycle -----------------------------------------------------------
 

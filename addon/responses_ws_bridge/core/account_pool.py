@@ -4,9 +4,14 @@ Health rules: a handshake 401/403 disables an account until the
 accounts file changes (any `reload`); a 429 or rate-limit error event cools it
 down until the upstream's reset time (default 60 s); repeated upstream faults
 (handshake 5xx, close 1011: 3 within 60 s by default) give a short cooldown.
-A success clears cooldowns and strikes. Selection: the preferred account when
-usable, else the usable account with the fewest requests in flight, ties
-going to the first in file order. Time comes from the injected clock only.
+A success clears cooldowns and strikes. Failures that say nothing about the
+account (a lost connection, a hand-off close 1000, the socket age limit)
+change nothing. Rate-limit figures (`core.rate_limits`) are kept per account:
+an account with an exhausted window is not chosen for new sessions until that
+window resets. Selection: the preferred account when usable, else the usable
+account with the most rate-limit headroom, then the fewest requests in
+flight, ties going to the first in file order. Time comes from the injected
+clocks only (`wall_clock`, epoch seconds, for the upstream's reset times).
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.failures import (
     Failure,
     describe,
+    is_account_neutral,
     is_auth_rejection,
     is_rate_limit,
     is_upstream_fault,
     retry_after_of,
 )
+from responses_ws_bridge.core.rate_limits import (
+    RateLimits,
+    exhausted_until,
+    headroom,
+    merge,
+)
+from responses_ws_bridge.core.rate_limits import describe as describe_limits
 from responses_ws_bridge.core.retry_policy import FailHttp, fail_http_for
 
 # --- health ---------------------------------------------------------------------------------
@@ -135,6 +148,7 @@ class AccountRow:
     cooldown_until: float | None
     cooldown_remaining_s: float | None
     served: int
+    rate_limits: str = "-"
 
 
 @dataclass
@@ -144,6 +158,9 @@ class _State:
     served: int = 0
     health: Health = HEALTHY
     strikes: deque[float] = field(default_factory=deque)
+    rate_limits: RateLimits | None = None
+    # Pool clock: no new sessions before this (an exhausted rate-limit window).
+    exhausted_until: float | None = None
 
 
 def _same_credential(a: Account, b: Account) -> bool:
@@ -161,8 +178,10 @@ class AccountPool:
         *,
         clock: Callable[[], float] = time.monotonic,
         rules: HealthRules | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock
         self.rules = rules or HealthRules()
         self._states: dict[str, _State] = {a.id: _State(a) for a in config.accounts}
 
@@ -241,7 +260,7 @@ class AccountPool:
             return None
         now = self._clock()
         current = self._current(state, now)
-        if isinstance(current, Disabled):
+        if isinstance(current, Disabled) or is_account_neutral(failure):
             return current
         if is_auth_rejection(failure):
             state.health = Disabled(describe(failure))
@@ -259,6 +278,33 @@ class AccountPool:
                     state, current, now + self.rules.strike_cooldown_s, "repeated upstream errors"
                 )
         return self._current(state, now)
+
+    def disable(self, account_id: str, reason: str) -> None:
+        """Out of service until the accounts file changes (e.g. its login was revoked)."""
+        state = self._states.get(account_id)
+        if state is not None:
+            state.health = Disabled(reason)
+
+    # rate limits
+
+    def record_rate_limits(self, account_id: str, limits: RateLimits) -> None:
+        """The upstream's latest figures for the account (merged into what was known)."""
+        state = self._states.get(account_id)
+        if state is None:
+            return
+        state.rate_limits = merge(state.rate_limits, limits)
+        wall_now = self._wall_clock()
+        until = exhausted_until(state.rate_limits, wall_now=wall_now)
+        state.exhausted_until = None if until is None else self._clock() + (until - wall_now)
+
+    def rate_limits(self, account_id: str) -> RateLimits | None:
+        state = self._states.get(account_id)
+        return state.rate_limits if state is not None else None
+
+    def _exhausted(self, state: _State, now: float) -> bool:
+        if state.exhausted_until is not None and now >= state.exhausted_until:
+            state.exhausted_until = None
+        return state.exhausted_until is not None
 
     def _cool(self, state: _State, current: Health, until: float, reason: str) -> None:
         # A longer cooldown already running is not shortened by a shorter one.
@@ -279,17 +325,28 @@ class AccountPool:
         now = self._clock()
         if prefer is not None and prefer not in exclude:
             state = self._states.get(prefer)
-            if state is not None and isinstance(self._current(state, now), Healthy):
+            if (
+                state is not None
+                and isinstance(self._current(state, now), Healthy)
+                and not self._exhausted(state, now)
+            ):
                 return Chosen(state.account)
         best: _State | None = None
+        best_rank: tuple[float, int] = (0.0, 0)
         cooling_until: float | None = None
+        wall_now = self._wall_clock()
         for account_id, state in self._states.items():
             if account_id in exclude:
                 continue
             health = self._current(state, now)
+            if isinstance(health, Healthy) and self._exhausted(state, now):
+                assert state.exhausted_until is not None
+                health = Cooling(state.exhausted_until, "rate limit window exhausted")
             if isinstance(health, Healthy):
-                if best is None or state.in_flight < best.in_flight:
-                    best = state
+                # Most headroom first, then fewest in flight; the first in file order on ties.
+                rank = (-headroom(state.rate_limits, wall_now=wall_now), state.in_flight)
+                if best is None or rank < best_rank:
+                    best, best_rank = state, rank
             elif isinstance(health, Cooling):
                 cooling_until = (
                     health.until if cooling_until is None else min(cooling_until, health.until)
@@ -324,11 +381,15 @@ class AccountPool:
 
     def snapshot(self) -> list[AccountRow]:
         now = self._clock()
+        wall_now = self._wall_clock()
         rows = []
         for account_id, state in self._states.items():
             health = self._current(state, now)
             until: float | None = None
             match health:
+                case Healthy() if self._exhausted(state, now):
+                    until = state.exhausted_until
+                    label = "exhausted: rate limit window at 100%"
                 case Healthy():
                     label = "healthy"
                 case Cooling(until=until, reason=reason):
@@ -343,6 +404,7 @@ class AccountPool:
                     cooldown_until=until,
                     cooldown_remaining_s=None if until is None else until - now,
                     served=state.served,
+                    rate_limits=describe_limits(state.rate_limits, wall_now=wall_now),
                 )
             )
         return rows

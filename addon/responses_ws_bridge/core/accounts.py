@@ -14,24 +14,45 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-_ACCOUNT_KEYS = ("id", "access_token", "api_key", "chatgpt_account_id", "upstream")
+_ACCOUNT_KEYS = (
+    "id",
+    "access_token",
+    "api_key",
+    "chatgpt_account_id",
+    "upstream",
+    "refresh_token",
+    "client_id",
+)
 _TOP_KEYS = ("accounts", "client_keys")
 _UPSTREAM_SCHEMES = ("ws", "wss", "http", "https")
 
 
 @dataclass(frozen=True, repr=False)
 class Account:
-    """One upstream account. `bearer` is its access_token or api_key."""
+    """One upstream account. `bearer` is its access_token or api_key.
+
+    With a `refresh_token` (ChatGPT logins) the bearer is only where the
+    account starts: the refresher keeps the live access token, and `bearer`
+    may be empty until the first refresh.
+    """
 
     id: str
     bearer: str
     chatgpt_account_id: str | None = None
     upstream: str | None = None
+    refresh_token: str | None = None
+    client_id: str | None = None
+
+    @property
+    def refreshable(self) -> bool:
+        return self.refresh_token is not None
 
     def __repr__(self) -> str:
         return (
             f"Account(id={self.id!r}, bearer=<redacted>, "
-            f"chatgpt_account_id={self.chatgpt_account_id!r}, upstream={self.upstream!r})"
+            f"chatgpt_account_id={self.chatgpt_account_id!r}, upstream={self.upstream!r}"
+            + (", refresh_token=<redacted>" if self.refresh_token else "")
+            + ")"
         )
 
     __str__ = __repr__
@@ -115,16 +136,34 @@ def _parse_account(where: str, raw: Any) -> Account:
         raise AccountsFileError(f"{where}.id: must not contain control characters")
 
     has_token, has_key = "access_token" in raw, "api_key" in raw
+    has_refresh = "refresh_token" in raw
     if has_token and has_key:
         raise AccountsFileError(f"{where}: both access_token and api_key given")
-    if not has_token and not has_key:
+    if has_key and has_refresh:
+        raise AccountsFileError(f"{where}: refresh_token goes with access_token, not api_key")
+    if not has_token and not has_key and not has_refresh:
         raise AccountsFileError(f"{where}: neither access_token nor api_key given")
-    field = "access_token" if has_token else "api_key"
-    bearer = raw[field]
     # The bearer goes into an Authorization header: whitespace or control
     # characters would corrupt it, so they are refused here, not at handshake time.
-    if not _is_token(bearer):
-        raise AccountsFileError(f"{where}.{field}: must be a non-empty string without whitespace")
+    bearer = ""
+    if has_token or has_key:
+        field = "access_token" if has_token else "api_key"
+        bearer = raw[field]
+        if not _is_token(bearer):
+            raise AccountsFileError(
+                f"{where}.{field}: must be a non-empty string without whitespace"
+            )
+    refresh_token = raw.get("refresh_token")
+    if has_refresh and not _is_token(refresh_token):
+        raise AccountsFileError(
+            f"{where}.refresh_token: must be a non-empty string without whitespace"
+        )
+    client_id = raw.get("client_id")
+    if client_id is not None and (not has_refresh or not _is_token(client_id)):
+        raise AccountsFileError(
+            f"{where}.client_id: must be a non-empty string without whitespace, "
+            "next to a refresh_token"
+        )
 
     chatgpt_account_id = raw.get("chatgpt_account_id")
     if chatgpt_account_id is not None and not _is_token(chatgpt_account_id):
@@ -138,7 +177,12 @@ def _parse_account(where: str, raw: Any) -> Account:
             f"{where}.upstream: must be a ws://, wss://, http:// or https:// URL"
         )
     return Account(
-        id=account_id, bearer=bearer, chatgpt_account_id=chatgpt_account_id, upstream=upstream
+        id=account_id,
+        bearer=bearer,
+        chatgpt_account_id=chatgpt_account_id,
+        upstream=upstream,
+        refresh_token=refresh_token,
+        client_id=client_id,
     )
 
 
@@ -193,7 +237,32 @@ def client_key_ok(config: AccountsConfig, authorization: str | None) -> bool:
 
 def secrets_of(config: AccountsConfig) -> list[str]:
     """Every secret value in the config (bearers, client keys), for scrubbing logs."""
-    found = [account.bearer for account in config.accounts]
+    found = [account.bearer for account in config.accounts if account.bearer]
+    found.extend(a.refresh_token for a in config.accounts if a.refresh_token)
     if config.client_keys is not None:
         found.extend(sorted(config.client_keys))
     return found
+
+
+def account_from_codex_auth(data: Any, account_id: str) -> dict[str, str]:
+    """An accounts-file entry from a Codex CLI `auth.json` (its ChatGPT login tokens).
+
+    Raises `AccountsFileError` when the file holds no ChatGPT login; the
+    message never quotes the file.
+    """
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(tokens, dict):
+        raise AccountsFileError('auth.json: no ChatGPT login ("tokens") in it')
+    entry = {"id": account_id}
+    for source, target in (
+        ("access_token", "access_token"),
+        ("refresh_token", "refresh_token"),
+        ("account_id", "chatgpt_account_id"),
+    ):
+        value = tokens.get(source)
+        if isinstance(value, str) and _is_token(value):
+            entry[target] = value
+    if "refresh_token" not in entry:
+        raise AccountsFileError("auth.json: tokens.refresh_token missing")
+    _parse_account("auth.json", entry)  # the entry must be one the accounts file accepts
+    return entry

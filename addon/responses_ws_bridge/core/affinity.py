@@ -138,13 +138,32 @@ def owner_for(
 SessionKey = tuple[str, str | None]  # (affinity key, account id; None in pass-through)
 
 
+# Keys that change from turn to turn: a socket is not keyed by them when a
+# steadier one (the session, thread or conversation) is present.
+_PER_TURN_NAMESPACES = ("turn-state:", "response:")
+
+
+def socket_key(affinity: Affinity) -> str | None:
+    """The key a session's upstream socket is kept under: its steadiest one.
+
+    Codex CLI keeps one WebSocket for a whole session (a prewarm, then every
+    turn), while `x-codex-turn-state` and `previous_response_id` change each
+    turn; keyed by them, every turn would open a socket of its own.
+    """
+    for key in affinity.keys:
+        if not key.startswith(_PER_TURN_NAMESPACES):
+            return key
+    return affinity.key
+
+
 def session_key(affinity: Affinity, account_id: str | None) -> SessionKey | None:
     """Which idle upstream socket may carry this request, or None: a new one, never kept.
 
-    A socket holds the previous response's state for its key on its account
-    (with `store: false` nothing else does), so it is reused only for the same
-    affinity key on the same account.
+    A socket holds the previous response's state for its session on its
+    account (with `store: false` nothing else does), so it is reused only for
+    the same session (`socket_key`) on the same account.
     """
-    if affinity.key is None:
+    key = socket_key(affinity)
+    if key is None:
         return None
-    return (affinity.key, account_id)
+    return (key, account_id)

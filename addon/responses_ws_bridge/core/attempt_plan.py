@@ -11,7 +11,8 @@ accounts happens here, and only as `retry_policy.decide` says:
 | HARD, no owner       | picked(a)                           | owner = pinned = a; bind now      |
 | SOFT/NONE            | next_pick                           | PickAny(excluded, prefer)         |
 | pass-through         | next_pick                           | PickClient                        |
-| any                  | reused socket dead, no event, once  | free retry on the same account    |
+| any                  | free_retry says why, once per why   | free retry on the same account    |
+| SOFT/NONE            | all excluded, each transiently      | start_over: first failed, backoff |
 | any                  | decide -> RetrySame(a)              | prefer = a; pinned = a (pool)     |
 | pool                 | decide -> RetryOther(a)             | a excluded; pinned = prefer = None|
 | pass-through         | decide -> RetryOther                | FailHttp: one credential only     |
@@ -26,14 +27,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from responses_ws_bridge.core.affinity import AffinityKind
-from responses_ws_bridge.core.failures import ConnectionLost, Failure, UpstreamClosed
+from responses_ws_bridge.core.failures import Failure
 from responses_ws_bridge.core.retry_policy import (
     DEFAULT_RETRY_BUDGET,
     Decision,
     RetryOther,
     RetrySame,
+    backoff_delay,
     decide,
     fail_http_for,
+    free_retry,
+    is_transient,
 )
 
 
@@ -71,7 +75,9 @@ class AttemptPlan:
     prefer: str | None = None
     excluded: set[str] = field(default_factory=set)
     attempts: int = 0
-    free_retry_left: bool = True
+    free_retries_used: set[str] = field(default_factory=set)
+    # (account, transient?) of each exclusion, first failure first.
+    exclusions: list[tuple[str, bool]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prefer = self.owner
@@ -98,21 +104,45 @@ class AttemptPlan:
         return False
 
     def retry_for_free(
-        self, failure: Failure, *, account: str | None, reused: bool, client_has_seen_event: bool
-    ) -> bool:
-        """A reused socket that turns out dead costs no retry, once, on the same account."""
-        if not (
-            reused
-            and self.free_retry_left
-            and not client_has_seen_event
-            and isinstance(failure, UpstreamClosed | ConnectionLost)
-        ):
-            return False
-        self.free_retry_left = False
+        self,
+        failure: Failure,
+        *,
+        account: str | None,
+        reused: bool,
+        client_has_seen_event: bool,
+        token_refreshed: bool = False,
+    ) -> str | None:
+        """Why the next attempt is free and on the same account (see `free_retry`); None: not."""
+        why = free_retry(
+            failure,
+            reused=reused,
+            client_has_seen_event=client_has_seen_event,
+            token_refreshed=token_refreshed,
+        )
+        if why is None or why in self.free_retries_used:
+            return None
+        self.free_retries_used.add(why)
         self.attempts -= 1
         self.prefer = account
-        self.pinned = account
-        return True
+        self.pinned = account if self.pooled else None
+        return why
+
+    def start_over(self, *, jitter: float, backoff_base_s: float = 0.25) -> RetrySame | None:
+        """Every account failed once, transiently, and budget remains: the first one again."""
+        if (
+            not self.pooled
+            or self.kind is AffinityKind.HARD
+            or not self.exclusions
+            or not all(transient for _, transient in self.exclusions)
+            or self.attempts - 1 >= self.retry_budget
+        ):
+            return None
+        first = self.exclusions[0][0]
+        self.excluded.clear()
+        self.exclusions.clear()
+        self.prefer = self.pinned = first
+        delay = backoff_delay(self.attempts - 1, base=backoff_base_s, cap=2.0, jitter=jitter)
+        return RetrySame(first, delay)
 
     def decide(
         self,
@@ -141,5 +171,6 @@ class AttemptPlan:
             if not self.pooled:
                 return fail_http_for(self.kind, failure)
             self.excluded.add(decision.exclude)
+            self.exclusions.append((decision.exclude, is_transient(failure)))
             self.prefer = self.pinned = None
         return decision

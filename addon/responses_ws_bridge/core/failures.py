@@ -15,6 +15,9 @@ from typing import Any
 from websockets.frames import CloseCode
 
 RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
+# The upstream socket reached its maximum age (60 minutes): a new socket serves.
+CONNECTION_LIMIT_CODE = "websocket_connection_limit_reached"
+PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,32 @@ def is_rate_limit(failure: Failure) -> bool:
     return False
 
 
+def is_connection_limit(failure: Failure) -> bool:
+    """The socket is too old to take another `response.create`: not the account's fault."""
+    return isinstance(failure, UpstreamErrorEvent) and failure.code == CONNECTION_LIMIT_CODE
+
+
+def is_handoff(failure: Failure) -> bool:
+    """A clean close 1000 (before any event): the upstream handing the session over."""
+    return (
+        isinstance(failure, UpstreamClosed)
+        and failure.code == CloseCode.NORMAL_CLOSURE
+        and not failure.by_bridge
+    )
+
+
+def is_lost_connection(failure: Failure) -> bool:
+    """No close frame (1006), or the bridge's own client gave up on the connection (keepalive)."""
+    return isinstance(failure, ConnectionLost) or (
+        isinstance(failure, UpstreamClosed) and failure.by_bridge
+    )
+
+
+def is_account_neutral(failure: Failure) -> bool:
+    """Failures that say nothing about the account: no strike, no cooldown."""
+    return is_lost_connection(failure) or is_handoff(failure) or is_connection_limit(failure)
+
+
 def is_auth_rejection(failure: Failure) -> bool:
     return isinstance(failure, HandshakeRejected) and failure.status in (401, 403)
 
@@ -154,7 +183,9 @@ def describe(failure: Failure) -> str:
 def outcome(failure: Failure) -> str:
     """The attempt's outcome word in the client flow's metadata."""
     match failure:
-        case UpstreamClosed() | ConnectionLost():
+        case UpstreamClosed(by_bridge=True) | ConnectionLost():
+            return "connection_lost"
+        case UpstreamClosed():
             return "closed"
         case HandshakeRejected():
             return "rejected"

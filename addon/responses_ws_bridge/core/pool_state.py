@@ -8,7 +8,7 @@ accounts. In memory and pure: time comes from the injected clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from responses_ws_bridge.core.account_pool import AccountPool
 from responses_ws_bridge.core.accounts import AccountsConfig, secrets_of
@@ -34,6 +34,8 @@ class PoolState:
         self.binding_ttl_s = binding_ttl_s
         self.bindings = MemoryBindingStore(binding_max, binding_ttl_s, clock)
         self.response_owners = MemoryBindingStore(binding_max, binding_ttl_s, clock)
+        # Secrets that live outside the accounts file (rotated access and refresh tokens).
+        self.live_secrets: Callable[[], Iterable[str]] = tuple
 
     @property
     def pooled(self) -> bool:
@@ -66,7 +68,8 @@ class PoolState:
 
     def secrets(self) -> list[str]:
         """Every account and client secret, for redaction."""
-        return secrets_of(self.config) if self.config is not None else []
+        found = secrets_of(self.config) if self.config is not None else []
+        return [*found, *self.live_secrets()]
 
     def owner(self, affinity: Affinity) -> str | None:
         """The account `affinity` is tied to (pool mode), or None."""
@@ -90,7 +93,12 @@ class PoolState:
             self.bindings.set(key, Binding(account_id, affinity.kind))
 
     def served(self, affinity: Affinity, account_id: str, response_id: str | None) -> None:
-        """A turn completed on `account_id`: its keys and its response belong there."""
+        """A turn reached its client from `account_id`: its keys and its response belong there.
+
+        `response_id` only for a response that completed and was delivered: a
+        failed or cut-off one is nothing a later `previous_response_id` can
+        continue from.
+        """
         if self.pool is None or self.pool.account(account_id) is None:
             # Removed from the accounts file while the turn ran: bind nothing to it.
             return

@@ -16,7 +16,18 @@ The table, while the client has seen no event and retries remain:
 | handshake 401/403                           | FailHttp 502 owner_unavail. | RetryOther  |
 | handshake 404/426 (no WebSocket there)      | FailHttp 502 owner_unavail. | RetryOther  |
 | handshake 429, rate-limit error event       | FailHttp 429 (passed on)    | RetryOther  |
+| error event: socket age limit (`websocket_  | RetrySame(owner), no delay  | RetrySame,  |
+| connection_limit_reached`)                  |                             | no delay    |
 | any other error event (e.g. 400)            | Relay                       | Relay       |
+
+A 1011 the bridge's own client sent (its keepalive gave up: `by_bridge`) is a
+lost connection, like 1006: RetrySame, never a move, never a strike.
+
+Free retries (`free_retry`), before the table, once each per request, on the
+same account and without spending the budget: a reused socket found dead; the
+socket's age limit (`websocket_connection_limit_reached`: a new socket); a
+clean close 1000 before any event (a hand-off); a handshake 401 after the
+account's access token was refreshed.
 
 HARD never leaves the owner: when the owner cannot serve (disabled, cooling,
 not a WebSocket endpoint) or the budget is spent, the request fails. SOFT/NONE
@@ -44,12 +55,16 @@ from websockets.frames import CloseCode
 
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.failures import (
+    ConnectFailed,
+    ConnectionLost,
     Failure,
     HandshakeRejected,
     UpstreamClosed,
     UpstreamErrorEvent,
     close_code_seen,
     describe,
+    is_connection_limit,
+    is_handoff,
     is_rate_limit,
     retry_after_of,
 )
@@ -246,7 +261,41 @@ def _moves_soft(failure: Failure) -> bool:
         return True
     if isinstance(failure, UpstreamErrorEvent):
         return is_rate_limit(failure)
-    return isinstance(failure, UpstreamClosed) and failure.code == CloseCode.INTERNAL_ERROR
+    return (
+        isinstance(failure, UpstreamClosed)
+        and failure.code == CloseCode.INTERNAL_ERROR
+        and not failure.by_bridge
+    )
+
+
+def is_transient(failure: Failure) -> bool:
+    """A failure that may well pass if the same account is tried again later."""
+    if isinstance(failure, HandshakeRejected):
+        return failure.status >= 500
+    if isinstance(failure, UpstreamClosed):
+        return failure.code == CloseCode.INTERNAL_ERROR
+    return isinstance(failure, ConnectFailed | ConnectionLost)
+
+
+def free_retry(
+    failure: Failure, *, reused: bool, client_has_seen_event: bool, token_refreshed: bool
+) -> str | None:
+    """Why this failure earns a retry on the same account at no cost (None: it does not).
+
+    `token_refreshed`: the account's access token was refreshed after this
+    failure (a handshake 401), so the retry carries a new credential.
+    """
+    if client_has_seen_event:
+        return None
+    if is_connection_limit(failure):
+        return "connection_limit"
+    if reused and isinstance(failure, UpstreamClosed | ConnectionLost):
+        return "dead_reused_socket"
+    if is_handoff(failure):
+        return "handoff"
+    if token_refreshed and isinstance(failure, HandshakeRejected) and failure.status == 401:
+        return "token_refreshed"
+    return None
 
 
 def _owner_cannot_serve(failure: Failure) -> bool:
@@ -279,7 +328,7 @@ def decide(
     if attempts_made < 1:
         raise ValueError("attempts_made must be >= 1")
     if isinstance(failure, UpstreamErrorEvent) and (
-        client_has_seen_event or not is_rate_limit(failure)
+        client_has_seen_event or not (is_rate_limit(failure) or is_connection_limit(failure))
     ):
         return Relay()
     if client_has_seen_event:
@@ -287,6 +336,11 @@ def decide(
 
     retries_used = attempts_made - 1
     budget_left = retries_used < retry_budget
+    if is_connection_limit(failure):
+        # Not the account's fault, whatever the affinity: a new socket on it.
+        if budget_left:
+            return RetrySame(account_id, 0.0)
+        return fail_http_for(affinity, failure)
     if affinity is AffinityKind.HARD:
         # A 1011 from the owner is just another close. The owner keeps
         # the request; no other account is ever chosen.

@@ -38,9 +38,13 @@ class Attempt:
     close_code: int | None = None
     detail: str = ""
     upstream_flow: str | None = None
+    # Which access token the handshake carried (`token_refresh.fingerprint`), never shown.
+    credential_tag: str | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+        return {
+            k: v for k, v in self.__dict__.items() if v not in (None, "") and k != "credential_tag"
+        }
 
 
 @dataclass

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from responses_ws_bridge.core.failures import UpstreamErrorEvent
+from responses_ws_bridge.core.failures import PREVIOUS_RESPONSE_NOT_FOUND, UpstreamErrorEvent
 from responses_ws_bridge.core.retry_policy import retry_after_from
 
 TERMINAL_TYPES = frozenset(
@@ -115,6 +115,51 @@ def final_response(frame_text: str) -> dict[str, Any] | None:
     return response if isinstance(response, dict) else None
 
 
+OUTPUT_ITEM_DONE = "response.output_item.done"
+
+
+def output_item(frame_text: str) -> tuple[int | None, dict[str, Any]] | None:
+    """(output_index, item) of a `response.output_item.done` frame; None for anything else."""
+    event = _load_object(frame_text)
+    if event is None or event.get("type") != OUTPUT_ITEM_DONE:
+        return None
+    item = event.get("item")
+    if not isinstance(item, dict):
+        return None
+    index = event.get("output_index")
+    return (index if isinstance(index, int) and not isinstance(index, bool) else None), item
+
+
+def with_output(
+    response: dict[str, Any], items: list[tuple[int | None, dict[str, Any]]]
+) -> dict[str, Any]:
+    """The final response, its `output` filled from the items streamed before it.
+
+    The Codex backend often ends with `response.completed` carrying `output: []`,
+    the items having come one by one as `response.output_item.done`. A non-empty
+    `output` is the upstream's own word and stays.
+    """
+    if response.get("output") or not items:
+        return response
+    # Items in output_index order; the ones without an index keep their arrival order.
+    ordered = sorted(
+        enumerate(items), key=lambda e: (e[1][0] if e[1][0] is not None else e[0], e[0])
+    )
+    return {**response, "output": [item for _, (_, item) in ordered]}
+
+
+_INVALID_PREVIOUS = "invalid `previous_response_id`"
+
+
+def _canonical_code(code: Any, message: str) -> Any:
+    """One code for an unknown previous response, whichever of its two shapes the upstream used."""
+    if (code is None or code == "invalid_request_error") and message.lower().startswith(
+        _INVALID_PREVIOUS
+    ):
+        return PREVIOUS_RESPONSE_NOT_FOUND
+    return code
+
+
 def parse_error_event(
     frame_text: str, *, wall_now: float | None = None
 ) -> UpstreamErrorEvent | None:
@@ -132,11 +177,14 @@ def parse_error_event(
     if isinstance(status, str) and status.isdigit():
         status = int(status)
     headers = event.get("headers")
-    code = error.get("code")
     message = _str(error.get("message")) or "the upstream reported an error"
+    code = _canonical_code(error.get("code"), message)
     if isinstance(nested, dict):
         error_object: dict[str, Any] = dict(nested)
         error_type = _str(nested.get("type"))
+        if code == PREVIOUS_RESPONSE_NOT_FOUND:
+            error_object["code"] = code
+            error_object["param"] = error_object.get("param") or "previous_response_id"
     else:
         # Flat shape: its "type" is the event's, not an error type.
         error_type = None

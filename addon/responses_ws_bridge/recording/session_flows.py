@@ -82,6 +82,9 @@ def describe_upstream(meta: dict[str, Any]) -> str:
     segment = meta.get("segment")
     if isinstance(segment, int) and segment > 0:
         parts.append(f"turn {segment + 1} on socket {_short(str(meta.get('socket')))}")
+
+    if meta.get("connection_lost"):
+        parts.append(str(meta["connection_lost"]))
     return " · ".join(parts)
 
 
@@ -275,8 +278,16 @@ def record_close(
     closed_by_client: bool,
     timestamp: float,
 ) -> None:
-    """The end of the session; `code` None means it ended without a close frame."""
+    """The end of the session; `code` None means it ended without a close frame.
+
+    A 1011 the bridge sent itself is its keepalive giving up on a silent
+    upstream: a lost connection, not an upstream error, and the flow says so.
+    """
     assert f.websocket is not None, "not a WebSocket flow"
+    if closed_by_client and code == CloseCode.INTERNAL_ERROR:
+        meta = f.metadata.setdefault(METADATA_KEY, {})
+        meta["connection_lost"] = "connection lost: closed 1011 by the bridge (keepalive)"
+        f.comment = describe_upstream(meta)
     f.websocket.close_code = code if code is not None else CloseCode.ABNORMAL_CLOSURE
     f.websocket.close_reason = reason
     f.websocket.closed_by_client = closed_by_client

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import openai_errors, routing
-from responses_ws_bridge.core.account_pool import Chosen, fail_http_for_choice
+from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import SessionKey, session_key
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickAny, PickOwner
@@ -27,11 +27,13 @@ from responses_ws_bridge.core.failures import (
     AttemptFailed,
     ConnectFailed,
     Failure,
+    HandshakeRejected,
     UpstreamClosed,
     UpstreamErrorEvent,
     close_code_seen,
     describe,
     detail,
+    is_connection_limit,
     outcome,
 )
 from responses_ws_bridge.core.handshake_headers import (
@@ -39,6 +41,7 @@ from responses_ws_bridge.core.handshake_headers import (
     upstream_handshake_headers,
 )
 from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.core.rate_limits import RateLimits, from_headers, merge
 from responses_ws_bridge.core.retry_policy import (
     DEFAULT_RETRY_BUDGET,
     FailHttp,
@@ -46,15 +49,18 @@ from responses_ws_bridge.core.retry_policy import (
     Relay,
     RetrySame,
 )
+from responses_ws_bridge.core.token_refresh import fingerprint
 from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.shell.relay import ClientStream, TurnDone, relay_turn
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
+    DEFAULT_MAX_AGE_S,
     DEFAULT_WARM_SPARES,
     SessionPool,
     WarmSpares,
 )
 from responses_ws_bridge.shell.sink import ClientSink
+from responses_ws_bridge.shell.token_refresher import RefreshFailed, TokenRefresher
 from responses_ws_bridge.shell.upstream_client import (
     SessionTap,
     UpstreamSession,
@@ -77,6 +83,7 @@ class BridgeSettings:
     retry_budget: int = DEFAULT_RETRY_BUDGET
     session_idle_ttl_s: float = DEFAULT_IDLE_TTL_S
     warm_spares: int = DEFAULT_WARM_SPARES
+    session_max_age_s: float = DEFAULT_MAX_AGE_S
 
 
 class BridgeService:
@@ -88,6 +95,7 @@ class BridgeService:
         sessions: SessionPool,
         spares: WarmSpares | None = None,
         taps: TapFactory | None = None,
+        tokens: TokenRefresher | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -95,6 +103,7 @@ class BridgeService:
         self.state = state
         self.sessions = sessions
         self.spares = spares if spares is not None else WarmSpares(per_key=settings.warm_spares)
+        self.tokens = tokens if tokens is not None else TokenRefresher()
         self._taps = taps
         self._sleep = sleep
         self._jitter = jitter
@@ -103,6 +112,7 @@ class BridgeService:
         self.settings = settings
         self.sessions.idle_ttl_s = settings.session_idle_ttl_s
         self.spares.per_key = settings.warm_spares
+        self.sessions.max_age_s = settings.session_max_age_s
 
     def accounts_removed(self, account_ids: list[str]) -> None:
         """Sockets of removed accounts close (idle ones now, busy ones when their turn ends)."""
@@ -137,6 +147,12 @@ class BridgeService:
                 else:
                     assert isinstance(pick, PickAny)
                     choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer)
+                if isinstance(choice, NoneUsable) and choice.reason == "excluded":
+                    again = plan.start_over(jitter=self._jitter())
+                    if again is not None:
+                        # Every account failed once, each time transiently: start over.
+                        await self._sleep(again.delay_s)
+                        continue
                 if not isinstance(choice, Chosen):
                     fail = fail_http_for_choice(
                         choice, affinity=plan.kind, last_failure=last_failure
@@ -148,6 +164,9 @@ class BridgeService:
             if plan.picked(account_id) and account_id is not None:
                 state.bind(turn.affinity, account_id)
             attempt = Attempt(plan.attempts, account_id, "")
+            if pool is not None:
+                # The serving account's own figures only, never an earlier attempt's.
+                client.rate_limits = pool.rate_limits(account_id) if account_id else None
             report.account = account_id
             report.attempts.append(attempt)
             try:
@@ -157,18 +176,38 @@ class BridgeService:
             else:
                 report.outcome, report.status = done.terminal_type, 200
                 if account_id is not None:
-                    state.served(turn.affinity, account_id, done.response_id)
+                    delivered = (
+                        done.response_id if done.terminal_type == "response.completed" else None
+                    )
+                    state.served(turn.affinity, account_id, delivered)
                 return
             if attempt.outcome == "pending":
                 attempt.outcome = outcome(failure)
             attempt.close_code = close_code_seen(failure)
             attempt.detail = attempt.detail or detail(failure)
             seen = client.has_seen_event
+            if account_id is not None:
+                self._note_rate_limits(account_id, client, _failure_headers(failure))
+            refreshed = False
+            if account is not None and not seen and _is_401(failure):
+                refreshed = await self._refresh_after_401(account, attempt)
             # A reused socket, or a spare, that turns out dead is not the account's fault.
-            prepared = attempt.reused or attempt.spare
-            if plan.retry_for_free(
-                failure, account=account_id, reused=prepared, client_has_seen_event=seen
-            ):
+            why = plan.retry_for_free(
+                failure,
+                account=account_id,
+                reused=attempt.reused or attempt.spare,
+                client_has_seen_event=seen,
+                token_refreshed=refreshed,
+            )
+            if why is not None:
+                logger.info(
+                    "bridge %s attempt %d on %s: %s -> free retry (%s)",
+                    turn.request_id,
+                    attempt.number,
+                    account_id or "client",
+                    describe(failure),
+                    why,
+                )
                 continue
             usable = True
             if pool is not None and account_id is not None:
@@ -233,17 +272,29 @@ class BridgeService:
         try:
             if session is None:
                 credential = (
-                    UpstreamCredential(account.bearer, account.chatgpt_account_id)
+                    UpstreamCredential(
+                        await self._bearer(account, attempt), account.chatgpt_account_id
+                    )
                     if account is not None
                     else turn.client_credential
+                )
+                attempt.credential_tag = (
+                    fingerprint(credential.bearer) if credential is not None else None
                 )
                 headers = upstream_handshake_headers(
                     turn.client_headers, credential, request_id=turn.request_id
                 )
                 tap = self._taps(turn, attempt) if self._taps is not None else None
-                session, attempt.spare = await self.spares.open(
-                    attempt.url, headers, self.settings.upstream, account=account_id, tap=tap
-                )
+                try:
+                    session, attempt.spare = await self.spares.open(
+                        attempt.url, headers, self.settings.upstream, account=account_id, tap=tap
+                    )
+                except AttemptFailed as exc:
+                    if account_id is not None and isinstance(exc.failure, HandshakeRejected):
+                        self._note_rate_limits(account_id, client, exc.failure.headers)
+                    raise
+                if account_id is not None:
+                    self._note_rate_limits(account_id, client, session.response_headers)
             elif session.tap is not None:
                 session.tap.attach(turn, attempt)
             return await self._relay(session, turn, client, attempt, key)
@@ -264,10 +315,19 @@ class BridgeService:
             for k, v in session.response_headers
             if k.lower() == "x-codex-turn-state"
         ][:1]
+        account_id = attempt.account
+
+        def seen(limits: RateLimits) -> None:
+            if account_id is not None:
+                self._note_rate_limits(account_id, client, limits=limits)
+
         try:
-            done = await relay_turn(session, turn.create, client)
+            done = await relay_turn(session, turn.create, client, seen)
         except AttemptFailed as exc:
-            if isinstance(exc.failure, UpstreamErrorEvent):
+            if is_connection_limit(exc.failure):
+                # Too old for another response: this socket is done.
+                self.sessions.discard(session)
+            elif isinstance(exc.failure, UpstreamErrorEvent):
                 # The socket is fine: an error event ends a turn, not a connection.
                 self._keep_or_close(session, key)
             else:
@@ -281,6 +341,55 @@ class BridgeService:
         self._keep_or_close(session, key)
         attempt.outcome = done.terminal_type
         return done
+
+    # -- tokens and rate limits ------------------------------------------------------
+
+    async def _bearer(self, account: Account, attempt: Attempt) -> str:
+        """The account's access token, refreshed first when due (ChatGPT logins)."""
+        try:
+            return await self.tokens.access_token(account)
+        except RefreshFailed as exc:
+            self._refresh_failed(account, exc, attempt)
+            raise AttemptFailed(ConnectFailed(str(exc))) from exc
+
+    async def _refresh_after_401(self, account: Account, attempt: Attempt) -> bool:
+        """A handshake 401: True when a refreshed token is there for one more try."""
+        if not account.refreshable or attempt.credential_tag is None:
+            return False
+        try:
+            return await self.tokens.after_rejection(account, attempt.credential_tag)
+        except RefreshFailed as exc:
+            self._refresh_failed(account, exc, attempt)
+            return False
+
+    def _refresh_failed(self, account: Account, exc: RefreshFailed, attempt: Attempt) -> None:
+        attempt.outcome, attempt.detail = "refresh_failed", exc.reason
+        pool = self.state.pool
+        if exc.permanent and pool is not None:
+            pool.disable(account.id, f"token refresh refused: {exc.reason}")
+
+    def _note_rate_limits(
+        self,
+        account_id: str,
+        client: ClientStream,
+        headers: Iterable[tuple[str, str]] | None = None,
+        *,
+        limits: RateLimits | None = None,
+    ) -> None:
+        """The upstream told the account's figures (a frame, or x-codex-* headers)."""
+        if limits is None:
+            limits = from_headers(headers)
+        if limits is None:
+            return
+        pool = self.state.pool
+        if pool is not None:
+            pool.record_rate_limits(account_id, limits)
+        client.rate_limits = self._account_limits(account_id, merge(client.rate_limits, limits))
+
+    def _account_limits(self, account_id: str, fallback: RateLimits | None) -> RateLimits | None:
+        pool = self.state.pool
+        known = pool.rate_limits(account_id) if pool is not None else None
+        return known if known is not None else fallback
 
     def _keep_or_close(self, session: UpstreamSession, key: SessionKey | None) -> None:
         """The turn is over and the socket idle again: it can serve the key's next turn."""
@@ -300,3 +409,13 @@ class BridgeService:
     async def shutdown(self) -> None:
         await self.sessions.close_all()
         await self.spares.close_all()
+
+
+def _is_401(failure: Failure) -> bool:
+    return isinstance(failure, HandshakeRejected) and failure.status == 401
+
+
+def _failure_headers(failure: Failure) -> Iterable[tuple[str, str]]:
+    if isinstance(failure, UpstreamErrorEvent):
+        return failure.headers.items()
+    return ()

@@ -3,7 +3,9 @@
 The client sees nothing until the first upstream event arrives, so that every
 failure before it can still become a retry or a plain HTTP error. After that,
 events are written as they come, several in one write when several had already
-arrived, and never held back to wait for more.
+arrived, and never held back to wait for more. `codex.rate_limits` frames are
+not Responses events: they are handed to `on_rate_limits` and reach the
+client as `x-codex-*` response headers instead.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from responses_ws_bridge.core import sse
 from responses_ws_bridge.core.create_request import CreateRequest
 from responses_ws_bridge.core.failures import AttemptFailed
 from responses_ws_bridge.core.openai_errors import HttpError
+from responses_ws_bridge.core.rate_limits import FRAME_TYPE, RateLimits, from_frame, to_headers
 from responses_ws_bridge.core.upstream_events import (
+    OUTPUT_ITEM_DONE,
     final_response,
     inspect_event,
+    output_item,
     parse_error_event,
+    with_output,
 )
 from responses_ws_bridge.shell.sink import ClientSink
 from responses_ws_bridge.shell.upstream_client import UpstreamSession
+
+RateLimitsSeen = Callable[[RateLimits], None]
 
 
 @dataclass
@@ -37,6 +47,8 @@ class ClientStream:
     last_sequence: int | None = None
     response_id: str | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
+    # The serving account's latest figures, sent as x-codex-* headers.
+    rate_limits: RateLimits | None = None
 
     @property
     def has_seen_event(self) -> bool:
@@ -47,7 +59,12 @@ class ClientStream:
         await self.sink.respond(error.status, headers, error.body)
 
     async def send_json(self, body: bytes) -> None:
-        headers = [*self.headers, *self.extra_headers, ("content-type", "application/json")]
+        headers = [
+            *self.headers,
+            *self.extra_headers,
+            *to_headers(self.rate_limits),
+            ("content-type", "application/json"),
+        ]
         await self.sink.respond(200, headers, body)
 
     async def start_sse(self) -> None:
@@ -58,6 +75,7 @@ class ClientStream:
                 ("cache-control", "no-cache"),
                 *self.headers,
                 *self.extra_headers,
+                *to_headers(self.rate_limits),
             ],
         )
 
@@ -81,7 +99,10 @@ class TurnDone:
 
 
 async def relay_turn(
-    session: UpstreamSession, create: CreateRequest, client: ClientStream
+    session: UpstreamSession,
+    create: CreateRequest,
+    client: ClientStream,
+    on_rate_limits: RateLimitsSeen | None = None,
 ) -> TurnDone:
     """Sends `response.create` and relays events until the terminal one.
 
@@ -90,12 +111,25 @@ async def relay_turn(
     the client gets then (it can tell from `client.has_seen_event`).
     """
     await session.send(create.message)
+    seen = on_rate_limits or _ignore
     if create.stream:
-        return await _relay_sse(session, client)
-    return await _collect_json(session, client)
+        return await _relay_sse(session, client, seen)
+    return await _collect_json(session, client, seen)
 
 
-async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone:
+def _ignore(_: RateLimits) -> None:
+    pass
+
+
+def _rate_limits(frame: str, seen: RateLimitsSeen) -> None:
+    limits = from_frame(frame)
+    if limits is not None:
+        seen(limits)
+
+
+async def _relay_sse(
+    session: UpstreamSession, client: ClientStream, seen: RateLimitsSeen
+) -> TurnDone:
     sink = client.sink
     while True:
         if client.events_sent and client.keepalive_s:
@@ -112,6 +146,9 @@ async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone
         terminal: str | None = None
         for frame in batch:
             info = inspect_event(frame)
+            if info.type == FRAME_TYPE:
+                _rate_limits(frame, seen)
+                continue
             if info.type == "error" and not client.events_sent and not out:
                 _refuse(frame)
             out.append(sse.encode_event(frame, info.type))
@@ -122,6 +159,8 @@ async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone
             if info.terminal:
                 terminal = info.type
                 break
+        if not out:
+            continue
         if not client.events_sent:
             await client.start_sse()
         client.events_sent += len(out)
@@ -131,11 +170,26 @@ async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone
             return TurnDone(terminal, client.response_id)
 
 
-async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnDone:
-    """A client that did not ask to stream gets the final response object."""
+async def _collect_json(
+    session: UpstreamSession, client: ClientStream, seen: RateLimitsSeen
+) -> TurnDone:
+    """A client that did not ask to stream gets the final response object.
+
+    Its `output` is assembled from the `response.output_item.done` items when
+    the terminal event leaves it empty, as the Codex backend does.
+    """
+    items: list[tuple[int | None, dict[str, Any]]] = []
     while True:
         for frame in await session.next_batch():
             info = inspect_event(frame)
+            if info.type == FRAME_TYPE:
+                _rate_limits(frame, seen)
+                continue
+            if info.type == OUTPUT_ITEM_DONE:
+                found = output_item(frame)
+                if found is not None:
+                    items.append(found)
+                continue
             if info.response_id is not None:
                 client.response_id = info.response_id
             if not info.terminal:
@@ -144,7 +198,7 @@ async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnD
                 _refuse(frame)
                 continue
             response = final_response(frame)
-            body = json.dumps(response if response is not None else {}).encode()
+            body = json.dumps(with_output(response, items) if response is not None else {}).encode()
             await client.send_json(body)
             assert info.type is not None
             return TurnDone(info.type, client.response_id)

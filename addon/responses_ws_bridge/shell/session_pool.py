@@ -4,7 +4,9 @@
 account. One response in flight per socket: a session is checked out for a
 turn and comes back only after a terminal event. Sessions idle longer than the
 TTL are closed by a reaper; a session that died while idle is dropped at
-checkout.
+checkout. The upstream ends a socket after 60 minutes (answering the next
+`response.create` with `websocket_connection_limit_reached`), so an idle
+socket older than `max_age_s` is retired instead of reused.
 
 `WarmSpares`: per account, pre-opened sockets (handshake done) for a request
 that finds no idle session, replaced as soon as one is taken.
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IDLE_TTL_S = 120.0
 DEFAULT_WARM_SPARES = 1
+# Under the upstream's 60-minute socket limit, with room for a long turn.
+DEFAULT_MAX_AGE_S = 3300.0
 
 
 @dataclass
@@ -49,10 +53,12 @@ class SessionPool:
         self,
         *,
         idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
         max_idle: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_ttl_s = idle_ttl_s
+        self.max_age_s = max_age_s
         self.max_idle = max_idle
         self._clock = clock
         self._idle: OrderedDict[SessionKey, list[_Idle]] = OrderedDict()
@@ -72,14 +78,14 @@ class SessionPool:
             self._count -= 1
             if not entries:
                 del self._idle[key]
-            if entry.session.is_open and self._clock() - entry.since < self.idle_ttl_s:
+            if self._keeps(entry, self._clock()):
                 return entry.session
             self._close(entry.session)
             entries = self._idle.get(key)
         return None
 
     def checkin(self, key: SessionKey, session: UpstreamSession) -> None:
-        if self.idle_ttl_s <= 0 or not session.is_open:
+        if self.idle_ttl_s <= 0 or not session.is_open or self._too_old(session, self._clock()):
             self._close(session)
             return
         # The recording of the turn ends here: an idle socket keeps none of its messages.
@@ -115,7 +121,7 @@ class SessionPool:
         now = self._clock()
         for key in list(self._idle):
             entries = self._idle[key]
-            keep = [e for e in entries if e.session.is_open and now - e.since < self.idle_ttl_s]
+            keep = [e for e in entries if self._keeps(e, now)]
             for entry in entries:
                 if entry not in keep:
                     self._close(entry.session, CloseCode.NORMAL_CLOSURE, "idle")
@@ -140,6 +146,16 @@ class SessionPool:
             await asyncio.wait(self._closing, timeout=5)
         for task in list(self._closing):
             task.cancel()
+
+    def _keeps(self, entry: _Idle, now: float) -> bool:
+        return (
+            entry.session.is_open
+            and now - entry.since < self.idle_ttl_s
+            and not self._too_old(entry.session, now)
+        )
+
+    def _too_old(self, session: UpstreamSession, now: float) -> bool:
+        return self.max_age_s > 0 and now - session.opened_at >= self.max_age_s
 
     def _evict_oldest(self) -> None:
         key, entries = next(iter(self._idle.items()))
@@ -166,7 +182,8 @@ class SessionPool:
 
     async def _reap_forever(self) -> None:
         while self._idle:
-            await asyncio.sleep(max(1.0, min(self.idle_ttl_s / 4, 30.0)))
+            period = min(self.idle_ttl_s, self.max_age_s or self.idle_ttl_s) / 4
+            await asyncio.sleep(max(1.0, min(period, 30.0)))
             self.reap()
 
 

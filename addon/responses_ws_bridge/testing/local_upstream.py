@@ -72,9 +72,13 @@ class Plan:
     `close_after_events` events of the turn (0: before `response.created`);
     `drop_after_events` aborts the TCP connection after that many events,
     without a close frame; `error` (a whole `error` event) is sent instead of
-    the turn. `hang` answers no `response.create` at all. Otherwise turns follow
-    `turn`, `pace_s` apart (0: back to back). `turn_state` goes out as
-    `x-codex-turn-state` on the 101.
+    the turn (`error_turn`: on that `response.create` instead of the first).
+    `stall_after_events` stops the connection dead after that many events: no
+    more frames, nothing read (pings unanswered), no close. `hang` answers no
+    `response.create` at all. Otherwise turns follow `turn`, `pace_s` apart (0:
+    back to back), each preceded by the `rate_limits` frame when given.
+    `turn_state` goes out as `x-codex-turn-state` on the 101, `headers` on the
+    101 as they are.
     """
 
     reject_status: int | None = None
@@ -89,6 +93,10 @@ class Plan:
     pace_s: float = 0.0
     turn_state: str | None = None
     hang: bool = False
+    error_turn: int = 1
+    stall_after_events: int | None = None
+    rate_limits: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         failures = [
@@ -96,10 +104,12 @@ class Plan:
             self.drop_after_events is not None,
             self.error is not None,
             self.hang,
+            self.stall_after_events is not None,
         ]
         if sum(failures) > 1:
             raise ValueError(
-                "a Plan takes at most one of close_code, drop_after_events, error, hang"
+                "a Plan takes at most one of close_code, drop_after_events, error, hang, "
+                "stall_after_events"
             )
         if self.close_after_events < 0 or (self.drop_after_events or 0) < 0:
             raise ValueError("event counts must be >= 0")
@@ -528,6 +538,9 @@ class LocalUpstream(WebSocketServerContext):
             return None
         if response.status_code == 101 and live.plan.turn_state is not None:
             response.headers["x-codex-turn-state"] = live.plan.turn_state
+        if response.status_code == 101:
+            for name, value in live.plan.headers.items():
+                response.headers[name] = value
         with self._lock:
             live.record = replace(live.record, status=response.status_code)
             if response.status_code != 101:
@@ -580,7 +593,7 @@ class LocalUpstream(WebSocketServerContext):
         first = live.creates == 1
         if plan.hang:
             return
-        if first and plan.error is not None:
+        if plan.error is not None and live.creates == plan.error_turn:
             await self._send(ws, live, dict(plan.error))
             return
 
@@ -611,6 +624,10 @@ class LocalUpstream(WebSocketServerContext):
             limit = plan.close_after_events
         elif first and plan.drop_after_events is not None:
             limit = plan.drop_after_events
+        elif first and plan.stall_after_events is not None:
+            limit = plan.stall_after_events
+        if plan.rate_limits is not None:
+            await self._send(ws, live, dict(plan.rate_limits))
 
         for index, event in enumerate(events):
             if limit is not None and index >= limit:
@@ -630,11 +647,27 @@ class LocalUpstream(WebSocketServerContext):
             ws.transport.abort()
             await asyncio.shield(closed)
             raise _Stop
+        if first and plan.stall_after_events is not None:
+            # Read nothing more: the client's pings go unanswered until it gives up.
+            ws.transport.pause_reading()
+            await asyncio.shield(closed)
+            raise _Stop
 
     @staticmethod
     def _fails_first(plan: Plan) -> bool:
         """Whether the plan's failure comes before any check of the request."""
-        return plan.close_code is not None or plan.drop_after_events is not None
+        return (
+            plan.close_code is not None
+            or plan.drop_after_events is not None
+            or plan.stall_after_events is not None
+        )
+
+    def add_token(self, token: str, account: str) -> None:
+        """Accepts one more bearer token as `account` (a refreshed access token)."""
+        with self._lock:
+            if self.tokens is None:
+                self.tokens = {}
+            self.tokens[token] = account
 
     async def _send(
         self, ws: ServerConnection, live: _Live, event: dict[str, Any], *, stamp: bool = False
@@ -713,6 +746,9 @@ class ThreadedUpstream(LoopThread[LocalUpstream]):
 
     def owner_of(self, response_id: str) -> str | None:
         return self.upstream.owner_of(response_id)
+
+    def add_token(self, token: str, account: str) -> None:
+        self.upstream.add_token(token, account)
 
     def wait_for(
         self, predicate: Callable[[list[ConnectionRecord]], bool], timeout: float

@@ -75,7 +75,8 @@ class TurnSpec:
     `stamp_ns`: the server adds `x_sent_ns` (`time.time_ns()` at send time) to
     every event, for latency measurements; this module never reads a clock.
     `ignore_generate`: answer a `generate: false` prewarm with a full turn too
-    (captures/websocket-prewarm-answered-with-text.json).
+    (captures/websocket-prewarm-answered-with-text.json). `completed_output`:
+    see the field.
     """
 
     text: str = DEFAULT_TEXT
@@ -84,6 +85,11 @@ class TurnSpec:
     function_call: FunctionCall | None = None
     stamp_ns: bool = False
     ignore_generate: bool = False
+    # False: `response.completed` carries `output: []`, as the Codex backend often
+    # sends it; the items came as `response.output_item.done` only.
+    completed_output: bool = True
+    # "incomplete": the turn ends with `response.incomplete` instead.
+    terminal: str = "completed"
 
     def __post_init__(self) -> None:
         if self.deltas is not None and self.deltas < 0:
@@ -224,6 +230,11 @@ def turn_events(
             bodies = _text_bodies(split_text(spec.text, spec.deltas), item_id, response)
     for sequence_number, body in enumerate(bodies):
         body["sequence_number"] = sequence_number
+        if not spec.completed_output and body["type"] == "response.completed":
+            body["response"]["output"] = []
+        if spec.terminal != "completed" and body["type"] == "response.completed":
+            body["type"] = f"response.{spec.terminal}"
+            body["response"]["status"] = spec.terminal
         yield body
 
 
@@ -318,6 +329,54 @@ def rate_limit_event(retry_after_s: int = 1) -> dict[str, Any]:
         type_="requests",
         headers={"retry-after": str(retry_after_s)},
     )
+
+
+def connection_limit_event() -> dict[str, Any]:
+    """What the upstream answers a `response.create` with on a socket past its 60 minutes."""
+    return error_event(
+        400,
+        "websocket_connection_limit_reached",
+        "Responses websocket connection limit reached (60 minutes). "
+        "Create a new websocket connection to continue.",
+    )
+
+
+def invalid_previous_response_event() -> dict[str, Any]:
+    """The other shape of an unknown `previous_response_id`: no code, only the message."""
+    return error_event(400, None, "Invalid `previous_response_id`.", param="previous_response_id")
+
+
+def rate_limits_event(
+    primary_used: float,
+    *,
+    reset_at: int,
+    secondary_used: float | None = None,
+    window_minutes: int = 300,
+    bucket: str | None = None,
+) -> dict[str, Any]:
+    """A `codex.rate_limits` frame (`bucket`: a `limit_name` other than Codex's own)."""
+    limits: dict[str, Any] = {
+        "primary": {
+            "used_percent": primary_used,
+            "window_minutes": window_minutes,
+            "reset_at": reset_at,
+        }
+    }
+    if secondary_used is not None:
+        limits["secondary"] = {
+            "used_percent": secondary_used,
+            "window_minutes": 10080,
+            "reset_at": reset_at + 6 * 24 * 3600,
+        }
+    event: dict[str, Any] = {
+        "type": "codex.rate_limits",
+        "plan_type": "plus",
+        "rate_limits": limits,
+        "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
+    }
+    if bucket is not None:
+        event["limit_name"] = bucket
+    return event
 
 
 # (type, code) of the OpenAI-style HTTP error body for a status.

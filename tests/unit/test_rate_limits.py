@@ -1,0 +1,124 @@
+"""Codex rate-limit figures: frames, headers, buckets, headroom, exhaustion, headers out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from responses_ws_bridge.core.rate_limits import (
+    MAX_EXHAUSTION_S,
+    Credits,
+    RateLimits,
+    Window,
+    describe,
+    exhausted_until,
+    from_frame,
+    from_headers,
+    headroom,
+    merge,
+    to_headers,
+)
+from responses_ws_bridge.testing.response_events import rate_limits_event
+
+NOW = 1_800_000_000.0
+RESET = int(NOW) + 3600
+
+
+def limits(primary: float | None, secondary: float | None = None, **kw: object) -> RateLimits:
+    def window(used: float | None, reset: float | None = RESET) -> Window | None:
+        return None if used is None else Window(used, 300, reset)
+
+    credits = kw.get("credits")
+    assert credits is None or isinstance(credits, Credits)
+    return RateLimits(window(primary), window(secondary), credits)
+
+
+def test_frame_is_read() -> None:
+    found = from_frame(json.dumps(rate_limits_event(42, reset_at=RESET, secondary_used=7)))
+    assert found is not None
+    assert found.primary == Window(42, 300, RESET)
+    assert found.secondary is not None and found.secondary.used_percent == 7
+    assert found.credits == Credits(False, False, "0")
+    assert found.plan_type == "plus"
+
+
+@pytest.mark.parametrize(
+    ("bucket", "read"),
+    [(None, True), ("codex", True), ("CODEX", True), ("gpt-5-codex-mini", False), ("", True)],
+)
+def test_other_buckets_are_ignored(bucket: str | None, read: bool) -> None:
+    frame = rate_limits_event(10, reset_at=RESET, bucket=bucket)
+    assert (from_frame(frame) is not None) is read
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ['{"type":"response.created"}', "not json", '{"type":"codex.rate_limits"}', "[]"],
+)
+def test_frames_without_figures_are_none(frame: str) -> None:
+    assert from_frame(frame) is None
+
+
+def test_headers_round_trip() -> None:
+    figures = RateLimits(
+        Window(42.5, 300, RESET), Window(7, 10080, RESET + 1), Credits(True, False, "9.99")
+    )
+    headers = to_headers(figures)
+    assert ("x-codex-primary-used-percent", "42.5") in headers
+    assert ("x-codex-credits-has-credits", "true") in headers
+    assert from_headers(headers) == figures
+    assert from_headers(dict((k.upper(), v) for k, v in headers)) == figures
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"content-type": "text/plain"}, {"x-codex-primary-used-percent": "lots"}],
+)
+def test_headers_without_figures_are_none(headers: dict[str, str]) -> None:
+    assert from_headers(headers) is None
+
+
+def test_merge_keeps_what_only_the_old_knew() -> None:
+    old = RateLimits(Window(10), Window(20), Credits(True))
+    new = RateLimits(Window(30))
+    assert merge(old, new) == RateLimits(Window(30), Window(20), Credits(True))
+    assert merge(None, new) == new
+
+
+@pytest.mark.parametrize(
+    ("figures", "left"),
+    [
+        (None, 100.0),
+        (limits(42), 58.0),
+        (limits(42, 90), 10.0),
+        (limits(120), 0.0),
+        (RateLimits(Window(99, 300, NOW - 1)), 100.0),  # that window has reset
+    ],
+)
+def test_headroom(figures: RateLimits | None, left: float) -> None:
+    assert headroom(figures, wall_now=NOW) == left
+
+
+@pytest.mark.parametrize(
+    ("figures", "until"),
+    [
+        (None, None),
+        (limits(99.9), None),
+        (limits(100), RESET),
+        (limits(10, 100), RESET),
+        (limits(100, credits=Credits(has_credits=True)), None),
+        (limits(100, credits=Credits(unlimited=True)), None),
+        (limits(100, credits=Credits(has_credits=False)), RESET),
+        (RateLimits(Window(100, 300, NOW - 5)), None),  # reset already
+        (RateLimits(Window(100, 60, None)), NOW + 3600),  # no reset_at: one window from now
+        (RateLimits(Window(100, None, None)), None),  # nothing to go by
+        (RateLimits(Window(100, 300, NOW + 30 * 86400)), NOW + MAX_EXHAUSTION_S),  # clamped
+    ],
+)
+def test_exhausted_until(figures: RateLimits | None, until: float | None) -> None:
+    assert exhausted_until(figures, wall_now=NOW) == until
+
+
+def test_describe() -> None:
+    assert describe(None, wall_now=NOW) == "-"
+    assert describe(limits(42, 7), wall_now=NOW) == "primary 42% of 300m · secondary 7% of 300m"
