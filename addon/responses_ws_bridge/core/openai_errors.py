@@ -284,6 +284,7 @@ def _upstream_verdict(failure: Failure) -> HttpError:
         case ConnectionLost():
             return upstream_closed(None, "")
 
+
 def state_store_unavailable() -> HttpError:
     """A hard-affinity request whose owner the shared state store could not tell."""
     return _error(
