@@ -149,11 +149,11 @@ def test_addon_serves_and_stops_on_the_option() -> None:
     addon = BridgeMetricsAddon(recorded())
     with taddons.context(addon) as tctx:
         tctx.configure(addon, bridge_metrics="127.0.0.1:0")
-        port = addon.server.port
+        port = addon.port
         assert port is not None
         assert scrape(port)[("bridge_idle_sessions", ())] == 4
         with pytest.raises(exceptions.OptionsError, match="bridge_metrics"):
             tctx.configure(addon, bridge_metrics="nonsense")
         tctx.configure(addon, bridge_metrics="")
-        assert addon.server.port is None
+        assert addon.port is None
         addon.done()

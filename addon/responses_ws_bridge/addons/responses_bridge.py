@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.shell.bridge_service import DEFAULT_SSE_KEEPALIVE_S, BridgeService
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S
+from responses_ws_bridge.shell.turn_metrics import TurnMetrics, observe
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class ResponsesBridge:
         self.loopback = LoopbackServer()
         self.max_body = DEFAULT_MAX_BODY
         self._routed: dict[str, _Routed] = {}
+        # Where finished turns are counted (the metrics addon, when `bridge_metrics` is on).
+        self.metrics: Callable[[], TurnMetrics | None] = lambda: None
 
     # -- options -----------------------------------------------------------
 
@@ -192,8 +196,11 @@ class ResponsesBridge:
             affinity=classify(headers, create.body),
             client_credential=(None if state.pooled else _client_credential(flow.request.headers)),
         )
-        service = self.service
-        token = self.loopback.register(lambda sink: service.serve(turn, sink))
+        service, metrics = self.service, self.metrics()
+        if metrics is None:
+            token = self.loopback.register(lambda sink: service.serve(turn, sink))
+        else:
+            token = self.loopback.register(lambda sink: observe(service.serve, turn, sink, metrics))
         self._routed[flow.id] = _Routed(token, turn)
         # Detour to the loopback endpoint. `data.*` leaves the Host header as
         # the client sent it; the destination is restored in responseheaders.

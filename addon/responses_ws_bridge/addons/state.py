@@ -3,7 +3,9 @@
 Empty `bridge_state`: in-memory state, as one instance always had. A URL:
 the shared Redis/Valkey store (the `redis` extra), one client pool for the
 process, closed in `done`. Either way `store` is a `GuardedStore`, so callers
-get `StateUnavailable` instead of an exception or a hang.
+get `StateUnavailable` instead of an exception or a hang; `shared_store()` is
+it only when it is shared, which is when the bridge consults it. Binding TTLs
+and bounds follow the accounts addon's `bridge_binding_max` / `bridge_binding_ttl`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from collections.abc import Callable
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
+from responses_ws_bridge.addons.option_values import positive, seconds
 from responses_ws_bridge.state.config import StateConfig, parse_state_config
 from responses_ws_bridge.state.guarded import GuardedStore
 from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.store import BindingLimits, StateStore
 
 logger = logging.getLogger(__name__)
+
+BINDING_OPTIONS = frozenset({"bridge_binding_max", "bridge_binding_ttl"})
 
 
 class BridgeStateAddon:
@@ -49,16 +54,23 @@ class BridgeStateAddon:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if not {"bridge_state", "bridge_state_namespace"} & updated:
-            return
-        try:
-            config = parse_state_config(
-                ctx.options.bridge_state, ctx.options.bridge_state_namespace
-            )
-        except ValueError as exc:
-            raise exceptions.OptionsError(f"bridge_state: {exc}") from exc
-        if config != self.config:
-            self._replace(config, self.limits)
+        config, limits = self.config, self.limits
+        if {"bridge_state", "bridge_state_namespace"} & updated:
+            try:
+                config = parse_state_config(
+                    ctx.options.bridge_state, ctx.options.bridge_state_namespace
+                )
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"bridge_state: {exc}") from exc
+        if BINDING_OPTIONS & updated and all(hasattr(ctx.options, o) for o in BINDING_OPTIONS):
+            ttl = seconds(ctx.options, "bridge_binding_ttl") or float("inf")
+            limits = BindingLimits(ttl, ttl, ttl, positive(ctx.options, "bridge_binding_max"))
+        if (config, limits) != (self.config, self.limits):
+            self._replace(config, limits)
+
+    def shared_store(self) -> GuardedStore | None:
+        """The store when it is shared with other instances; None in in-memory mode."""
+        return self.store if self.config.shared else None
 
     def set_limits(self, limits: BindingLimits) -> None:
         """The binding TTLs and bound (the bridge's `bridge_binding_*` options)."""

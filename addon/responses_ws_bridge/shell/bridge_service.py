@@ -11,9 +11,10 @@ plan gives up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from websockets.frames import CloseCode
@@ -50,12 +51,14 @@ from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.shell.loopback import ResponseSink
 from responses_ws_bridge.shell.relay import ClientStream, TurnDone, relay_turn
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, SessionPool
+from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.upstream_client import (
     SessionTap,
     UpstreamSession,
     UpstreamSettings,
     open_session,
 )
+from responses_ws_bridge.state.fallback import FailClosed, Owned
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class BridgeService:
         state: PoolState,
         sessions: SessionPool,
         taps: TapFactory | None = None,
+        shared: SharedState | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -89,6 +93,8 @@ class BridgeService:
         self.state = state
         self.sessions = sessions
         self._taps = taps
+        # Affinity, health and load shared with other instances (when `bridge_state` is set).
+        self.shared = shared
         self._sleep = sleep
         self._jitter = jitter
 
@@ -112,9 +118,17 @@ class BridgeService:
             keepalive_s=self.settings.sse_keepalive_s,
         )
         state, pool = self.state, self.state.pool
+        shared = self.shared if self.shared is not None and self.shared.active else None
+        owner = state.owner(turn.affinity)
+        if shared is not None and pool is not None:
+            found = await shared.owner(turn.affinity)
+            if isinstance(found, FailClosed):
+                await self._fail(client, turn, openai_errors.state_store_unavailable())
+                return
+            owner = found.account_id if isinstance(found, Owned) else found.prefer
         plan = AttemptPlan(
             turn.affinity.kind,
-            owner=state.owner(turn.affinity),
+            owner=owner,
             pooled=pool is not None,
             retry_budget=self.settings.retry_budget,
         )
@@ -123,10 +137,18 @@ class BridgeService:
             account: Account | None = None
             if pool is not None:
                 pick = plan.next_pick()
-                if isinstance(pick, PickOwner):
+                assert isinstance(pick, PickOwner | PickAny)
+                if shared is not None:
+                    shared_choice = await shared.choose(
+                        pool, pick, turn.affinity, claim=plan.owner is None
+                    )
+                    if isinstance(shared_choice, FailClosed):
+                        await self._fail(client, turn, openai_errors.state_store_unavailable())
+                        return
+                    choice = shared_choice
+                elif isinstance(pick, PickOwner):
                     choice = pool.choose_owner(pick.account)
                 else:
-                    assert isinstance(pick, PickAny)
                     choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer)
                 if not isinstance(choice, Chosen):
                     fail = fail_http_for_choice(
@@ -142,13 +164,16 @@ class BridgeService:
             report.account = account_id
             report.attempts.append(attempt)
             try:
-                done = await self._attempt(turn, account, client, attempt)
+                async with self._lease(shared, account_id):
+                    done = await self._attempt(turn, account, client, attempt)
             except AttemptFailed as exc:
                 failure = last_failure = exc.failure
             else:
                 report.outcome, report.status = done.terminal_type, 200
                 if account_id is not None:
                     state.served(turn.affinity, account_id, done.response_id)
+                    if shared is not None:
+                        await shared.served(turn.affinity, account_id, done.response_id)
                 return
             if attempt.outcome == "pending":
                 attempt.outcome = outcome(failure)
@@ -162,6 +187,8 @@ class BridgeService:
             usable = True
             if pool is not None and account_id is not None:
                 pool.record_failure(account_id, failure)
+                if shared is not None:
+                    await shared.failed(pool, account_id, failure)
                 usable = pool.is_usable(account_id)
             decision = plan.decide(
                 failure,
@@ -195,6 +222,16 @@ class BridgeService:
                 await self._fail(client, turn, error)
                 return
             # RetryOther: the plan has excluded the account; the loop picks again.
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _lease(shared: SharedState | None, account_id: str | None) -> AsyncIterator[None]:
+        """An in-flight lease every instance counts, while one attempt runs (shared state)."""
+        if shared is None or account_id is None:
+            yield
+            return
+        async with shared.lease(account_id):
+            yield
 
     async def _attempt(
         self, turn: Turn, account: Account | None, client: ClientStream, attempt: Attempt

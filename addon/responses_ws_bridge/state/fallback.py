@@ -28,8 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.affinity import Affinity, AffinityKind, owner_for
 from responses_ws_bridge.state.guarded import StateUnavailable
+from responses_ws_bridge.state.store import Lookup
 
 STATE_STORE_UNAVAILABLE = "state_store_unavailable"
 
@@ -55,6 +56,16 @@ class FailClosed:
 
 
 OwnerDecision = Owned | Unbound | FailClosed
+
+
+def stored_owner(affinity: Affinity, found: Lookup) -> str | None:
+    """The owner the store names, by the same precedence as the in-memory lookup."""
+
+    def bound(key: str) -> str | None:
+        binding = found.bindings.get(key)
+        return binding.account_id if binding is not None else None
+
+    return owner_for(affinity, bound_account=bound, response_owner=lambda _: found.response_owner)
 
 
 def owner_decision(
