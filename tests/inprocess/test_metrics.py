@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 from prometheus_client.parser import text_string_to_metric_families
-from responses_ws_bridge.addons.metrics import BridgeMetricsAddon
+from responses_ws_bridge.addons.metrics import BridgeMetricsAddon, pool_gauges
+from responses_ws_bridge.core.accounts import parse_accounts
+from responses_ws_bridge.core.affinity import classify
+from responses_ws_bridge.core.create_request import parse_create_request
+from responses_ws_bridge.core.failures import HandshakeRejected
+from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.core.turns import Attempt, Destination, Turn
 from responses_ws_bridge.shell.metrics import (
     AccountGauges,
     BridgeMetrics,
@@ -16,6 +24,8 @@ from responses_ws_bridge.shell.metrics import (
     label,
     parse_listen,
 )
+from responses_ws_bridge.shell.session_pool import SessionPool
+from responses_ws_bridge.shell.turn_metrics import record_report
 
 SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
 SESSION_KEY = "session:0195c1d2-aaaa-bbbb"
@@ -157,3 +167,40 @@ def test_addon_serves_and_stops_on_the_option() -> None:
         tctx.configure(addon, bridge_metrics="")
         assert addon.port is None
         addon.done()
+
+
+def test_a_turns_report_becomes_metrics() -> None:
+    metrics = BridgeMetrics()
+    turn = Turn(
+        flow_id="f",
+        create=parse_create_request(b'{"model": "m", "input": "hi", "stream": true}', max_body=999),
+        client_headers=(("session-id", "s"),),
+        request_id="r",
+        destination=Destination("http", "127.0.0.1", 1, "/v1/responses"),
+        affinity=classify([("session-id", "s")], {}),
+        client_credential=None,
+    )
+    turn.report.attempts += [
+        Attempt(1, "a", "ws://x", outcome="closed", close_code=1011),
+        Attempt(2, "a", "ws://x", outcome="response.completed"),
+    ]
+    record_report(metrics, turn.report, "response.completed", 0.5)
+    value = metrics.registry.get_sample_value
+    completed = {"outcome": "response.completed", "affinity": "hard"}
+    assert value("bridge_requests_total", completed) == 1
+    assert value("bridge_upstream_attempts_total", {"result": "closed", "close_code": "1011"}) == 1
+    assert value("bridge_retries_total", {"target": "same"}) == 1
+    assert value("bridge_request_duration_seconds_count", {"outcome": "response.completed"}) == 1
+
+
+def test_gauges_come_from_the_pool_and_the_sessions() -> None:
+    state = PoolState()
+    config = {"accounts": [{"id": "a", "api_key": "k-a"}, {"id": "b", "api_key": "k-b"}]}
+    state.set_accounts(parse_accounts(json.dumps(config)))
+    assert state.pool is not None
+    state.pool.acquire("a")
+    state.pool.record_failure("b", HandshakeRejected(401))
+    snapshot = pool_gauges(state, SessionPool(), None)
+    assert snapshot == GaugeSnapshot(
+        (AccountGauges("a", "healthy", 1), AccountGauges("b", "disabled", 0)), 0
+    )

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from responses_ws_bridge.core.account_pool import HEALTHY, Cooling, Disabled
-from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.account_pool import HEALTHY, Cooling, Disabled, HealthRules
+from responses_ws_bridge.core.affinity import AffinityKind, classify
+from responses_ws_bridge.core.bindings import Binding
+from responses_ws_bridge.core.failures import (
+    ConnectFailed,
+    ConnectionLost,
+    Failure,
+    HandshakeRejected,
+    UpstreamClosed,
+    UpstreamErrorEvent,
+)
 from responses_ws_bridge.state import store_health
 from responses_ws_bridge.state.config import StateConfig, parse_state_config
 from responses_ws_bridge.state.fallback import (
@@ -13,11 +22,21 @@ from responses_ws_bridge.state.fallback import (
     Unbound,
     bind_decision,
     owner_decision,
+    stored_owner,
 )
 from responses_ws_bridge.state.fingerprint import fingerprint
 from responses_ws_bridge.state.guarded import StateUnavailable
-from responses_ws_bridge.state.health_record import cleared, cooled, health_of
-from responses_ws_bridge.state.store import AccountHealthRecord
+from responses_ws_bridge.state.health_record import (
+    CoolDown,
+    Disable,
+    Strike,
+    change_for,
+    cleared,
+    cooled,
+    health_of,
+    on_pool_clock,
+)
+from responses_ws_bridge.state.store import AccountHealthRecord, Lookup
 from responses_ws_bridge.state.store_health import (
     CONNECTED,
     Backoff,
@@ -153,3 +172,61 @@ def test_health_records_read_as_pool_health() -> None:
     assert health_of(cleared(record), 99.0) == HEALTHY
     disabled = AccountHealthRecord(disabled="HTTP 401", cooldown_until=100.0)
     assert health_of(cleared(disabled), 0.0) == Disabled("HTTP 401")
+
+
+REJECTED = "upstream rejected the WebSocket handshake with HTTP"
+RULES = HealthRules(
+    rate_limit_default_s=60.0, strike_limit=3, strike_window_s=60.0, strike_cooldown_s=10.0
+)
+
+
+@pytest.mark.parametrize(
+    ("failure", "change"),
+    [
+        (HandshakeRejected(401), Disable(f"{REJECTED} 401")),
+        (HandshakeRejected(403), Disable(f"{REJECTED} 403")),
+        (HandshakeRejected(429, retry_after_s=5.0), CoolDown(105.0, f"{REJECTED} 429")),
+        (
+            UpstreamErrorEvent("rate_limit_exceeded"),
+            CoolDown(160.0, "upstream error event rate_limit_exceeded"),
+        ),
+        (HandshakeRejected(503), Strike(100.0, 60.0, 3, 110.0)),
+        (UpstreamClosed(1011), Strike(100.0, 60.0, 3, 110.0)),
+        (UpstreamClosed(1011, by_bridge=True), None),
+        (UpstreamClosed(1006), None),
+        (ConnectionLost(), None),
+        (ConnectFailed("refused"), None),
+        (UpstreamErrorEvent("invalid_request_error"), None),
+    ],
+)
+def test_health_change_mirrors_the_pool_rule(failure: Failure, change: object) -> None:
+    assert change_for(failure, RULES, 100.0) == change
+
+
+def test_health_moves_to_the_pool_clock() -> None:
+    # Read at wall time 1000 with the pool's clock at 5: 30 s left either way.
+    assert on_pool_clock(Cooling(1030.0, "r"), 1000.0, 5.0) == Cooling(35.0, "r")
+    assert on_pool_clock(HEALTHY, 1000.0, 5.0) == HEALTHY
+    assert on_pool_clock(Disabled("x"), 1000.0, 5.0) == Disabled("x")
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "found", "owner"),
+    [
+        ([], {}, Lookup("a", {}), None),  # no affinity: no owner
+        ([("session-id", "s")], {}, Lookup(None, {"session:s": Binding("b")}), "b"),
+        # The response's owner is authoritative over a header binding.
+        (
+            [("session-id", "s")],
+            {"previous_response_id": "r"},
+            Lookup("a", {"session:s": Binding("b")}),
+            "a",
+        ),
+        ([("session-id", "s")], {"previous_response_id": "r"}, Lookup(None, {}), None),
+        ([], {"prompt_cache_key": "k"}, Lookup(None, {"prompt-cache:k": Binding("c", SOFT)}), "c"),
+    ],
+)
+def test_stored_owner(
+    headers: list[tuple[str, str]], body: dict[str, str], found: Lookup, owner: str | None
+) -> None:
+    assert stored_owner(classify(headers, body), found) == owner

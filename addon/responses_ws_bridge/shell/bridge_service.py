@@ -163,6 +163,8 @@ class BridgeService:
             attempt = Attempt(plan.attempts, account_id, "")
             report.account = account_id
             report.attempts.append(attempt)
+            if shared is not None and account_id is not None:
+                client.publish_response_id(shared.response_owner_publisher(account_id))
             try:
                 async with self._lease(shared, account_id):
                     done = await self._attempt(turn, account, client, attempt)
@@ -173,7 +175,7 @@ class BridgeService:
                 if account_id is not None:
                     state.served(turn.affinity, account_id, done.response_id)
                     if shared is not None:
-                        await shared.served(turn.affinity, account_id, done.response_id)
+                        await shared.served(turn.affinity, account_id)
                 return
             if attempt.outcome == "pending":
                 attempt.outcome = outcome(failure)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from responses_ws_bridge.core import sse
@@ -37,10 +38,28 @@ class ClientStream:
     last_sequence: int | None = None
     response_id: str | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Called once with the response id when an event first names it (to publish the
+    # response's owner); the terminal event waits for it, so that no client can ask
+    # another instance about the response before its owner is known there.
+    on_response_id: Callable[[str], Awaitable[None]] | None = None
+    _publishing: asyncio.Future[None] | None = None
 
     @property
     def has_seen_event(self) -> bool:
         return self.events_sent > 0
+
+    def publish_response_id(self, hook: Callable[[str], Awaitable[None]] | None) -> None:
+        """Set `on_response_id` for the next attempt (a retry's response is a new one)."""
+        self.on_response_id, self._publishing = hook, None
+
+    def note_response_id(self, response_id: str) -> None:
+        self.response_id = response_id
+        if self.on_response_id is not None and self._publishing is None:
+            self._publishing = asyncio.ensure_future(self.on_response_id(response_id))
+
+    async def published(self) -> None:
+        if self._publishing is not None:
+            await self._publishing
 
     async def send_error(self, error: HttpError) -> None:
         headers = [*self.headers, *error.headers]
@@ -118,13 +137,15 @@ async def _relay_sse(session: UpstreamSession, client: ClientStream) -> TurnDone
             if info.sequence_number is not None:
                 client.last_sequence = info.sequence_number
             if info.response_id is not None:
-                client.response_id = info.response_id
+                client.note_response_id(info.response_id)
             if info.terminal:
                 terminal = info.type
                 break
         if not client.events_sent:
             await client.start_sse()
         client.events_sent += len(out)
+        if terminal is not None:
+            await client.published()
         await sink.write(out[0] if len(out) == 1 else b"".join(out))
         if terminal is not None:
             await sink.finish()
@@ -137,7 +158,7 @@ async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnD
         for frame in await session.next_batch():
             info = inspect_event(frame)
             if info.response_id is not None:
-                client.response_id = info.response_id
+                client.note_response_id(info.response_id)
             if not info.terminal:
                 continue
             if info.type == "error":
@@ -145,6 +166,7 @@ async def _collect_json(session: UpstreamSession, client: ClientStream) -> TurnD
                 continue
             response = final_response(frame)
             body = json.dumps(response if response is not None else {}).encode()
+            await client.published()
             await client.send_json(body)
             assert info.type is not None
             return TurnDone(info.type, client.response_id)

@@ -160,22 +160,26 @@ class SharedState:
         async with held_lease(self._guarded(), account_id, self.lease_ttl_s):
             yield
 
+    def response_owner_publisher(self, account_id: str) -> Callable[[str], Awaitable[None]]:
+        """What the relay calls with the response id as soon as it is known."""
+
+        async def publish(response_id: str) -> None:
+            await self._run(
+                "set_response_owner", lambda s: s.set_response_owner(response_id, account_id)
+            )
+
+        return publish
+
     # -- after an attempt -----------------------------------------------------------------
 
-    async def served(self, affinity: Affinity, account_id: str, response_id: str | None) -> None:
-        """A turn completed: its keys and its response belong to `account_id`, and the
-        account is evidently healthy again."""
+    async def served(self, affinity: Affinity, account_id: str) -> None:
+        """A turn completed: its keys belong to `account_id` (its response was published
+        on the way), and the account is evidently healthy again."""
         pool = self.state.pool
         if pool is None or pool.account(account_id) is None:
             return
         binding = Binding(account_id, affinity.kind)
         calls: list[Awaitable[object]] = [self._bind(key, binding) for key in affinity.keys]
-        if response_id is not None:
-            calls.append(
-                self._run(
-                    "set_response_owner", lambda s: s.set_response_owner(response_id, account_id)
-                )
-            )
         record = self.records.get(account_id)
         if record is None or record.cooldown_until is not None or record.strikes:
             calls.append(self._run("clear_failures", lambda s: s.clear_failures(account_id)))
