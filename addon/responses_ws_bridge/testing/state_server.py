@@ -6,11 +6,12 @@ directory, is ready once it answers PING, and is always stopped within a
 bounded time. `kill()` then `start()` brings it back on the same port, empty,
 as a crashed store would come back.
 
-    python -m responses_ws_bridge.testing.state_server   # prints the URL, Ctrl-C stops
+    python -m responses_ws_bridge.testing.state_server [--port N]   # prints the URL
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import signal
 import socket
@@ -149,8 +150,11 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def main() -> None:
-    server = StateServer().start()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="listen port (0: a free one)")
+    args = parser.parse_args(argv)
+    server = StateServer(port=args.port or None).start()
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
