@@ -50,6 +50,11 @@ from responses_ws_bridge.testing.bench_client import (
     sample_process,
     turn_figures,
 )
+from responses_ws_bridge.testing.bench_scaleout import (
+    ScaleoutSpec,
+    format_scaleout,
+    measure_scaleout,
+)
 from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -448,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="OPTION=VALUE",
         help="extra mitmproxy option for both bridge proxies (repeatable)",
     )
+    parser.add_argument(
+        "--scaleout",
+        action="store_true",
+        help="also measure two bridge instances on one state store against one",
+    )
     args = parser.parse_args(argv)
     paths = [p for p in PATHS if p in args.paths.split(",")]
     unknown = set(args.paths.split(",")) - set(PATHS)
@@ -487,8 +497,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "idle_sessions": idle,
         "ratios": ratios(results),
         "targets": evaluate_targets(results, mode.workloads, idle),
-        "duration_s": round(time.perf_counter() - started, 1),
     }
+    if args.scaleout:
+        spec = ScaleoutSpec.smoke() if args.smoke else None
+        doc["scaleout"] = measure_scaleout(spec, body_bytes=args.body_bytes)
+    doc["duration_s"] = round(time.perf_counter() - started, 1)
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown:
         machine_line = (
@@ -501,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print()
     print(format_report(doc))
+    if "scaleout" in doc:
+        print()
+        print(format_scaleout(doc["scaleout"]))
     problems = check_document(doc)
     print(f"\n{doc['duration_s']} s; figures in {args.json}")
     for problem in problems:

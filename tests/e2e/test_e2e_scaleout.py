@@ -17,6 +17,12 @@ from typing import Any
 import httpx
 import pytest
 from responses_ws_bridge.core.sse import parse_sse
+from responses_ws_bridge.testing.bench_scaleout import (
+    SETUPS,
+    ScaleoutSpec,
+    format_scaleout,
+    measure_scaleout,
+)
 from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
 from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
 from responses_ws_bridge.testing.response_events import rate_limit_event
@@ -230,3 +236,15 @@ def _eventually(check: Any, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_the_scaleout_benchmark_runs_every_setup_without_errors() -> None:
+    doc = measure_scaleout(ScaleoutSpec.smoke())
+    for setup in SETUPS:
+        figures = doc["results"][setup]
+        assert figures["errors"] == 0, figures
+        assert figures["turns"] == 4 * 2
+        assert figures["events_per_s"] > 0
+    assert doc["results"]["two_store"]["instances"] == 2
+    assert doc["two_vs_one_events_per_s"] > 0
+    assert "2 instances, one shared store" in format_scaleout(doc)
