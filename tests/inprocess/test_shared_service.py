@@ -296,3 +296,35 @@ def test_claims_fail_closed_for_hard_keys_when_the_store_is_down(
             assert soft.kind is AffinityKind.SOFT
 
     run(main)
+
+
+def test_an_accounts_reload_enables_everywhere_and_a_removed_account_is_forgotten(
+    state_server: StateServer,
+) -> None:
+    async def main() -> None:
+        async with two_instances(state_server) as (upstream, one, two):
+            await one.post(STREAM, [("session-id", "on-a")])  # bound to "a"
+            upstream.script(Plan(reject_status=401), account="b")
+            turn, _ = await two.post(STREAM)
+            assert [a.account for a in turn.report.attempts] == ["b", "a"]
+            assert await health_words(one) == {"a": "healthy", "b": "disabled"}
+            # The first load enables nothing; a reload does, for every instance.
+            one.shared.accounts_changed(["a", "b"], [], reload=False)
+            await one.shared.settle()
+            assert await health_words(one) == {"a": "healthy", "b": "disabled"}
+            two.shared.accounts_changed(["a", "b"], [], reload=True)
+            await two.shared.settle()
+            assert await health_words(one) == {"a": "healthy", "b": "healthy"}
+            # "a" removed from the file: its bindings go, everywhere.
+            two.shared.accounts_changed(["b"], ["a"], reload=True)
+            await two.shared.settle()
+            assert await one.store.run("read", lambda s: s.binding("session:on-a")) is None
+
+    run(main)
+
+
+async def health_words(inst: Instance) -> dict[str, str]:
+    pool = inst.state.pool
+    assert pool is not None
+    await inst.shared.refresh(pool)
+    return {row.id: row.health.split(":")[0] for row in pool.snapshot()}
