@@ -21,6 +21,11 @@ from responses_ws_bridge.testing.bench_client import (
     check_document,
     format_report,
 )
+from responses_ws_bridge.testing.bench_scaleout import (
+    ScaleoutSpec,
+    format_scaleout,
+    measure_scaleout,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="OPTION=VALUE",
         help="extra mitmproxy option for every bridge proxy (repeatable)",
     )
+    parser.add_argument(
+        "--scaleout",
+        action="store_true",
+        help="also measure two bridge instances on one state store against one",
+    )
     args = parser.parse_args(argv)
     asked = args.paths.split(",")
     unknown = set(asked) - set(ALL_PATHS)
@@ -94,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_dir=profile_dir,
     )
     doc = run(options)
+    if args.scaleout:
+        spec = ScaleoutSpec.smoke() if args.smoke else None
+        doc["scaleout"] = measure_scaleout(spec, body_bytes=args.body_bytes)
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown:
         machine_line = (
@@ -107,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print()
     print(format_report(doc))
+    if "scaleout" in doc:
+        print()
+        print(format_scaleout(doc["scaleout"]))
     for note in doc["notes"]:
         print(f"note: {note}")
     problems = check_document(doc)

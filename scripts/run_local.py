@@ -7,6 +7,10 @@ handshake is printed; `--live` uses the scriptable local Responses upstream
 instead. `mitmdump -s addon/bridge.py` (reverse mode, 127.0.0.1:8080) runs in
 front of it. Prints a curl command and an `openai` SDK snippet that stream
 through it, and stops both on Ctrl-C.
+
+`--instances N` starts an embedded Valkey store (the one the tests use) and N
+bridge instances sharing it (`bridge_state`), on consecutive ports from
+`--port`, the first one with Prometheus metrics on `--metrics-port`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,29 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) ->
     return False
 
 
+def _scaleout_banner(ports: list[int], store_url: str, metrics_port: int) -> str:
+    urls = "\n".join(f"  instance {i + 1}: http://127.0.0.1:{p}" for i, p in enumerate(ports))
+    body = '{"model": "gpt-5-codex", "input": "Say hello", "stream": true}'
+    curls = "\n".join(
+        f"  curl -N http://127.0.0.1:{p}/v1/responses -H 'content-type: application/json' "
+        "-H 'authorization: Bearer local-test-key' -H 'session-id: demo-1' "
+        f"-d {shlex.quote(body)}"
+        for p in ports
+    )
+    return f"""
+{len(ports)} bridge instances sharing the state store {store_url}:
+{urls}
+
+A session keeps its account whichever instance it reaches: the first request
+binds it in the store, the others read the binding there. Try both:
+
+{curls}
+
+Metrics of instance 1: curl http://127.0.0.1:{metrics_port}/metrics
+Ctrl-C stops every process.
+"""
+
+
 def _banner(port: int, upstream_port: int, live: bool) -> str:
     body = '{"model": "gpt-5-codex", "input": "Say hello", "stream": true}'
     curl = (
@@ -83,14 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--live", action="store_true", help="the scriptable local upstream instead of the replay"
     )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="bridge instances sharing an embedded Valkey store (ports --port, --port+1, ...)",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=9464, help="Prometheus metrics of instance 1"
+    )
     args, extra = parser.parse_known_args(argv)
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     # Ctrl-C and SIGTERM both stop everything, also when started in the
     # background (where a shell leaves SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if _port_in_use(args.port):
-        print(f"127.0.0.1:{args.port} is already in use; try: make run ARGS='--port 8081'")
-        return 1
+    ports = [args.port + i for i in range(args.instances)]
+    for port in ports:
+        if _port_in_use(port):
+            print(f"127.0.0.1:{port} is already in use; try: make run ARGS='--port 8090'")
+            return 1
     upstream_port = args.upstream_port or _free_port()
     if args.live:
         upstream_cmd = [
@@ -122,31 +162,61 @@ def main(argv: list[str] | None = None) -> int:
         if not _wait_listening(upstream_port, upstream, 15):
             print("the embedded upstream did not start")
             return 1
-        bridge = subprocess.Popen(
-            [
-                str(BIN / args.tool),
-                "-s",
-                str(ROOT / "addon" / "bridge.py"),
-                "--mode",
-                f"reverse:http://127.0.0.1:{upstream_port}",
-                # The bridge answers Responses requests itself; mitmproxy need not
-                # open an HTTP connection to the upstream before it knows that.
-                "--set",
-                "connection_strategy=lazy",
-                "--listen-host",
-                "127.0.0.1",
-                "--listen-port",
-                str(args.port),
-                *extra,
-            ],
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        procs.append(bridge)
-        if not _wait_listening(args.port, bridge, 30):
-            print("mitmdump did not start")
-            return 1
-        print(_banner(args.port, upstream_port, args.live), flush=True)
+        shared: list[list[str]] = [[] for _ in ports]
+        store_url = ""
+        if args.instances > 1:
+            store_port = _free_port()
+            store = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "responses_ws_bridge.testing.state_server",
+                    "--port",
+                    str(store_port),
+                ],
+                cwd=ROOT,
+                start_new_session=True,
+            )
+            procs.append(store)
+            if not _wait_listening(store_port, store, 15):
+                print("the embedded state store did not start (is the dev extra installed?)")
+                return 1
+            store_url = f"redis://127.0.0.1:{store_port}"
+            shared = [["--set", f"bridge_state={store_url}"] for _ in ports]
+            shared[0] += ["--set", f"bridge_metrics=127.0.0.1:{args.metrics_port}"]
+        bridges = []
+        for port, options in zip(ports, shared, strict=True):
+            bridge = subprocess.Popen(
+                [
+                    str(BIN / args.tool),
+                    "-s",
+                    str(ROOT / "addon" / "bridge.py"),
+                    "--mode",
+                    f"reverse:http://127.0.0.1:{upstream_port}",
+                    # The bridge answers Responses requests itself; mitmproxy need not
+                    # open an HTTP connection to the upstream before it knows that.
+                    "--set",
+                    "connection_strategy=lazy",
+                    "--listen-host",
+                    "127.0.0.1",
+                    "--listen-port",
+                    str(port),
+                    *options,
+                    *extra,
+                ],
+                cwd=ROOT,
+                start_new_session=True,
+            )
+            procs.append(bridge)
+            bridges.append((port, bridge))
+        for port, bridge in bridges:
+            if not _wait_listening(port, bridge, 30):
+                print(f"{args.tool} on port {port} did not start")
+                return 1
+        if args.instances > 1:
+            print(_scaleout_banner(ports, store_url, args.metrics_port), flush=True)
+        else:
+            print(_banner(args.port, upstream_port, args.live), flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
         return 1

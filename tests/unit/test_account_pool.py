@@ -510,3 +510,28 @@ def test_disable() -> None:
     pool, _ = pool_with_wall("team-a")
     pool.disable("team-a", "token refresh refused: invalid_grant")
     assert pool.health("team-a") == Disabled("token refresh refused: invalid_grant")
+
+
+@pytest.mark.parametrize(
+    ("load", "expected"),
+    [
+        ({"a": 3, "b": 1, "c": 2}, "b"),
+        ({"a": 0, "b": 0}, "a"),  # ties: file order
+        ({"a": 5}, "b"),  # an account missing from the load counts 0
+    ],
+)
+def test_shared_load_replaces_local_counts(load: dict[str, int], expected: str) -> None:
+    p, _ = pool("a", "b", "c")
+    p.acquire("b")
+    p.acquire("b")  # local counts are ignored when a load is given
+    assert chosen(p.choose(load=load)) == expected
+
+
+def test_adopted_health_is_the_pool_health() -> None:
+    p, clock = pool("a", "b")
+    p.adopt("a", Cooling(clock() + 30, "HTTP 429 elsewhere"))
+    assert chosen(p.choose()) == "b"
+    clock.now += 31
+    assert p.is_usable("a")
+    p.adopt("b", Disabled("HTTP 401"))
+    assert isinstance(p.choose_owner("b"), NoneUsable)

@@ -146,6 +146,14 @@ SIMPLE_CASES = [
         (),
     ),
     (
+        openai_errors.state_store_unavailable(),
+        503,
+        "server_error",
+        "state_store_unavailable",
+        "state store is unavailable",
+        (("retry-after", "1"),),
+    ),
+    (
         openai_errors.bridge_not_ready(),
         503,
         "server_error",

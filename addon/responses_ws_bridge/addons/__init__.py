@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from responses_ws_bridge.addons.accounts import Accounts
 from responses_ws_bridge.addons.contentview import ResponsesView
+from responses_ws_bridge.addons.metrics import BridgeMetricsAddon, pool_gauges
 from responses_ws_bridge.addons.recording import Recording
 from responses_ws_bridge.addons.responses_bridge import ResponsesBridge
+from responses_ws_bridge.addons.state import BridgeStateAddon
 from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.session_pool import SessionPool, WarmSpares
+from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.token_refresher import TokenRefresher
 
 
@@ -24,19 +27,30 @@ def bridge_addons() -> list[object]:
     tokens = TokenRefresher()
     state.live_secrets = tokens.secrets
     recording = Recording(state)
+    metrics = BridgeMetricsAddon()
+    store = BridgeStateAddon(on_error=metrics.state_store_error)
+    shared = SharedState(store.shared_store, state)
+    sessions = SessionPool()
     settings = BridgeSettings()
     service = BridgeService(
         settings,
         state=state,
-        sessions=SessionPool(),
+        sessions=sessions,
         spares=WarmSpares(per_key=settings.warm_spares),
         taps=recording.tap_for,
         tokens=tokens,
+        shared=shared,
     )
+    metrics.snapshot = lambda: pool_gauges(state, sessions, shared)
+    bridge = ResponsesBridge(service)
+    bridge.metrics = metrics.turn_metrics
     return [
         ResponsesView(),
         Accounts(state, service),
+        # After Accounts: it reads the binding options Accounts registers.
+        store,
+        metrics,
         UpstreamConnections(service),
-        ResponsesBridge(service),
+        bridge,
         recording,
     ]

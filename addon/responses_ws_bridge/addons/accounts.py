@@ -101,7 +101,12 @@ class Accounts:
         )
 
     def _apply(self, config: AccountsConfig | None) -> None:
-        self.service.accounts_removed(self.state.set_accounts(config))
+        reload = self.state.pool is not None and config is not None
+        removed = self.state.set_accounts(config)
+        self.service.accounts_removed(removed)
+        if self.service.shared is not None:
+            kept = self.state.pool.ids if self.state.pool is not None else []
+            self.service.shared.accounts_changed(kept, removed, reload=reload)
         state_path = state_path_for(self._file.path) if self._file is not None else None
         refused = self.service.tokens.load(config, state_path)
         pool = self.state.pool

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.shell.bridge_service import DEFAULT_SSE_KEEPALIVE_S, BridgeService
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
-from responses_ws_bridge.shell.sink import ClientGone
+from responses_ws_bridge.shell.sink import ClientGone, ClientSink
+from responses_ws_bridge.shell.turn_metrics import TurnMetrics, observe
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ class ResponsesBridge:
         # Answer from inside mitmproxy's connection handling (else: the loopback detour).
         self.in_proxy = False
         self._routed: dict[str, _Routed] = {}
+        # Where finished turns are counted (the metrics addon, when `bridge_metrics` is on).
+        self.metrics: Callable[[], TurnMetrics | None] = lambda: None
 
     # -- options -----------------------------------------------------------
 
@@ -284,7 +288,7 @@ class ResponsesBridge:
 
     async def _serve(self, turn: Turn, sink: flow_streaming.FlowSink) -> None:
         try:
-            await self.service.serve(turn, sink)
+            await self._serving()(turn, sink)
         except ClientGone:
             pass
         except Exception:
@@ -297,9 +301,17 @@ class ResponsesBridge:
                 else:
                     await sink.abort("the bridge failed to serve this request")
 
+    def _serving(self) -> Callable[[Turn, ClientSink], Awaitable[None]]:
+        """The service's `serve`, counted in the metrics when they are on."""
+        service, metrics = self.service, self.metrics()
+        if metrics is None:
+            return service.serve
+        counted: TurnMetrics = metrics
+        return lambda turn, sink: observe(service.serve, turn, sink, counted)
+
     def _detour(self, flow: http.HTTPFlow, turn: Turn) -> None:
-        service = self.service
-        token = self.loopback.register(lambda sink: service.serve(turn, sink))
+        serve = self._serving()
+        token = self.loopback.register(lambda sink: serve(turn, sink))
         self._routed[flow.id] = _Routed(turn, token=token, streamed=True)
         # Detour to the loopback endpoint. `data.*` leaves the Host header as
         # the client sent it; the destination is restored in responseheaders.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from responses_ws_bridge.core.accounts import Account, AccountsConfig
@@ -306,6 +306,12 @@ class AccountPool:
             state.exhausted_until = None
         return state.exhausted_until is not None
 
+    def adopt(self, account_id: str, health: Health) -> None:
+        """Take the health another instance recorded (from the shared state store)."""
+        state = self._states.get(account_id)
+        if state is not None:
+            state.health = health
+
     def _cool(self, state: _State, current: Health, until: float, reason: str) -> None:
         # A longer cooldown already running is not shortened by a shorter one.
         if isinstance(current, Cooling) and current.until >= until:
@@ -320,8 +326,22 @@ class AccountPool:
 
     # selection
 
-    def choose(self, *, exclude: Collection[str] = (), prefer: str | None = None) -> Choice:
-        """An account for a SOFT/NONE request (HARD owners go through `choose_owner`)."""
+    def choose(
+        self,
+        *,
+        exclude: Collection[str] = (),
+        prefer: str | None = None,
+        load: Mapping[str, int] | None = None,
+    ) -> Choice:
+        """An account for a SOFT/NONE request (HARD owners go through `choose_owner`).
+
+        `load`: requests in flight per account across every instance (the shared
+        store's leases), used instead of this instance's own counts when given.
+        """
+
+        def in_flight(state: _State) -> int:
+            return state.in_flight if load is None else load.get(state.account.id, 0)
+
         now = self._clock()
         if prefer is not None and prefer not in exclude:
             state = self._states.get(prefer)
@@ -344,7 +364,7 @@ class AccountPool:
                 health = Cooling(state.exhausted_until, "rate limit window exhausted")
             if isinstance(health, Healthy):
                 # Most headroom first, then fewest in flight; the first in file order on ties.
-                rank = (-headroom(state.rate_limits, wall_now=wall_now), state.in_flight)
+                rank = (-headroom(state.rate_limits, wall_now=wall_now), in_flight(state))
                 if best is None or rank < best_rank:
                     best, best_rank = state, rank
             elif isinstance(health, Cooling):

@@ -293,3 +293,15 @@ def _upstream_verdict(failure: Failure) -> HttpError:
             return upstream_unreachable(detail)
         case ConnectionLost():
             return upstream_closed(None, "")
+
+
+def state_store_unavailable() -> HttpError:
+    """A hard-affinity request whose owner the shared state store could not tell."""
+    return _error(
+        503,
+        "the shared state store is unavailable and this session's account is not known "
+        "here; it is never moved to another account",
+        type_="server_error",
+        code="state_store_unavailable",
+        retry_after="1",
+    )

@@ -28,6 +28,8 @@ class PoolState:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
+        # The pool's clock, for whoever converts its times (e.g. to a shared store's wall clock).
+        self.clock = clock
         self.pool: AccountPool | None = None
         self.config: AccountsConfig | None = None
         self.binding_max = binding_max

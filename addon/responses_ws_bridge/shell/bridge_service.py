@@ -11,9 +11,10 @@ plan gives up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from websockets.frames import CloseCode
@@ -59,6 +60,7 @@ from responses_ws_bridge.shell.session_pool import (
     SessionPool,
     WarmSpares,
 )
+from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.sink import ClientSink
 from responses_ws_bridge.shell.token_refresher import RefreshFailed, TokenRefresher
 from responses_ws_bridge.shell.upstream_client import (
@@ -66,6 +68,7 @@ from responses_ws_bridge.shell.upstream_client import (
     UpstreamSession,
     UpstreamSettings,
 )
+from responses_ws_bridge.state.fallback import FailClosed, Owned
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,7 @@ class BridgeService:
         spares: WarmSpares | None = None,
         taps: TapFactory | None = None,
         tokens: TokenRefresher | None = None,
+        shared: SharedState | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -105,6 +109,8 @@ class BridgeService:
         self.spares = spares if spares is not None else WarmSpares(per_key=settings.warm_spares)
         self.tokens = tokens if tokens is not None else TokenRefresher()
         self._taps = taps
+        # Affinity, health and load shared with other instances (when `bridge_state` is set).
+        self.shared = shared
         self._sleep = sleep
         self._jitter = jitter
 
@@ -131,9 +137,17 @@ class BridgeService:
             keepalive_s=self.settings.sse_keepalive_s,
         )
         state, pool = self.state, self.state.pool
+        shared = self.shared if self.shared is not None and self.shared.active else None
+        owner = state.owner(turn.affinity)
+        if shared is not None and pool is not None:
+            found = await shared.owner(turn.affinity)
+            if isinstance(found, FailClosed):
+                await self._fail(client, turn, openai_errors.state_store_unavailable())
+                return
+            owner = found.account_id if isinstance(found, Owned) else found.prefer
         plan = AttemptPlan(
             turn.affinity.kind,
-            owner=state.owner(turn.affinity),
+            owner=owner,
             pooled=pool is not None,
             retry_budget=self.settings.retry_budget,
         )
@@ -142,10 +156,18 @@ class BridgeService:
             account: Account | None = None
             if pool is not None:
                 pick = plan.next_pick()
-                if isinstance(pick, PickOwner):
+                assert isinstance(pick, PickOwner | PickAny)
+                if shared is not None:
+                    shared_choice = await shared.choose(
+                        pool, pick, turn.affinity, claim=plan.owner is None
+                    )
+                    if isinstance(shared_choice, FailClosed):
+                        await self._fail(client, turn, openai_errors.state_store_unavailable())
+                        return
+                    choice = shared_choice
+                elif isinstance(pick, PickOwner):
                     choice = pool.choose_owner(pick.account)
                 else:
-                    assert isinstance(pick, PickAny)
                     choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer)
                 if isinstance(choice, NoneUsable) and choice.reason == "excluded":
                     again = plan.start_over(jitter=self._jitter())
@@ -169,8 +191,11 @@ class BridgeService:
                 client.rate_limits = pool.rate_limits(account_id) if account_id else None
             report.account = account_id
             report.attempts.append(attempt)
+            if shared is not None and account_id is not None:
+                client.publish_response_id(shared.response_owner_publisher(account_id))
             try:
-                done = await self._attempt(turn, account, client, attempt)
+                async with self._lease(shared, account_id):
+                    done = await self._attempt(turn, account, client, attempt)
             except AttemptFailed as exc:
                 failure = last_failure = exc.failure
             else:
@@ -180,6 +205,8 @@ class BridgeService:
                         done.response_id if done.terminal_type == "response.completed" else None
                     )
                     state.served(turn.affinity, account_id, delivered)
+                    if shared is not None:
+                        await shared.served(turn.affinity, account_id)
                 return
             if attempt.outcome == "pending":
                 attempt.outcome = outcome(failure)
@@ -212,6 +239,8 @@ class BridgeService:
             usable = True
             if pool is not None and account_id is not None:
                 pool.record_failure(account_id, failure)
+                if shared is not None:
+                    await shared.failed(pool, account_id, failure)
                 usable = pool.is_usable(account_id)
             decision = plan.decide(
                 failure,
@@ -245,6 +274,16 @@ class BridgeService:
                 await self._fail(client, turn, error)
                 return
             # RetryOther: the plan has excluded the account; the loop picks again.
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _lease(shared: SharedState | None, account_id: str | None) -> AsyncIterator[None]:
+        """An in-flight lease every instance counts, while one attempt runs (shared state)."""
+        if shared is None or account_id is None:
+            yield
+            return
+        async with shared.lease(account_id):
+            yield
 
     async def _attempt(
         self, turn: Turn, account: Account | None, client: ClientStream, attempt: Attempt

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,10 +49,31 @@ class ClientStream:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     # The serving account's latest figures, sent as x-codex-* headers.
     rate_limits: RateLimits | None = None
+    # Called with the response id when the response completed, before the client gets
+    # the terminal event (to publish the response's owner in a shared store): no client
+    # can then ask another instance about the response before its owner is known there,
+    # and a response that failed is owned by nobody.
+    on_response_id: Callable[[str], Awaitable[None]] | None = None
 
     @property
     def has_seen_event(self) -> bool:
         return self.events_sent > 0
+
+    def publish_response_id(self, hook: Callable[[str], Awaitable[None]] | None) -> None:
+        """Set `on_response_id` for the next attempt (a retry's response is a new one)."""
+        self.on_response_id = hook
+
+    def note_response_id(self, response_id: str) -> None:
+        self.response_id = response_id
+
+    async def published(self, terminal_type: str | None) -> None:
+        """Publishes a completed response's owner (see `on_response_id`)."""
+        if (
+            self.on_response_id is not None
+            and terminal_type == "response.completed"
+            and self.response_id is not None
+        ):
+            await self.on_response_id(self.response_id)
 
     async def send_error(self, error: HttpError) -> None:
         headers = [*self.headers, *error.headers]
@@ -155,7 +176,7 @@ async def _relay_sse(
             if info.sequence_number is not None:
                 client.last_sequence = info.sequence_number
             if info.response_id is not None:
-                client.response_id = info.response_id
+                client.note_response_id(info.response_id)
             if info.terminal:
                 terminal = info.type
                 break
@@ -164,6 +185,8 @@ async def _relay_sse(
         if not client.events_sent:
             await client.start_sse()
         client.events_sent += len(out)
+        if terminal is not None:
+            await client.published(terminal)
         await sink.write(out[0] if len(out) == 1 else b"".join(out))
         if terminal is not None:
             await sink.finish()
@@ -191,7 +214,7 @@ async def _collect_json(
                     items.append(found)
                 continue
             if info.response_id is not None:
-                client.response_id = info.response_id
+                client.note_response_id(info.response_id)
             if not info.terminal:
                 continue
             if info.type == "error":
@@ -199,6 +222,7 @@ async def _collect_json(
                 continue
             response = final_response(frame)
             body = json.dumps(with_output(response, items) if response is not None else {}).encode()
+            await client.published(info.type)
             await client.send_json(body)
             assert info.type is not None
             return TurnDone(info.type, client.response_id)

@@ -1,0 +1,406 @@
+"""The shared `StateStore` on Redis or Valkey, with `redis.asyncio` (one pool per process).
+
+Keys, all under the namespace `ns`:
+- `ns:salt`: the namespace's HMAC salt, created once by whichever instance comes first;
+- `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]`, idle TTL by kind;
+- `ns:resp:<fp>`: the account that produced a response;
+- `ns:health:<account>`: hash of `disabled`, `cooldown_until`, `cooldown_reason`,
+  `rate_limits` (JSON), `strike_window_s`;
+- `ns:strikes:<account>`: sorted set of upstream-fault times;
+- `ns:leases:<account>`: sorted set of lease ids scored by expiry; expired ones are
+  pruned whenever the set is read or written, so a dead instance's requests stop
+  counting when their leases run out.
+
+`<fp>` is `fingerprint(salt, key)`: no session id, turn state or response id is
+ever stored. Every read-modify-write is one Lua script, so two instances racing
+to bind a new key end with one owner. Lease and strike times come from the
+injected clock (wall clock: instances must agree on the time to within a
+fraction of a lease TTL); binding TTLs are the server's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.bindings import Binding
+from responses_ws_bridge.state.fingerprint import fingerprint, new_salt
+from responses_ws_bridge.state.store import (
+    AccountHealthRecord,
+    BindingLimits,
+    Lease,
+    Lookup,
+    ttl_ms,
+)
+
+# What GuardedStore treats as the store failing.
+CLIENT_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+
+# KEYS[1]; ARGV: value, ttl ms (0: none). Returns the value in force; refreshes its TTL.
+_SET_IF_ABSENT = """
+local v = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if v then
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return v
+end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return ARGV[1]
+"""
+
+# KEYS: bindings (and, when ARGV[4] == '1', the response key first);
+# ARGV: hard ttl, soft ttl, owner ttl (ms, 0: none), has response.
+# Returns one value per key, '' when absent; each read restarts the key's idle TTL.
+_LOOKUP = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v then
+    local ttl
+    if i == 1 and ARGV[4] == '1' then
+      ttl = tonumber(ARGV[3])
+    elseif cjson.decode(v)[1] == 'soft' then
+      ttl = tonumber(ARGV[2])
+    else
+      ttl = tonumber(ARGV[1])
+    end
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+    out[i] = v
+  else
+    out[i] = ''
+  end
+end
+return out
+"""
+
+# KEYS: bindings or response keys; ARGV[1]: account; ARGV[2] == '1' for bindings.
+_FORGET_ACCOUNT = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v then
+    local account = v
+    if ARGV[2] == '1' then account = cjson.decode(v)[2] end
+    if account == ARGV[1] then
+      redis.call('DEL', key)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# KEYS[1]: health hash; ARGV: until, reason. Never shortens a running cooldown.
+_COOL_DOWN = """
+local current = redis.call('HGET', KEYS[1], 'cooldown_until')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return current end
+redis.call('HSET', KEYS[1], 'cooldown_until', ARGV[1], 'cooldown_reason', ARGV[2])
+return ARGV[1]
+"""
+
+# KEYS: strikes set, health hash; ARGV: at, window s, member, window ms, at - window.
+_ADD_STRIKE = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[2], 'strike_window_s', ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS[1]: leases set; ARGV: now, expires at, lease id, ttl ms.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
+
+# Same arguments; 0 when the lease had expired or was released.
+_RENEW = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if (not score) or tonumber(score) <= tonumber(ARGV[1]) then
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
+
+
+def connect(url: str, *, timeout_s: float = 0.5) -> Redis:
+    """One client (one connection pool) for the process.
+
+    No retries inside the client: `GuardedStore` owns timeouts and backoff, so
+    a dead store costs a request one short timeout, not several.
+    """
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
+
+
+def _number(value: float) -> str:
+    return repr(float(value))
+
+
+class RedisStateStore:
+    def __init__(
+        self,
+        client: Redis,
+        namespace: str,
+        limits: BindingLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.limits = limits or BindingLimits()
+        self._clock = clock
+        self._salt: str | None = None
+        self._set_if_absent = client.register_script(_SET_IF_ABSENT)
+        self._lookup_script = client.register_script(_LOOKUP)
+        self._forget_account = client.register_script(_FORGET_ACCOUNT)
+        self._cool_down = client.register_script(_COOL_DOWN)
+        self._add_strike = client.register_script(_ADD_STRIKE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+
+    # keys
+
+    async def salt(self) -> str:
+        if self._salt is None:
+            salt = await self._set_if_absent(keys=[f"{self.namespace}:salt"], args=[new_salt(), 0])
+            self._salt = str(salt)
+        return self._salt
+
+    def forget_salt(self) -> None:
+        """Read the salt again on next use: a store that lost its data has a new one."""
+        self._salt = None
+
+    async def _binding_key(self, key: str) -> str:
+        return f"{self.namespace}:bind:{fingerprint(await self.salt(), key)}"
+
+    async def _response_key(self, response_id: str) -> str:
+        return f"{self.namespace}:resp:{fingerprint(await self.salt(), response_id)}"
+
+    def _account_key(self, what: str, account_id: str) -> str:
+        return f"{self.namespace}:{what}:{account_id}"
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except CLIENT_ERRORS:
+            self.forget_salt()
+            raise
+
+    # affinity bindings
+
+    def _encode(self, binding: Binding) -> str:
+        return json.dumps([binding.kind.value, binding.account_id])
+
+    @staticmethod
+    def _decode(raw: str) -> Binding:
+        kind, account_id = json.loads(raw)
+        return Binding(str(account_id), AffinityKind(kind))
+
+    def _ttl(self, kind: AffinityKind) -> int:
+        return ttl_ms(self.limits.ttl_for(kind))
+
+    async def bind(self, key: str, binding: Binding) -> Binding:
+        redis_key = await self._call(self._binding_key(key))
+        raw = await self._call(
+            self._set_if_absent(
+                keys=[redis_key], args=[self._encode(binding), self._ttl(binding.kind)]
+            )
+        )
+        return self._decode(str(raw))
+
+    async def binding(self, key: str) -> Binding | None:
+        return (await self.lookup(None, [key])).bindings.get(key)
+
+    async def rebind(self, key: str, binding: Binding) -> None:
+        redis_key = await self._call(self._binding_key(key))
+        ttl = self._ttl(binding.kind)
+        await self._call(self.client.set(redis_key, self._encode(binding), px=ttl or None))
+
+    async def forget(self, key: str) -> bool:
+        redis_key = await self._call(self._binding_key(key))
+        return bool(await self._call(self.client.delete(redis_key)))
+
+    async def forget_account(self, account_id: str) -> int:
+        removed = 0
+        for what, is_binding in (("bind", "1"), ("resp", "0")):
+            batch: list[str] = []
+            pattern = f"{self.namespace}:{what}:*"
+            async for key in self.client.scan_iter(match=pattern, count=500):
+                batch.append(str(key))
+                if len(batch) >= 500:
+                    removed += int(
+                        await self._call(
+                            self._forget_account(keys=batch, args=[account_id, is_binding])
+                        )
+                    )
+                    batch = []
+            if batch:
+                removed += int(
+                    await self._call(
+                        self._forget_account(keys=batch, args=[account_id, is_binding])
+                    )
+                )
+        return removed
+
+    # response ownership
+
+    async def set_response_owner(self, response_id: str, account_id: str) -> None:
+        redis_key = await self._call(self._response_key(response_id))
+        ttl = ttl_ms(self.limits.owner_ttl_s)
+        await self._call(self.client.set(redis_key, account_id, px=ttl or None))
+
+    async def response_owner(self, response_id: str) -> str | None:
+        return (await self.lookup(response_id, [])).response_owner
+
+    async def lookup(self, response_id: str | None, keys: Sequence[str]) -> Lookup:
+        redis_keys = [await self._call(self._binding_key(k)) for k in keys]
+        if response_id is not None:
+            redis_keys.insert(0, await self._call(self._response_key(response_id)))
+        if not redis_keys:
+            return Lookup(None, {})
+        args: list[str | int] = [
+            ttl_ms(self.limits.hard_ttl_s),
+            ttl_ms(self.limits.soft_ttl_s),
+            ttl_ms(self.limits.owner_ttl_s),
+            "1" if response_id is not None else "0",
+        ]
+        values = [str(v) for v in await self._call(self._lookup_script(keys=redis_keys, args=args))]
+        owner: str | None = None
+        if response_id is not None:
+            owner = values.pop(0) or None
+        found = {k: self._decode(v) for k, v in zip(keys, values, strict=True) if v}
+        return Lookup(owner, found)
+
+    # account health
+
+    async def health(self, account_ids: Sequence[str]) -> dict[str, AccountHealthRecord]:
+        pipe = self.client.pipeline(transaction=False)
+        for account_id in account_ids:
+            pipe.hgetall(self._account_key("health", account_id))
+            pipe.zrange(self._account_key("strikes", account_id), 0, -1, withscores=True)
+        replies = await self._call(pipe.execute())
+        now = self._clock()
+        out: dict[str, AccountHealthRecord] = {}
+        for i, account_id in enumerate(account_ids):
+            fields = cast(dict[str, str], replies[2 * i])
+            strikes = cast(list[tuple[str, float]], replies[2 * i + 1])
+            window = float(fields.get("strike_window_s", "inf"))
+            until = fields.get("cooldown_until")
+            out[account_id] = AccountHealthRecord(
+                disabled=fields.get("disabled"),
+                cooldown_until=float(until) if until is not None else None,
+                cooldown_reason=fields.get("cooldown_reason", ""),
+                strikes=sum(1 for _, at in strikes if now - at <= window),
+                rate_limits={
+                    str(k): float(v) for k, v in json.loads(fields.get("rate_limits", "{}")).items()
+                },
+            )
+        return out
+
+    async def disable(self, account_id: str, reason: str) -> None:
+        await self._call(
+            self.client.hset(self._account_key("health", account_id), "disabled", reason)
+        )
+
+    async def enable(self, account_id: str) -> None:
+        await self._call(self.client.hdel(self._account_key("health", account_id), "disabled"))
+
+    async def cool_down(self, account_id: str, until: float, reason: str) -> float:
+        raw = await self._call(
+            self._cool_down(
+                keys=[self._account_key("health", account_id)], args=[_number(until), reason]
+            )
+        )
+        return float(raw)
+
+    async def add_strike(self, account_id: str, at: float, window_s: float) -> int:
+        if not 0 < window_s < math.inf:
+            raise ValueError("window_s must be positive and finite")
+        keys = [self._account_key("strikes", account_id), self._account_key("health", account_id)]
+        args: list[str | int] = [
+            _number(at),
+            _number(window_s),
+            uuid.uuid4().hex,
+            ttl_ms(window_s),
+            _number(at - window_s),
+        ]
+        return int(await self._call(self._add_strike(keys=keys, args=args)))
+
+    async def clear_failures(self, account_id: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._account_key("strikes", account_id))
+        pipe.hdel(self._account_key("health", account_id), "cooldown_until", "cooldown_reason")
+        await self._call(pipe.execute())
+
+    async def set_rate_limits(self, account_id: str, figures: Mapping[str, float]) -> None:
+        encoded = json.dumps({k: float(v) for k, v in figures.items()}, sort_keys=True)
+        await self._call(
+            self.client.hset(self._account_key("health", account_id), "rate_limits", encoded)
+        )
+
+    # in-flight leases
+
+    async def acquire_lease(self, account_id: str, ttl_s: float) -> Lease:
+        now = self._clock()
+        lease = Lease(uuid.uuid4().hex, account_id, now + ttl_s)
+        await self._call(
+            self._acquire(keys=[self._lease_key(lease)], args=self._lease_args(lease, now, ttl_s))
+        )
+        return lease
+
+    async def renew_lease(self, lease: Lease, ttl_s: float) -> Lease | None:
+        now = self._clock()
+        renewed = Lease(lease.id, lease.account_id, now + ttl_s)
+        ok = await self._call(
+            self._renew(keys=[self._lease_key(lease)], args=self._lease_args(renewed, now, ttl_s))
+        )
+        return renewed if int(ok) else None
+
+    async def release_lease(self, lease: Lease) -> None:
+        await self._call(self.client.zrem(self._lease_key(lease), lease.id))
+
+    async def in_flight(self, account_ids: Sequence[str]) -> dict[str, int]:
+        now = _number(self._clock())
+        pipe = self.client.pipeline(transaction=False)
+        for account_id in account_ids:
+            key = self._account_key("leases", account_id)
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zcard(key)
+        replies = await self._call(pipe.execute())
+        return {a: int(replies[2 * i + 1]) for i, a in enumerate(account_ids)}
+
+    def _lease_key(self, lease: Lease) -> str:
+        return self._account_key("leases", lease.account_id)
+
+    @staticmethod
+    def _lease_args(lease: Lease, now: float, ttl_s: float) -> list[str | int]:
+        return [_number(now), _number(lease.expires_at), lease.id, ttl_ms(ttl_s)]
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,224 @@
+"""The state-store contract, run against the in-memory store and a real Valkey/Redis server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.bindings import Binding
+from responses_ws_bridge.state.guarded import GuardedStore
+from responses_ws_bridge.state.leases import held_lease
+from responses_ws_bridge.state.memory import MemoryStateStore
+from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
+from responses_ws_bridge.state.store import BindingLimits, StateStore
+from responses_ws_bridge.testing.state_server import StateServer
+
+from tests.support.state import Clock, run
+
+HARD = AffinityKind.HARD
+SOFT = AffinityKind.SOFT
+
+Opener = Callable[[Clock], AbstractAsyncContextManager[StateStore]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def open_store(request: pytest.FixtureRequest) -> Iterator[Opener]:
+    if request.param == "memory":
+
+        @asynccontextmanager
+        async def memory(clock: Clock) -> AsyncIterator[StateStore]:
+            yield MemoryStateStore(BindingLimits(max_entries=100), clock=clock)
+
+        yield memory
+        return
+    with StateServer() as server:
+
+        @asynccontextmanager
+        async def shared(clock: Clock) -> AsyncIterator[StateStore]:
+            store = RedisStateStore(connect(server.url), "test", clock=clock)
+            try:
+                yield store
+            finally:
+                await store.close()
+
+        yield shared
+
+
+def check(
+    open_store: Opener, body: Callable[[StateStore, Clock], Coroutine[Any, Any, None]]
+) -> None:
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(clock) as store:
+            await body(store, clock)
+
+    run(main)
+
+
+def test_first_binder_owns_a_key(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        assert await store.binding("session:s1") is None
+        assert await store.bind("session:s1", Binding("a", HARD)) == Binding("a", HARD)
+        assert await store.bind("session:s1", Binding("b", HARD)) == Binding("a", HARD)
+        assert await store.binding("session:s1") == Binding("a", HARD)
+
+    check(open_store, body)
+
+
+def test_rebind_moves_a_soft_key_and_forget_drops_it(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        await store.bind("prompt-cache:p", Binding("a", SOFT))
+        await store.rebind("prompt-cache:p", Binding("b", SOFT))
+        assert await store.binding("prompt-cache:p") == Binding("b", SOFT)
+        assert await store.forget("prompt-cache:p") is True
+        assert await store.forget("prompt-cache:p") is False
+        assert await store.binding("prompt-cache:p") is None
+
+    check(open_store, body)
+
+
+def test_lookup_reads_the_response_owner_and_every_key(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        await store.set_response_owner("resp_1", "b")
+        await store.bind("session:s", Binding("a", HARD))
+        found = await store.lookup("resp_1", ["session:s", "thread:t"])
+        assert found.response_owner == "b"
+        assert dict(found.bindings) == {"session:s": Binding("a", HARD)}
+        assert (await store.lookup("resp_other", [])).response_owner is None
+        assert await store.response_owner("resp_1") == "b"
+
+    check(open_store, body)
+
+
+def test_forget_account_drops_its_bindings_and_responses(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        await store.bind("session:1", Binding("gone", HARD))
+        await store.bind("prompt-cache:2", Binding("gone", SOFT))
+        await store.bind("session:3", Binding("stays", HARD))
+        await store.set_response_owner("resp_1", "gone")
+        assert await store.forget_account("gone") == 3
+        assert await store.binding("session:1") is None
+        assert await store.binding("session:3") == Binding("stays", HARD)
+        assert await store.response_owner("resp_1") is None
+
+    check(open_store, body)
+
+
+def test_cooldown_is_never_shortened_and_success_ends_it(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        now = clock()
+        assert await store.cool_down("a", now + 60, "HTTP 429") == now + 60
+        assert await store.cool_down("a", now + 10, "shorter") == now + 60
+        record = (await store.health(["a"]))["a"]
+        assert (record.cooldown_until, record.cooldown_reason) == (now + 60, "HTTP 429")
+        await store.clear_failures("a")
+        record = (await store.health(["a"]))["a"]
+        assert record.cooldown_until is None
+
+    check(open_store, body)
+
+
+def test_disabled_survives_success_until_enabled(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        await store.disable("a", "HTTP 401")
+        await store.clear_failures("a")
+        assert (await store.health(["a"]))["a"].disabled == "HTTP 401"
+        await store.enable("a")
+        assert (await store.health(["a", "b"]))["a"].disabled is None
+
+    check(open_store, body)
+
+
+def test_strikes_count_within_their_window(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        assert await store.add_strike("a", clock(), 60) == 1
+        clock.advance(30)
+        assert await store.add_strike("a", clock(), 60) == 2
+        clock.advance(31)  # the first strike is now 61 s old
+        assert await store.add_strike("a", clock(), 60) == 2
+        assert (await store.health(["a"]))["a"].strikes == 2
+        await store.clear_failures("a")
+        assert (await store.health(["a"]))["a"].strikes == 0
+
+    check(open_store, body)
+
+
+def test_rate_limits_are_the_latest_figures(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        await store.set_rate_limits("a", {"primary.used_percent": 10.0})
+        await store.set_rate_limits(
+            "a", {"primary.used_percent": 42.5, "secondary.used_percent": 3}
+        )
+        figures = (await store.health(["a"]))["a"].rate_limits
+        assert dict(figures) == {"primary.used_percent": 42.5, "secondary.used_percent": 3.0}
+
+    check(open_store, body)
+
+
+def test_leases_count_until_released_or_expired(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        first = await store.acquire_lease("a", 60)
+        second = await store.acquire_lease("a", 60)
+        assert await store.in_flight(["a", "b"]) == {"a": 2, "b": 0}
+        await store.release_lease(first)
+        assert await store.in_flight(["a"]) == {"a": 1}
+        clock.advance(59)
+        renewed = await store.renew_lease(second, 60)
+        assert renewed is not None and renewed.expires_at == clock() + 60
+        clock.advance(59)
+        assert await store.in_flight(["a"]) == {"a": 1}
+        clock.advance(2)  # not renewed: an instance that died holds it no longer
+        assert await store.in_flight(["a"]) == {"a": 0}
+        assert await store.renew_lease(renewed, 60) is None
+
+    check(open_store, body)
+
+
+def test_memory_bindings_expire_when_idle_and_are_bounded() -> None:
+    async def main() -> None:
+        clock = Clock()
+        limits = BindingLimits(hard_ttl_s=100, soft_ttl_s=10, max_entries=2)
+        store = MemoryStateStore(limits, clock=clock)
+        await store.bind("session:1", Binding("a", HARD))
+        await store.bind("prompt-cache:p", Binding("a", SOFT))
+        clock.advance(11)
+        assert await store.binding("prompt-cache:p") is None  # soft TTL
+        assert await store.binding("session:1") == Binding("a", HARD)
+        await store.bind("session:2", Binding("a", HARD))
+        await store.bind("session:3", Binding("a", HARD))  # past max_entries: LRU goes
+        assert await store.binding("session:1") is None
+        assert [row.key for row in store.binding_rows()] == ["session:2", "session:3"]
+
+    run(main)
+
+
+def test_held_lease_counts_while_held() -> None:
+    async def main() -> None:
+        store = MemoryStateStore()
+        guarded = GuardedStore(store)
+        async with held_lease(guarded, "a") as lease:
+            assert lease is not None
+            assert await store.in_flight(["a"]) == {"a": 1}
+        assert await store.in_flight(["a"]) == {"a": 0}
+
+    run(main)
+
+
+def test_held_lease_goes_ahead_without_a_store(state_server: StateServer) -> None:
+    async def main() -> None:
+        guarded = GuardedStore(
+            RedisStateStore(connect(state_server.url, timeout_s=0.3), "ns"),
+            timeout_s=0.3,
+            errors=CLIENT_ERRORS,
+        )
+        state_server.kill()
+        try:
+            async with held_lease(guarded, "a") as lease:
+                assert lease is None
+        finally:
+            await guarded.close()
+
+    run(main)
