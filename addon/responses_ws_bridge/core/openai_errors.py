@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from responses_ws_bridge.core.handshake_headers import redact_secrets
 
 if TYPE_CHECKING:
+    from responses_ws_bridge.core.body_decoding import BodyDecodingError
     from responses_ws_bridge.core.create_request import BadRequest
     from responses_ws_bridge.core.upstream_events import UpstreamErrorEvent
 
@@ -226,4 +227,56 @@ def owner_unavailable(account_id: str, detail: str) -> HttpError:
         f"({redact_secrets(detail)}); it is never moved to another account",
         type_="upstream_error",
         code="owner_unavailable",
+    )
+
+
+def untrusted_upstream(where: str, *, loop: bool = False, cleartext: bool = False) -> HttpError:
+    """The destination may not receive an upstream turn; nothing was sent anywhere."""
+    if loop:
+        why = f"{where} is this proxy itself, which is never an upstream"
+    elif cleartext:
+        why = (
+            f"{where} is not TLS: an account's credential is never sent in clear; "
+            "use https, or set bridge_upstream"
+        )
+    else:
+        why = (
+            f"{where} is not a trusted upstream: with an account pool, account credentials "
+            "go only to bridge_upstream, an account's upstream, or a host listed in "
+            "bridge_trusted_upstreams"
+        )
+    return _error(403, why, type_="invalid_request_error", code="untrusted_upstream")
+
+
+def headers_too_large(size: int, limit: int) -> HttpError:
+    return _error(
+        431,
+        f"request headers are {size} bytes; the bridge accepts at most {limit} bytes",
+        type_="invalid_request_error",
+        code="request_headers_too_large",
+    )
+
+
+def invalid_header(name: str, why: str) -> HttpError:
+    """A header the bridge cannot carry upstream. Its value is never echoed."""
+    return _error(
+        400,
+        f"header {name}: {why}",
+        type_="invalid_request_error",
+        code="invalid_header",
+        param=name.lower(),
+    )
+
+
+def body_decoding_failed(exc: BodyDecodingError) -> HttpError:
+    """A Content-Encoding the bridge does not decode (415), a bomb (413), corrupt data (400)."""
+    return _error(exc.status, exc.message, type_="invalid_request_error", code=exc.code)
+
+
+def expectation_failed() -> HttpError:
+    return _error(
+        417,
+        "only Expect: 100-continue is supported",
+        type_="invalid_request_error",
+        code="expectation_failed",
     )
