@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from responses_ws_bridge.core.handshake_headers import redact_secrets
+from responses_ws_bridge.core.upstream_events import DEFAULT_RETRY_AFTER_S, retry_after_header
 
 if TYPE_CHECKING:
     from responses_ws_bridge.core.body_decoding import BodyDecodingError
@@ -110,16 +111,32 @@ def _upstream_json_error(body: bytes | None) -> bytes | None:
     return None
 
 
-def upstream_rejected(status: int, body: bytes | None, headers: Mapping[str, str]) -> HttpError:
+def upstream_rejected(
+    status: int,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    *,
+    retry_after_s: float | None = None,
+    wall_now: float | None = None,
+) -> HttpError:
     """The upstream refused the WebSocket handshake with an HTTP status.
 
     401/403/429 are the client's business (credentials, permissions, limits)
     and keep their status and JSON error body; anything else is the bridge's
     failure to reach a working upstream: 502. Of the upstream's headers only a
-    429's Retry-After is passed on.
+    429's Retry-After is passed on, clamped (`retry_after_s`: the delay the
+    policy read from the body, when the header is missing).
     """
     if status in (401, 403, 429):
-        retry_after = _header(headers, "retry-after") if status == 429 else None
+        retry_after = (
+            retry_after_header(
+                _header(headers, "retry-after"),
+                fallback_s=retry_after_s or DEFAULT_RETRY_AFTER_S,
+                wall_now=wall_now,
+            )
+            if status == 429
+            else None
+        )
         extra = (("retry-after", retry_after),) if retry_after else ()
         forwarded = _upstream_json_error(body)
         if forwarded is not None:
@@ -169,9 +186,21 @@ def upstream_closed(close_code: int | None, reason: str) -> HttpError:
     )
 
 
-def from_error_event(event: UpstreamErrorEvent) -> HttpError:
-    """An upstream `error` event before any other event, as an HTTP error."""
-    status = event.status if event.status is not None and 400 <= event.status < 600 else 502
+def from_error_event(
+    event: UpstreamErrorEvent,
+    *,
+    retry_after_s: float | None = None,
+    wall_now: float | None = None,
+) -> HttpError:
+    """An upstream `error` event before any other event, as an HTTP error.
+
+    A rate-limit event is a 429 with Retry-After even when it carries no
+    status (the upstream's header, else `retry_after_s`, else a default).
+    """
+    if event.status is not None and 400 <= event.status < 600:
+        status = event.status
+    else:
+        status = 429 if event.is_rate_limit else 502
     error: dict[str, Any] = dict(event.error_object)
     error.setdefault("message", event.message)
     error.setdefault("code", event.code)
@@ -180,7 +209,12 @@ def from_error_event(event: UpstreamErrorEvent) -> HttpError:
         limited = event.is_rate_limit or status == 429
         error["type"] = event.type or ("rate_limit_error" if limited else "upstream_error")
     body = redact_secrets(json.dumps({"error": error})).encode()
-    retry_after = _header(event.headers, "retry-after")
+    limited = status == 429 or event.is_rate_limit
+    retry_after = retry_after_header(
+        _header(event.headers, "retry-after"),
+        fallback_s=(retry_after_s or DEFAULT_RETRY_AFTER_S) if limited else None,
+        wall_now=wall_now,
+    )
     extra = (("retry-after", retry_after),) if retry_after else ()
     return HttpError(status, body, (_JSON, *extra))
 
@@ -207,7 +241,29 @@ def all_accounts_cooling(retry_after_s: int) -> HttpError:
         "every upstream account is cooling down; retry after the Retry-After delay",
         type_="rate_limit_error",
         code="all_accounts_cooling_down",
-        retry_after=str(max(1, retry_after_s)),
+        retry_after=retry_after_header(None, fallback_s=max(1, retry_after_s)),
+    )
+
+
+def owner_cooling(account_id: str, retry_after_s: float) -> HttpError:
+    """A hard session's owner alone is cooling down (other accounts may be fine)."""
+    return _error(
+        429,
+        f"this session is bound to account {account_id!r}, which is cooling down; "
+        "retry after the Retry-After delay (it is never moved to another account)",
+        type_="rate_limit_error",
+        code="owner_cooling_down",
+        retry_after=retry_after_header(None, fallback_s=max(1.0, retry_after_s)),
+    )
+
+
+def upstream_invalid_event(reason: str) -> HttpError:
+    """The upstream sent an event the bridge cannot pass on (before any other event)."""
+    return _error(
+        502,
+        f"the upstream sent an event that cannot be relayed ({redact_secrets(reason)})",
+        type_="upstream_error",
+        code="invalid_upstream_event",
     )
 
 
