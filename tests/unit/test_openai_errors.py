@@ -231,7 +231,13 @@ def test_upstream_rejected_keeps_client_facing_statuses_and_their_json_body(
         # A 429 always says when to come back (the default when the upstream did not).
         (429, b'{"message":"x"}', {}, "upstream_rejected", (("retry-after", "60"),)),
         # ...and never later than a spent weekly window.
-        (429, b"[]", {"retry-after": "99999999"}, "upstream_rejected", (("retry-after", "604800"),)),
+        (
+            429,
+            b"[]",
+            {"retry-after": "99999999"},
+            "upstream_rejected",
+            (("retry-after", "604800"),),
+        ),
         (429, b"[]", {"retry-after": "1e999"}, "upstream_rejected", (("retry-after", "60"),)),
     ],
 )
@@ -336,7 +342,12 @@ def event(frame: dict[str, Any]) -> UpstreamErrorEvent:
                 }
             ),
             429,
-            {"code": "usage_limit_reached", "type": "usage_limit", "message": "the upstream reported an error", "param": None},
+            {
+                "code": "usage_limit_reached",
+                "type": "usage_limit",
+                "message": "the upstream reported an error",
+                "param": None,
+            },
             (("retry-after", "604800"),),
         ),
         (

@@ -35,6 +35,7 @@ from mitmproxy.proxy.layers.http._hooks import (
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketStartHook
 from websockets.http11 import Request, Response
 
+from responses_ws_bridge.core.redaction import SecretScrubber
 from responses_ws_bridge.recording import session_flows
 from responses_ws_bridge.shell.bridge_service import Attempt, Turn
 
@@ -68,6 +69,8 @@ class SessionFlowTap:
         # One C-level scan per message tells whether any secret needs replacing.
         alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
         self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
+        # The close reason is the upstream's text: it may echo a credential.
+        self._scrub = SecretScrubber(self._secrets) if redact else None
         self.flow: http.HTTPFlow | None = None
 
     # -- SessionTap ----------------------------------------------------------------
@@ -152,7 +155,7 @@ class SessionFlowTap:
         session_flows.record_close(
             self.flow,
             code=code,
-            reason=reason,
+            reason=self._scrub(reason) if self._scrub is not None else reason,
             closed_by_client=closed_by_client,
             timestamp=timestamp,
         )
