@@ -189,9 +189,7 @@ class LoopbackServer:
         self._jobs[token] = _Pending(job, answer_before_body=answer_before_body)
         return token
 
-    def register_answer(
-        self, status: int, headers: Sequence[tuple[str, str]], body: bytes
-    ) -> str:
+    def register_answer(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> str:
         """A token whose request gets this answer at once, its body unread, then a close."""
 
         async def answer(sink: ResponseSink) -> None:
