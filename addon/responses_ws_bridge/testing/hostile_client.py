@@ -59,11 +59,13 @@ def raw_request(
     *,
     timeout: float = 10.0,
     max_body: int | None = None,
+    wait_for_answer_s: float = 0.0,
 ) -> RawResult:
     """Sends `head`, then `body` pieces until the server stops taking them, and reads.
 
-    Stops sending when the server closes or resets, when something came back
-    and the server stopped reading, or after `max_body` bytes. Bounded by
+    `wait_for_answer_s`: first wait that long for an answer before sending any
+    body, as a client that sent `Expect: 100-continue` does. Stops sending when
+    the server closes or resets, or after `max_body` bytes. Bounded by
     `timeout` overall.
     """
     deadline = time.monotonic() + timeout
@@ -72,6 +74,16 @@ def raw_request(
     closed = False
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head)
+        if wait_for_answer_s > 0:
+            sock.settimeout(wait_for_answer_s)
+            try:
+                first = sock.recv(BLOCK)
+                received += first
+                closed = not first
+            except TimeoutError:
+                pass
+        if closed:
+            return RawResult(bytes(received), closed, sent)
         sock.setblocking(False)
         pieces = iter(body)
         pending = b""
@@ -83,6 +95,8 @@ def raw_request(
                     closed = True
                     break
                 received += data
+                if _complete(received):
+                    break
             except BlockingIOError:
                 pass
             except (ConnectionResetError, BrokenPipeError):
@@ -107,16 +121,33 @@ def raw_request(
         # Whatever is still buffered for us once the server closed.
         sock.setblocking(True)
         sock.settimeout(0.5)
+        # A complete answer: only see whether the server closes after it (a keep-alive
+        # connection costs this timeout).
         while not closed:
             try:
                 data = sock.recv(BLOCK)
-            except OSError:
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+            except OSError:  # the timeout: still open
                 break
             if not data:
                 closed = True
                 break
             received += data
     return RawResult(bytes(received), closed, sent)
+
+
+def _complete(received: bytes | bytearray) -> bool:
+    """A whole response with a Content-Length has arrived (then there is no need to wait)."""
+    head, sep, body = bytes(received).partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False
 
 
 def endless(block: bytes = b"x" * BLOCK) -> Iterator[bytes]:
