@@ -144,7 +144,7 @@ def test_soak_with_injected_faults(bridge: ProxyProcess, upstream: ThreadedUpstr
             response = event.event.get("response")
             if event.event.get("type") == "response.created" and isinstance(response, dict):
                 before = [given for at, given in creates if at <= event.sent_at]
-                by_response[response["id"]] = before[-1] if before else ""
+                by_response[response["id"]] = str(before[-1]) if before else ""
     for outcome in completed:
         assert by_response.get(outcome["response_id"]) == outcome["marker"], outcome
 
