@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer, ResponseSink
 
 
-def run(coro_fn: Callable[[LoopbackServer], Awaitable[None]]) -> None:
+def run(
+    coro_fn: Callable[[LoopbackServer], Awaitable[None]],
+    *,
+    header_timeout_s: float = 10.0,
+    idle_timeout_s: float = 60.0,
+) -> None:
     async def main() -> None:
-        server = LoopbackServer()
+        server = LoopbackServer(header_timeout_s=header_timeout_s, idle_timeout_s=idle_timeout_s)
         await server.start()
         try:
             async with asyncio.timeout(20):
@@ -170,3 +177,114 @@ def test_discarded_job_is_cancelled() -> None:
         assert server.pending == 0
 
     run(check)
+
+
+# --- timeouts and early answers ---------------------------------------------------------------
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sent until it closed; fails if it stays open longer."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and says nothing
+        b"POST /v1/responses HTTP/1.1\r\nhost: x\r\n",  # half a request head
+        b"POST /v1/resp",
+    ],
+)
+def test_silent_or_half_sent_connections_are_closed(sent: bytes) -> None:
+    async def check(server: LoopbackServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(sent)
+        await writer.drain()
+        assert await closed_within(reader, 5) == b""
+        writer.close()
+        assert server.connections == 0 or await _no_connections(server)
+
+    run(check, header_timeout_s=0.2, idle_timeout_s=0.2)
+
+
+def test_a_trickled_request_head_cannot_outlast_the_header_timeout() -> None:
+    async def check(server: LoopbackServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        closed = asyncio.ensure_future(closed_within(reader, 5))
+        # One byte at a time, each well within the idle timeout.
+        for byte in b"POST /v1/responses HTTP/1.1\r\nhost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx":
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            await asyncio.sleep(0.02)
+        assert await closed == b""
+        writer.close()
+
+    run(check, header_timeout_s=0.3, idle_timeout_s=5.0)
+
+
+def test_a_stalled_body_is_closed_by_the_idle_timeout() -> None:
+    async def job(sink: ResponseSink) -> None:
+        await sink.respond(200, [], b"{}")
+
+    async def check(server: LoopbackServer) -> None:
+        token = server.register(job)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n"
+            + TOKEN_HEADER.encode()
+            + b": "
+            + token.encode()
+            + b"\r\n\r\nonly part"
+        )
+        await writer.drain()
+        assert await closed_within(reader, 5) == b""
+        writer.close()
+
+    run(check, header_timeout_s=5.0, idle_timeout_s=0.2)
+
+
+def test_keep_alive_between_requests_lasts_the_idle_timeout() -> None:
+    async def check(server: LoopbackServer) -> None:
+        async with httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{server.port}/v1/responses"
+            first = await client.post(url)
+            second = await client.post(url)  # same connection, well within the idle timeout
+        assert (first.status_code, second.status_code) == (403, 403)
+
+    run(check, header_timeout_s=5.0, idle_timeout_s=5.0)
+
+
+def test_register_answer_answers_on_the_head_and_closes_without_reading_the_body() -> None:
+    async def check(server: LoopbackServer) -> None:
+        token = server.register_answer(
+            413, [("content-type", "application/json")], b'{"error":{"code":"request_too_large"}}'
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000000\r\n"
+            + TOKEN_HEADER.encode()
+            + b": "
+            + token.encode()
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await closed_within(reader, 5)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413")
+        assert b"connection: close" in head.lower()
+        assert body == b'{"error":{"code":"request_too_large"}}'
+        assert server.pending == 0
+        writer.close()
+
+    run(check)
+
+
+async def _no_connections(server: LoopbackServer) -> bool:
+    for _ in range(100):
+        if server.connections == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False

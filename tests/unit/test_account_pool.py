@@ -130,7 +130,7 @@ def test_choose_owner_never_returns_another_account() -> None:
     p, clock = pool("a", "b")
     assert chosen(p.choose_owner("b")) == "b"
     p.record_failure("b", HandshakeRejected(429, retry_after_s=5.0))
-    assert p.choose_owner("b") == AllCoolingDown(until=105.0, retry_after_s=5)
+    assert p.choose_owner("b") == AllCoolingDown(until=105.0, retry_after_s=5, owner="b")
     clock.now = 105.0
     assert chosen(p.choose_owner("b")) == "b"
     p.record_failure("b", HandshakeRejected(403))
@@ -212,25 +212,56 @@ def test_a_shorter_cooldown_does_not_shorten_a_longer_one() -> None:
     assert health.until == 1000.0
 
 
-def test_repeated_1011_and_5xx_give_a_short_cooldown() -> None:
+def test_faults_that_are_most_recent_attempts_give_a_short_cooldown() -> None:
     p, clock = pool("a")
-    assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
-    clock.now += 20
-    assert p.record_failure("a", HandshakeRejected(502)) == Healthy()
-    clock.now += 20
-    assert p.record_failure("a", UpstreamClosed(1011)) == Cooling(150.0, "repeated upstream errors")
-    clock.now = 150.0
+    for failure in (UpstreamClosed(1011), HandshakeRejected(502), UpstreamClosed(1011)):
+        assert p.record_failure("a", failure) == Healthy()
+        clock.now += 5
+    p.record_success("a")  # 3 faults of 4: not enough samples yet
+    clock.now += 5
+    assert p.record_failure("a", UpstreamClosed(1011)) == Cooling(130.0, "repeated upstream errors")
+    clock.now = 130.0
     assert p.is_usable("a")
-    # Strikes were spent by that cooldown: one more fault alone does not cool again.
+    # The samples were spent by that cooldown: one more fault alone does not cool again.
     assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
+
+
+def test_a_few_faults_among_many_successes_are_noise() -> None:
+    # Three 1011s used to cool an account for 10 s: under load that moved its
+    # traffic onto the others until every account was cooling.
+    p, clock = pool("a")
+    for i in range(300):
+        clock.now += 0.1
+        if i % 50 == 0:
+            assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
+        else:
+            p.record_success("a")
+    assert p.is_usable("a")
 
 
 def test_faults_spread_beyond_the_window_do_not_add_up() -> None:
     p, clock = pool("a")
-    for _ in range(5):
+    for _ in range(10):
         assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
-        clock.now += 31  # at most two faults within any 60 s
+        clock.now += 16  # at most four outcomes within any 60 s
     assert p.is_usable("a")
+
+
+def test_reset_times_are_clamped_to_seven_days() -> None:
+    p, _ = pool("a")
+    health = p.record_failure("a", HandshakeRejected(429, retry_after_s=10.0**12))
+    assert isinstance(health, Cooling) and health.until == 100.0 + 7 * 24 * 3600
+
+
+def test_is_current_after_a_reload() -> None:
+    p, _ = pool("a", "b")
+    a, b = p.account("a"), p.account("b")
+    assert a is not None and b is not None
+    p.reload(AccountsConfig(accounts=(Account("a", "rotated"), b)))
+    assert not p.is_current(a)  # same id, another credential
+    assert p.is_current(b)
+    p.reload(AccountsConfig(accounts=(Account("a", "rotated"),)))
+    assert not p.is_current(b)
 
 
 @pytest.mark.parametrize(
@@ -253,12 +284,13 @@ def test_other_failures_do_not_affect_health(failure: HandshakeRejected | Upstre
         assert p.record_failure("a", failure) == Healthy()
 
 
-def test_success_clears_strikes_and_cooldown() -> None:
+def test_successes_dilute_faults_and_clear_a_cooldown() -> None:
     p, _ = pool("a")
-    p.record_failure("a", UpstreamClosed(1011))
-    p.record_failure("a", UpstreamClosed(1011))
-    p.record_success("a")
-    assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()
+    for _ in range(2):
+        p.record_failure("a", UpstreamClosed(1011))
+    for _ in range(4):
+        p.record_success("a")
+    assert p.record_failure("a", UpstreamClosed(1011)) == Healthy()  # 3 of 7
     p.record_failure("a", HandshakeRejected(429))
     p.record_success("a")
     assert p.is_usable("a")
@@ -266,7 +298,7 @@ def test_success_clears_strikes_and_cooldown() -> None:
 
 def test_custom_rules() -> None:
     clock = Clock()
-    rules = HealthRules(rate_limit_default_s=5.0, strike_limit=1, strike_cooldown_s=2.0)
+    rules = HealthRules(rate_limit_default_s=5.0, fault_min_samples=1, fault_cooldown_s=2.0)
     p = AccountPool(config("a", "b"), clock=clock, rules=rules)
     assert p.record_failure("a", HandshakeRejected(429)) == Cooling(
         105.0, "upstream rejected the WebSocket handshake with HTTP 429"
@@ -393,6 +425,13 @@ def test_snapshot_rows() -> None:
             AffinityKind.HARD,
             None,
             FailHttp(429, "all_accounts_cooling_down", 7.0),
+        ),
+        # The hard owner alone is cooling: the error says so, not "every account".
+        (
+            AllCoolingDown(150.0, 7, owner="a"),
+            AffinityKind.HARD,
+            None,
+            FailHttp(429, "owner_cooling_down", 7.0),
         ),
         (NoneUsable("disabled"), AffinityKind.NONE, None, FailHttp(503, "no_account")),
         (
@@ -535,3 +574,10 @@ def test_adopted_health_is_the_pool_health() -> None:
     assert p.is_usable("a")
     p.adopt("b", Disabled("HTTP 401"))
     assert isinstance(p.choose_owner("b"), NoneUsable)
+
+
+def test_owner_cooling_message_names_the_owner() -> None:
+    fail = fail_http_for_choice(
+        AllCoolingDown(150.0, 7, owner="team-a"), affinity=AffinityKind.HARD
+    )
+    assert "team-a" in fail.message and "every" not in fail.message

@@ -73,8 +73,6 @@ KEPT_NAMES = [
     "originator",
     "version",
     "user-agent",
-    "openai-organization",
-    "openai-project",
     "conversation_id",
     "x-some-extension",
 ]
@@ -119,11 +117,29 @@ def test_removed_field_never_reaches_the_upstream(removed: str) -> None:
         assert out == [("session_id", "s-1"), ("originator", "codex_exec"), *tail()], name
 
 
+@pytest.mark.parametrize("pool_mode", [True, False])
 @pytest.mark.parametrize("name", KEPT_NAMES)
-def test_kept_field_passes_in_order_and_case_with_its_repeats(name: str) -> None:
+def test_kept_field_passes_in_order_and_case_with_its_repeats(name: str, pool_mode: bool) -> None:
     client = [(name.upper(), "a"), ("accept", "*/*"), (name, "b"), ("user-agent-x", "c")]
-    out = upstream_handshake_headers(client, None, request_id="req-1")
+    out = upstream_handshake_headers(client, None, request_id="req-1", pool_mode=pool_mode)
     assert out == [(name.upper(), "a"), (name, "b"), ("user-agent-x", "c"), *tail()]
+
+
+POOL_ONLY_REMOVED_NAMES = ["openai-organization", "openai-project", "x-api-key", "api-key"]
+
+
+@pytest.mark.parametrize("name", [v for n in POOL_ONLY_REMOVED_NAMES for v in variants(n)])
+def test_client_billing_and_keys_never_go_next_to_an_account_credential(name: str) -> None:
+    client = [("session_id", "s-1"), (name, "client-org-or-key")]
+    cred = UpstreamCredential("account-token")
+    pooled = upstream_handshake_headers(client, cred, request_id="req-1")
+    assert pooled == [("session_id", "s-1"), *tail(cred)]
+    assert name.lower() in removed_header_names(client)
+    # Pass-through: the credential is the client's own, and so is the billing scope.
+    own = UpstreamCredential("client-token")
+    passed = upstream_handshake_headers(client, own, request_id="req-1", pool_mode=False)
+    assert passed == [*client, *tail(own)]
+    assert name.lower() not in removed_header_names(client, pool_mode=False)
 
 
 @pytest.mark.parametrize(
@@ -373,7 +389,7 @@ def redact(headers: Headers) -> Headers:
 @pytest.mark.parametrize("seed", range(20))
 def test_generated_client_headers_keep_every_invariant(seed: int) -> None:
     rng = random.Random(seed)
-    pool = [*REMOVED_NAMES, *KEPT_NAMES, "openai-beta"]
+    pool = [*REMOVED_NAMES, *KEPT_NAMES, *POOL_ONLY_REMOVED_NAMES, "openai-beta"]
     client: Headers = []
     for i in range(rng.randint(0, 25)):
         name = random_case(rng, rng.choice(pool))
@@ -382,9 +398,10 @@ def test_generated_client_headers_keep_every_invariant(seed: int) -> None:
         )
         client.append((name, value))
     cred = rng.choice([None, UpstreamCredential("tok"), UpstreamCredential("tok", "acct")])
-    out = upstream_handshake_headers(client, cred, request_id="req-1")
+    pool_mode = rng.random() < 0.5
+    out = upstream_handshake_headers(client, cred, request_id="req-1", pool_mode=pool_mode)
 
-    removed = set(removed_header_names(client))
+    removed = set(removed_header_names(client, pool_mode=pool_mode))
     bridge_own = {"authorization", "chatgpt-account-id", "openai-beta", "x-request-id"}
     kept = [(k, v) for k, v in client if k.lower() not in removed]
     assert out[: len(kept)] == kept

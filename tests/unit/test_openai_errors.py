@@ -237,7 +237,17 @@ def test_upstream_rejected_keeps_client_facing_statuses_and_their_json_body(
         (401, None, {}, "upstream_rejected", ()),
         (403, b"<html>Forbidden</html>", {}, "upstream_rejected", ()),
         (429, b"[]", {"retry-after": "3"}, "upstream_rejected", (("retry-after", "3"),)),
-        (429, b'{"message":"x"}', {}, "upstream_rejected", ()),
+        # A 429 always says when to come back (the default when the upstream did not).
+        (429, b'{"message":"x"}', {}, "upstream_rejected", (("retry-after", "60"),)),
+        # ...and never later than a spent weekly window.
+        (
+            429,
+            b"[]",
+            {"retry-after": "99999999"},
+            "upstream_rejected",
+            (("retry-after", "604800"),),
+        ),
+        (429, b"[]", {"retry-after": "1e999"}, "upstream_rejected", (("retry-after", "60"),)),
     ],
 )
 def test_upstream_rejected_without_a_json_error_body(
@@ -318,7 +328,36 @@ def event(frame: dict[str, Any]) -> UpstreamErrorEvent:
                 "param": None,
                 "type": "rate_limit_error",
             },
-            (),
+            (("retry-after", "60"),),
+        ),
+        # A rate-limit event without a status is still a 429 with Retry-After.
+        (
+            event({"type": "error", "error": {"code": "rate_limit_exceeded", "message": "slow"}}),
+            429,
+            {
+                "code": "rate_limit_exceeded",
+                "message": "slow",
+                "param": None,
+                "type": "rate_limit_error",
+            },
+            (("retry-after", "60"),),
+        ),
+        (
+            event(
+                {
+                    "type": "error",
+                    "error": {"code": "usage_limit_reached", "type": "usage_limit"},
+                    "headers": {"retry-after": "9999999999"},
+                }
+            ),
+            429,
+            {
+                "code": "usage_limit_reached",
+                "type": "usage_limit",
+                "message": "the upstream reported an error",
+                "param": None,
+            },
+            (("retry-after", "604800"),),
         ),
         (
             event({"type": "error", "status": 401, "error": {"message": f"key {SECRET} revoked"}}),
@@ -343,3 +382,34 @@ def test_from_error_event(
     assert err.status == status
     assert error_of(err) == error
     assert err.headers == (JSON, *headers)
+
+
+@pytest.mark.parametrize(
+    ("value", "fallback", "wall_now", "expected"),
+    [
+        ("3", None, None, "3"),
+        ("0.2", None, None, "1"),
+        ("604801", None, None, "604800"),
+        ("inf", 5.0, None, "5"),
+        ("-4", None, None, None),
+        ("soon", 7.0, None, "7"),
+        ("Thu, 01 Jan 1970 00:01:40 GMT", None, 40.0, "60"),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", None, 0.0, "604800"),
+        (None, None, None, None),
+        (None, 1e12, None, "604800"),
+    ],
+)
+def test_retry_after_header_is_clamped(
+    value: str | None, fallback: float | None, wall_now: float | None, expected: str | None
+) -> None:
+    from responses_ws_bridge.core.upstream_events import retry_after_header
+
+    assert retry_after_header(value, fallback_s=fallback, wall_now=wall_now) == expected
+
+
+def test_owner_cooling_names_the_owner_not_the_pool() -> None:
+    err = openai_errors.owner_cooling("team-a", 12.2)
+    body = json.loads(err.body)["error"]
+    assert err.status == 429 and body["code"] == "owner_cooling_down"
+    assert "team-a" in body["message"] and "every" not in body["message"]
+    assert ("retry-after", "13") in err.headers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from responses_ws_bridge.core.redaction import (
+    SecretScrubber,
     account_from_authorization,
     redact_headers,
     redact_text,
@@ -108,3 +109,51 @@ def test_account_round_trips_through_redaction(account: str | None) -> None:
     )
     assert value == redacted_authorization(account)
     assert account_from_authorization(value) == (account if account is not None else "client")
+
+
+# --- SecretScrubber -------------------------------------------------------------------------
+
+TOKEN = "acct-token-0123456789"
+CLIENT_KEY = "client-key-abcdef"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nothing here", "nothing here"),
+        (f"bad token {TOKEN}", "bad token <redacted>"),
+        (f"{TOKEN}{TOKEN}", "<redacted>"),
+        (f"reason: Bearer {CLIENT_KEY}.", "reason: Bearer <redacted>."),
+        # A secret that contains another is cut out whole.
+        (f"x{TOKEN}-suffix-x", "x<redacted>x"),
+        # Two secrets sharing characters: their union goes, no piece of either survives.
+        ("..abcdefgh-overlap..", "..<redacted>.."),
+        # JSON-escaped forms, as in an upstream error body.
+        ('{"m":"q\\"uote-secret"}', '{"m":"<redacted>"}'),
+        # Unknown keys and JWTs by pattern.
+        ("sk-proj-ABCDEFGHIJKLMNOP", "<redacted>"),
+        (JWT, "<redacted>"),
+    ],
+)
+def test_scrubber(text: str, expected: str) -> None:
+    scrub = SecretScrubber(
+        [TOKEN, CLIENT_KEY, f"{TOKEN}-suffix-", "abcdefgh", "efgh-overlap", 'q"uote-secret', ""]
+    )
+    assert scrub(text) == expected
+
+
+def test_scrubber_bytes_errors_and_extension() -> None:
+    from responses_ws_bridge.core.openai_errors import upstream_rejected
+
+    scrub = SecretScrubber([TOKEN])
+    assert scrub.data(b"\xff" + TOKEN.encode()) == b"\xff<redacted>"
+    error = upstream_rejected(
+        429, f'{{"error":{{"message":"token {TOKEN}"}}}}'.encode(), {"retry-after": TOKEN}
+    )
+    clean = scrub.error(error)
+    assert TOKEN.encode() not in clean.body
+    assert all(TOKEN not in v for _, v in clean.headers)
+    passthrough = scrub.extended(["client-own-bearer-xyz"])
+    assert passthrough("client-own-bearer-xyz and " + TOKEN) == "<redacted> and <redacted>"
+    assert scrub.extended([TOKEN, ""]) is scrub
+    assert TOKEN not in repr(scrub)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from responses_ws_bridge.core import sse as _sse
+from responses_ws_bridge.core.redaction import SecretScrubber
 from responses_ws_bridge.core.sse import KEEPALIVE, encode_event, parse_sse, stream_incomplete_event
 
 DELTA = '{"type":"response.output_text.delta","sequence_number":4,"delta":"Hi"}'
@@ -152,3 +154,53 @@ def test_stream_incomplete_event(close_code: int | None, reason: str, message: s
 def test_stream_incomplete_event_without_a_response_id() -> None:
     event = stream_incomplete_event(close_code=1011, reason="", response_id=None, sequence_number=0)
     assert event["response"]["id"] == ""
+
+
+# --- hostile upstream frames ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "event_type", "reason"),
+    [
+        (b'{"type":"response.created"}', "response.created", "binary"),
+        ('{"type":"a\\nevent: forged"}', "a\nevent: forged", "line break"),
+        ('{"type":"a\\u2028b"}', None, "line break"),
+        ('{"type":"x","n":1e999}', "x", "finite"),
+        ('{"type":"x","n":NaN}', "x", "finite"),
+        ('{"type":"x","n":-Infinity}', "x", "finite"),
+        ('{"type":"x",', "x", "JSON"),
+        ("[1,2]", None, "JSON"),
+        ('{"sequence_number":1}', None, "without a type"),
+        ('{"type":5}', None, "without a type"),
+        ('{"type":"a","type":"response.completed"}', "a", "ambiguous"),
+    ],
+)
+def test_unencodable_frames_are_refused_not_cut(
+    frame: str | bytes, event_type: str | None, reason: str
+) -> None:
+    with pytest.raises(_sse.UnencodableEvent, match=reason):
+        _sse.encode_upstream_event(frame, event_type)
+
+
+def test_well_formed_frames_encode_as_before() -> None:
+    frame = '{"type":"response.output_text.delta","delta":"x\\ny","n":1.5e300}'
+    assert _sse.encode_upstream_event(frame, "response.output_text.delta") == _sse.encode_event(
+        frame, "response.output_text.delta"
+    )
+
+
+def test_failed_events_scrub_what_the_upstream_chose() -> None:
+    token = "account-token-123456789"
+    event = _sse.stream_incomplete_event(
+        close_code=1011,
+        reason=f"bad auth {token}",
+        response_id="resp_1",
+        sequence_number=3,
+        scrub=SecretScrubber([token]),
+    )
+    assert token not in json.dumps(event)
+    assert event["response"]["error"]["code"] == "stream_incomplete"
+    failed = _sse.invalid_event_failed(reason="a binary frame", response_id=None, sequence_number=0)
+    assert failed["response"]["error"]["code"] == "invalid_upstream_event"
+    idle = _sse.stream_idle_event(idle_s=300, response_id="r", sequence_number=9)
+    assert "300 s" in idle["response"]["error"]["message"]

@@ -29,7 +29,6 @@ from responses_ws_bridge.state.guarded import StateUnavailable
 from responses_ws_bridge.state.health_record import (
     CoolDown,
     Disable,
-    Strike,
     change_for,
     cleared,
     cooled,
@@ -175,9 +174,7 @@ def test_health_records_read_as_pool_health() -> None:
 
 
 REJECTED = "upstream rejected the WebSocket handshake with HTTP"
-RULES = HealthRules(
-    rate_limit_default_s=60.0, strike_limit=3, strike_window_s=60.0, strike_cooldown_s=10.0
-)
+RULES = HealthRules(rate_limit_default_s=60.0)
 
 
 @pytest.mark.parametrize(
@@ -190,8 +187,9 @@ RULES = HealthRules(
             UpstreamErrorEvent("rate_limit_exceeded"),
             CoolDown(160.0, "upstream error event rate_limit_exceeded"),
         ),
-        (HandshakeRejected(503), Strike(100.0, 60.0, 3, 110.0)),
-        (UpstreamClosed(1011), Strike(100.0, 60.0, 3, 110.0)),
+        # Faults: the pool's fault rate decides; only its cooldown is shared.
+        (HandshakeRejected(503), None),
+        (UpstreamClosed(1011), None),
         (UpstreamClosed(1011, by_bridge=True), None),
         (UpstreamClosed(1006), None),
         (ConnectionLost(), None),

@@ -1,10 +1,14 @@
 """The account pool: per-account health, in-flight counts, and which account serves next.
 
-Health rules: a handshake 401/403 disables an account until the
-accounts file changes (any `reload`); a 429 or rate-limit error event cools it
-down until the upstream's reset time (default 60 s); repeated upstream faults
-(handshake 5xx, close 1011: 3 within 60 s by default) give a short cooldown.
-A success clears cooldowns and strikes. Failures that say nothing about the
+Health rules: a handshake 401/403 disables an account until the accounts file
+changes (any `reload`); a 429 or rate-limit error event cools it down until
+the upstream's reset time (default 60 s, never more than 7 days); upstream
+faults (handshake 5xx, close 1011) give a short cooldown when they are a large
+share of the account's recent attempts: at least half of the faults and
+successes of the last 60 s, once there are at least 5 of them. A rate, not a
+count: under load a few faults among many successes are noise, and cooling an
+account for them moved its traffic onto the others until every account was
+cooling. A success ends a cooldown early. Failures that say nothing about the
 account (a lost connection, a hand-off close 1000, the socket age limit)
 change nothing. Rate-limit figures (`core.rate_limits`) are kept per account:
 an account with an exhausted window is not chosen for new sessions until that
@@ -41,6 +45,7 @@ from responses_ws_bridge.core.rate_limits import (
 )
 from responses_ws_bridge.core.rate_limits import describe as describe_limits
 from responses_ws_bridge.core.retry_policy import FailHttp, fail_http_for
+from responses_ws_bridge.core.upstream_events import MAX_RESET_S
 
 # --- health ---------------------------------------------------------------------------------
 
@@ -68,9 +73,17 @@ HEALTHY = Healthy()
 @dataclass(frozen=True)
 class HealthRules:
     rate_limit_default_s: float = 60.0
-    strike_limit: int = 3
-    strike_window_s: float = 60.0
-    strike_cooldown_s: float = 10.0
+    # Faults cool an account when they are at least `fault_rate` of the faults and
+    # successes within `fault_window_s`, counted once there are `fault_min_samples`.
+    fault_window_s: float = 60.0
+    fault_min_samples: int = 5
+    fault_rate: float = 0.5
+    fault_cooldown_s: float = 10.0
+    max_cooldown_s: float = MAX_RESET_S
+
+
+# Per account, the most recent outcomes kept for the fault rate.
+_MAX_SAMPLES = 1024
 
 
 # --- choices --------------------------------------------------------------------------------
@@ -83,10 +96,14 @@ class Chosen:
 
 @dataclass(frozen=True)
 class AllCoolingDown:
-    """Every candidate is cooling down; the earliest is back at `until` (pool clock)."""
+    """Every candidate is cooling down; the earliest is back at `until` (pool clock).
+
+    `owner` is set when the only candidate was a hard session's owner.
+    """
 
     until: float
     retry_after_s: int
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,14 @@ def fail_http_for_choice(
     all tried and failed for this request, the last failure speaks (its 429 or
     a 502). A missing hard owner: 502 owner_unavailable. Otherwise 503.
     """
+    if isinstance(choice, AllCoolingDown) and choice.owner is not None:
+        return FailHttp(
+            429,
+            "owner_cooling_down",
+            retry_after_s=float(choice.retry_after_s),
+            message=f"the account that owns this session ({choice.owner}) is cooling down; "
+            "it is never moved to another account",
+        )
     if isinstance(choice, AllCoolingDown):
         return FailHttp(
             429,
@@ -157,7 +182,8 @@ class _State:
     in_flight: int = 0
     served: int = 0
     health: Health = HEALTHY
-    strikes: deque[float] = field(default_factory=deque)
+    # (time, was a fault) per attempt outcome, oldest first.
+    samples: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=_MAX_SAMPLES))
     rate_limits: RateLimits | None = None
     # Pool clock: no new sessions before this (an exhausted rate-limit window).
     exhausted_until: float | None = None
@@ -193,6 +219,15 @@ class AccountPool:
     def account(self, account_id: str) -> Account | None:
         state = self._states.get(account_id)
         return state.account if state else None
+
+    def is_current(self, account: Account) -> bool:
+        """Whether `account` is still in the file with the same credential.
+
+        A turn that started before a reload asks this when it ends: a removed
+        (or re-keyed) account gets no new bindings and its socket is closed.
+        """
+        state = self._states.get(account.id)
+        return state is not None and _same_credential(state.account, account)
 
     def reload(self, config: AccountsConfig) -> list[str]:
         """Take a new accounts file; returns the ids that are gone.
@@ -247,7 +282,7 @@ class AccountPool:
         if state is None:
             return
         state.served += 1
-        state.strikes.clear()
+        self._sample(state, self._clock(), fault=False)
         # A disabled account stays so until the file changes, even if an older socket
         # still works; a cooldown ends early since the account evidently serves again.
         if isinstance(state.health, Cooling):
@@ -265,17 +300,17 @@ class AccountPool:
         if is_auth_rejection(failure):
             state.health = Disabled(describe(failure))
         elif is_rate_limit(failure):
-            delay = retry_after_of(failure) or self.rules.rate_limit_default_s
+            given = retry_after_of(failure)
+            delay = given if given is not None and given > 0 else self.rules.rate_limit_default_s
+            # An upstream's reset time is its word only up to the longest window there is.
+            delay = min(delay, self.rules.max_cooldown_s)
             self._cool(state, current, now + delay, describe(failure))
         elif is_upstream_fault(failure):
-            strikes = state.strikes
-            strikes.append(now)
-            while strikes and now - strikes[0] > self.rules.strike_window_s:
-                strikes.popleft()
-            if len(strikes) >= self.rules.strike_limit:
-                strikes.clear()
+            self._sample(state, now, fault=True)
+            if self._fault_rate_exceeded(state):
+                state.samples.clear()
                 self._cool(
-                    state, current, now + self.rules.strike_cooldown_s, "repeated upstream errors"
+                    state, current, now + self.rules.fault_cooldown_s, "repeated upstream errors"
                 )
         return self._current(state, now)
 
@@ -311,6 +346,19 @@ class AccountPool:
         state = self._states.get(account_id)
         if state is not None:
             state.health = health
+
+    def _sample(self, state: _State, now: float, *, fault: bool) -> None:
+        samples = state.samples
+        samples.append((now, fault))
+        while samples and now - samples[0][0] > self.rules.fault_window_s:
+            samples.popleft()
+
+    def _fault_rate_exceeded(self, state: _State) -> bool:
+        total = len(state.samples)
+        if total < self.rules.fault_min_samples:
+            return False
+        faults = sum(1 for _, fault in state.samples if fault)
+        return faults >= self.rules.fault_rate * total
 
     def _cool(self, state: _State, current: Health, until: float, reason: str) -> None:
         # A longer cooldown already running is not shortened by a shorter one.
@@ -388,7 +436,7 @@ class AccountPool:
         now = self._clock()
         health = self._current(state, now)
         if isinstance(health, Cooling):
-            return self._all_cooling(health.until, now)
+            return AllCoolingDown(health.until, max(1, math.ceil(health.until - now)), owner)
         if isinstance(health, Disabled):
             return NoneUsable("disabled", owner=owner)
         return Chosen(state.account)

@@ -47,6 +47,9 @@ _PROXY_TRAIL = frozenset({"forwarded", "x-real-ip", "host"})
 # The bridge writes these itself, once each, so the client's never pass.
 _REPLACED = frozenset({"authorization", "chatgpt-account-id", "openai-beta", "x-request-id"})
 _REMOVED = _FRAMING | _HOP_BY_HOP | _PROXY_TRAIL | _REPLACED
+# With an account pool the account decides who pays and authenticates: a
+# client's billing scope or its own key never goes next to the account's token.
+POOL_ONLY_REMOVED = frozenset({"openai-organization", "openai-project", "x-api-key", "api-key"})
 _REMOVED_PREFIXES = ("sec-websocket-", "x-forwarded-", "cf-")
 
 # Written by the WebSocket library itself, exactly once (RFC 6455 §4.1).
@@ -138,14 +141,20 @@ def upstream_handshake_headers(
     credential: UpstreamCredential | None,
     *,
     request_id: str,
+    pool_mode: bool = True,
 ) -> list[tuple[str, str]]:
     """The extra headers for the upstream handshake, in order.
 
     The WebSocket library adds Host, Upgrade, Connection and Sec-WebSocket-*
-    itself. `credential` None is pass-through mode: the caller has put the
-    client's own credential in it, or there is none to send.
+    itself. `credential` is the account's (pool mode) or the client's own
+    (pass-through mode), or None when there is none to send. `pool_mode`
+    False keeps the client's OpenAI-Organization, OpenAI-Project, x-api-key
+    and api-key, which are the client's business only when the credential is
+    its own; the default is the safe one.
     """
     named = _connection_named(client_headers)
+    if pool_mode:
+        named = named | POOL_ONLY_REMOVED
     out = [(k, v) for k, v in client_headers if not _is_removed(k, named)]
     if credential is not None:
         out.append(("Authorization", f"Bearer {credential.bearer}"))
@@ -165,9 +174,13 @@ def client_request_id(client_headers: Sequence[tuple[str, str]]) -> str | None:
     return None
 
 
-def removed_header_names(client_headers: Sequence[tuple[str, str]]) -> list[str]:
+def removed_header_names(
+    client_headers: Sequence[tuple[str, str]], *, pool_mode: bool = True
+) -> list[str]:
     """The client fields not passed upstream as they were (lower-case, once each)."""
     named = _connection_named(client_headers)
+    if pool_mode:
+        named = named | POOL_ONLY_REMOVED
     out: list[str] = []
     for k, _ in client_headers:
         low = k.lower()

@@ -22,8 +22,10 @@ from responses_ws_bridge.core.failures import (
     UpstreamErrorEvent,
 )
 from responses_ws_bridge.core.handshake_headers import redact_secrets
+from responses_ws_bridge.core.upstream_events import DEFAULT_RETRY_AFTER_S, retry_after_header
 
 if TYPE_CHECKING:
+    from responses_ws_bridge.core.body_decoding import BodyDecodingError
     from responses_ws_bridge.core.create_request import BadRequest
     from responses_ws_bridge.core.retry_policy import FailHttp
 
@@ -129,17 +131,31 @@ def _upstream_json_error(body: bytes | None) -> bytes | None:
 
 
 def upstream_rejected(
-    status: int, body: bytes | None, headers: Mapping[str, str] | Sequence[tuple[str, str]]
+    status: int,
+    body: bytes | None,
+    headers: Mapping[str, str] | Sequence[tuple[str, str]],
+    *,
+    retry_after_s: float | None = None,
+    wall_now: float | None = None,
 ) -> HttpError:
     """The upstream refused the WebSocket handshake with an HTTP status.
 
     401/403/429 are the client's business (credentials, permissions, limits)
     and keep their status and JSON error body; anything else is the bridge's
     failure to reach a working upstream: 502. Of the upstream's headers only a
-    429's Retry-After is passed on.
+    429's Retry-After is passed on, clamped (`retry_after_s`: the delay the
+    policy read from the body, when the header is missing).
     """
     if status in (401, 403, 429):
-        retry_after = _header(headers, "retry-after") if status == 429 else None
+        retry_after = (
+            retry_after_header(
+                _header(headers, "retry-after"),
+                fallback_s=retry_after_s or DEFAULT_RETRY_AFTER_S,
+                wall_now=wall_now,
+            )
+            if status == 429
+            else None
+        )
         extra = (("retry-after", retry_after),) if retry_after else ()
         forwarded = _upstream_json_error(body)
         if forwarded is not None:
@@ -189,9 +205,21 @@ def upstream_closed(close_code: int | None, reason: str) -> HttpError:
     )
 
 
-def from_error_event(event: UpstreamErrorEvent) -> HttpError:
-    """An upstream `error` event before any other event, as an HTTP error."""
-    status = event.status if event.status is not None and 400 <= event.status < 600 else 502
+def from_error_event(
+    event: UpstreamErrorEvent,
+    *,
+    retry_after_s: float | None = None,
+    wall_now: float | None = None,
+) -> HttpError:
+    """An upstream `error` event before any other event, as an HTTP error.
+
+    A rate-limit event is a 429 with Retry-After even when it carries no
+    status (the upstream's header, else `retry_after_s`, else a default).
+    """
+    if event.status is not None and 400 <= event.status < 600:
+        status = event.status
+    else:
+        status = 429 if event.is_rate_limit else 502
     error: dict[str, Any] = dict(event.error_object)
     error.setdefault("message", event.message)
     error.setdefault("code", event.code)
@@ -200,7 +228,12 @@ def from_error_event(event: UpstreamErrorEvent) -> HttpError:
         limited = event.is_rate_limit or status == 429
         error["type"] = event.type or ("rate_limit_error" if limited else "upstream_error")
     body = redact_secrets(json.dumps({"error": error})).encode()
-    retry_after = _header(event.headers, "retry-after")
+    limited = status == 429 or event.is_rate_limit
+    retry_after = retry_after_header(
+        _header(event.headers, "retry-after"),
+        fallback_s=(retry_after_s or DEFAULT_RETRY_AFTER_S) if limited else None,
+        wall_now=wall_now,
+    )
     extra = (("retry-after", retry_after),) if retry_after else ()
     return HttpError(status, body, (_JSON, *extra))
 
@@ -227,7 +260,29 @@ def all_accounts_cooling(retry_after_s: int) -> HttpError:
         "every upstream account is cooling down; retry after the Retry-After delay",
         type_="rate_limit_error",
         code="all_accounts_cooling_down",
-        retry_after=str(max(1, retry_after_s)),
+        retry_after=retry_after_header(None, fallback_s=max(1, retry_after_s)),
+    )
+
+
+def owner_cooling(account_id: str, retry_after_s: float) -> HttpError:
+    """A hard session's owner alone is cooling down (other accounts may be fine)."""
+    return _error(
+        429,
+        f"this session is bound to account {account_id!r}, which is cooling down; "
+        "retry after the Retry-After delay (it is never moved to another account)",
+        type_="rate_limit_error",
+        code="owner_cooling_down",
+        retry_after=retry_after_header(None, fallback_s=max(1.0, retry_after_s)),
+    )
+
+
+def upstream_invalid_event(reason: str) -> HttpError:
+    """The upstream sent an event the bridge cannot pass on (before any other event)."""
+    return _error(
+        502,
+        f"the upstream sent an event that cannot be relayed ({redact_secrets(reason)})",
+        type_="upstream_error",
+        code="invalid_upstream_event",
     )
 
 
@@ -304,4 +359,56 @@ def state_store_unavailable() -> HttpError:
         type_="server_error",
         code="state_store_unavailable",
         retry_after="1",
+    )
+
+
+def untrusted_upstream(where: str, *, loop: bool = False, cleartext: bool = False) -> HttpError:
+    """The destination may not receive an upstream turn; nothing was sent anywhere."""
+    if loop:
+        why = f"{where} is this proxy itself, which is never an upstream"
+    elif cleartext:
+        why = (
+            f"{where} is not TLS: an account's credential is never sent in clear; "
+            "use https, or set bridge_upstream"
+        )
+    else:
+        why = (
+            f"{where} is not a trusted upstream: with an account pool, account credentials "
+            "go only to bridge_upstream, an account's upstream, or a host listed in "
+            "bridge_trusted_upstreams"
+        )
+    return _error(403, why, type_="invalid_request_error", code="untrusted_upstream")
+
+
+def headers_too_large(size: int, limit: int) -> HttpError:
+    return _error(
+        431,
+        f"request headers are {size} bytes; the bridge accepts at most {limit} bytes",
+        type_="invalid_request_error",
+        code="request_headers_too_large",
+    )
+
+
+def invalid_header(name: str, why: str) -> HttpError:
+    """A header the bridge cannot carry upstream. Its value is never echoed."""
+    return _error(
+        400,
+        f"header {name}: {why}",
+        type_="invalid_request_error",
+        code="invalid_header",
+        param=name.lower(),
+    )
+
+
+def body_decoding_failed(exc: BodyDecodingError) -> HttpError:
+    """A Content-Encoding the bridge does not decode (415), a bomb (413), corrupt data (400)."""
+    return _error(exc.status, exc.message, type_="invalid_request_error", code=exc.code)
+
+
+def expectation_failed() -> HttpError:
+    return _error(
+        417,
+        "only Expect: 100-continue is supported",
+        type_="invalid_request_error",
+        code="expectation_failed",
     )

@@ -9,10 +9,12 @@ header value. Pure functions over plain values.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from responses_ws_bridge.core.handshake_headers import redact_secrets
+from responses_ws_bridge.core.openai_errors import HttpError
 
 REDACTED = "<redacted>"
 # The account label of the client's own credential (pass-through mode).
@@ -84,3 +86,75 @@ def redact_headers(
         else:
             out.append((name, redact_secrets(redact_text(value, secrets))))
     return out
+
+
+class SecretScrubber:
+    """Cuts every known secret out of text an upstream chose (close reasons, error bodies).
+
+    Built once per accounts file from all its secrets (account tokens, client
+    keys; refresh tokens too when there are any) and reused for every text:
+    one C-level regex scan finds whether anything needs replacing. Secrets are
+    also looked for in their JSON-escaped form, since error bodies are JSON.
+    Overlapping occurrences (two secrets sharing characters, or one inside
+    another) are cut out as their union, so no piece of either survives. API
+    keys and JWTs the bridge does not know are cut out by pattern as well.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if secret:
+                forms.add(secret)
+                forms.add(json.dumps(secret)[1:-1])
+                forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+        self._secrets = frozenset(s for s in secrets if s) if forms else frozenset()
+        alternatives = sorted(forms, key=len, reverse=True)
+        # A lookahead finds a match at every position, overlapping ones included.
+        self._pattern = (
+            re.compile("(?=(" + "|".join(map(re.escape, alternatives)) + "))")
+            if alternatives
+            else None
+        )
+
+    def __repr__(self) -> str:
+        return f"SecretScrubber(<{len(self._secrets)} secrets>)"
+
+    def extended(self, extra: Iterable[str]) -> SecretScrubber:
+        """This scrubber plus `extra` (e.g. a pass-through client's own bearer)."""
+        more = [s for s in extra if s and s not in self._secrets]
+        return SecretScrubber([*self._secrets, *more]) if more else self
+
+    def __call__(self, text: str) -> str:
+        pattern = self._pattern
+        if pattern is not None and pattern.search(text) is not None:
+            spans: list[list[int]] = []
+            for match in pattern.finditer(text):
+                start, end = match.start(1), match.end(1)
+                if spans and start <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], end)
+                else:
+                    spans.append([start, end])
+            pieces: list[str] = []
+            at = 0
+            for start, end in spans:
+                pieces.append(text[at:start])
+                pieces.append(REDACTED)
+                at = end
+            pieces.append(text[at:])
+            text = "".join(pieces)
+        return redact_secrets(text)
+
+    def data(self, data: bytes) -> bytes:
+        """Bytes as text (undecodable bytes kept as they are), scrubbed."""
+        return self(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+    def error(self, error: HttpError) -> HttpError:
+        """The error with its body and header values scrubbed."""
+        body = self.data(error.body)
+        headers = tuple((k, self(v)) for k, v in error.headers)
+        if body == error.body and headers == error.headers:
+            return error
+        return HttpError(error.status, body, headers)
+
+
+NO_SECRETS = SecretScrubber()

@@ -7,7 +7,11 @@ follows the WHATWG event-stream rules and serves tests and tools.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
+
+from responses_ws_bridge.core.handshake_headers import redact_secrets
+from responses_ws_bridge.core.upstream_events import load_event
 
 KEEPALIVE = b": keepalive\n\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -65,13 +69,89 @@ def parse_sse(data: bytes) -> list[tuple[str | None, str]]:
     return events
 
 
-def stream_incomplete_event(
-    *, close_code: int | None, reason: str, response_id: str | None, sequence_number: int
+class UnencodableEvent(ValueError):
+    """An upstream frame a client could not read back as the event it is."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_upstream_event(frame: str | bytes, event_type: str | None) -> bytes:
+    """The SSE bytes of one upstream frame, once it is known to be a well-formed event.
+
+    Raises UnencodableEvent for a binary frame, text that is not a JSON object
+    (or holds NaN, Infinity or a number too large for a double, which would
+    come back out as the non-JSON `Infinity`), an event without a string
+    `type`, a type with a line break or control character (it would forge SSE
+    fields), or a type other than `event_type` (what the relay acted on).
+    """
+    if not isinstance(frame, str):
+        raise UnencodableEvent("a binary frame")
+    event = load_event(frame)
+    if event is None:
+        raise UnencodableEvent("not a JSON object of finite numbers")
+    parsed_type = event.get("type")
+    if not isinstance(parsed_type, str) or not parsed_type:
+        raise UnencodableEvent("an event without a type")
+    if not parsed_type.isprintable():
+        raise UnencodableEvent("an event type with a line break or control character")
+    if event_type is not None and parsed_type != event_type:
+        raise UnencodableEvent("an event whose type is ambiguous")
+    return encode_event(frame, parsed_type)
+
+
+def invalid_event_failed(
+    *, reason: str, response_id: str | None, sequence_number: int
 ) -> dict[str, Any]:
-    """The `response.failed` a client gets when the upstream breaks mid-stream."""
+    """The `response.failed` that ends a stream when an upstream event cannot be relayed."""
+    return _failed(
+        "invalid_upstream_event",
+        f"the upstream sent an event that cannot be relayed ({redact_secrets(reason)})",
+        response_id=response_id,
+        sequence_number=sequence_number,
+    )
+
+
+def stream_incomplete_event(
+    *,
+    close_code: int | None,
+    reason: str,
+    response_id: str | None,
+    sequence_number: int,
+    scrub: Callable[[str], str] = redact_secrets,
+) -> dict[str, Any]:
+    """The `response.failed` a client gets when the upstream breaks mid-stream.
+
+    `reason` is the upstream's (a close reason): `scrub` cuts known secrets out
+    of it; pass the accounts' SecretScrubber.
+    """
     what = "connection lost" if close_code is None else f"close code {close_code}"
     if reason:
-        what += f": {reason}"
+        what += f": {scrub(reason)}"
+    return _failed(
+        "stream_incomplete",
+        f"upstream WebSocket closed before the response finished ({what})",
+        response_id=response_id,
+        sequence_number=sequence_number,
+    )
+
+
+def stream_idle_event(
+    *, idle_s: float, response_id: str | None, sequence_number: int
+) -> dict[str, Any]:
+    """The `response.failed` when the upstream went silent mid-stream for too long."""
+    return _failed(
+        "stream_incomplete",
+        f"the upstream sent no event for {idle_s:g} s (bridge_stream_idle_timeout)",
+        response_id=response_id,
+        sequence_number=sequence_number,
+    )
+
+
+def _failed(
+    code: str, message: str, *, response_id: str | None, sequence_number: int
+) -> dict[str, Any]:
     return {
         "type": "response.failed",
         "sequence_number": sequence_number,
@@ -79,10 +159,7 @@ def stream_incomplete_event(
             "id": response_id or "",
             "object": "response",
             "status": "failed",
-            "error": {
-                "code": "stream_incomplete",
-                "message": f"upstream WebSocket closed before the response finished ({what})",
-            },
+            "error": {"code": code, "message": message},
             "incomplete_details": None,
             "output": [],
         },

@@ -8,7 +8,9 @@ response id or end the response, or when the fast path cannot be sure.
 
 from __future__ import annotations
 
+import email.utils
 import json
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,12 +97,28 @@ def _inspect_parsed(frame_text: str) -> EventInfo:
     )
 
 
-def _load_object(frame_text: str) -> dict[str, Any] | None:
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e999 parses as inf, which would go back out as the non-JSON "Infinity".
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def load_event(frame_text: str) -> dict[str, Any] | None:
+    """The frame as a JSON object; None when it is not one (or holds NaN, Infinity, 1e999)."""
     try:
-        event = json.loads(frame_text)
+        event = json.loads(frame_text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
+
+
+_load_object = load_event
 
 
 def final_response(frame_text: str) -> dict[str, Any] | None:
@@ -212,3 +230,45 @@ def parse_error_event(
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+# --- reset times an upstream chose ----------------------------------------------------------
+
+# The longest rate-limit window there is (a spent weekly quota); anything later is clamped.
+MAX_RESET_S = 7 * 24 * 3600.0
+DEFAULT_RETRY_AFTER_S = 60.0
+
+
+def clamp_reset_s(seconds: float | None) -> float | None:
+    """An upstream's delay in seconds, at most MAX_RESET_S; None when unusable or not given."""
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(seconds, MAX_RESET_S)
+
+
+def retry_after_header(
+    value: str | None, *, fallback_s: float | None = None, wall_now: float | None = None
+) -> str | None:
+    """The Retry-After a client gets: whole seconds, at least 1, at most MAX_RESET_S.
+
+    `value` is the upstream's header (seconds or an HTTP date, the latter used
+    only when `wall_now`, epoch seconds, is given); `fallback_s` is used when
+    it is missing or unusable.
+    """
+    seconds: float | None = None
+    if value is not None:
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            if wall_now is not None:
+                try:
+                    seconds = email.utils.parsedate_to_datetime(text).timestamp() - wall_now
+                except (TypeError, ValueError, IndexError, OverflowError):
+                    seconds = None
+        seconds = clamp_reset_s(seconds)
+    if seconds is None:
+        seconds = clamp_reset_s(fallback_s)
+    if seconds is None:
+        return None
+    return str(max(1, math.ceil(seconds)))

@@ -38,6 +38,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketStartHook
 from websockets.http11 import Request, Response
 
+from responses_ws_bridge.core.redaction import SecretScrubber
 from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.recording import session_flows
 
@@ -70,6 +71,8 @@ class SessionFlowTap:
         # One C-level scan per message tells whether any secret needs replacing.
         alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
         self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
+        # The close reason is the upstream's text: it may echo a credential.
+        self._scrub = SecretScrubber(self._secrets) if redact else None
         # The segment being recorded (None: the socket is idle between turns).
         self.flow: http.HTTPFlow | None = None
         self._handshake: tuple[list[tuple[str, str]], Response] | None = None
@@ -157,7 +160,7 @@ class SessionFlowTap:
         session_flows.record_close(
             self.flow,
             code=code,
-            reason=reason,
+            reason=self._scrub(reason) if self._scrub is not None else reason,
             closed_by_client=closed_by_client,
             timestamp=timestamp,
         )

@@ -10,7 +10,14 @@ refused, so the endpoint serves only the flows the addon routed to it.
 The server knows nothing about Responses: a registered job gets a `ResponseSink`
 and writes a status, headers and body chunks to it. A job starts as soon as it
 is registered (the upstream is being opened while mitmproxy connects here);
-its writes wait until mitmproxy's request arrives and claims it.
+its writes wait until mitmproxy's request arrives and claims it. A job
+registered with `answer_before_body` is claimed on the request head: its body
+is never read here (the addon has it, or refuses it unread), and the
+connection closes after the answer.
+
+Connections are bounded in time: one that sends nothing for `idle_timeout_s`
+(before a request, or between the pieces of a body) or takes longer than
+`header_timeout_s` to send a request head is closed.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-responses-bridge-token"
 # A job whose request never arrives (its flow died unseen) gives up after this.
 CLAIM_TIMEOUT_S = 60.0
+HEADER_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 120.0
 _READ_SIZE = 65536
+_FORBIDDEN = (
+    b'{"error":{"message":"not a bridged request","type":"invalid_request_error",'
+    b'"code":"forbidden"}}'
+)
 
 
 class ResponseSink:
@@ -94,11 +107,16 @@ class ResponseSink:
 Job = Callable[[ResponseSink], Awaitable[None]]
 
 
+class _TimedOut(Exception):
+    """The peer was silent for too long; the connection is closed."""
+
+
 class _Pending:
     """A registered job: running already when there is a loop, else at its claim."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, *, answer_before_body: bool = False) -> None:
         self.job = job
+        self.answer_before_body = answer_before_body
         self.sink = ResponseSink()
         self.task: asyncio.Future[None] | None = None
         try:
@@ -121,11 +139,23 @@ class _Pending:
 class LoopbackServer:
     """HTTP/1.1 server on 127.0.0.1 that runs one registered job per token."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
         self._jobs: dict[str, _Pending] = {}
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (for tests and soak checks)."""
+        return len(self._handlers)
 
     @property
     def running(self) -> bool:
@@ -152,10 +182,18 @@ class LoopbackServer:
                 await asyncio.wait_for(server.wait_closed(), 5)
         self._jobs.clear()
 
-    def register(self, job: Job) -> str:
+    def register(self, job: Job, *, answer_before_body: bool = False) -> str:
         token = secrets.token_urlsafe(32)
-        self._jobs[token] = _Pending(job)
+        self._jobs[token] = _Pending(job, answer_before_body=answer_before_body)
         return token
+
+    def register_answer(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> str:
+        """A token whose request gets this answer at once, its body unread, then a close."""
+
+        async def answer(sink: ResponseSink) -> None:
+            await sink.respond(status, [*headers, ("connection", "close")], body)
+
+        return self.register(answer, answer_before_body=True)
 
     def discard(self, token: str) -> None:
         """The flow will never arrive (it failed first): stop its job."""
@@ -172,8 +210,14 @@ class LoopbackServer:
         assert task is not None
         self._handlers.add(task)
         try:
-            await _Connection(self._jobs, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError, ClientGone):
+            await _Connection(
+                self._jobs,
+                reader,
+                writer,
+                header_timeout_s=self.header_timeout_s,
+                idle_timeout_s=self.idle_timeout_s,
+            ).run()
+        except (ConnectionError, asyncio.IncompleteReadError, ClientGone, _TimedOut):
             pass
         except asyncio.CancelledError:
             pass
@@ -190,24 +234,54 @@ class _Connection:
         jobs: dict[str, _Pending],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self._jobs = jobs
         self._reader = reader
         self._writer = writer
         self._conn = h11.Connection(h11.SERVER)
+        self._header_timeout_s = header_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+
+    async def _read(self, timeout_s: float) -> bytes:
+        try:
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                return await self._reader.read(_READ_SIZE)
+        except TimeoutError:
+            raise _TimedOut from None
 
     async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event of a body; every read must come within the idle timeout."""
         while True:
             event = self._conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self._reader.read(_READ_SIZE)
+            self._conn.receive_data(await self._read(self._idle_timeout_s))
+
+    async def _next_request(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next request head: idle timeout until its first byte, then the header timeout."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            event = self._conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if deadline is None and self._conn.trailing_data[0]:
+                deadline = loop.time() + self._header_timeout_s
+            if deadline is None:
+                data = await self._read(self._idle_timeout_s)
+                if data:
+                    deadline = loop.time() + self._header_timeout_s
+            else:
+                data = await self._read(deadline - loop.time())
             self._conn.receive_data(data)
 
     async def run(self) -> None:
         while True:
             try:
-                event = await self._next_event()
+                event = await self._next_request()
             except h11.RemoteProtocolError:
                 return
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -215,20 +289,23 @@ class _Connection:
             if not isinstance(event, h11.Request):
                 return
             token = _header(event.headers, TOKEN_HEADER.encode())
+            job = self._jobs.get(token) if token else None
+            if token is not None and job is not None and job.answer_before_body:
+                del self._jobs[token]
+                await self._run_job(job)
+                return  # the body was never read: this connection cannot be reused
             # The body was already parsed in the request hook; drain it here.
-            while not isinstance(ev := await self._next_event(), h11.EndOfMessage):
-                if isinstance(ev, h11.ConnectionClosed):
-                    return
+            try:
+                while not isinstance(ev := await self._next_event(), h11.EndOfMessage):
+                    if isinstance(ev, h11.ConnectionClosed):
+                        return
+            except h11.RemoteProtocolError:
+                return
             job = self._jobs.pop(token, None) if token else None
             if job is None:
                 sink = ResponseSink()
                 sink.attach(self._conn, self._writer)
-                await sink.respond(
-                    403,
-                    [("content-type", "application/json")],
-                    b'{"error":{"message":"not a bridged request","type":"invalid_request_error",'
-                    b'"code":"forbidden"}}',
-                )
+                await sink.respond(403, [("content-type", "application/json")], _FORBIDDEN)
             else:
                 await self._run_job(job)
             if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
@@ -264,6 +341,8 @@ class _Connection:
                 )
         if not sink.finished:
             raise ClientGone
+        if job.answer_before_body:
+            await _drain_writer(self._writer)
 
     async def _wait_hangup(self) -> None:
         # mitmproxy sends nothing more on this connection while a response is
@@ -273,6 +352,11 @@ class _Connection:
             self._conn.receive_data(data)
             # Unexpected bytes while streaming: keep them for h11, keep waiting.
             await asyncio.Event().wait()
+
+
+async def _drain_writer(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await writer.drain()
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:

@@ -46,7 +46,7 @@ from responses_ws_bridge.state.fallback import (
     stored_owner,
 )
 from responses_ws_bridge.state.guarded import GuardedStore, StateUnavailable
-from responses_ws_bridge.state.health_record import CoolDown, Disable, Strike
+from responses_ws_bridge.state.health_record import CoolDown, Disable
 from responses_ws_bridge.state.leases import DEFAULT_LEASE_TTL_S, held_lease
 from responses_ws_bridge.state.store import AccountHealthRecord, StateStore
 
@@ -204,14 +204,10 @@ class SharedState:
             health = None if isinstance(got, StateUnavailable) else Disabled(change.reason)
         elif isinstance(change, CoolDown):
             health = await self._cool_down(account_id, change.until, change.reason)
-        elif isinstance(change, Strike):
-            strikes = await self._run(
-                "add_strike", lambda s: s.add_strike(account_id, change.at, change.window_s)
-            )
-            if not isinstance(strikes, StateUnavailable) and strikes >= change.limit:
-                health = await self._cool_down(
-                    account_id, change.cooldown_until, health_record.REPEATED_FAULTS
-                )
+        elif (cooling := health_record.faults_cooled(pool.health(account_id), failure)) is not None:
+            # The pool's fault rate cooled it: every instance keeps away as long.
+            until = cooling.until - self.state.clock() + self._wall()
+            health = await self._cool_down(account_id, until, cooling.reason)
         if health is not None:
             pool.adopt(
                 account_id, health_record.on_pool_clock(health, self._wall(), self.state.clock())

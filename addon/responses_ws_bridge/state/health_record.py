@@ -38,17 +38,7 @@ class CoolDown:
     reason: str
 
 
-@dataclass(frozen=True)
-class Strike:
-    """A fault at `at`; `limit` of them within `window_s` cool down until `cooldown_until`."""
-
-    at: float
-    window_s: float
-    limit: int
-    cooldown_until: float
-
-
-HealthChange = Disable | CoolDown | Strike
+HealthChange = Disable | CoolDown
 
 
 def change_for(failure: Failure, rules: HealthRules, now: float) -> HealthChange | None:
@@ -58,7 +48,8 @@ def change_for(failure: Failure, rules: HealthRules, now: float) -> HealthChange
     |----------------------------------|------------------------------------------|
     | handshake 401/403                | Disable(description)                     |
     | 429 or rate-limit error event    | CoolDown(now + retry-after or default)   |
-    | handshake 5xx, upstream 1011     | Strike (limit reached: strike cooldown)  |
+    | handshake 5xx, upstream 1011     | None: the pool's fault rate decides, and |
+    |                                  | its cooldown is shared (`faults_cooled`) |
     | anything else                    | None                                     |
     """
     if is_auth_rejection(failure):
@@ -66,8 +57,13 @@ def change_for(failure: Failure, rules: HealthRules, now: float) -> HealthChange
     if is_rate_limit(failure):
         delay = retry_after_of(failure) or rules.rate_limit_default_s
         return CoolDown(now + delay, describe(failure))
-    if is_upstream_fault(failure):
-        return Strike(now, rules.strike_window_s, rules.strike_limit, now + rules.strike_cooldown_s)
+    return None
+
+
+def faults_cooled(health: Health | None, failure: Failure) -> Cooling | None:
+    """The pool's cooldown for too many faults, right after `failure`: for the store too."""
+    if is_upstream_fault(failure) and isinstance(health, Cooling):
+        return health
     return None
 
 

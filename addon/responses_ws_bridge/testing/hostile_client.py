@@ -1,0 +1,194 @@
+"""A hostile HTTP client for the hardening tests: raw sockets, no library politeness.
+
+`raw_request` writes a request head and then as much of a body as the server
+lets it, while reading what comes back, so a test can see whether the proxy
+answered early, whether it closed the connection, and how much it swallowed.
+The bodies are built in memory at small cost: `gzip_bomb` compresses zeros a
+block at a time, `chunked_flood` yields chunked framing lazily.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+BLOCK = 64 * 1024
+
+
+@dataclass
+class RawResult:
+    """What came back: the raw bytes until close (or the deadline), and what was sent."""
+
+    received: bytes
+    closed: bool
+    body_bytes_sent: int
+
+    @property
+    def status(self) -> int | None:
+        line = self.received.split(b"\r\n", 1)[0]
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+    @property
+    def head(self) -> bytes:
+        return self.received.partition(b"\r\n\r\n")[0]
+
+    @property
+    def body(self) -> bytes:
+        return self.received.partition(b"\r\n\r\n")[2]
+
+
+def request_head(method: str, target: str, headers: Sequence[tuple[str, str | bytes]]) -> bytes:
+    """A request head; values may be bytes, to send what a str could not say."""
+    lines = [f"{method} {target} HTTP/1.1".encode()]
+    for name, value in headers:
+        raw = value if isinstance(value, bytes) else value.encode("latin-1")
+        lines.append(name.encode("latin-1") + b": " + raw)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def raw_request(
+    port: int,
+    head: bytes,
+    body: Iterable[bytes] = (),
+    *,
+    timeout: float = 10.0,
+    max_body: int | None = None,
+    wait_for_answer_s: float = 0.0,
+) -> RawResult:
+    """Sends `head`, then `body` pieces until the server stops taking them, and reads.
+
+    `wait_for_answer_s`: first wait that long for an answer before sending any
+    body, as a client that sent `Expect: 100-continue` does. Stops sending when
+    the server closes or resets, or after `max_body` bytes. Bounded by
+    `timeout` overall.
+    """
+    deadline = time.monotonic() + timeout
+    received = bytearray()
+    sent = 0
+    closed = False
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        if wait_for_answer_s > 0:
+            sock.settimeout(wait_for_answer_s)
+            try:
+                first = sock.recv(BLOCK)
+                received += first
+                closed = not first
+            except TimeoutError:
+                pass
+        if closed:
+            return RawResult(bytes(received), closed, sent)
+        sock.setblocking(False)
+        pieces = iter(body)
+        pending = b""
+        sending = True
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(BLOCK)
+                if not data:
+                    closed = True
+                    break
+                received += data
+                if _complete(received):
+                    break
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+            if sending:
+                if not pending:
+                    pending = next(pieces, b"")
+                    if not pending or (max_body is not None and sent >= max_body):
+                        sending = False
+                        continue
+                try:
+                    n = sock.send(pending)
+                    sent += n
+                    pending = pending[n:]
+                except BlockingIOError:
+                    time.sleep(0.001)
+                except (ConnectionResetError, BrokenPipeError):
+                    sending = False
+            else:
+                time.sleep(0.005)
+        # Whatever is still buffered for us once the server closed.
+        sock.setblocking(True)
+        sock.settimeout(0.5)
+        # A complete answer: only see whether the server closes after it (a keep-alive
+        # connection costs this timeout).
+        while not closed:
+            try:
+                data = sock.recv(BLOCK)
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+            except OSError:  # the timeout: still open
+                break
+            if not data:
+                closed = True
+                break
+            received += data
+    return RawResult(bytes(received), closed, sent)
+
+
+def _complete(received: bytes | bytearray) -> bool:
+    """A whole response with a Content-Length has arrived (then there is no need to wait)."""
+    head, sep, body = bytes(received).partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False
+
+
+def endless(block: bytes = b"x" * BLOCK) -> Iterator[bytes]:
+    """The same block forever: a Content-Length body that never ends."""
+    while True:
+        yield block
+
+
+def chunked_flood(total: int | None = None, size: int = BLOCK) -> Iterator[bytes]:
+    """Chunked framing of `total` bytes (None: forever), then the last chunk if it ends."""
+    piece = b"%x\r\n%s\r\n" % (size, b"y" * size)
+    sent = 0
+    while total is None or sent + size <= total:
+        yield piece
+        sent += size
+    if total is not None:
+        if total > sent:
+            rest = total - sent
+            yield b"%x\r\n%s\r\n" % (rest, b"y" * rest)
+        yield b"0\r\n\r\n"
+
+
+def gzip_bomb(decoded_size: int, *, wbits: int = 16 + zlib.MAX_WBITS) -> bytes:
+    """`decoded_size` zero bytes, gzip-compressed (raw deflate or zlib with other wbits)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    zeros = bytes(1024 * 1024)
+    parts: list[bytes] = []
+    left = decoded_size
+    while left > 0:
+        take = min(left, len(zeros))
+        parts.append(compressor.compress(zeros[:take]))
+        left -= take
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+# Header sets a bridged request must be refused for, before any upstream turn.
+BAD_HEADERS: dict[str, list[tuple[str, str | bytes]]] = {
+    "non_ascii_request_id": [("x-request-id", "req-\u00e9".encode())],
+    "transfer_encoding_gzip_chunked": [("transfer-encoding", "gzip, chunked")],
+    "headers_over_16_kib": [("x-padding", "p" * (17 * 1024))],
+    "control_char_in_session_id": [("session_id", b"sess\x01ion")],
+    "non_latin1_in_session_id": [("session-id", "\u65e5\u672c".encode())],
+}
