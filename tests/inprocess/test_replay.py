@@ -429,7 +429,7 @@ async def bridge_like_turn(url: str, tap: RecordingTap | None) -> tuple[list[str
     events: list[str] = []
     try:
         while not any('"response.completed"' in e for e in events):
-            events.extend(await session.next_batch())
+            events.extend(str(m) for m in await session.next_batch())
     except AttemptFailed as exc:
         return events, close_code_seen(exc.failure)
     await session.close()

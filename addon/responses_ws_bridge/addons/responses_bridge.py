@@ -22,6 +22,7 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from responses_ws_bridge.addons import flow_streaming
 from responses_ws_bridge.addons.option_values import (
@@ -31,14 +32,18 @@ from responses_ws_bridge.addons.option_values import (
     seconds,
     table,
 )
-from responses_ws_bridge.core import openai_errors, routing
+from responses_ws_bridge.core import openai_errors, routing, upstream_trust
 from responses_ws_bridge.core.accounts import client_key_ok
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.create_request import BadRequest, parse_create_request
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turns import Destination, Turn
-from responses_ws_bridge.shell.bridge_service import DEFAULT_SSE_KEEPALIVE_S, BridgeService
+from responses_ws_bridge.shell.bridge_service import (
+    DEFAULT_SSE_KEEPALIVE_S,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    BridgeService,
+)
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
 from responses_ws_bridge.shell.sink import ClientGone, ClientSink
@@ -57,6 +62,8 @@ OPTIONS = (
     "bridge_retry_budget",
     "bridge_session_idle_ttl",
     "bridge_session_max_age",
+    "bridge_trusted_upstreams",
+    "bridge_stream_idle_timeout",
 )
 LAZY_NOTE = (
     "bridge: reverse mode, connection_strategy set to lazy (mitmproxy must not connect to "
@@ -148,6 +155,20 @@ class ResponsesBridge:
             "Seconds after which an idle upstream WebSocket is retired instead of reused "
             "(the upstream ends sockets after 60 minutes; 0: no limit).",
         )
+        loader.add_option(
+            upstream_trust.TRUSTED_UPSTREAMS_OPTION,
+            str,
+            ",".join(upstream_trust.DEFAULT_TRUSTED_UPSTREAMS),
+            "With an account pool, the hosts a request's own destination may be (comma-"
+            "separated, *.domain for its subdomains, https only); other destinations get 403.",
+        )
+        loader.add_option(
+            "bridge_stream_idle_timeout",
+            str,
+            f"{DEFAULT_STREAM_IDLE_TIMEOUT_S:g}",
+            "Seconds without any upstream event after which a turn is given up "
+            "(a retry before the first event, response.failed after it; 0: never).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if updated & {"mode", "connection_strategy"}:
@@ -160,8 +181,14 @@ class ResponsesBridge:
                 routing.validate_upstream_option(opts.bridge_upstream)
             except ValueError as exc:
                 raise exceptions.OptionsError(f"bridge_upstream: {exc}") from exc
+        try:
+            trusted = upstream_trust.parse_trusted_hosts(opts.bridge_trusted_upstreams)
+        except ValueError as exc:
+            raise exceptions.OptionsError(str(exc)) from exc
         settings = dataclasses.replace(
             self.service.settings,
+            trusted_hosts=trusted,
+            stream_idle_timeout_s=seconds(opts, "bridge_stream_idle_timeout") or None,
             upstream_option=opts.bridge_upstream,
             sse_keepalive_s=seconds(opts, "bridge_sse_keepalive") or None,
             retry_budget=not_negative(opts, "bridge_retry_budget"),
@@ -263,7 +290,22 @@ class ResponsesBridge:
             destination=destination,
             affinity=classify(headers, create.body),
             client_credential=(None if state.pooled else _client_credential(flow.request.headers)),
+            reverse_target=_reverse_target(flow),
+            own_endpoints=self._own_endpoints(flow),
         )
+
+    def _own_endpoints(self, flow: http.HTTPFlow) -> tuple[upstream_trust.Endpoint, ...]:
+        """The proxy's listen addresses, the address this client reached, the loopback's."""
+        addresses: list[tuple[str, int]] = []
+        proxyserver = ctx.master.addons.get("proxyserver") if ctx.master is not None else None
+        if proxyserver is not None:
+            addresses += [(str(a[0]), int(a[1])) for a in proxyserver.listen_addrs()]
+        sockname = flow.client_conn.sockname
+        if sockname:
+            addresses.append((str(sockname[0]), int(sockname[1])))
+        if self.loopback.running:
+            addresses.append(("127.0.0.1", self.loopback.port))
+        return tuple(dict.fromkeys(upstream_trust.Endpoint(h, p) for h, p in addresses))
 
     async def _stream(self, flow: http.HTTPFlow, turn: Turn) -> None:
         """Serves the turn and answers the flow from inside mitmproxy, streaming when it can."""
@@ -405,6 +447,13 @@ class ResponsesBridge:
             upstream_flows=[a.upstream_flow for a in report.attempts if a.upstream_flow],
         )
         flow.comment = report.describe()
+
+
+def _reverse_target(flow: http.HTTPFlow) -> upstream_trust.Endpoint | None:
+    mode = flow.client_conn.proxy_mode
+    if isinstance(mode, ReverseMode):
+        return upstream_trust.Endpoint(mode.address[0], mode.address[1])
+    return None
 
 
 def _client_credential(headers: http.Headers) -> UpstreamCredential | None:

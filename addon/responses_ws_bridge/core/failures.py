@@ -83,7 +83,37 @@ class UpstreamErrorEvent:
         return self.code in RATE_LIMIT_CODES
 
 
-Failure = UpstreamClosed | ConnectionLost | HandshakeRejected | ConnectFailed | UpstreamErrorEvent
+@dataclass(frozen=True)
+class UpstreamSilent:
+    """The socket stayed open but the upstream sent no frame for `idle_s` seconds.
+
+    Like a lost connection it says nothing against the account; unlike one,
+    the bridge gave up on it (`bridge_stream_idle_timeout`).
+    """
+
+    idle_s: float
+
+
+@dataclass(frozen=True)
+class InvalidUpstreamEvent:
+    """The upstream sent a frame no client could read back as the event it is.
+
+    A binary frame, text that is not a JSON object of finite numbers, or a
+    `type` with a line break; `reason` says which (never the frame itself).
+    """
+
+    reason: str
+
+
+Failure = (
+    UpstreamClosed
+    | ConnectionLost
+    | HandshakeRejected
+    | ConnectFailed
+    | UpstreamErrorEvent
+    | UpstreamSilent
+    | InvalidUpstreamEvent
+)
 
 
 class AttemptFailed(Exception):
@@ -101,6 +131,11 @@ def close_code_seen(failure: Failure) -> int | None:
     if isinstance(failure, ConnectionLost):
         return CloseCode.ABNORMAL_CLOSURE
     return None
+
+
+def idle_timeout_of(failure: Failure) -> float | None:
+    """The idle timeout that ended the attempt, when the upstream went silent."""
+    return failure.idle_s if isinstance(failure, UpstreamSilent) else None
 
 
 def is_rate_limit(failure: Failure) -> bool:
@@ -127,8 +162,8 @@ def is_handoff(failure: Failure) -> bool:
 
 
 def is_lost_connection(failure: Failure) -> bool:
-    """No close frame (1006), or the bridge's own client gave up on the connection (keepalive)."""
-    return isinstance(failure, ConnectionLost) or (
+    """No close frame (1006), a silent upstream, or the bridge's own client gave up (keepalive)."""
+    return isinstance(failure, ConnectionLost | UpstreamSilent) or (
         isinstance(failure, UpstreamClosed) and failure.by_bridge
     )
 
@@ -178,6 +213,10 @@ def describe(failure: Failure) -> str:
             return "could not connect to the upstream"
         case UpstreamErrorEvent(code=code):
             return f"upstream error event {code or 'without a code'}"
+        case UpstreamSilent(idle_s=idle_s):
+            return f"no upstream event for {idle_s:g} s (bridge_stream_idle_timeout)"
+        case InvalidUpstreamEvent(reason=reason):
+            return f"the upstream sent an event that cannot be relayed ({reason})"
 
 
 def outcome(failure: Failure) -> str:
@@ -193,6 +232,10 @@ def outcome(failure: Failure) -> str:
             return "connect_failed"
         case UpstreamErrorEvent(code=code):
             return f"error_event:{code}"
+        case UpstreamSilent():
+            return "upstream_silent"
+        case InvalidUpstreamEvent():
+            return "invalid_event"
 
 
 def detail(failure: Failure) -> str:
@@ -204,5 +247,7 @@ def detail(failure: Failure) -> str:
             return text
         case UpstreamClosed(reason=reason, by_bridge=by_bridge):
             return reason + (" (closed by the bridge: connection lost)" if by_bridge else "")
-        case UpstreamErrorEvent():
+        case UpstreamErrorEvent() | InvalidUpstreamEvent():
             return ""
+        case UpstreamSilent(idle_s=idle_s):
+            return f"no event for {idle_s:g} s"

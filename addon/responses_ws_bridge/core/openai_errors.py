@@ -18,8 +18,11 @@ from responses_ws_bridge.core.failures import (
     ConnectionLost,
     Failure,
     HandshakeRejected,
+    InvalidUpstreamEvent,
     UpstreamClosed,
     UpstreamErrorEvent,
+    UpstreamSilent,
+    describe,
 )
 from responses_ws_bridge.core.handshake_headers import redact_secrets
 from responses_ws_bridge.core.upstream_events import DEFAULT_RETRY_AFTER_S, retry_after_header
@@ -316,7 +319,7 @@ def for_failure(failure: Failure, fail: FailHttp | None, *, passthrough: bool) -
     429 keeps its own body. `fail` None: the failure is relayed as it is (an
     error event that is no reason to retry).
     """
-    if passthrough or fail is None:
+    if passthrough or fail is None or isinstance(failure, InvalidUpstreamEvent):
         return _upstream_verdict(failure)
     if fail.status == 429:
         if isinstance(failure, HandshakeRejected) and failure.status == 429:
@@ -328,7 +331,7 @@ def for_failure(failure: Failure, fail: FailHttp | None, *, passthrough: bool) -
 
 def for_decision(fail: FailHttp) -> HttpError:
     """A routing or retry decision's own status and code."""
-    retry_after = str(max(1, round(fail.retry_after_s))) if fail.retry_after_s is not None else None
+    retry_after = retry_after_header(None, fallback_s=fail.retry_after_s)
     return decision_error(
         fail.status, fail.code, fail.message or fail.code, retry_after=retry_after
     )
@@ -348,6 +351,10 @@ def _upstream_verdict(failure: Failure) -> HttpError:
             return upstream_unreachable(detail)
         case ConnectionLost():
             return upstream_closed(None, "")
+        case UpstreamSilent():
+            return upstream_timeout(describe(failure))
+        case InvalidUpstreamEvent(reason=reason):
+            return upstream_invalid_event(reason)
 
 
 def state_store_unavailable() -> HttpError:

@@ -14,6 +14,7 @@ from responses_ws_bridge.core.account_pool import AccountPool
 from responses_ws_bridge.core.accounts import AccountsConfig, secrets_of
 from responses_ws_bridge.core.affinity import Affinity, AffinityKind, owner_for
 from responses_ws_bridge.core.bindings import Binding, MemoryBindingStore
+from responses_ws_bridge.core.redaction import SecretScrubber
 
 DEFAULT_BINDING_MAX = 100_000
 DEFAULT_BINDING_TTL_S = 24 * 3600.0
@@ -38,6 +39,7 @@ class PoolState:
         self.response_owners = MemoryBindingStore(binding_max, binding_ttl_s, clock)
         # Secrets that live outside the accounts file (rotated access and refresh tokens).
         self.live_secrets: Callable[[], Iterable[str]] = tuple
+        self._scrubber: tuple[tuple[str, ...], SecretScrubber] = ((), SecretScrubber())
 
     @property
     def pooled(self) -> bool:
@@ -72,6 +74,15 @@ class PoolState:
         """Every account and client secret, for redaction."""
         found = secrets_of(self.config) if self.config is not None else []
         return [*found, *self.live_secrets()]
+
+    def scrubber(self) -> SecretScrubber:
+        """One scrubber of every known secret, rebuilt only when the secrets changed."""
+        secrets = tuple(self.secrets())
+        known, scrubber = self._scrubber
+        if secrets != known:
+            scrubber = SecretScrubber(secrets)
+            self._scrubber = (secrets, scrubber)
+        return scrubber
 
     def owner(self, affinity: Affinity) -> str | None:
         """The account `affinity` is tied to (pool mode), or None."""

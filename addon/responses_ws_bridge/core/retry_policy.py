@@ -11,7 +11,8 @@ The table, while the client has seen no event and retries remain:
 |---------------------------------------------|-----------------------------|-------------|
 | close 1011                                  | RetrySame(owner)            | RetryOther  |
 | close 1000/1001/1005/1006/1012/1013/...,    | RetrySame(owner)            | RetrySame   |
-| connection lost, connect error              |                             |             |
+| connection lost, connect error, no event    |                             |             |
+| for `bridge_stream_idle_timeout` (silent)   |                             |             |
 | handshake 5xx (or another unlisted status)  | RetrySame(owner)            | RetryOther  |
 | handshake 401/403                           | FailHttp 502 owner_unavail. | RetryOther  |
 | handshake 404/426 (no WebSocket there)      | FailHttp 502 owner_unavail. | RetryOther  |
@@ -19,6 +20,8 @@ The table, while the client has seen no event and retries remain:
 | error event: socket age limit (`websocket_  | RetrySame(owner), no delay  | RetrySame,  |
 | connection_limit_reached`)                  |                             | no delay    |
 | any other error event (e.g. 400)            | Relay                       | Relay       |
+| an event that cannot be relayed (binary,    | FailHttp 502 invalid_       | same        |
+| not JSON, 1e999, a type with a line break)  | upstream_event              |             |
 
 A 1011 the bridge's own client sent (its keepalive gave up: `by_bridge`) is a
 lost connection, like 1006: RetrySame, never a move, never a strike.
@@ -38,7 +41,8 @@ no longer finds that account usable (`owner_usable` False) they move instead.
 Budget spent: a rate-limit failure passes its 429 on, anything else is 502.
 Once the client has seen an event nothing is replayed: an error event is
 relayed as the terminal event it is, any other failure ends the stream with
-`response.failed` / `stream_incomplete`.
+`response.failed` (`stream_incomplete`, or `invalid_upstream_event` for an
+event that cannot be relayed).
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ from responses_ws_bridge.core.failures import (
     ConnectionLost,
     Failure,
     HandshakeRejected,
+    InvalidUpstreamEvent,
     UpstreamClosed,
     UpstreamErrorEvent,
+    UpstreamSilent,
     close_code_seen,
     describe,
     is_connection_limit,
@@ -274,7 +280,7 @@ def is_transient(failure: Failure) -> bool:
         return failure.status >= 500
     if isinstance(failure, UpstreamClosed):
         return failure.code == CloseCode.INTERNAL_ERROR
-    return isinstance(failure, ConnectFailed | ConnectionLost)
+    return isinstance(failure, ConnectFailed | ConnectionLost | UpstreamSilent)
 
 
 def free_retry(
@@ -327,6 +333,11 @@ def decide(
     """
     if attempts_made < 1:
         raise ValueError("attempts_made must be >= 1")
+    if isinstance(failure, InvalidUpstreamEvent):
+        # Another try is no fix for an upstream that speaks garbage, and it is no account's fault.
+        if client_has_seen_event:
+            return FailStreamIncomplete(None, describe(failure))
+        return FailHttp(502, "invalid_upstream_event", message=describe(failure))
     if isinstance(failure, UpstreamErrorEvent) and (
         client_has_seen_event or not (is_rate_limit(failure) or is_connection_limit(failure))
     ):

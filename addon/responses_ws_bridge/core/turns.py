@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from responses_ws_bridge.core.affinity import Affinity
 from responses_ws_bridge.core.create_request import CreateRequest
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
+from responses_ws_bridge.core.upstream_trust import Endpoint
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class Turn:
     affinity: Affinity
     # Pass-through mode only: the client's own credential, placed deliberately.
     client_credential: UpstreamCredential | None
+    # The configured target of the reverse-mode listener the client came in on.
+    reverse_target: Endpoint | None = None
+    # The proxy's own listen addresses (and the loopback endpoint's): never an upstream.
+    own_endpoints: tuple[Endpoint, ...] = ()
     report: TurnReport = field(init=False, compare=False)
 
     def __post_init__(self) -> None:

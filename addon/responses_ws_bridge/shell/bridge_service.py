@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from websockets.frames import CloseCode
 
-from responses_ws_bridge.core import openai_errors, routing
+from responses_ws_bridge.core import openai_errors, routing, upstream_trust
 from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import SessionKey, session_key
@@ -29,7 +29,6 @@ from responses_ws_bridge.core.failures import (
     ConnectFailed,
     Failure,
     HandshakeRejected,
-    UpstreamClosed,
     UpstreamErrorEvent,
     close_code_seen,
     describe,
@@ -73,6 +72,8 @@ from responses_ws_bridge.state.fallback import FailClosed, Owned
 logger = logging.getLogger(__name__)
 
 DEFAULT_SSE_KEEPALIVE_S = 15.0
+# Seconds without any upstream frame after which a turn is given up.
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0
 
 # Gives the recorder a tap for each new upstream connection (None: not recorded).
 TapFactory = Callable[[Turn, Attempt], SessionTap | None]
@@ -87,6 +88,9 @@ class BridgeSettings:
     session_idle_ttl_s: float = DEFAULT_IDLE_TTL_S
     warm_spares: int = DEFAULT_WARM_SPARES
     session_max_age_s: float = DEFAULT_MAX_AGE_S
+    # Hosts a client-chosen destination may be, with an account pool.
+    trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
+    stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S
 
 
 class BridgeService:
@@ -131,12 +135,22 @@ class BridgeService:
     async def serve(self, turn: Turn, sink: ClientSink) -> None:
         """Answers the client of `turn` through `sink`; `turn.report` says what happened."""
         report = turn.report
+        state, pool = self.state, self.state.pool
+        scrub = state.scrubber()
+        if turn.client_credential is not None:
+            scrub = scrub.extended([turn.client_credential.bearer])
         client = ClientStream(
             sink=sink,
             headers=[("x-request-id", turn.request_id)],
             keepalive_s=self.settings.sse_keepalive_s,
+            scrub=scrub,
         )
-        state, pool = self.state, self.state.pool
+        refused = self._refused_destination(turn)
+        if refused is not None:
+            # Decided before any account is chosen: nothing is sent, no account is judged.
+            logger.info("bridge %s: %s", turn.request_id, refused.reason)
+            await self._fail(client, turn, refused.error)
+            return
         shared = self.shared if self.shared is not None and self.shared.active else None
         owner = state.owner(turn.affinity)
         if shared is not None and pool is not None:
@@ -209,9 +223,9 @@ class BridgeService:
                         await shared.served(turn.affinity, account_id)
                 return
             if attempt.outcome == "pending":
-                attempt.outcome = outcome(failure)
+                attempt.outcome = scrub(outcome(failure))
             attempt.close_code = close_code_seen(failure)
-            attempt.detail = attempt.detail or detail(failure)
+            attempt.detail = scrub(attempt.detail or detail(failure))
             seen = client.has_seen_event
             if account_id is not None:
                 self._note_rate_limits(account_id, client, _failure_headers(failure))
@@ -232,7 +246,7 @@ class BridgeService:
                     turn.request_id,
                     attempt.number,
                     account_id or "client",
-                    describe(failure),
+                    scrub(describe(failure)),
                     why,
                 )
                 continue
@@ -254,15 +268,14 @@ class BridgeService:
                 turn.request_id,
                 attempt.number,
                 account_id or "client",
-                describe(failure),
+                scrub(describe(failure)),
                 type(decision).__name__,
             )
             if isinstance(decision, RetrySame):
                 await self._sleep(decision.delay_s)
             elif isinstance(decision, FailStreamIncomplete):
                 report.outcome, report.status = "stream_incomplete", 200
-                reason = failure.reason if isinstance(failure, UpstreamClosed) else decision.message
-                await client.fail_incomplete(decision.close_code, reason)
+                await client.fail_after_events(failure, decision.close_code)
                 return
             elif isinstance(decision, Relay):
                 await self._fail(
@@ -274,6 +287,44 @@ class BridgeService:
                 await self._fail(client, turn, error)
                 return
             # RetryOther: the plan has excluded the account; the loop picks again.
+
+    def _refused_destination(self, turn: Turn) -> _Refusal | None:
+        """Why the client's destination may not receive this turn (None: it may).
+
+        With a pool, a destination the client chose is used only when trusted;
+        when every account names its own upstream, the destination is never
+        used and so never matters. The proxy itself is never an upstream.
+        """
+        pool = self.state.pool
+        destination = turn.destination
+        target = upstream_trust.Target(
+            destination.scheme, destination.host, destination.port, destination.path
+        )
+        try:
+            decision = upstream_trust.decide_upstream(
+                pool_mode=pool is not None,
+                option=self.settings.upstream_option,
+                account_upstream=None,
+                target=target,
+                reverse_target=turn.reverse_target,
+                trusted_hosts=self.settings.trusted_hosts,
+                own_endpoints=turn.own_endpoints,
+            )
+        except ValueError:
+            return None  # a malformed URL: the attempt says so (bad_url)
+        if isinstance(decision, upstream_trust.Trusted):
+            return None
+        if (
+            pool is not None
+            and not self.settings.upstream_option.strip()
+            and not upstream_trust.is_own_endpoint(
+                destination.host, destination.port, turn.own_endpoints
+            )
+            and all(_own_upstream(pool.account(i)) for i in pool.ids)
+        ):
+            return None
+        where = f"{destination.scheme}://{destination.host}:{destination.port}"
+        return _Refusal(decision.error, f"refused: {where} is not a trusted upstream")
 
     @staticmethod
     @contextlib.asynccontextmanager
@@ -321,7 +372,10 @@ class BridgeService:
                     fingerprint(credential.bearer) if credential is not None else None
                 )
                 headers = upstream_handshake_headers(
-                    turn.client_headers, credential, request_id=turn.request_id
+                    turn.client_headers,
+                    credential,
+                    request_id=turn.request_id,
+                    pool_mode=self.state.pooled,
                 )
                 tap = self._taps(turn, attempt) if self._taps is not None else None
                 try:
@@ -361,7 +415,13 @@ class BridgeService:
                 self._note_rate_limits(account_id, client, limits=limits)
 
         try:
-            done = await relay_turn(session, turn.create, client, seen)
+            done = await relay_turn(
+                session,
+                turn.create,
+                client,
+                seen,
+                idle_timeout_s=self.settings.stream_idle_timeout_s,
+            )
         except AttemptFailed as exc:
             if is_connection_limit(exc.failure):
                 # Too old for another response: this socket is done.
@@ -448,6 +508,16 @@ class BridgeService:
     async def shutdown(self) -> None:
         await self.sessions.close_all()
         await self.spares.close_all()
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    error: openai_errors.HttpError
+    reason: str  # for the log
+
+
+def _own_upstream(account: Account | None) -> bool:
+    return account is not None and bool((account.upstream or "").strip())
 
 
 def _is_401(failure: Failure) -> bool:

@@ -170,8 +170,12 @@ class UpstreamSession:
         if self.tap is not None:
             self.tap.message(True, message, time.time())
 
-    async def next_batch(self) -> list[str]:
-        """Waits for the next frame; returns it with every frame already queued."""
+    async def next_batch(self) -> list[str | bytes]:
+        """Waits for the next frame; returns it with every frame already queued.
+
+        Text frames come as str, binary frames as bytes: the relay refuses
+        those, which it could not do once they were decoded.
+        """
         ws = self._ws
         try:
             first = await ws.recv()
@@ -185,11 +189,10 @@ class UpstreamSession:
             raise self._closed(exc) from exc
         now = time.time()
         self.last_used = time.monotonic()
-        texts = [m if isinstance(m, str) else m.decode("utf-8", "replace") for m in batch]
         if self.tap is not None:
-            for text in texts:
-                self.tap.message(False, text, now)
-        return texts
+            for message in batch:
+                self.tap.message(False, message, now)
+        return batch
 
     def idle(self) -> None:
         """The turn is over and the session waits for the next (told to the tap)."""
