@@ -11,6 +11,7 @@ can also assert that nothing reached the upstream at all.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import threading
@@ -38,6 +39,7 @@ class Behaviour(enum.StrEnum):
     HUGE_RETRY_AFTER_429 = "huge-retry-after-429"
     RATE_LIMIT_EVENT_WITHOUT_STATUS = "rate-limit-event-without-status"
     COMPLETE = "complete"  # a normal short turn, for contrast
+    HOLD = "hold"  # a normal turn that completes only once `release()` was awaited
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class HostileUpstream(WebSocketServerContext):
         self._plans: dict[ServerConnection, tuple[Hostility, HostileRecord]] = {}
         self._server: Server | None = None
         self._port = 0
+        self._released: asyncio.Event | None = None
 
     async def start(self) -> None:
         self._server = await serve(
@@ -127,6 +130,15 @@ class HostileUpstream(WebSocketServerContext):
             close_timeout=self.close_timeout,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
+
+    async def release(self) -> None:
+        """Lets every held turn complete (from the server's loop: `LoopThread.call`)."""
+        self._held().set()
+
+    def _held(self) -> asyncio.Event:
+        if self._released is None:
+            self._released = asyncio.Event()
+        return self._released
 
     def script(self, *plans: Hostility) -> None:
         with self._lock:
@@ -173,7 +185,7 @@ class HostileUpstream(WebSocketServerContext):
             first = await conn.recv()
             record.messages.append(first if isinstance(first, str) else repr(first))
             n = 0
-            if plan.after_events or plan.behaviour is Behaviour.COMPLETE:
+            if plan.after_events or plan.behaviour in (Behaviour.COMPLETE, Behaviour.HOLD):
                 await conn.send(created())
                 n = 1
                 for _ in range(max(0, plan.after_events - 1)):
@@ -188,6 +200,10 @@ class HostileUpstream(WebSocketServerContext):
     async def _misbehave(self, conn: ServerConnection, plan: Hostility, token: str, n: int) -> None:
         match plan.behaviour:
             case Behaviour.COMPLETE:
+                await conn.send(completed(n))
+                await conn.wait_closed()
+            case Behaviour.HOLD:
+                await self._held().wait()
                 await conn.send(completed(n))
                 await conn.wait_closed()
             case Behaviour.ECHO_TOKEN_IN_CLOSE:
