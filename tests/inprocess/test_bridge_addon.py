@@ -149,6 +149,9 @@ def test_not_ready_yet_is_503() -> None:
         ("bridge_max_body", 0, "positive"),
         ("bridge_retry_budget", -1, "negative"),
         ("bridge_session_idle_ttl", "inf", "finite"),
+        ("bridge_trusted_upstreams", "https://chatgpt.com", "bridge_trusted_upstreams"),
+        ("bridge_trusted_upstreams", "chatgpt.com:443", "not a host name"),
+        ("bridge_stream_idle_timeout", "soon", "bridge_stream_idle_timeout"),
     ],
 )
 def test_bad_options_are_clear_errors(option: str, value: object, message: str) -> None:

@@ -10,7 +10,8 @@ from responses_ws_bridge.core import openai_errors
 from responses_ws_bridge.core.create_request import BadRequest
 from responses_ws_bridge.core.failures import UpstreamErrorEvent
 from responses_ws_bridge.core.openai_errors import HttpError, error_body
-from responses_ws_bridge.core.upstream_events import parse_error_event
+from responses_ws_bridge.core.retry_policy import FailHttp
+from responses_ws_bridge.core.upstream_events import MAX_RESET_S, parse_error_event
 from responses_ws_bridge.testing import response_events
 
 JSON = ("content-type", "application/json")
@@ -413,3 +414,8 @@ def test_owner_cooling_names_the_owner_not_the_pool() -> None:
     assert err.status == 429 and body["code"] == "owner_cooling_down"
     assert "team-a" in body["message"] and "every" not in body["message"]
     assert ("retry-after", "13") in err.headers
+
+
+def test_a_decisions_retry_after_is_clamped_to_seven_days() -> None:
+    error = openai_errors.for_decision(FailHttp(429, "rate_limit_exceeded", retry_after_s=1e12))
+    assert dict(error.headers)["retry-after"] == str(int(MAX_RESET_S))

@@ -14,8 +14,10 @@ from responses_ws_bridge.core.failures import (
     ConnectionLost,
     Failure,
     HandshakeRejected,
+    InvalidUpstreamEvent,
     UpstreamClosed,
     UpstreamErrorEvent,
+    UpstreamSilent,
 )
 from responses_ws_bridge.core.retry_policy import (
     Decision,
@@ -44,6 +46,9 @@ LOST = ConnectionLost()
 H401, H403, H503 = HandshakeRejected(401), HandshakeRejected(403), HandshakeRejected(503)
 H429 = HandshakeRejected(429, retry_after_s=30.0)
 RATE = UpstreamErrorEvent("rate_limit_exceeded", 429, retry_after_s=5.0)
+SILENT = UpstreamSilent(300.0)
+GARBAGE = InvalidUpstreamEvent("a binary frame")
+INVALID = FailHttp(502, "invalid_upstream_event")
 
 # First retry with jitter 0, base 0.25 s: half of one step.
 SAME = RetrySame(ACCOUNT, 0.125)
@@ -82,6 +87,8 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (HARD, H403, owner_gone(403), owner_gone(403), incomplete(None), incomplete(None)),
     (HARD, H429, PASS_429_HS, PASS_429_HS, incomplete(None), incomplete(None)),
     (HARD, H503, SAME, owner_gone(503), incomplete(None), incomplete(None)),
+    (HARD, SILENT, SAME, OWNER_GONE, incomplete(None), incomplete(None)),
+    (HARD, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (HARD, RATE, PASS_429_EV, PASS_429_EV, RELAY, RELAY),
     # SOFT: 1011, handshake errors and rate limits move; other closes stay.
     (SOFT, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
@@ -95,6 +102,8 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (SOFT, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
     (SOFT, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
     (SOFT, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
+    (SOFT, SILENT, SAME, UPSTREAM, incomplete(None), incomplete(None)),
+    (SOFT, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (SOFT, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
     # NONE: the same rules as SOFT.
     (NONE, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
@@ -108,6 +117,8 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (NONE, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
     (NONE, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
     (NONE, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
+    (NONE, SILENT, SAME, UPSTREAM, incomplete(None), incomplete(None)),
+    (NONE, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (NONE, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
 ]
 
@@ -137,6 +148,7 @@ def test_decision_table(affinity: AffinityKind, failure: Failure, expected: list
 
 def test_table_covers_every_cell() -> None:
     failures = {C1000, C1001, C1006, C1011, C1012, C1013, LOST, H401, H403, H429, H503, RATE}
+    failures |= {SILENT, GARBAGE}
     assert {(a, f) for a, f, *_ in TABLE} == {(a, f) for a in AffinityKind for f in failures}
     assert len(TABLE) == 3 * len(failures)
 
