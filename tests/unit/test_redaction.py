@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from responses_ws_bridge.core.accounts import parse_accounts
+from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import (
     SecretScrubber,
     account_from_authorization,
@@ -157,3 +161,16 @@ def test_scrubber_bytes_errors_and_extension() -> None:
     assert passthrough("client-own-bearer-xyz and " + TOKEN) == "<redacted> and <redacted>"
     assert scrub.extended([TOKEN, ""]) is scrub
     assert TOKEN not in repr(scrub)
+
+
+def test_the_pool_states_scrubber_knows_every_secret_and_follows_rotations() -> None:
+    state = PoolState()
+    accounts = [{"id": "a", "access_token": "plainaccess", "refresh_token": "plainrefresh"}]
+    state.set_accounts(parse_accounts(json.dumps({"accounts": accounts, "client_keys": ["ck1"]})))
+    live = ["plainrotated"]
+    state.live_secrets = lambda: live
+    first = state.scrubber()
+    assert first("plainaccess plainrefresh ck1 plainrotated") == " ".join(["<redacted>"] * 4)
+    assert state.scrubber() is first  # built once while the secrets stay the same
+    live.append("plainrotatedagain")
+    assert state.scrubber()("plainrotatedagain") == "<redacted>"
