@@ -117,8 +117,10 @@ def test_soak_with_injected_faults(bridge: ProxyProcess, upstream: ThreadedUpstr
             with lock:
                 outcomes.append(result)
 
+    started = time.monotonic()
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(session, range(1, SESSIONS + 1)))
+    elapsed = time.monotonic() - started
 
     # Nothing lost: one outcome per request, each a terminal event or an OpenAI-style error.
     assert len(outcomes) == SESSIONS * TURNS
@@ -164,5 +166,14 @@ def test_soak_with_injected_faults(bridge: ProxyProcess, upstream: ThreadedUpstr
             break
         time.sleep(0.5)
     rss, fds = proc_status(pid)
+    kinds = sorted({str(o.get("terminal") or o.get("error")) for o in outcomes})
+    counts = {
+        k: sum(1 for o in outcomes if str(o.get("terminal") or o.get("error")) == k) for k in kinds
+    }
+    # The figures `make soak -s` shows (nothing here holds a secret).
+    print(
+        f"\nsoak: {len(outcomes)} requests in {elapsed:.1f} s, outcomes {counts}, "
+        f"RSS {base_rss} -> {rss} KiB, fds {base_fds} -> {fds}"
+    )
     assert fds <= base_fds + 2, (base_fds, fds)
     assert rss <= base_rss + 32 * 1024, (base_rss, rss)
