@@ -10,7 +10,13 @@ for flows registered here only:
 - a `_Feed` event, sent with the connection handler's `server_event`, carries
   a body chunk (or the end, or an error) to that flow's stream, which then runs
   through mitmproxy's own code: `flow.response.stream`, h1/h2 framing, TLS,
-  the `response` hook at the end, `error` when the client leaves.
+  the `response` hook at the end, `error` when the client leaves;
+- a request body the addon takes itself (`consume_body`) is handed chunk by
+  chunk to `flow.request.stream` and never buffered, with no server
+  connection: mitmproxy would otherwise read a body whole before the
+  `request` hook, however large, or stream it to a server. A response set in
+  `requestheaders` then goes out at once, before the body (no
+  `100 Continue`), and the connection closes after it.
 
 Everything else is mitmproxy's unchanged code path. These are mitmproxy
 internals, so `install()` checks for them and says False when they are not
@@ -21,32 +27,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy import flow as mitmflow
-from mitmproxy.proxy import events, layer
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
     DropStream,
     ErrorCode,
     HttpErrorHook,
     HttpLayer,
+    HttpRequestHook,
+    HttpResponseHeadersHook,
     HttpStream,
+    RequestData,
+    RequestEndOfMessage,
     RequestProtocolError,
+    RequestTrailers,
     ResponseData,
     ResponseEndOfMessage,
     ResponseProtocolError,
 )
 
+from responses_ws_bridge.core.openai_errors import HttpError
+from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.sink import ClientGone
 
 logger = logging.getLogger(__name__)
 
 # Ids of the flows whose response body an addon produces.
 _live: set[str] = set()
+# Flows whose request body an addon takes itself: flow id -> its collector (None: dropped).
+_consumed: dict[str, BodyCollector | None] = {}
 _installed = False
 
 
@@ -60,6 +76,63 @@ class _Feed(events.Event):
 
 
 class _AddonStream(HttpStream):
+    def start_request_stream(self) -> layer.CommandGenerator[None]:
+        if self.flow.id not in _consumed:
+            yield from super().start_request_stream()
+            return
+        if self.flow.response is not None:
+            # Answered from the headers alone: the body is read and dropped, never kept.
+            self.client_state = self.state_drop_request_body
+            yield from self._answer_now()
+            return
+        self.client_state = self.state_collect_request_body
+
+    def state_collect_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        collector = _consumed.get(self.flow.id)
+        if isinstance(event, RequestData):
+            if collector is not None:
+                collector(event.data)
+                refused = collector.refused
+                if refused is not None:
+                    # Over the limit (or a bomb, or corrupt): answer now, take no more.
+                    self.flow.response = _response(refused)
+                    self.client_state = self.state_drop_request_body
+                    yield from self._answer_now()
+        elif isinstance(event, RequestTrailers):
+            self.flow.request.trailers = event.trailers
+        elif isinstance(event, RequestEndOfMessage):
+            if collector is not None:
+                collector(b"")
+            self.flow.request.timestamp_end = time.time()
+            self.client_state = self.state_done
+            yield HttpRequestHook(self.flow)
+            if (yield from self.check_killed(True)):
+                return
+            if self.flow.response is not None:
+                self.flow.response.timestamp_start = time.time()
+                yield HttpResponseHeadersHook(self.flow)
+                if (yield from self.check_killed(True)):
+                    return
+                yield from self.send_response()
+
+    def state_drop_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from ()
+
+    def _answer_now(self) -> layer.CommandGenerator[None]:
+        """Sends the response set before the body was read, then ends the connection."""
+        assert self.flow.response is not None
+        _consumed.pop(self.flow.id, None)
+        if self.flow.request.http_version.startswith("HTTP/1"):
+            self.flow.response.headers["connection"] = "close"
+        self.flow.response.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        yield from self.send_response()
+        self.flow.live = False
+        if self.flow.request.http_version.startswith("HTTP/1"):
+            # The client may go on sending; only closing stops it. (HTTP/2: the
+            # stream is done, what else arrives for it is dropped.)
+            yield commands.CloseConnection(self.context.client)
+
     def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
         if (
             not already_streamed
@@ -92,6 +165,7 @@ class _AddonStream(HttpStream):
 
     def flow_done(self) -> layer.CommandGenerator[None]:
         _live.discard(self.flow.id)
+        _consumed.pop(self.flow.id, None)
         yield from super().flow_done()
 
 
@@ -137,6 +211,8 @@ def install() -> bool:
         return True
     needed = (
         hasattr(HttpStream, "start_response_stream"),
+        hasattr(HttpStream, "start_request_stream"),
+        hasattr(HttpStream, "check_killed"),
         hasattr(HttpStream, "state_wait_for_response_headers"),
         hasattr(HttpStream, "state_stream_response_body"),
         hasattr(HttpLayer, "_handle_event"),
@@ -217,6 +293,25 @@ class FlowSink:
             raise ClientGone
 
 
+def consume_body(flow: http.HTTPFlow, collector: BodyCollector | None) -> None:
+    """From `requestheaders`: the addon takes the body (None: drops it, answered already)."""
+    if collector is not None:
+        flow.request.stream = collector
+    else:
+        flow.request.stream = _drop
+    _consumed[flow.id] = collector
+
+
+def _drop(chunk: bytes) -> bytes:
+    return b""
+
+
+def _response(error: HttpError) -> http.Response:
+    headers = http.Headers([(k.encode(), v.encode()) for k, v in error.headers])
+    return http.Response.make(error.status, error.body, headers)
+
+
 def forget(flow: http.HTTPFlow) -> None:
     """The flow ended (response sent, or an error): it streams no more."""
     _live.discard(flow.id)
+    _consumed.pop(flow.id, None)

@@ -1,9 +1,10 @@
 """Recording: every upstream WebSocket session as a flow, and client flows kept free of secrets.
 
 The service asks `tap_for` for a tap per new upstream connection; the taps
-feed the flows through mitmproxy's hooks via one `HookEmitter`. The client
-flows of bridged requests get their credentials redacted in `response` and
-`error`, which run before mitmproxy's own save addon writes them.
+feed the flows through mitmproxy's hooks via one `HookEmitter`. Every client
+flow (bridged, answered by the bridge itself, or passed through) gets its
+credentials redacted in `response` and `error`: after mitmproxy has sent the
+request on, and before its own save addon and `-v` output see the flow.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from responses_ws_bridge.core import routing
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import redact_headers
 from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
+from responses_ws_bridge.recording.session_flows import METADATA_KEY
 from responses_ws_bridge.shell.upstream_client import SessionTap
 
 
@@ -71,7 +72,7 @@ class Recording:
         self._redact_client_flow(flow)
 
     def _redact_client_flow(self, flow: http.HTTPFlow) -> None:
-        if not self.redact or not routing.is_bridged(flow.request.method, flow.request.path):
+        if not self.redact or flow.metadata.get(METADATA_KEY, {}).get("role") == "upstream":
             return
         # The client's own key must not end up in a saved flow file either.
         fields = list(flow.request.headers.items(multi=True))

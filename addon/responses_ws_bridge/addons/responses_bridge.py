@@ -32,9 +32,10 @@ from responses_ws_bridge.addons.option_values import (
     seconds,
     table,
 )
-from responses_ws_bridge.core import openai_errors, routing, upstream_trust
+from responses_ws_bridge.core import openai_errors, request_checks, routing, upstream_trust
 from responses_ws_bridge.core.accounts import client_key_ok
 from responses_ws_bridge.core.affinity import classify
+from responses_ws_bridge.core.body_decoding import BodyDecodingError, StreamDecoder
 from responses_ws_bridge.core.create_request import BadRequest, parse_create_request
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
@@ -45,6 +46,7 @@ from responses_ws_bridge.shell.bridge_service import (
     BridgeService,
 )
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
+from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
 from responses_ws_bridge.shell.sink import ClientGone, ClientSink
 from responses_ws_bridge.shell.turn_metrics import TurnMetrics, observe
@@ -230,12 +232,31 @@ class ResponsesBridge:
     # -- hooks -----------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Answers what the headers alone refuse, and takes the body as it streams in.
+
+        A wrong client key, headers the upstream handshake cannot carry, or an
+        announced body over `bridge_max_body` are answered before any of the body
+        is read (no `100 Continue`), and the connection closes. Otherwise the
+        body is decoded and capped chunk by chunk (`BodyCollector`): a gzip bomb
+        stops at the cap of decoded bytes.
+        """
         if not self._wants(flow):
             return
-        length = flow.request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            # Refuse before mitmproxy reads a body we would refuse anyway.
-            self._answer(flow, openai_errors.request_too_large(int(length), self.max_body))
+        headers = list(flow.request.headers.items(multi=True))
+        early = request_checks.early_answer(
+            headers, client_key_ok=self._client_key_ok(flow), max_body=self.max_body
+        )
+        if early is not None:
+            flow.request.headers.pop("expect", None)
+            self._answer(flow, early.error)
+            if early.close and self.in_proxy:
+                flow_streaming.consume_body(flow, None)
+            return
+        if self.in_proxy and request_checks.body_may_follow(headers):
+            collector = BodyCollector(
+                flow.request.headers.get("content-encoding"), limit=self.max_body
+            )
+            flow_streaming.consume_body(flow, collector)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if not self._wants(flow) or flow.response is not None:
@@ -260,20 +281,15 @@ class ResponsesBridge:
             self._answer(flow, openai_errors.bridge_not_ready())
             return None
         state = self.service.state
-        accounts = state.config
-        if accounts is not None and not client_key_ok(
-            accounts, flow.request.headers.get("authorization")
-        ):
+        if not self._client_key_ok(flow):
             self._answer(flow, openai_errors.unauthorized_client_key())
             return None
-        body = flow.request.raw_content
-        if body is None:  # streamed by mitmproxy (stream_large_bodies): too large for us
-            self._answer(flow, openai_errors.request_too_large(None, self.max_body))
+        body = self._body(flow)
+        if isinstance(body, openai_errors.HttpError):
+            self._answer(flow, body)
             return None
         try:
-            create = parse_create_request(
-                flow.request.get_content(strict=False) or b"", max_body=self.max_body
-            )
+            create = parse_create_request(body, max_body=self.max_body)
         except BadRequest as exc:
             self._answer(flow, openai_errors.bad_request(exc))
             return None
@@ -306,6 +322,42 @@ class ResponsesBridge:
         if self.loopback.running:
             addresses.append(("127.0.0.1", self.loopback.port))
         return tuple(dict.fromkeys(upstream_trust.Endpoint(h, p) for h, p in addresses))
+
+    def _client_key_ok(self, flow: http.HTTPFlow) -> bool:
+        accounts = self.service.state.config
+        return accounts is None or client_key_ok(
+            accounts, flow.request.headers.get("authorization")
+        )
+
+    def _body(self, flow: http.HTTPFlow) -> bytes | openai_errors.HttpError:
+        """The request body, decoded, or the answer for one the bridge will not take."""
+        collector = flow.request.stream
+        if isinstance(collector, BodyCollector):
+            if collector.refused is not None:
+                return collector.refused
+            if not collector.result.done():
+                return openai_errors.request_too_large(None, self.max_body)
+            body = collector.result.result()
+            # Kept decoded, for mitmweb and `-w`: the wire bytes were never held.
+            flow.request.headers.pop("content-encoding", None)
+            flow.request.data.content = body
+            flow.request.stream = False
+            return body
+        if flow.request.raw_content is None:
+            # Streamed by mitmproxy itself (stream_large_bodies): too large for us.
+            return openai_errors.request_too_large(None, self.max_body)
+        error = request_checks.check_headers(
+            list(flow.request.headers.items(multi=True)), max_body=self.max_body
+        )
+        if error is not None:
+            return error
+        try:
+            decoder = StreamDecoder.for_header(
+                flow.request.headers.get("content-encoding"), limit=self.max_body
+            )
+            return decoder.feed(flow.request.raw_content) + decoder.finish()
+        except BodyDecodingError as exc:
+            return openai_errors.body_decoding_failed(exc)
 
     async def _stream(self, flow: http.HTTPFlow, turn: Turn) -> None:
         """Serves the turn and answers the flow from inside mitmproxy, streaming when it can."""

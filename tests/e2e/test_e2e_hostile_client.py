@@ -1,8 +1,10 @@
-"""mitmproxy 12 really answers early without buffering, given the requestheaders wiring.
+"""End to end: a hostile client against the bridge's request bodies, encodings and headers.
 
-Runs a real mitmdump with `tests/support/hardening_reference_addon.py`, which
-wires `request_checks`, `LoopbackServer.register_answer` and `BodyCollector`
-as the bridge addon must, and attacks it with the hostile client.
+A real mitmdump with the bridge and an account pool with a client key, in
+regular (explicit proxy) mode, attacked over raw sockets: refused requests are
+answered from their headers, before their body is read (no `100 Continue`),
+and the connection closes; bodies stream through a decoder capped at
+`bridge_max_body`; nothing is buffered whole.
 """
 
 from __future__ import annotations
@@ -22,24 +24,33 @@ from responses_ws_bridge.testing.hostile_client import (
     raw_request,
     request_head,
 )
+from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
-SCRIPT = Path(__file__).resolve().parents[1] / "support" / "hardening_reference_addon.py"
-KEY = "reference-client-key"
+KEY = "hostile-test-client-key"
 MAX_BODY = 1024 * 1024
 # Far more than the proxy may hold: what it swallows must be dropped, not kept.
 FLOOD = 256 * 1024 * 1024
+# bridge_upstream is set: the bridge never contacts this host (nor resolves it).
 TARGET = "http://attacker.invalid:9000/v1/responses"
+UPSTREAM_TOKENS = {"tok-hostile-a": "a"}
 
 
 @pytest.fixture(scope="module")
-def proxy() -> Iterator[ProxyProcess]:
+def proxy(
+    upstream: ThreadedUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    accounts = tmp_path_factory.mktemp("hostile") / "accounts.json"
+    accounts.write_text(
+        json.dumps({"accounts": [{"id": "a", "api_key": "tok-hostile-a"}], "client_keys": [KEY]})
+    )
     with ProxyProcess(
         "--set",
-        f"reference_client_key={KEY}",
+        f"bridge_accounts={accounts}",
         "--set",
-        f"reference_max_body={MAX_BODY}",
-        script=SCRIPT,
+        f"bridge_upstream=ws://127.0.0.1:{upstream.port}",
+        "--set",
+        f"bridge_max_body={MAX_BODY}",
     ) as process:
         yield process
 
@@ -161,14 +172,18 @@ def test_gzip_bomb_is_stopped_at_the_decoded_cap(proxy: ProxyProcess) -> None:
     assert rss_kib(proxy) - before < 64 * 1024
 
 
-def test_a_good_compressed_body_arrives_whole(proxy: ProxyProcess) -> None:
+def test_a_good_compressed_body_arrives_whole(
+    proxy: ProxyProcess, upstream: ThreadedUpstream
+) -> None:
     data = json.dumps({"model": "m", "input": "x" * 50_000}).encode()
     wire = gzip.compress(data)
     result = send(
         proxy, [AUTH, ("content-encoding", "gzip"), ("content-length", str(len(wire)))], wire
     )
-    assert result.status == 200
-    assert json.loads(result.body) == {"received": len(data)}
+    assert result.status == 200, result.received[:300]
+    assert json.loads(result.body)["status"] == "completed"
+    (record,) = upstream.records()
+    assert record.messages[0].data["input"] == "x" * 50_000
 
 
 @pytest.mark.parametrize(
@@ -190,3 +205,43 @@ def test_bad_headers_get_an_openai_style_answer(
     result = send(proxy, headers, b"{}")
     assert result.status == status, result.received[:300]
     assert "error" in json.loads(result.body)
+
+
+def test_flows_the_bridge_answers_itself_keep_no_client_key(
+    upstream: ThreadedUpstream, tmp_path: Path
+) -> None:
+    saved = tmp_path / "flows.mitm"
+    accounts = tmp_path / "accounts.json"
+    accounts.write_text(
+        json.dumps({"accounts": [{"id": "a", "api_key": "tok-hostile-a"}], "client_keys": [KEY]})
+    )
+    with ProxyProcess(
+        "--set",
+        f"bridge_accounts={accounts}",
+        "--set",
+        f"bridge_upstream=ws://127.0.0.1:{upstream.port}",
+        "--set",
+        f"bridge_max_body={MAX_BODY}",
+        "-w",
+        str(saved),
+        "-v",
+    ) as proxy:
+        wrong = ("authorization", "Bearer sk-the-users-own-key-0123456789")
+        assert send(proxy, [wrong, ("content-length", "2")], b"{}").status == 401
+        assert send(proxy, [AUTH, ("content-length", "4")], b"nope").status == 400
+        too_big: list[tuple[str, str | bytes]] = [
+            AUTH,
+            ("content-length", str(10**9)),
+            ("expect", "100-continue"),
+        ]
+        assert send(proxy, too_big, endless(), timeout=3.0).status == 413
+        background = json.dumps({"model": "m", "input": "x", "background": True}).encode()
+        assert (
+            send(proxy, [AUTH, ("content-length", str(len(background)))], background).status == 400
+        )
+        log = proxy.log()
+    data = saved.read_bytes()
+    for secret in (KEY, "sk-the-users-own-key-0123456789"):
+        assert secret.encode() not in data
+        assert secret not in log
+    assert b"<redacted:client>" in data
