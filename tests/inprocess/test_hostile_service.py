@@ -198,6 +198,19 @@ def test_the_proxy_itself_is_never_an_upstream(pooled: bool) -> None:
     run(main())
 
 
+def test_an_account_upstream_aimed_at_the_proxy_itself_is_never_contacted() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            # The accounts' upstream is the hostile server's port: call it this proxy's own.
+            port = int(r.upstream.url.rsplit(":", 1)[1])
+            turn, response = await r.post(own=(Endpoint("127.0.0.1", port),))
+            assert response.status_code == 502
+            assert r.upstream.records == []
+            assert {a.detail for a in turn.report.attempts} == {"the upstream is this proxy itself"}
+
+    run(main())
+
+
 # --- a silent upstream -----------------------------------------------------------------------
 
 

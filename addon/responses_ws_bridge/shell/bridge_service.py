@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode
 
@@ -352,6 +353,12 @@ class BridgeService:
         except ValueError as exc:
             attempt.outcome, attempt.detail = "bad_url", str(exc)
             raise AttemptFailed(ConnectFailed(str(exc))) from exc
+        parts = urlsplit(attempt.url)
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        if upstream_trust.is_own_endpoint(parts.hostname or "", port, turn.own_endpoints):
+            # An account's upstream (or bridge_upstream) aimed at this proxy itself.
+            attempt.outcome, attempt.detail = "bad_url", "the upstream is this proxy itself"
+            raise AttemptFailed(ConnectFailed("the upstream is this proxy itself"))
         account_id = account.id if account is not None else None
         key = session_key(turn.affinity, account_id)
         session = self.sessions.checkout(key) if key is not None else None
