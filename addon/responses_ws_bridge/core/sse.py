@@ -6,7 +6,6 @@ follows the WHATWG event-stream rules and serves tests and tools.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +88,7 @@ def encode_upstream_event(frame: str | bytes, event_type: str | None) -> bytes:
     """
     if not isinstance(frame, str):
         raise UnencodableEvent("a binary frame")
-    event = _event_of(frame)
+    event = load_event(frame)
     if event is None:
         raise UnencodableEvent("not a JSON object of finite numbers")
     parsed_type = event.get("type")
@@ -100,22 +99,6 @@ def encode_upstream_event(frame: str | bytes, event_type: str | None) -> bytes:
     if event_type is not None and parsed_type != event_type:
         raise UnencodableEvent("an event whose type is ambiguous")
     return encode_event(frame, parsed_type)
-
-
-# What a non-finite number can look like in JSON text: only such frames need the
-# strict (slower, Python-level) parse; the rest take the C parser as they are.
-_MAYBE_NON_FINITE = re.compile(r"NaN|Infinity|[0-9][eE]\+?[0-9]{3}")
-
-
-def _event_of(frame: str) -> dict[str, Any] | None:
-    """The frame as a JSON object of finite numbers, or None."""
-    if _MAYBE_NON_FINITE.search(frame):
-        return load_event(frame)
-    try:
-        event = json.loads(frame)
-    except (ValueError, RecursionError):
-        return None
-    return event if isinstance(event, dict) else None
 
 
 def invalid_event_failed(

@@ -109,10 +109,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One strict decoder for every frame: `json.loads` with hooks would build a new
+# decoder (and its C scanner) per call, on the path of every event.
+_STRICT = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def load_event(frame_text: str) -> dict[str, Any] | None:
     """The frame as a JSON object; None when it is not one (or holds NaN, Infinity, 1e999)."""
     try:
-        event = json.loads(frame_text, parse_constant=_reject_constant, parse_float=_finite_float)
+        event = _STRICT.decode(frame_text)
     except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
