@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from mitmproxy import http as mitm_http
+from mitmproxy import io as mitm_io
 from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
 from responses_ws_bridge.testing.response_events import TurnSpec
@@ -55,7 +59,10 @@ def test_answers_stream_from_inside_mitmproxy(
     assert types.count("response.output_text.delta") == DELTAS
 
 
-def test_the_detour_streams_the_same(upstream: ThreadedUpstream) -> None:
+def test_the_detour_streams_the_same_and_carries_no_copy_of_the_body(
+    upstream: ThreadedUpstream, tmp_path: Path
+) -> None:
+    saved = tmp_path / "flows.mitm"
     with (
         ProxyProcess(
             "--mode",
@@ -64,9 +71,30 @@ def test_the_detour_streams_the_same(upstream: ThreadedUpstream) -> None:
             "connection_strategy=lazy",
             "--set",
             "bridge_detour=true",
+            "-w",
+            str(saved),
         ) as proxy,
         client() as http,
     ):
         assert "loopback endpoint on 127.0.0.1" in proxy.log()
         types = first_event_while_upstream_still_sends(http, f"{proxy.url}/v1/responses", upstream)
+        body = json.dumps({"model": "m", "input": "x" * 39_000}).encode()
+        upstream.script(Plan())
+        response = http.post(
+            f"{proxy.url}/v1/responses", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.json()["status"] == "completed"
     assert types[-1] == "response.completed"
+    with saved.open("rb") as fp:
+        flows = [
+            f
+            for f in mitm_io.FlowReader(fp).stream()
+            if isinstance(f, mitm_http.HTTPFlow)
+            and f.metadata.get("responses_bridge", {}).get("role") == "client"
+        ]
+    last = flows[-1]
+    # Shown as the client sent it, though the loopback endpoint was sent no body.
+    assert last.request.content == body
+    assert last.request.headers["content-length"] == str(len(body))
+    # The reverse-mode target, not the loopback endpoint the flow took a detour to.
+    assert last.request.url == f"http://127.0.0.1:{upstream.port}/v1/responses"

@@ -84,6 +84,13 @@ class _Routed:
     task: asyncio.Future[None] | None = None
     streamed: bool = False
     body: bytearray = field(default_factory=bytearray)
+    # The detour: the request as the client sent it (body and framing headers),
+    # put back once the loopback endpoint has answered; it carried no copy.
+    request_body: bytes | None = None
+    request_framing: list[tuple[str, str]] = field(default_factory=list)
+
+
+_FRAMING = ("content-length", "transfer-encoding", "content-encoding")
 
 
 class _Tap:
@@ -406,7 +413,16 @@ class ResponsesBridge:
     def _detour(self, flow: http.HTTPFlow, turn: Turn) -> None:
         serve = self._serving()
         token = self.loopback.register(lambda sink: serve(turn, sink))
-        self._routed[flow.id] = _Routed(turn, token=token, streamed=True)
+        routed = self._routed[flow.id] = _Routed(turn, token=token, streamed=True)
+        # The turn already holds the body: the detour carries none of it.
+        routed.request_body = flow.request.raw_content
+        routed.request_framing = [
+            (k, v) for k, v in flow.request.headers.items(multi=True) if k.lower() in _FRAMING
+        ]
+        for name in _FRAMING:
+            flow.request.headers.pop(name, None)
+        flow.request.data.content = b""
+        flow.request.headers["content-length"] = "0"
         # Detour to the loopback endpoint. `data.*` leaves the Host header as
         # the client sent it; the destination is restored in responseheaders.
         flow.request.data.scheme = b"http"
@@ -487,6 +503,12 @@ class ResponsesBridge:
         flow.request.data.host = destination.host
         flow.request.data.port = destination.port
         flow.request.headers.pop(TOKEN_HEADER, None)
+        if routed.request_body is not None:
+            flow.request.headers.pop("content-length", None)
+            for name, value in routed.request_framing:
+                flow.request.headers.add(name, value)
+            flow.request.data.content = routed.request_body
+            routed.request_body = None
 
     @staticmethod
     def _annotate(flow: http.HTTPFlow, routed: _Routed) -> None:
