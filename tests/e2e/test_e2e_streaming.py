@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import ssl
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -11,8 +16,9 @@ import pytest
 from mitmproxy import http as mitm_http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
+from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
 from responses_ws_bridge.testing.response_events import TurnSpec
+from responses_ws_bridge.testing.tls import TestPki, make_test_pki
 
 from tests.support.http import client
 
@@ -21,14 +27,15 @@ DELTAS = 200
 
 
 def first_event_while_upstream_still_sends(
-    http: httpx.Client, url: str, upstream: ThreadedUpstream
+    http: httpx.Client, url: str, upstream: ThreadedUpstream, http_version: str = "HTTP/1.1"
 ) -> list[str]:
-    """Reads the stream; True when the first event came before the upstream's last one."""
+    """The streamed event types; fails unless the first came before the upstream's last."""
     upstream.script(Plan(turn=TurnSpec(deltas=DELTAS), pace_s=0.01))
     seen_at_first: int | None = None
     body = b""
     with http.stream("POST", url, json=BODY) as response:
         assert response.status_code == 200
+        assert response.http_version == http_version
         assert response.headers["content-type"] == "text/event-stream"
         for chunk in response.iter_bytes():
             if seen_at_first is None and b"response.created" in chunk:
@@ -98,3 +105,70 @@ def test_the_detour_streams_the_same_and_carries_no_copy_of_the_body(
     assert last.request.headers["content-length"] == str(len(body))
     # The reverse-mode target, not the loopback endpoint the flow took a detour to.
     assert last.request.url == f"http://127.0.0.1:{upstream.port}/v1/responses"
+
+
+@contextmanager
+def tls_origin(pki: TestPki) -> Iterator[int]:
+    """A TLS server on 127.0.0.1 that negotiates HTTP/2 and never answers anything.
+
+    mitmproxy (default, eager strategy) connects to it first and so offers h2 to
+    the client; the bridge answers every request itself, so it is sent none.
+    """
+    port = free_port()
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    stopped: asyncio.Event | None = None
+
+    async def main() -> None:
+        nonlocal stopped
+        context = pki.server_context()
+        context.set_alpn_protocols(["h2", "http/1.1"])
+
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                while await reader.read(65536):
+                    pass
+            writer.close()
+
+        server = await asyncio.start_server(swallow, "127.0.0.1", port, ssl=context)
+        stopped = asyncio.Event()
+        ready.set()
+        async with server:
+            await stopped.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield port
+    finally:
+        assert stopped is not None
+        loop.call_soon_threadsafe(stopped.set)
+        thread.join(10)
+
+
+def test_an_http2_client_gets_streamed_answers_over_tls(
+    upstream: ThreadedUpstream, tmp_path: Path
+) -> None:
+    pki = make_test_pki(tmp_path)
+    with (
+        tls_origin(pki) as origin,
+        ProxyProcess(
+            "--set",
+            f"bridge_upstream=ws://127.0.0.1:{upstream.port}",
+            "--set",
+            "ssl_insecure=true",
+        ) as proxy,
+    ):
+        ca = ssl.create_default_context(cafile=str(Path(proxy.confdir) / "mitmproxy-ca-cert.pem"))
+        url = f"https://127.0.0.1:{origin}/v1/responses"
+        with httpx.Client(
+            proxy=proxy.url, verify=ca, http1=False, http2=True, trust_env=False, timeout=20
+        ) as http:
+            types = first_event_while_upstream_still_sends(http, url, upstream, "HTTP/2")
+            upstream.script(Plan())
+            response = http.post(url, json={"model": "m", "input": "x"})
+    assert response.http_version == "HTTP/2"
+    assert response.json()["status"] == "completed"
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert types.count("response.output_text.delta") == DELTAS
