@@ -172,6 +172,16 @@ def codex_upstream_scenarios() -> list[Scenario]:
             {"team-a": [Plan(drop_after_events=0)]},
         ),
         Scenario(
+            "keepalive-1011-lost-connection",
+            "soft affinity, an upstream that accepts the turn and then answers nothing, not "
+            "even pings: the bridge's own keepalive gives up (1011 sent by the bridge), a "
+            "lost connection, account-neutral: retried on the same account",
+            FIXED,
+            soft,
+            {"team-a": [Plan(stall_after_events=0)]},
+            args=[*LAZY, "--set", "bridge_ping_interval=0.2", "--set", "bridge_ping_timeout=0.2"],
+        ),
+        Scenario(
             "every-account-once",
             "soft affinity, 1011 on team-a then on team-b: the first account is tried again "
             "and serves",
@@ -273,14 +283,20 @@ def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=FLOWS)
+    parser.add_argument(
+        "--only", metavar="NAME", help="record this scenario alone (the others stay as they are)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ACCOUNTS.write_text(accounts_file())
     REFRESH_ACCOUNTS.write_text(refresh_accounts_file())
     index = []
     specs = {}
+    if SPECS.exists():
+        specs = json.loads(SPECS.read_text())
     for scenario in scenarios():
-        record(scenario, args.out / f"{scenario.name}.mitm", print)
+        if args.only is None or args.only == scenario.name:
+            record(scenario, args.out / f"{scenario.name}.mitm", print)
         index.append(f"- `{scenario.name}.mitm`: {scenario.what}")
         specs[f"{scenario.name}.mitm"] = scenario.spec()
     SPECS.write_text(json.dumps(specs, indent=2) + "\n")

@@ -344,6 +344,9 @@ def test_replay_steps_with_and_without_speed() -> None:
     [
         ((1000, "", True), AwaitClose(1000)),
         ((None, "", True), AwaitClose(1006)),
+        # The client's keepalive gave up: the replay leaves its pings unanswered too.
+        ((1011, "keepalive ping timeout", True), AwaitClose(1011, pings_unanswered=True)),
+        ((1011, "internal error", True), AwaitClose(1011)),
         ((1006, "", False), Abort(0.0)),
         ((None, "", False), Abort(0.0)),
         ((1005, "", False), Close(None, "", 0.0)),

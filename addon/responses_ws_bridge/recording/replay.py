@@ -32,7 +32,7 @@ from mitmproxy.flow import Flow
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, account_from_authorization
@@ -475,9 +475,15 @@ class Abort:
 
 @dataclass(frozen=True)
 class AwaitClose:
-    """The client ends the session; `code` None: the recording ended with it open."""
+    """The client ends the session; `code` None: the recording ended with it open.
+
+    `pings_unanswered`: the client gave up on its keepalive (it closed with
+    1011 "keepalive ping timeout"), so the server leaves its pings unanswered,
+    as the recorded upstream did, until the client closes.
+    """
 
     code: int | None
+    pings_unanswered: bool = False
 
 
 Step = Expect | Send | Close | Abort | AwaitClose
@@ -509,7 +515,10 @@ def replay_steps(session: RecordedSession, speed: float | None) -> list[Step]:
         before = message.timestamp
     code = session.close_code
     if session.closed_by_client:
-        steps.append(AwaitClose(code if code is not None else CloseCode.ABNORMAL_CLOSURE))
+        keepalive = code == CloseCode.INTERNAL_ERROR and "keepalive" in session.close_reason
+        steps.append(
+            AwaitClose(code if code is not None else CloseCode.ABNORMAL_CLOSURE, keepalive)
+        )
     elif session.closed_by_client is None and code is None:
         steps.append(AwaitClose(None))
     elif code in (None, CloseCode.ABNORMAL_CLOSURE, CloseCode.TLS_HANDSHAKE):
@@ -810,7 +819,9 @@ class ReplayServer(WebSocketServerContext):
                 if ws.transport is not None:
                     ws.transport.abort()
                 await ws.wait_closed()
-            case AwaitClose(code=code):
+            case AwaitClose(code=code, pings_unanswered=silent):
+                if silent:
+                    _stop_answering_pings(ws)
                 await self._await_close(ws, index, code)
         return True
 
@@ -834,6 +845,18 @@ class ReplayServer(WebSocketServerContext):
             self._deviate([Deviation(index, "close", expected, None, "missing")])
             if ws.transport is not None:
                 ws.transport.abort()
+
+
+def _stop_answering_pings(ws: ServerConnection) -> None:
+    """The protocol answers pings itself; from now on its pongs are dropped."""
+    protocol = ws.protocol
+    send_frame = protocol.send_frame
+
+    def without_pongs(frame: Frame) -> None:
+        if frame.opcode is not Opcode.PONG:
+            send_frame(frame)
+
+    protocol.send_frame = without_pongs  # type: ignore[method-assign]
 
 
 def _close_seen(exc: ConnectionClosed) -> str:
