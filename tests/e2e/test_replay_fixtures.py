@@ -107,6 +107,7 @@ def test_fixtures_exist() -> None:
             "rate-limits-headers.mitm",
             "connection-limit-new-socket.mitm",
             "handoff-1000-same-account.mitm",
+            "keepalive-1011-lost-connection.mitm",
             "drop-1006-same-account.mitm",
             "every-account-once.mitm",
             "output-items-json.mitm",
