@@ -48,7 +48,57 @@ class _Idle:
     since: float
 
 
-class SessionPool:
+class _SocketKeeper:
+    """What the idle pool and the spares share: sockets closed in the background, a reaper."""
+
+    def __init__(self) -> None:
+        self._closing: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    def reap(self) -> None:
+        raise NotImplementedError
+
+    def _holds_any(self) -> bool:
+        raise NotImplementedError
+
+    def _reap_period_s(self) -> float:
+        raise NotImplementedError
+
+    def _close(
+        self, session: UpstreamSession, code: int = CloseCode.NORMAL_CLOSURE, reason: str = ""
+    ) -> None:
+        if not session.is_open:
+            session.abort()  # already closing or closed: make sure the socket is gone
+            return
+        # Closing waits for the upstream's close frame; nobody should wait for it.
+        task = asyncio.ensure_future(session.close(code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        while self._holds_any():
+            await asyncio.sleep(max(1.0, min(self._reap_period_s(), 30.0)))
+            self.reap()
+
+    async def _stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+
+    async def _finish_closing(self) -> None:
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=5)
+        for task in list(self._closing):
+            task.cancel()
+
+
+class SessionPool(_SocketKeeper):
     def __init__(
         self,
         *,
@@ -63,8 +113,7 @@ class SessionPool:
         self._clock = clock
         self._idle: OrderedDict[SessionKey, list[_Idle]] = OrderedDict()
         self._count = 0
-        self._closing: set[asyncio.Task[None]] = set()
-        self._reaper: asyncio.Task[None] | None = None
+        super().__init__()
 
     @property
     def idle_count(self) -> int:
@@ -132,20 +181,19 @@ class SessionPool:
                 del self._idle[key]
 
     async def close_all(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        await self._stop_reaper()
         for entries in self._idle.values():
             for entry in entries:
                 self._close(entry.session, CloseCode.GOING_AWAY, "proxy shutting down")
         self._idle.clear()
         self._count = 0
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=5)
-        for task in list(self._closing):
-            task.cancel()
+        await self._finish_closing()
+
+    def _holds_any(self) -> bool:
+        return bool(self._idle)
+
+    def _reap_period_s(self) -> float:
+        return min(self.idle_ttl_s, self.max_age_s or self.idle_ttl_s) / 4
 
     def _keeps(self, entry: _Idle, now: float) -> bool:
         return (
@@ -164,27 +212,6 @@ class SessionPool:
         if not entries:
             del self._idle[key]
         self._close(entry.session, CloseCode.NORMAL_CLOSURE, "idle")
-
-    def _close(
-        self, session: UpstreamSession, code: int = CloseCode.NORMAL_CLOSURE, reason: str = ""
-    ) -> None:
-        if not session.is_open:
-            session.abort()  # already closing or closed: make sure the socket is gone
-            return
-        # Closing waits for the upstream's close frame; nobody should wait for it.
-        task = asyncio.ensure_future(session.close(code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    def _ensure_reaper(self) -> None:
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.ensure_future(self._reap_forever())
-
-    async def _reap_forever(self) -> None:
-        while self._idle:
-            period = min(self.idle_ttl_s, self.max_age_s or self.idle_ttl_s) / 4
-            await asyncio.sleep(max(1.0, min(period, 30.0)))
-            self.reap()
 
 
 # -- warm spares ---------------------------------------------------------------------
@@ -210,7 +237,7 @@ class _SpareSlot:
     failed_at: float | None = None
 
 
-class WarmSpares:
+class WarmSpares(_SocketKeeper):
     """Pre-opened upstream sockets, so a request with no idle session still finds one open.
 
     After a request for an account opens (or takes) a socket, `per_key` spares
@@ -244,8 +271,7 @@ class WarmSpares:
         self._clock = clock
         self._slots: OrderedDict[SpareKey, _SpareSlot] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closing: set[asyncio.Task[None]] = set()
-        self._reaper: asyncio.Task[None] | None = None
+        super().__init__()
         self.taken = 0
         self.opened = 0
 
@@ -323,11 +349,7 @@ class WarmSpares:
                 del self._slots[key]
 
     async def close_all(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        await self._stop_reaper()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -336,10 +358,13 @@ class WarmSpares:
             for spare in slot.ready:
                 self._close(spare.session, CloseCode.GOING_AWAY, "proxy shutting down")
         self._slots.clear()
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=5)
-        for task in list(self._closing):
-            task.cancel()
+        await self._finish_closing()
+
+    def _holds_any(self) -> bool:
+        return bool(self._slots)
+
+    def _reap_period_s(self) -> float:
+        return min(self.idle_ttl_s, self.max_age_s) / 4
 
     async def wait_idle(self) -> None:
         """Waits for the spares being opened (tests, the benchmark)."""
@@ -386,20 +411,3 @@ class WarmSpares:
         slot.failed_at = None
         slot.ready.append(_Spare(session, self._clock()))
         self._ensure_reaper()
-
-    def _close(self, session: UpstreamSession, code: int, reason: str) -> None:
-        if not session.is_open:
-            session.abort()
-            return
-        task = asyncio.ensure_future(session.close(code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    def _ensure_reaper(self) -> None:
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.ensure_future(self._reap_forever())
-
-    async def _reap_forever(self) -> None:
-        while self._slots:
-            await asyncio.sleep(max(1.0, min(self.idle_ttl_s / 4, self.max_age_s / 4, 30.0)))
-            self.reap()
