@@ -19,8 +19,6 @@ from typing import Any
 import httpx
 import pytest
 from responses_ws_bridge.core.accounts import parse_accounts
-from responses_ws_bridge.core.affinity import classify
-from responses_ws_bridge.core.create_request import parse_create_request
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.sse import parse_sse
@@ -28,10 +26,12 @@ from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.core.upstream_events import MAX_RESET_S
 from responses_ws_bridge.core.upstream_trust import Endpoint
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
-from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
+from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
 from responses_ws_bridge.testing.hostile_upstream import Behaviour, HostileUpstream, Hostility
+
+from tests.support.service import no_sleep, post_turn
 
 TOKENS = {"a": "plainwordtokenalpha", "b": "plainwordtokenbravo"}
 CLIENT_BEARER = "plainwordclientbearer"
@@ -39,10 +39,6 @@ BOUND_S = 10.0
 BRIDGE_LOGGERS = ("responses_ws_bridge", "responses_bridge")
 STREAM = {"model": "m", "input": "hi", "stream": True}
 SESSION = [("session-id", "s-1")]
-
-
-async def no_sleep(_: float) -> None:
-    return None
 
 
 @dataclass
@@ -62,30 +58,19 @@ class Rig:
         reverse_target: Endpoint | None = None,
         own: tuple[Endpoint, ...] = (),
     ) -> tuple[Turn, httpx.Response]:
-        raw = json.dumps(body or STREAM).encode()
-        client_headers = tuple(headers or [])
-        create = parse_create_request(raw, max_body=1 << 20)
-        turn = Turn(
-            flow_id=f"flow-{id(raw)}",
-            create=create,
-            client_headers=client_headers,
-            request_id="req-1",
+        return await post_turn(
+            self.service,
+            self.loopback,
+            self.http,
+            body or STREAM,
+            headers,
             destination=destination or Destination("https", "api.openai.com", 443, "/v1/responses"),
-            affinity=classify(client_headers, create.body),
             client_credential=(
                 None if self.state.pooled else UpstreamCredential(CLIENT_BEARER, None)
             ),
             reverse_target=reverse_target,
             own_endpoints=(Endpoint("127.0.0.1", self.loopback.port), *own),
         )
-        service = self.service
-        token = self.loopback.register(lambda sink: service.serve(turn, sink))
-        response = await self.http.post(
-            f"http://127.0.0.1:{self.loopback.port}/v1/responses",
-            content=raw,
-            headers={TOKEN_HEADER: token},
-        )
-        return turn, response
 
     def healthy(self) -> bool:
         pool = self.state.pool

@@ -20,26 +20,22 @@ import pytest
 from mitmproxy import hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from responses_ws_bridge.core.accounts import parse_accounts
-from responses_ws_bridge.core.affinity import classify
-from responses_ws_bridge.core.create_request import parse_create_request
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
-from responses_ws_bridge.core.turns import Attempt, Destination, Turn
+from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings, TapFactory
-from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
+from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.upstream_client import SessionTap, UpstreamSettings
 from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
 from responses_ws_bridge.testing.response_events import rate_limit_event
 
+from tests.support.service import no_sleep, post_turn
+
 TOKENS = {"tok-a": "a", "tok-b": "b"}
 BOUND_S = 10.0
-
-
-async def no_sleep(_: float) -> None:
-    return None
 
 
 @dataclass
@@ -54,26 +50,10 @@ class Rig:
         self, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
     ) -> tuple[Turn, httpx.Response]:
         """One client request through the service, as the addon would hand it over."""
-        raw = json.dumps(body).encode()
-        client_headers = tuple(headers or [])
-        create = parse_create_request(raw, max_body=1 << 20)
-        turn = Turn(
-            flow_id=f"flow-{id(raw)}",
-            create=create,
-            client_headers=client_headers,
-            request_id="req-1",
-            destination=Destination("http", "127.0.0.1", 1, "/v1/responses"),
-            affinity=classify(client_headers, create.body),
-            client_credential=(None if self.state.pooled else UpstreamCredential("tok-a", None)),
+        credential = None if self.state.pooled else UpstreamCredential("tok-a", None)
+        return await post_turn(
+            self.service, self.loopback, self.http, body, headers, client_credential=credential
         )
-        service = self.service
-        token = self.loopback.register(lambda sink: service.serve(turn, sink))
-        response = await self.http.post(
-            f"http://127.0.0.1:{self.loopback.port}/v1/responses",
-            content=raw,
-            headers={TOKEN_HEADER: token},
-        )
-        return turn, response
 
 
 @asynccontextmanager

@@ -19,11 +19,10 @@ from typing import Any
 import httpx
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import AffinityKind, classify
-from responses_ws_bridge.core.create_request import parse_create_request
 from responses_ws_bridge.core.pool_state import PoolState
-from responses_ws_bridge.core.turns import Destination, Turn
+from responses_ws_bridge.core.turns import Turn
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
-from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
+from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
@@ -34,15 +33,12 @@ from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
 from responses_ws_bridge.testing.response_events import rate_limit_event
 from responses_ws_bridge.testing.state_server import StateServer
 
+from tests.support.service import no_sleep, post_turn
 from tests.support.state import run
 
 TOKENS = {"tok-a": "a", "tok-b": "b"}
 BOUND_S = 10.0
 STREAM = {"model": "m", "input": "Say hello", "stream": True}
-
-
-async def no_sleep(_: float) -> None:
-    return None
 
 
 @dataclass
@@ -57,26 +53,7 @@ class Instance:
     async def post(
         self, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
     ) -> tuple[Turn, httpx.Response]:
-        raw = json.dumps(body).encode()
-        client_headers = tuple(headers or [])
-        create = parse_create_request(raw, max_body=1 << 20)
-        turn = Turn(
-            flow_id=f"flow-{id(raw)}",
-            create=create,
-            client_headers=client_headers,
-            request_id="req-1",
-            destination=Destination("http", "127.0.0.1", 1, "/v1/responses"),
-            affinity=classify(client_headers, create.body),
-            client_credential=None,
-        )
-        service = self.service
-        token = self.loopback.register(lambda sink: service.serve(turn, sink))
-        response = await self.http.post(
-            f"http://127.0.0.1:{self.loopback.port}/v1/responses",
-            content=raw,
-            headers={TOKEN_HEADER: token},
-        )
-        return turn, response
+        return await post_turn(self.service, self.loopback, self.http, body, headers)
 
 
 @asynccontextmanager
