@@ -257,31 +257,6 @@ def test_keep_alive_between_requests_lasts_the_idle_timeout() -> None:
     run(check, header_timeout_s=5.0, idle_timeout_s=5.0)
 
 
-def test_register_answer_answers_on_the_head_and_closes_without_reading_the_body() -> None:
-    async def check(server: LoopbackServer) -> None:
-        token = server.register_answer(
-            413, [("content-type", "application/json")], b'{"error":{"code":"request_too_large"}}'
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(
-            b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000000\r\n"
-            + TOKEN_HEADER.encode()
-            + b": "
-            + token.encode()
-            + b"\r\n\r\n"
-        )
-        await writer.drain()
-        answer = await closed_within(reader, 5)
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 413")
-        assert b"connection: close" in head.lower()
-        assert body == b'{"error":{"code":"request_too_large"}}'
-        assert server.pending == 0
-        writer.close()
-
-    run(check)
-
-
 async def _no_connections(server: LoopbackServer) -> bool:
     for _ in range(100):
         if server.connections == 0:

@@ -10,10 +10,7 @@ refused, so the endpoint serves only the flows the addon routed to it.
 The server knows nothing about Responses: a registered job gets a `ResponseSink`
 and writes a status, headers and body chunks to it. A job starts as soon as it
 is registered (the upstream is being opened while mitmproxy connects here);
-its writes wait until mitmproxy's request arrives and claims it. A job
-registered with `answer_before_body` is claimed on the request head: its body
-is never read here (the addon has it, or refuses it unread), and the
-connection closes after the answer.
+its writes wait until mitmproxy's request arrives and claims it.
 
 Connections are bounded in time: one that sends nothing for `idle_timeout_s`
 (before a request, or between the pieces of a body) or takes longer than
@@ -114,9 +111,8 @@ class _TimedOut(Exception):
 class _Pending:
     """A registered job: running already when there is a loop, else at its claim."""
 
-    def __init__(self, job: Job, *, answer_before_body: bool = False) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
-        self.answer_before_body = answer_before_body
         self.sink = ResponseSink()
         self.task: asyncio.Future[None] | None = None
         try:
@@ -182,18 +178,10 @@ class LoopbackServer:
                 await asyncio.wait_for(server.wait_closed(), 5)
         self._jobs.clear()
 
-    def register(self, job: Job, *, answer_before_body: bool = False) -> str:
+    def register(self, job: Job) -> str:
         token = secrets.token_urlsafe(32)
-        self._jobs[token] = _Pending(job, answer_before_body=answer_before_body)
+        self._jobs[token] = _Pending(job)
         return token
-
-    def register_answer(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> str:
-        """A token whose request gets this answer at once, its body unread, then a close."""
-
-        async def answer(sink: ResponseSink) -> None:
-            await sink.respond(status, [*headers, ("connection", "close")], body)
-
-        return self.register(answer, answer_before_body=True)
 
     def discard(self, token: str) -> None:
         """The flow will never arrive (it failed first): stop its job."""
@@ -289,11 +277,6 @@ class _Connection:
             if not isinstance(event, h11.Request):
                 return
             token = _header(event.headers, TOKEN_HEADER.encode())
-            job = self._jobs.get(token) if token else None
-            if token is not None and job is not None and job.answer_before_body:
-                del self._jobs[token]
-                await self._run_job(job)
-                return  # the body was never read: this connection cannot be reused
             # The body was already parsed in the request hook; drain it here.
             try:
                 while not isinstance(ev := await self._next_event(), h11.EndOfMessage):
@@ -341,8 +324,6 @@ class _Connection:
                 )
         if not sink.finished:
             raise ClientGone
-        if job.answer_before_body:
-            await _drain_writer(self._writer)
 
     async def _wait_hangup(self) -> None:
         # mitmproxy sends nothing more on this connection while a response is
@@ -352,11 +333,6 @@ class _Connection:
             self._conn.receive_data(data)
             # Unexpected bytes while streaming: keep them for h11, keep waiting.
             await asyncio.Event().wait()
-
-
-async def _drain_writer(writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await writer.drain()
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
