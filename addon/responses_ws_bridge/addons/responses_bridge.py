@@ -353,11 +353,7 @@ class ResponsesBridge:
         if flow.request.raw_content is None:
             # Streamed by mitmproxy itself (stream_large_bodies): too large for us.
             return openai_errors.request_too_large(None, self.max_body)
-        error = request_checks.check_headers(
-            list(flow.request.headers.items(multi=True)), max_body=self.max_body
-        )
-        if error is not None:
-            return error
+        # The headers were checked in `requestheaders`; the body is capped as it decodes.
         try:
             decoder = StreamDecoder.for_header(
                 flow.request.headers.get("content-encoding"), limit=self.max_body
