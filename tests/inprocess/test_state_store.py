@@ -132,16 +132,16 @@ def test_disabled_survives_success_until_enabled(open_store: Opener) -> None:
     check(open_store, body)
 
 
-def test_strikes_count_within_their_window(open_store: Opener) -> None:
+def test_a_success_ends_a_cooldown_but_not_a_disablement(open_store: Opener) -> None:
     async def body(store: StateStore, clock: Clock) -> None:
-        assert await store.add_strike("a", clock(), 60) == 1
-        clock.advance(30)
-        assert await store.add_strike("a", clock(), 60) == 2
-        clock.advance(31)  # the first strike is now 61 s old
-        assert await store.add_strike("a", clock(), 60) == 2
-        assert (await store.health(["a"]))["a"].strikes == 2
+        await store.cool_down("a", clock() + 60, "HTTP 429")
+        await store.disable("b", "HTTP 401")
+        await store.cool_down("b", clock() + 60, "HTTP 429")
         await store.clear_failures("a")
-        assert (await store.health(["a"]))["a"].strikes == 0
+        await store.clear_failures("b")
+        records = await store.health(["a", "b"])
+        assert (records["a"].cooldown_until, records["a"].cooldown_reason) == (None, "")
+        assert records["b"].disabled == "HTTP 401" and records["b"].cooldown_until is None
 
     check(open_store, body)
 

@@ -181,7 +181,7 @@ class SharedState:
         binding = Binding(account_id, affinity.kind)
         calls: list[Awaitable[object]] = [self._bind(key, binding) for key in affinity.keys]
         record = self.records.get(account_id)
-        if record is None or record.cooldown_until is not None or record.strikes:
+        if record is None or record.cooldown_until is not None:
             calls.append(self._run("clear_failures", lambda s: s.clear_failures(account_id)))
         await asyncio.gather(*calls)
 
@@ -194,7 +194,7 @@ class SharedState:
 
     async def failed(self, pool: AccountPool, account_id: str, failure: Failure) -> None:
         """Mirror the pool's health rule into the store, and adopt what the store holds then
-        (another instance's cooldown may be longer, its strikes may complete the count)."""
+        (another instance's cooldown may be longer)."""
         if isinstance(pool.health(account_id), Disabled) and not is_auth_rejection(failure):
             return  # disabled before this failure: nothing more to count
         change = health_record.change_for(failure, pool.rules, self._wall())

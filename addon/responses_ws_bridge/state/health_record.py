@@ -1,8 +1,8 @@
 """Account health records: the pool's rules applied to what the shared store holds.
 
 Pure functions, mirrored by the shared store's scripts, so every store gives
-the same answers: a cooldown is never shortened, a success ends cooldown and
-strikes but not a disablement, and the record reads as the pool's `Health`.
+the same answers: a cooldown is never shortened, a success ends a cooldown
+but not a disablement, and the record reads as the pool's `Health`.
 
 `change_for` is the pool's `record_failure` rule as the write it makes to the
 store, and `on_pool_clock` moves a cooldown from the store's wall clock to the
@@ -81,7 +81,7 @@ def cooled(record: AccountHealthRecord, until: float, reason: str) -> AccountHea
 
 
 def cleared(record: AccountHealthRecord) -> AccountHealthRecord:
-    return replace(record, cooldown_until=None, cooldown_reason="", strikes=0)
+    return replace(record, cooldown_until=None, cooldown_reason="")
 
 
 def health_of(record: AccountHealthRecord, now: float) -> Health:

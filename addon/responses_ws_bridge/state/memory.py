@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -37,8 +36,6 @@ class MemoryStateStore:
         self._soft = MemoryBindingStore(limits.max_entries, limits.soft_ttl_s, clock)
         self._owners = MemoryBindingStore(limits.max_entries, limits.owner_ttl_s, clock)
         self._health: dict[str, AccountHealthRecord] = {}
-        self._strikes: dict[str, deque[float]] = {}
-        self._strike_window: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._lease_ids = itertools.count(1)
 
@@ -99,15 +96,7 @@ class MemoryStateStore:
         return {a: self._record(a) for a in account_ids}
 
     def _record(self, account_id: str) -> AccountHealthRecord:
-        record = self._health.get(account_id, HEALTHY_RECORD)
-        return replace(record, strikes=len(self._live_strikes(account_id, self._clock())))
-
-    def _live_strikes(self, account_id: str, now: float) -> deque[float]:
-        strikes = self._strikes.setdefault(account_id, deque())
-        window_s = self._strike_window.get(account_id, float("inf"))
-        while strikes and now - strikes[0] > window_s:
-            strikes.popleft()
-        return strikes
+        return self._health.get(account_id, HEALTHY_RECORD)
 
     async def disable(self, account_id: str, reason: str) -> None:
         self._health[account_id] = replace(self._record(account_id), disabled=reason)
@@ -121,14 +110,7 @@ class MemoryStateStore:
         assert record.cooldown_until is not None
         return record.cooldown_until
 
-    async def add_strike(self, account_id: str, at: float, window_s: float) -> int:
-        self._strike_window[account_id] = window_s
-        strikes = self._strikes.setdefault(account_id, deque())
-        strikes.append(at)
-        return len(self._live_strikes(account_id, at))
-
     async def clear_failures(self, account_id: str) -> None:
-        self._strikes.pop(account_id, None)
         self._health[account_id] = health_record.cleared(self._record(account_id))
 
     async def set_rate_limits(self, account_id: str, figures: Mapping[str, float]) -> None:

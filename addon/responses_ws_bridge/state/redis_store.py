@@ -5,15 +5,14 @@ Keys, all under the namespace `ns`:
 - `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]`, idle TTL by kind;
 - `ns:resp:<fp>`: the account that produced a response;
 - `ns:health:<account>`: hash of `disabled`, `cooldown_until`, `cooldown_reason`,
-  `rate_limits` (JSON), `strike_window_s`;
-- `ns:strikes:<account>`: sorted set of upstream-fault times;
+  `rate_limits` (JSON);
 - `ns:leases:<account>`: sorted set of lease ids scored by expiry; expired ones are
   pruned whenever the set is read or written, so a dead instance's requests stop
   counting when their leases run out.
 
 `<fp>` is `fingerprint(salt, key)`: no session id, turn state or response id is
 ever stored. Every read-modify-write is one Lua script, so two instances racing
-to bind a new key end with one owner. Lease and strike times come from the
+to bind a new key end with one owner. Lease times come from the
 injected clock (wall clock: instances must agree on the time to within a
 fraction of a lease TTL); binding TTLs are the server's.
 """
@@ -21,7 +20,6 @@ fraction of a lease TTL); binding TTLs are the server's.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -112,15 +110,6 @@ redis.call('HSET', KEYS[1], 'cooldown_until', ARGV[1], 'cooldown_reason', ARGV[2
 return ARGV[1]
 """
 
-# KEYS: strikes set, health hash; ARGV: at, window s, member, window ms, at - window.
-_ADD_STRIKE = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('HSET', KEYS[2], 'strike_window_s', ARGV[2])
-return redis.call('ZCARD', KEYS[1])
-"""
-
 # KEYS[1]: leases set; ARGV: now, expires at, lease id, ttl ms.
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -180,7 +169,6 @@ class RedisStateStore:
         self._lookup_script = client.register_script(_LOOKUP)
         self._forget_account = client.register_script(_FORGET_ACCOUNT)
         self._cool_down = client.register_script(_COOL_DOWN)
-        self._add_strike = client.register_script(_ADD_STRIKE)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
 
@@ -303,20 +291,15 @@ class RedisStateStore:
         pipe = self.client.pipeline(transaction=False)
         for account_id in account_ids:
             pipe.hgetall(self._account_key("health", account_id))
-            pipe.zrange(self._account_key("strikes", account_id), 0, -1, withscores=True)
         replies = await self._call(pipe.execute())
-        now = self._clock()
         out: dict[str, AccountHealthRecord] = {}
-        for i, account_id in enumerate(account_ids):
-            fields = cast(dict[str, str], replies[2 * i])
-            strikes = cast(list[tuple[str, float]], replies[2 * i + 1])
-            window = float(fields.get("strike_window_s", "inf"))
+        for account_id, reply in zip(account_ids, replies, strict=True):
+            fields = cast(dict[str, str], reply)
             until = fields.get("cooldown_until")
             out[account_id] = AccountHealthRecord(
                 disabled=fields.get("disabled"),
                 cooldown_until=float(until) if until is not None else None,
                 cooldown_reason=fields.get("cooldown_reason", ""),
-                strikes=sum(1 for _, at in strikes if now - at <= window),
                 rate_limits={
                     str(k): float(v) for k, v in json.loads(fields.get("rate_limits", "{}")).items()
                 },
@@ -339,24 +322,12 @@ class RedisStateStore:
         )
         return float(raw)
 
-    async def add_strike(self, account_id: str, at: float, window_s: float) -> int:
-        if not 0 < window_s < math.inf:
-            raise ValueError("window_s must be positive and finite")
-        keys = [self._account_key("strikes", account_id), self._account_key("health", account_id)]
-        args: list[str | int] = [
-            _number(at),
-            _number(window_s),
-            uuid.uuid4().hex,
-            ttl_ms(window_s),
-            _number(at - window_s),
-        ]
-        return int(await self._call(self._add_strike(keys=keys, args=args)))
-
     async def clear_failures(self, account_id: str) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self._account_key("strikes", account_id))
-        pipe.hdel(self._account_key("health", account_id), "cooldown_until", "cooldown_reason")
-        await self._call(pipe.execute())
+        await self._call(
+            self.client.hdel(
+                self._account_key("health", account_id), "cooldown_until", "cooldown_reason"
+            )
+        )
 
     async def set_rate_limits(self, account_id: str, figures: Mapping[str, float]) -> None:
         encoded = json.dumps({k: float(v) for k, v in figures.items()}, sort_keys=True)

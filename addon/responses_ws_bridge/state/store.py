@@ -56,15 +56,14 @@ class AccountHealthRecord:
     """What every instance knows about one account.
 
     `disabled`: the reason, until the accounts file changes. `cooldown_until`
-    is in force while later than now. `strikes`: live upstream-fault times in
-    the strike window. `rate_limits`: the latest figures the upstream sent,
+    is in force while later than now (a cooldown for a rate limit, or for a
+    fault rate one instance's pool saw). `rate_limits`: the latest figures the upstream sent,
     flat (e.g. `{"primary.used_percent": 42.0}`).
     """
 
     disabled: str | None = None
     cooldown_until: float | None = None
     cooldown_reason: str = ""
-    strikes: int = 0
     rate_limits: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -131,12 +130,8 @@ class StateStore(Protocol):
         """Cool down until `until` unless a longer cooldown runs; returns the one in force."""
         ...
 
-    async def add_strike(self, account_id: str, at: float, window_s: float) -> int:
-        """Count an upstream fault; returns the strikes within `window_s` before `at`."""
-        ...
-
     async def clear_failures(self, account_id: str) -> None:
-        """A success: cooldown and strikes end; a disabled account stays disabled."""
+        """A success: the cooldown ends; a disabled account stays disabled."""
         ...
 
     async def set_rate_limits(self, account_id: str, figures: Mapping[str, float]) -> None: ...
