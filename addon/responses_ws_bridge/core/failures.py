@@ -19,6 +19,13 @@ RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "ins
 CONNECTION_LIMIT_CODE = "websocket_connection_limit_reached"
 PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
 
+# Why no WebSocket could be opened (`ConnectFailed.cause`), as the attempt's outcome says it.
+CONNECT_FAILED = "connect_failed"
+# The upstream URL is unusable (malformed, or this proxy itself).
+BAD_URL = "bad_url"
+# The account's access token could not be refreshed.
+REFRESH_FAILED = "refresh_failed"
+
 
 @dataclass(frozen=True)
 class UpstreamClosed:
@@ -62,6 +69,7 @@ class ConnectFailed:
 
     detail: str = ""
     timed_out: bool = False
+    cause: str = CONNECT_FAILED
 
 
 @dataclass(frozen=True)
@@ -228,8 +236,8 @@ def outcome(failure: Failure) -> str:
             return "closed"
         case HandshakeRejected():
             return "rejected"
-        case ConnectFailed():
-            return "connect_failed"
+        case ConnectFailed(cause=cause):
+            return cause
         case UpstreamErrorEvent(code=code):
             return f"error_event:{code}"
         case UpstreamSilent():

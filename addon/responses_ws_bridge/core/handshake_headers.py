@@ -201,37 +201,46 @@ def _why_removed(low: str) -> str:
 
 def handshake_violations(headers: Sequence[tuple[str, str]]) -> list[str]:
     """What is wrong with a handshake as sent on the wire (for audits); [] when nothing."""
-    problems: list[str] = []
     counts: dict[str, int] = {}
     for k, _ in headers:
         counts[k.lower()] = counts.get(k.lower(), 0) + 1
-    for name in (*LIBRARY_FIELDS, "authorization", "chatgpt-account-id", "x-request-id"):
-        if counts.get(name, 0) > 1:
-            problems.append(f"{name}: sent {counts[name]} times (at most once)")
+    problems = [
+        f"{name}: sent {counts[name]} times (at most once)"
+        for name in (*LIBRARY_FIELDS, "authorization", "chatgpt-account-id", "x-request-id")
+        if counts.get(name, 0) > 1
+    ]
     for k, v in headers:
-        low = k.lower()
-        if low == "connection":
-            if [t.lower() for t in _tokens([v])] != ["upgrade"]:
-                problems.append(f"connection: {v!r} (must be just 'Upgrade')")
-        elif low == "upgrade":
-            if v.strip().lower() != "websocket":
-                problems.append(f"upgrade: {v!r} (must be 'websocket')")
-        elif low in LIBRARY_FIELDS or low in _REPLACED:
-            pass
-        elif _is_removed(low, frozenset()):
-            problems.append(f"{low}: {_why_removed(low)}, not allowed on a WebSocket handshake")
-        if low == "authorization" and not _REDACTED_BEARER.fullmatch(v.strip()):
-            problems.append("authorization: not redacted (expected 'Bearer <redacted:...>')")
-        elif contains_secret(v):
-            problems.append(f"{low}: carries an API key or token in clear")
-    betas = [v for k, v in headers if k.lower() == "openai-beta"]
+        problems += _field_violations(k.lower(), v)
+    return problems + _beta_violations([v for k, v in headers if k.lower() == "openai-beta"])
+
+
+def _field_violations(low: str, value: str) -> list[str]:
+    """What is wrong with one handshake field: its name, then its value."""
+    problems: list[str] = []
+    if low == "connection":
+        if [t.lower() for t in _tokens([value])] != ["upgrade"]:
+            problems.append(f"connection: {value!r} (must be just 'Upgrade')")
+    elif low == "upgrade":
+        if value.strip().lower() != "websocket":
+            problems.append(f"upgrade: {value!r} (must be 'websocket')")
+    elif low not in LIBRARY_FIELDS and low not in _REPLACED and _is_removed(low, frozenset()):
+        problems.append(f"{low}: {_why_removed(low)}, not allowed on a WebSocket handshake")
+    if low == "authorization" and not _REDACTED_BEARER.fullmatch(value.strip()):
+        problems.append("authorization: not redacted (expected 'Bearer <redacted:...>')")
+    elif contains_secret(value):
+        problems.append(f"{low}: carries an API key or token in clear")
+    return problems
+
+
+def _beta_violations(betas: list[str]) -> list[str]:
     if not betas:
-        problems.append("openai-beta: missing (needs a responses_websockets= token)")
-    elif len(betas) > 1:
+        return ["openai-beta: missing (needs a responses_websockets= token)"]
+    problems = []
+    if len(betas) > 1:
         problems.append(f"openai-beta: sent {len(betas)} times (exactly once)")
     keys = [_token_key(t) for t in _tokens(betas)]
     if HTTP_ONLY_BETA in keys:
         problems.append("openai-beta: carries the HTTP-only token responses=experimental")
-    if betas and not any(t.startswith(_WS_BETA_PREFIX) for t in keys):
+    if not any(t.startswith(_WS_BETA_PREFIX) for t in keys):
         problems.append("openai-beta: no responses_websockets= token")
     return problems

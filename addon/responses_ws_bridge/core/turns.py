@@ -14,6 +14,14 @@ from responses_ws_bridge.core.create_request import CreateRequest
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.upstream_trust import Endpoint
 
+# Outcomes that are no failure's: a turn or attempt still running, a client that left,
+# a request answered with an HTTP error, a stream the upstream broke off after events.
+# An attempt's other outcomes are its terminal event or `failures.outcome(failure)`.
+PENDING = "pending"
+CLIENT_GONE = "client_gone"
+ERROR = "error"
+STREAM_INCOMPLETE = "stream_incomplete"
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -35,7 +43,7 @@ class Attempt:
     reused: bool = False
     # A pre-opened socket of the account (handshake done before the request came).
     spare: bool = False
-    outcome: str = "pending"
+    outcome: str = PENDING
     close_code: int | None = None
     detail: str = ""
     upstream_flow: str | None = None
@@ -54,7 +62,7 @@ class TurnReport:
 
     affinity: Affinity
     account: str | None = None
-    outcome: str = "pending"
+    outcome: str = PENDING
     status: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
 

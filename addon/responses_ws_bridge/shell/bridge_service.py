@@ -1,58 +1,73 @@
-"""Serves one bridged request end to end: choose an account, open or reuse, relay, retry.
+"""Serves one bridged request by carrying out its turn engine's commands.
 
-The I/O around the pure decisions. `AttemptPlan` says where each attempt
-goes and what follows a failure; this module asks the pool for that account,
-`routing` for the URL and `handshake_headers` for the headers, takes an idle
-socket from `session_pool` or opens one with `upstream_client`, relays with
-`relay`, and answers the client through `openai_errors.for_failure` when the
-plan gives up.
+`core.turn_engine.TurnEngine` decides everything about a turn; this module
+only does what it asks, one command at a time (`_TurnRun`): the turn state
+(`turn_state`, in memory or shared), the token refresher, the idle socket
+pool and warm spares, the upstream socket, the client's sink, sleeping and
+logging. A client that leaves (or a proxy that stops) while a command runs
+is told to the engine as `ClientLeft`; it lets go of what it holds, and the
+exception goes on up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import Any
 
 from websockets.frames import CloseCode
 
-from responses_ws_bridge.core import openai_errors, routing, upstream_trust
-from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
+from responses_ws_bridge.core import upstream_trust
 from responses_ws_bridge.core.accounts import Account
-from responses_ws_bridge.core.affinity import SessionKey, session_key
-from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickAny, PickOwner
-from responses_ws_bridge.core.failures import (
-    AttemptFailed,
-    ConnectFailed,
-    Failure,
-    HandshakeRejected,
-    UpstreamErrorEvent,
-    close_code_seen,
-    describe,
-    detail,
-    is_connection_limit,
-    outcome,
-)
-from responses_ws_bridge.core.handshake_headers import (
-    UpstreamCredential,
-    upstream_handshake_headers,
-)
+from responses_ws_bridge.core.failures import AttemptFailed
 from responses_ws_bridge.core.pool_state import PoolState
-from responses_ws_bridge.core.rate_limits import RateLimits, from_headers, merge
-from responses_ws_bridge.core.retry_policy import (
-    DEFAULT_RETRY_BUDGET,
-    FailHttp,
-    FailStreamIncomplete,
-    Relay,
-    RetrySame,
+from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
+from responses_ws_bridge.core.turn_commands import (
+    Bind,
+    Broke,
+    Checkout,
+    Choose,
+    ClientLeft,
+    Command,
+    Disable,
+    Failed,
+    FindOwner,
+    Finish,
+    Frames,
+    GetToken,
+    Hold,
+    Log,
+    NoteFigures,
+    Open,
+    PublishOwner,
+    Receive,
+    Refresh,
+    RefreshRefused,
+    Release,
+    Respond,
+    Send,
+    Served,
+    Sleep,
+    SocketReady,
+    StartStream,
+    TimedOut,
+    Unhold,
+    Write,
 )
-from responses_ws_bridge.core.token_refresh import fingerprint
+from responses_ws_bridge.core.turn_engine import (
+    DEFAULT_SSE_KEEPALIVE_S,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    Clocks,
+    EngineRun,
+    EngineSettings,
+    PoolFacts,
+    TurnEngine,
+)
 from responses_ws_bridge.core.turns import Attempt, Turn
-from responses_ws_bridge.shell.relay import ClientStream, TurnDone, relay_turn
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
     DEFAULT_MAX_AGE_S,
@@ -63,18 +78,22 @@ from responses_ws_bridge.shell.session_pool import (
 from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.sink import ClientSink
 from responses_ws_bridge.shell.token_refresher import RefreshFailed, TokenRefresher
+from responses_ws_bridge.shell.turn_state import LocalTurnState, SharedTurnState, TurnState
 from responses_ws_bridge.shell.upstream_client import (
     SessionTap,
     UpstreamSession,
     UpstreamSettings,
 )
-from responses_ws_bridge.state.fallback import FailClosed, Owned
+
+__all__ = [
+    "DEFAULT_SSE_KEEPALIVE_S",
+    "DEFAULT_STREAM_IDLE_TIMEOUT_S",
+    "BridgeService",
+    "BridgeSettings",
+    "TapFactory",
+]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SSE_KEEPALIVE_S = 15.0
-# Seconds without any upstream frame after which a turn is given up.
-DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0
 
 # Gives the recorder a tap for each new upstream connection (None: not recorded).
 TapFactory = Callable[[Turn, Attempt], SessionTap | None]
@@ -93,6 +112,16 @@ class BridgeSettings:
     trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S
 
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings(
+            upstream_option=self.upstream_option,
+            retry_budget=self.retry_budget,
+            keepalive_s=self.sse_keepalive_s,
+            idle_timeout_s=self.stream_idle_timeout_s,
+            trusted_hosts=self.trusted_hosts,
+        )
+
 
 class BridgeService:
     def __init__(
@@ -107,17 +136,19 @@ class BridgeService:
         shared: SharedState | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        clocks: Clocks | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.sessions = sessions
         self.spares = spares if spares is not None else WarmSpares(per_key=settings.warm_spares)
         self.tokens = tokens if tokens is not None else TokenRefresher()
-        self._taps = taps
+        self.taps = taps
         # Affinity, health and load shared with other instances (when `bridge_state` is set).
         self.shared = shared
-        self._sleep = sleep
-        self._jitter = jitter
+        self.sleep = sleep
+        self.jitter = jitter
+        self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
 
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
@@ -131,407 +162,230 @@ class BridgeService:
             self.sessions.drop_account(account_id)
             self.spares.drop_account(account_id)
 
-    # -- serving ------------------------------------------------------------------
-
     async def serve(self, turn: Turn, sink: ClientSink) -> None:
         """Answers the client of `turn` through `sink`; `turn.report` says what happened."""
-        report = turn.report
-        state, pool = self.state, self.state.pool
-        scrub = state.scrubber()
+        scrub = self.state.scrubber()
         if turn.client_credential is not None:
             scrub = scrub.extended([turn.client_credential.bearer])
-        client = ClientStream(
-            sink=sink,
-            headers=[("x-request-id", turn.request_id)],
-            keepalive_s=self.settings.sse_keepalive_s,
+        engine = TurnEngine(
+            turn,
+            self.settings.engine,
+            self._facts(),
             scrub=scrub,
+            clocks=self.clocks,
+            jitter=self.jitter,
         )
-        refused = self._refused_destination(turn)
-        if refused is not None:
-            # Decided before any account is chosen: nothing is sent, no account is judged.
-            logger.info("bridge %s: %s", turn.request_id, refused.reason)
-            await self._fail(client, turn, refused.error)
-            return
-        shared = self.shared if self.shared is not None and self.shared.active else None
-        owner = state.owner(turn.affinity)
-        if shared is not None and pool is not None:
-            found = await shared.owner(turn.affinity)
-            if isinstance(found, FailClosed):
-                await self._fail(client, turn, openai_errors.state_store_unavailable())
-                return
-            owner = found.account_id if isinstance(found, Owned) else found.prefer
-        plan = AttemptPlan(
-            turn.affinity.kind,
-            owner=owner,
-            pooled=pool is not None,
-            retry_budget=self.settings.retry_budget,
-        )
-        last_failure: Failure | None = None
-        while True:
-            account: Account | None = None
-            if pool is not None:
-                pick = plan.next_pick()
-                assert isinstance(pick, PickOwner | PickAny)
-                if shared is not None:
-                    shared_choice = await shared.choose(
-                        pool, pick, turn.affinity, claim=plan.owner is None
-                    )
-                    if isinstance(shared_choice, FailClosed):
-                        await self._fail(client, turn, openai_errors.state_store_unavailable())
-                        return
-                    choice = shared_choice
-                elif isinstance(pick, PickOwner):
-                    choice = pool.choose_owner(pick.account)
-                else:
-                    choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer)
-                if isinstance(choice, NoneUsable) and choice.reason == "excluded":
-                    again = plan.start_over(jitter=self._jitter())
-                    if again is not None:
-                        # Every account failed once, each time transiently: start over.
-                        await self._sleep(again.delay_s)
-                        continue
-                if not isinstance(choice, Chosen):
-                    fail = fail_http_for_choice(
-                        choice, affinity=plan.kind, last_failure=last_failure
-                    )
-                    await self._fail(client, turn, openai_errors.for_decision(fail))
-                    return
-                account = choice.account
-            account_id = account.id if account is not None else None
-            if plan.picked(account_id) and account_id is not None:
-                state.bind(turn.affinity, account_id)
-            attempt = Attempt(plan.attempts, account_id, "")
-            if pool is not None:
-                # The serving account's own figures only, never an earlier attempt's.
-                client.rate_limits = pool.rate_limits(account_id) if account_id else None
-            report.account = account_id
-            report.attempts.append(attempt)
-            if shared is not None and account_id is not None:
-                client.publish_response_id(shared.response_owner_publisher(account_id))
-            try:
-                async with self._lease(shared, account_id):
-                    done = await self._attempt(turn, account, client, attempt)
-            except AttemptFailed as exc:
-                failure = last_failure = exc.failure
-            else:
-                report.outcome, report.status = done.terminal_type, 200
-                if account_id is not None:
-                    delivered = (
-                        done.response_id if done.terminal_type == "response.completed" else None
-                    )
-                    state.served(turn.affinity, account_id, delivered)
-                    if shared is not None:
-                        await shared.served(turn.affinity, account_id)
-                return
-            if attempt.outcome == "pending":
-                attempt.outcome = scrub(outcome(failure))
-            attempt.close_code = close_code_seen(failure)
-            attempt.detail = scrub(attempt.detail or detail(failure))
-            seen = client.has_seen_event
-            if account_id is not None:
-                self._note_rate_limits(account_id, client, _failure_headers(failure))
-            refreshed = False
-            if account is not None and not seen and _is_401(failure):
-                refreshed = await self._refresh_after_401(account, attempt)
-            # A reused socket, or a spare, that turns out dead is not the account's fault.
-            why = plan.retry_for_free(
-                failure,
-                account=account_id,
-                reused=attempt.reused or attempt.spare,
-                client_has_seen_event=seen,
-                token_refreshed=refreshed,
-            )
-            if why is not None:
-                logger.info(
-                    "bridge %s attempt %d on %s: %s -> free retry (%s)",
-                    turn.request_id,
-                    attempt.number,
-                    account_id or "client",
-                    scrub(describe(failure)),
-                    why,
-                )
-                continue
-            usable = True
-            if pool is not None and account_id is not None:
-                pool.record_failure(account_id, failure)
-                if shared is not None:
-                    await shared.failed(pool, account_id, failure)
-                usable = pool.is_usable(account_id)
-            decision = plan.decide(
-                failure,
-                account=account_id,
-                client_has_seen_event=seen,
-                owner_usable=usable,
-                jitter=self._jitter(),
-            )
-            logger.info(
-                "bridge %s attempt %d on %s: %s -> %s",
-                turn.request_id,
-                attempt.number,
-                account_id or "client",
-                scrub(describe(failure)),
-                type(decision).__name__,
-            )
-            if isinstance(decision, RetrySame):
-                await self._sleep(decision.delay_s)
-            elif isinstance(decision, FailStreamIncomplete):
-                report.outcome, report.status = "stream_incomplete", 200
-                await client.fail_after_events(failure, decision.close_code)
-                return
-            elif isinstance(decision, Relay):
-                await self._fail(
-                    client, turn, openai_errors.for_failure(failure, None, passthrough=False)
-                )
-                return
-            elif isinstance(decision, FailHttp):
-                error = openai_errors.for_failure(failure, decision, passthrough=pool is None)
-                await self._fail(client, turn, error)
-                return
-            # RetryOther: the plan has excluded the account; the loop picks again.
+        await _TurnRun(self, turn, sink, self._turn_state()).drive(engine.run())
 
-    def _refused_destination(self, turn: Turn) -> _Refusal | None:
-        """Why the client's destination may not receive this turn (None: it may).
-
-        With a pool, a destination the client chose is used only when trusted;
-        when every account names its own upstream, the destination is never
-        used and so never matters. The proxy itself is never an upstream.
-        """
+    def _facts(self) -> PoolFacts:
         pool = self.state.pool
-        destination = turn.destination
-        target = upstream_trust.Target(
-            destination.scheme, destination.host, destination.port, destination.path
-        )
-        try:
-            decision = upstream_trust.decide_upstream(
-                pool_mode=pool is not None,
-                option=self.settings.upstream_option,
-                account_upstream=None,
-                target=target,
-                reverse_target=turn.reverse_target,
-                trusted_hosts=self.settings.trusted_hosts,
-                own_endpoints=turn.own_endpoints,
-            )
-        except ValueError:
-            return None  # a malformed URL: the attempt says so (bad_url)
-        if isinstance(decision, upstream_trust.Trusted):
-            return None
-        if (
-            pool is not None
-            and not self.settings.upstream_option.strip()
-            and not upstream_trust.is_own_endpoint(
-                destination.host, destination.port, turn.own_endpoints
-            )
-            and all(_own_upstream(pool.account(i)) for i in pool.ids)
-        ):
-            return None
-        where = f"{destination.scheme}://{destination.host}:{destination.port}"
-        return _Refusal(decision.error, f"refused: {where} is not a trusted upstream")
+        if pool is None:
+            return PoolFacts(pooled=False)
+        own = all(_own_upstream(pool.account(i)) for i in pool.ids)
+        return PoolFacts(pooled=True, accounts_own_upstreams=own)
 
-    @staticmethod
-    @contextlib.asynccontextmanager
-    async def _lease(shared: SharedState | None, account_id: str | None) -> AsyncIterator[None]:
-        """An in-flight lease every instance counts, while one attempt runs (shared state)."""
-        if shared is None or account_id is None:
-            yield
-            return
-        async with shared.lease(account_id):
-            yield
+    def _turn_state(self) -> TurnState:
+        shared = self.shared
+        if shared is not None and shared.active and self.state.pool is not None:
+            return SharedTurnState(self.state, shared)
+        return LocalTurnState(self.state)
 
-    async def _attempt(
-        self, turn: Turn, account: Account | None, client: ClientStream, attempt: Attempt
-    ) -> TurnDone:
-        """One attempt on `account` (None: the client's credential); raises `AttemptFailed`."""
-        try:
-            attempt.url = routing.upstream_url(
-                option=self.settings.upstream_option,
-                account_upstream=account.upstream if account is not None else None,
-                scheme=turn.destination.scheme,
-                host=turn.destination.host,
-                port=turn.destination.port,
-                path=turn.destination.path,
-            )
-        except ValueError as exc:
-            attempt.outcome, attempt.detail = "bad_url", str(exc)
-            raise AttemptFailed(ConnectFailed(str(exc))) from exc
-        parts = urlsplit(attempt.url)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        if upstream_trust.is_own_endpoint(parts.hostname or "", port, turn.own_endpoints):
-            # An account's upstream (or bridge_upstream) aimed at this proxy itself.
-            attempt.outcome, attempt.detail = "bad_url", "the upstream is this proxy itself"
-            raise AttemptFailed(ConnectFailed("the upstream is this proxy itself"))
-        account_id = account.id if account is not None else None
-        key = session_key(turn.affinity, account_id)
-        session = self.sessions.checkout(key) if key is not None else None
-        attempt.reused = session is not None
+    def keeps_account(self, account_id: str | None) -> bool:
+        """Whether a socket of `account_id` may serve again (None: the client's own)."""
         pool = self.state.pool
-        if pool is not None and account_id is not None:
-            pool.acquire(account_id)
-        try:
-            if session is None:
-                credential = (
-                    UpstreamCredential(
-                        await self._bearer(account, attempt), account.chatgpt_account_id
-                    )
-                    if account is not None
-                    else turn.client_credential
-                )
-                attempt.credential_tag = (
-                    fingerprint(credential.bearer) if credential is not None else None
-                )
-                headers = upstream_handshake_headers(
-                    turn.client_headers,
-                    credential,
-                    request_id=turn.request_id,
-                    pool_mode=self.state.pooled,
-                )
-                tap = self._taps(turn, attempt) if self._taps is not None else None
-                try:
-                    session, attempt.spare = await self.spares.open(
-                        attempt.url, headers, self.settings.upstream, account=account_id, tap=tap
-                    )
-                except AttemptFailed as exc:
-                    if account_id is not None and isinstance(exc.failure, HandshakeRejected):
-                        self._note_rate_limits(account_id, client, exc.failure.headers)
-                    raise
-                if account_id is not None:
-                    self._note_rate_limits(account_id, client, session.response_headers)
-            elif session.tap is not None:
-                session.tap.attach(turn, attempt)
-            return await self._relay(session, turn, client, attempt, key)
-        finally:
-            if pool is not None and account_id is not None:
-                pool.release(account_id)
-
-    async def _relay(
-        self,
-        session: UpstreamSession,
-        turn: Turn,
-        client: ClientStream,
-        attempt: Attempt,
-        key: SessionKey | None,
-    ) -> TurnDone:
-        client.extra_headers = [
-            ("x-codex-turn-state", v)
-            for k, v in session.response_headers
-            if k.lower() == "x-codex-turn-state"
-        ][:1]
-        account_id = attempt.account
-
-        def seen(limits: RateLimits) -> None:
-            if account_id is not None:
-                self._note_rate_limits(account_id, client, limits=limits)
-
-        try:
-            done = await relay_turn(
-                session,
-                turn.create,
-                client,
-                seen,
-                idle_timeout_s=self.settings.stream_idle_timeout_s,
-            )
-        except AttemptFailed as exc:
-            if is_connection_limit(exc.failure):
-                # Too old for another response: this socket is done.
-                self.sessions.discard(session)
-            elif isinstance(exc.failure, UpstreamErrorEvent):
-                # The socket is fine: an error event ends a turn, not a connection.
-                self._keep_or_close(session, key)
-            else:
-                self.sessions.discard(session)
-            raise
-        except BaseException:
-            # The client left (or the proxy stops): end the upstream turn promptly.
-            attempt.outcome = "client_gone"
-            self.sessions.discard(session, code=CloseCode.GOING_AWAY, reason="client went away")
-            raise
-        self._keep_or_close(session, key)
-        attempt.outcome = done.terminal_type
-        return done
-
-    # -- tokens and rate limits ------------------------------------------------------
-
-    async def _bearer(self, account: Account, attempt: Attempt) -> str:
-        """The account's access token, refreshed first when due (ChatGPT logins)."""
-        try:
-            return await self.tokens.access_token(account)
-        except RefreshFailed as exc:
-            self._refresh_failed(account, exc, attempt)
-            raise AttemptFailed(ConnectFailed(str(exc))) from exc
-
-    async def _refresh_after_401(self, account: Account, attempt: Attempt) -> bool:
-        """A handshake 401: True when a refreshed token is there for one more try."""
-        if not account.refreshable or attempt.credential_tag is None:
-            return False
-        try:
-            return await self.tokens.after_rejection(account, attempt.credential_tag)
-        except RefreshFailed as exc:
-            self._refresh_failed(account, exc, attempt)
-            return False
-
-    def _refresh_failed(self, account: Account, exc: RefreshFailed, attempt: Attempt) -> None:
-        attempt.outcome, attempt.detail = "refresh_failed", exc.reason
-        pool = self.state.pool
-        if exc.permanent and pool is not None:
-            pool.disable(account.id, f"token refresh refused: {exc.reason}")
-
-    def _note_rate_limits(
-        self,
-        account_id: str,
-        client: ClientStream,
-        headers: Iterable[tuple[str, str]] | None = None,
-        *,
-        limits: RateLimits | None = None,
-    ) -> None:
-        """The upstream told the account's figures (a frame, or x-codex-* headers)."""
-        if limits is None:
-            limits = from_headers(headers)
-        if limits is None:
-            return
-        pool = self.state.pool
-        if pool is not None:
-            pool.record_rate_limits(account_id, limits)
-        client.rate_limits = self._account_limits(account_id, merge(client.rate_limits, limits))
-
-    def _account_limits(self, account_id: str, fallback: RateLimits | None) -> RateLimits | None:
-        pool = self.state.pool
-        known = pool.rate_limits(account_id) if pool is not None else None
-        return known if known is not None else fallback
-
-    def _keep_or_close(self, session: UpstreamSession, key: SessionKey | None) -> None:
-        """The turn is over and the socket idle again: it can serve the key's next turn."""
-        if key is not None and (key[1] is None or self._account_still_there(key[1])):
-            self.sessions.checkin(key, session)
-        else:
-            self.sessions.discard(session)
-
-    def _account_still_there(self, account_id: str) -> bool:
-        pool = self.state.pool
-        return pool is not None and pool.account(account_id) is not None
-
-    async def _fail(self, client: ClientStream, turn: Turn, error: openai_errors.HttpError) -> None:
-        turn.report.outcome, turn.report.status = "error", error.status
-        await client.send_error(error)
+        return account_id is None or (pool is not None and pool.account(account_id) is not None)
 
     async def shutdown(self) -> None:
         await self.sessions.close_all()
         await self.spares.close_all()
 
 
-@dataclass(frozen=True)
-class _Refusal:
-    error: openai_errors.HttpError
-    reason: str  # for the log
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class _TurnRun:
+    """Carries out one turn engine's commands; holds the turn's upstream socket."""
+
+    def __init__(self, service: BridgeService, turn: Turn, sink: ClientSink, state: TurnState):
+        self.service = service
+        self.turn = turn
+        self.sink = sink
+        self.state = state
+        self.session: UpstreamSession | None = None
+        self._handlers: dict[type[Command], Handler] = {
+            FindOwner: self._find_owner,
+            Choose: self._choose,
+            Bind: self._bind,
+            Hold: self._hold,
+            Unhold: self._unhold,
+            NoteFigures: self._figures,
+            Failed: self._failed,
+            Disable: self._disable,
+            PublishOwner: self._publish,
+            Served: self._served,
+            GetToken: self._token,
+            Refresh: self._refresh,
+            Checkout: self._checkout,
+            Open: self._open,
+            Send: self._send,
+            Receive: self._receive,
+            Release: self._release,
+            StartStream: self._start,
+            Write: self._write,
+            Finish: self._finish,
+            Respond: self._respond,
+            Sleep: self._sleep,
+            Log: self._log,
+        }
+
+    async def drive(self, engine: EngineRun) -> None:
+        """Runs the engine to its end; re-raises what made the client leave."""
+        reply: object = None
+        left: BaseException | None = None
+        while True:
+            try:
+                command = engine.send(reply)
+            except StopIteration:
+                break
+            try:
+                reply = await self._handlers[type(command)](command)
+            except BaseException as exc:  # the client left, the proxy stops, or a bug
+                left = left or exc
+                reply = ClientLeft()
+        if left is not None:
+            raise left
+
+    # -- the turn state ---------------------------------------------------------------------
+
+    async def _find_owner(self, _: FindOwner) -> object:
+        return await self.state.owner(self.turn.affinity)
+
+    async def _choose(self, command: Choose) -> object:
+        return await self.state.choose(command.pick, self.turn.affinity, claim=command.claim)
+
+    async def _bind(self, command: Bind) -> None:
+        self.state.bind(self.turn.affinity, command.account_id)
+
+    async def _hold(self, command: Hold) -> None:
+        await self.state.hold(command.account_id)
+
+    async def _unhold(self, command: Unhold) -> None:
+        await self.state.unhold(command.account_id)
+
+    async def _figures(self, command: NoteFigures) -> object:
+        return self.state.figures(command.account_id, command.limits)
+
+    async def _failed(self, command: Failed) -> bool:
+        return await self.state.failed(command.account_id, command.failure)
+
+    async def _disable(self, command: Disable) -> None:
+        self.state.disable(command.account_id, command.reason)
+
+    async def _publish(self, command: PublishOwner) -> None:
+        await self.state.publish_owner(command.account_id, command.response_id)
+
+    async def _served(self, command: Served) -> None:
+        await self.state.served(self.turn.affinity, command.account_id, command.response_id)
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    async def _token(self, command: GetToken) -> str | RefreshRefused:
+        return await _refusal_or(self.service.tokens.access_token(command.account))
+
+    async def _refresh(self, command: Refresh) -> bool | RefreshRefused:
+        tokens = self.service.tokens
+        return await _refusal_or(tokens.after_rejection(command.account, command.used_tag))
+
+    # -- the upstream socket ----------------------------------------------------------------
+
+    async def _checkout(self, command: Checkout) -> SocketReady | None:
+        session = self.service.sessions.checkout(command.key)
+        if session is None:
+            return None
+        if session.tap is not None:
+            session.tap.attach(self.turn, command.attempt)
+        self.session = session
+        return SocketReady(session.response_headers)
+
+    async def _open(self, command: Open) -> SocketReady | Broke:
+        service = self.service
+        tap = service.taps(self.turn, command.attempt) if service.taps is not None else None
+        try:
+            session, spare = await service.spares.open(
+                command.url,
+                command.headers,
+                service.settings.upstream,
+                account=command.account_id,
+                tap=tap,
+            )
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+        self.session = session
+        return SocketReady(session.response_headers, spare)
+
+    async def _send(self, command: Send) -> Broke | None:
+        try:
+            await self._session().send(command.text)
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+        return None
+
+    async def _receive(self, command: Receive) -> Frames | TimedOut | Broke:
+        session = self._session()
+        try:
+            if command.timeout_s is None:
+                return Frames(await session.next_batch())
+            async with asyncio.timeout(command.timeout_s):
+                return Frames(await session.next_batch())
+        except TimeoutError:
+            return TimedOut()
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+
+    async def _release(self, command: Release) -> None:
+        session, self.session = self._session(), None
+        sessions, key = self.service.sessions, command.key
+        if command.keep and key is not None and self.service.keeps_account(key[1]):
+            sessions.checkin(key, session)
+        else:
+            sessions.discard(
+                session, code=command.code or CloseCode.NORMAL_CLOSURE, reason=command.reason
+            )
+
+    def _session(self) -> UpstreamSession:
+        if self.session is None:
+            raise RuntimeError("the turn engine used a socket it had not opened")
+        return self.session
+
+    # -- the client -------------------------------------------------------------------------
+
+    async def _start(self, command: StartStream) -> None:
+        await self.sink.start(command.status, command.headers)
+
+    async def _write(self, command: Write) -> None:
+        await self.sink.write(command.data)
+
+    async def _finish(self, _: Finish) -> None:
+        await self.sink.finish()
+
+    async def _respond(self, command: Respond) -> None:
+        await self.sink.respond(command.status, command.headers, command.body)
+
+    # -- the shell itself -------------------------------------------------------------------
+
+    async def _sleep(self, command: Sleep) -> None:
+        await self.service.sleep(command.seconds)
+
+    async def _log(self, command: Log) -> None:
+        logger.info("%s", command.message)
+
+
+async def _refusal_or[T](call: Awaitable[T]) -> T | RefreshRefused:
+    try:
+        return await call
+    except RefreshFailed as exc:
+        return RefreshRefused(exc.reason, exc.permanent)
 
 
 def _own_upstream(account: Account | None) -> bool:
     return account is not None and bool((account.upstream or "").strip())
-
-
-def _is_401(failure: Failure) -> bool:
-    return isinstance(failure, HandshakeRejected) and failure.status == 401
-
-
-def _failure_headers(failure: Failure) -> Iterable[tuple[str, str]]:
-    if isinstance(failure, UpstreamErrorEvent):
-        return failure.headers.items()
-    return ()

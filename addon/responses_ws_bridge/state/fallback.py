@@ -26,36 +26,23 @@ did not name as its owner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from responses_ws_bridge.core.affinity import Affinity, AffinityKind, owner_for
+from responses_ws_bridge.core.turn_commands import FailClosed, Owned, OwnerDecision, Unbound
 from responses_ws_bridge.state.guarded import StateUnavailable
 from responses_ws_bridge.state.store import Lookup
 
 STATE_STORE_UNAVAILABLE = "state_store_unavailable"
 
-
-@dataclass(frozen=True)
-class Owned:
-    account_id: str
-    from_store: bool = True
-
-
-@dataclass(frozen=True)
-class Unbound:
-    """No owner yet: choose an account (preferring `prefer`) and bind it."""
-
-    prefer: str | None = None
-
-
-@dataclass(frozen=True)
-class FailClosed:
-    """Answer 503 `state_store_unavailable`; `reason` is the store's failure."""
-
-    reason: str
-
-
-OwnerDecision = Owned | Unbound | FailClosed
+__all__ = [
+    "STATE_STORE_UNAVAILABLE",
+    "FailClosed",
+    "Owned",
+    "OwnerDecision",
+    "Unbound",
+    "bind_decision",
+    "owner_decision",
+    "stored_owner",
+]
 
 
 def stored_owner(affinity: Affinity, found: Lookup) -> str | None:
