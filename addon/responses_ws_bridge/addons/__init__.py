@@ -7,6 +7,8 @@ before mitmproxy's own save addon writes the flow.
 
 from __future__ import annotations
 
+import time
+
 from responses_ws_bridge.addons.accounts import Accounts
 from responses_ws_bridge.addons.contentview import ResponsesView
 from responses_ws_bridge.addons.metrics import BridgeMetricsAddon, pool_gauges
@@ -15,6 +17,7 @@ from responses_ws_bridge.addons.responses_bridge import ResponsesBridge
 from responses_ws_bridge.addons.state import BridgeStateAddon
 from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
 from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.core.turn_engine import Clocks
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.session_pool import SessionPool, WarmSpares
 from responses_ws_bridge.shell.shared_state import SharedState
@@ -23,23 +26,26 @@ from responses_ws_bridge.shell.token_refresher import TokenRefresher
 
 def bridge_addons() -> list[object]:
     """Every addon of the bridge, wired together (what `addon/bridge.py` loads)."""
-    state = PoolState()
-    tokens = TokenRefresher()
+    # One clock pair for every part, so their times agree (and a test can replace them).
+    clocks = Clocks(time.monotonic, time.time)
+    state = PoolState(clock=clocks.monotonic)
+    tokens = TokenRefresher(wall_clock=clocks.wall)
     state.live_secrets = tokens.secrets
     recording = Recording(state)
     metrics = BridgeMetricsAddon()
     store = BridgeStateAddon(on_error=metrics.state_store_error)
-    shared = SharedState(store.shared_store, state)
-    sessions = SessionPool()
+    shared = SharedState(store.shared_store, state, wall_clock=clocks.wall)
+    sessions = SessionPool(clock=clocks.monotonic)
     settings = BridgeSettings()
     service = BridgeService(
         settings,
         state=state,
         sessions=sessions,
-        spares=WarmSpares(per_key=settings.warm_spares),
+        spares=WarmSpares(per_key=settings.warm_spares, clock=clocks.monotonic),
         taps=recording.tap_for,
         tokens=tokens,
         shared=shared,
+        clocks=clocks,
     )
     metrics.snapshot = lambda: pool_gauges(state, sessions, shared)
     bridge = ResponsesBridge(service)

@@ -38,6 +38,7 @@ from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.body_decoding import BodyDecodingError, StreamDecoder
 from responses_ws_bridge.core.create_request import BadRequest, parse_create_request
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
+from responses_ws_bridge.core.http_fields import bearer_token
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.shell.bridge_service import (
@@ -527,8 +528,7 @@ def _reverse_target(flow: http.HTTPFlow) -> upstream_trust.Endpoint | None:
 
 
 def _client_credential(headers: http.Headers) -> UpstreamCredential | None:
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(headers.get("authorization"))
+    if token is None:
         return None
-    return UpstreamCredential(token.strip(), headers.get("chatgpt-account-id") or None)
+    return UpstreamCredential(token, headers.get("chatgpt-account-id") or None)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from responses_ws_bridge.core.http_fields import bearer_token
+
 _ACCOUNT_KEYS = (
     "id",
     "access_token",
@@ -222,11 +224,8 @@ def client_key_ok(config: AccountsConfig, authorization: str | None) -> bool:
     """
     if config.client_keys is None:
         return True
-    if authorization is None:
-        return False
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(authorization)
+    if token is None:
         return False
     presented = token.encode("utf-8", "surrogateescape")
     matched = False

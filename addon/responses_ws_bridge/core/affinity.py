@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from responses_ws_bridge.core import http_fields
+
 
 class AffinityKind(StrEnum):
     HARD = "hard"
@@ -64,10 +66,8 @@ HARD_HEADERS: tuple[tuple[str, str], ...] = (
 
 
 def _header(headers: Sequence[tuple[str, str]], name: str) -> str | None:
-    for key, value in headers:
-        if key.lower() == name and value.strip():
-            return value.strip()
-    return None
+    """The first value of `name` that is not blank, stripped."""
+    return next((v.strip() for v in http_fields.values(headers, name) if v.strip()), None)
 
 
 def _text(value: Any) -> str | None:

@@ -14,6 +14,8 @@ from typing import Any
 
 from websockets.frames import CloseCode
 
+from responses_ws_bridge.core import http_fields
+
 RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
 # The upstream socket reached its maximum age (60 minutes): a new socket serves.
 CONNECTION_LIMIT_CODE = "websocket_connection_limit_reached"
@@ -59,8 +61,7 @@ class HandshakeRejected:
     retry_after_s: float | None = None
 
     def header(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
+        return http_fields.header(self.headers, name)
 
 
 @dataclass(frozen=True)

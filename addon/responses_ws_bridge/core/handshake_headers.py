@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from responses_ws_bridge.core import http_fields
+
 WEBSOCKET_BETA = "responses_websockets=2026-02-06"
 HTTP_ONLY_BETA = "responses=experimental"
 _WS_BETA_PREFIX = "responses_websockets="
@@ -160,7 +162,7 @@ def upstream_handshake_headers(
         out.append(("Authorization", f"Bearer {credential.bearer}"))
         if credential.chatgpt_account_id:
             out.append(("chatgpt-account-id", credential.chatgpt_account_id))
-    betas = [v for k, v in client_headers if k.lower() == "openai-beta"]
+    betas = http_fields.values(client_headers, "openai-beta")
     out.append(("OpenAI-Beta", normalize_beta(betas)))
     out.append(("x-request-id", request_id))
     return out
@@ -211,7 +213,7 @@ def handshake_violations(headers: Sequence[tuple[str, str]]) -> list[str]:
     ]
     for k, v in headers:
         problems += _field_violations(k.lower(), v)
-    return problems + _beta_violations([v for k, v in headers if k.lower() == "openai-beta"])
+    return problems + _beta_violations(http_fields.values(headers, "openai-beta"))
 
 
 def _field_violations(low: str, value: str) -> list[str]:

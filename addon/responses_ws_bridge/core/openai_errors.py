@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from responses_ws_bridge.core import http_fields
 from responses_ws_bridge.core.failures import (
     ConnectFailed,
     ConnectionLost,
@@ -48,7 +49,7 @@ class HttpError:
 
     def __post_init__(self) -> None:
         # Every body here is JSON; say so even when the caller forgot.
-        if not any(k.lower() == "content-type" for k, _ in self.headers):
+        if not http_fields.has(self.headers, "content-type"):
             object.__setattr__(self, "headers", (_JSON, *self.headers))
 
 
@@ -116,8 +117,8 @@ def unauthorized_client_key() -> HttpError:
 
 
 def _header(headers: Mapping[str, str] | Sequence[tuple[str, str]], name: str) -> str | None:
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
-    return next((v.strip() for k, v in pairs if k.lower() == name), None)
+    value = http_fields.header(headers, name)
+    return value.strip() if value is not None else None
 
 
 def _upstream_json_error(body: bytes | None) -> bytes | None:

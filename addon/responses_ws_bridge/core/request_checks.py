@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from responses_ws_bridge.core import openai_errors
+from responses_ws_bridge.core import http_fields, openai_errors
 from responses_ws_bridge.core.affinity import HARD_HEADERS
 from responses_ws_bridge.core.body_decoding import BodyDecodingError, parse_content_encoding
 from responses_ws_bridge.core.openai_errors import HttpError
@@ -55,7 +55,7 @@ def body_may_follow(headers: Sequence[tuple[str, str]]) -> bool:
 
 def content_length(headers: Sequence[tuple[str, str]]) -> int | None:
     """The announced length; None when absent. Raises ValueError when invalid or conflicting."""
-    values = [v.strip() for k, v in headers if k.lower() == "content-length"]
+    values = [v.strip() for v in http_fields.values(headers, "content-length")]
     if not values:
         return None
     # "10, 10" (one field, a list) is as ambiguous as two fields: RFC 9112 §6.3.
@@ -89,13 +89,13 @@ def check_headers(headers: Sequence[tuple[str, str]], *, max_body: int) -> HttpE
                 "or text outside ISO-8859-1)"
             )
             return openai_errors.invalid_header(name, why)
-    encodings = [v for k, v in headers if k.lower() == "transfer-encoding"]
+    encodings = http_fields.values(headers, "transfer-encoding")
     if encodings:
         if [e.strip().lower() for e in encodings] != ["chunked"]:
             return openai_errors.invalid_header(
                 "Transfer-Encoding", "only a plain `chunked` is accepted"
             )
-        if any(k.lower() == "content-length" for k, _ in headers):
+        if http_fields.has(headers, "content-length"):
             return openai_errors.invalid_header(
                 "Content-Length", "must not be sent together with Transfer-Encoding"
             )
@@ -104,10 +104,10 @@ def check_headers(headers: Sequence[tuple[str, str]], *, max_body: int) -> HttpE
     except ValueError as exc:
         return openai_errors.invalid_header("Content-Length", str(exc))
     try:
-        parse_content_encoding(",".join(v for k, v in headers if k.lower() == "content-encoding"))
+        parse_content_encoding(",".join(http_fields.values(headers, "content-encoding")))
     except BodyDecodingError as exc:
         return openai_errors.body_decoding_failed(exc)
-    expect = [v.strip().lower() for k, v in headers if k.lower() == "expect"]
+    expect = [v.strip().lower() for v in http_fields.values(headers, "expect")]
     if expect and expect != ["100-continue"]:
         return openai_errors.expectation_failed()
     if length is not None and length > max_body:

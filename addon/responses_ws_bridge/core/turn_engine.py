@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode
 
-from responses_ws_bridge.core import openai_errors, routing, sse, upstream_trust
+from responses_ws_bridge.core import http_fields, openai_errors, routing, sse, upstream_trust
 from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import SessionKey, session_key
@@ -371,11 +371,8 @@ class TurnEngine:
 
     def _exchange(self, ready: SocketReady, attempt: Attempt) -> _Ask:
         """`response.create` out, events back; the socket kept or closed after."""
-        self._turn_state = [
-            ("x-codex-turn-state", v)
-            for k, v in ready.response_headers
-            if k.lower() == "x-codex-turn-state"
-        ][:1]
+        turn_state = http_fields.header(ready.response_headers, "x-codex-turn-state")
+        self._turn_state = [("x-codex-turn-state", turn_state)] if turn_state is not None else []
         result: TurnDone | Failure
         sent = yield from self._ask(Send(self.turn.create.message))
         if isinstance(sent, Broke):

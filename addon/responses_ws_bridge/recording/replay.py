@@ -35,6 +35,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 
+from responses_ws_bridge.core import http_fields
+from responses_ws_bridge.core.openai_errors import error_body
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, account_from_authorization
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
 from responses_ws_bridge.testing.loop_thread import LoopThread, WebSocketServerContext
@@ -334,8 +336,7 @@ def diff_json(expected: Any, got: Any, path: str) -> list[tuple[str, DeviationKi
 
 
 def bearer_token(authorization: str) -> str:
-    scheme, _, token = authorization.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else authorization.strip()
+    return http_fields.bearer_token(authorization) or authorization.strip()
 
 
 def account_label(authorization: str | None, tokens: Mapping[str, str] | None) -> str | None:
@@ -714,16 +715,11 @@ class ReplayServer(WebSocketServerContext):
                 f"handshake #{index} (GET {request.path}) beyond the {len(self.sessions)} recorded"
             )
             self._deviate([Deviation(index, "handshake", None, got, "unexpected")])
-            body = json.dumps(
-                {
-                    "error": {
-                        "message": "replay: no recorded session left for this handshake",
-                        "type": "server_error",
-                        "code": "replay_exhausted",
-                        "param": None,
-                    }
-                }
-            ).encode()
+            body = error_body(
+                "replay: no recorded session left for this handshake",
+                type_="server_error",
+                code="replay_exhausted",
+            )
             headers = Headers([("Content-Type", "application/json")])
             headers["Content-Length"] = str(len(body))
             return Response(503, "Service Unavailable", headers, body)

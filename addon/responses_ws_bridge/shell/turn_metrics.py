@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from responses_ws_bridge.core import http_fields
 from responses_ws_bridge.core.turns import Turn, TurnReport
 from responses_ws_bridge.shell.sink import ClientSink
 
@@ -41,7 +42,7 @@ class _StartWatch:
 
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
         self.status, self.started = status, True
-        if any(k.lower() == "content-type" and v == "text/event-stream" for k, v in headers):
+        if "text/event-stream" in http_fields.values(headers, "content-type"):
             self._on_stream()
         await self._inner.start(status, headers)
 
