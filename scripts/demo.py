@@ -14,7 +14,7 @@ import sys
 
 import httpx
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
+from responses_ws_bridge.local.upstream import ThreadedUpstream
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 CLIENT_HEADERS = [

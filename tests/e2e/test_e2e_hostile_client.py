@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from responses_ws_bridge.local.upstream import ThreadedUpstream
 from responses_ws_bridge.testing.hostile_client import (
     BAD_HEADERS,
     RawResult,
@@ -24,7 +25,6 @@ from responses_ws_bridge.testing.hostile_client import (
     raw_request,
     request_head,
 )
-from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 KEY = "hostile-test-client-key"

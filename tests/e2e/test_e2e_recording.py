@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mitmproxy import http
 from mitmproxy import io as mitm_io
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 from tests.support.http import client

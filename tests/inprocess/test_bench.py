@@ -17,6 +17,17 @@ from typing import Any
 import httpx
 import pytest
 from responses_ws_bridge.core.sse import encode_event, parse_sse
+from responses_ws_bridge.local.response_events import (
+    BadWorkload,
+    TurnSpec,
+    Workload,
+    apply_workload,
+    encode,
+    requested_workload,
+    turn_events,
+    workload_metadata,
+)
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan, ThreadedUpstream
 from responses_ws_bridge.testing.bench_client import (
     CODEX_BODY_BYTES,
     CODEX_HTTP_HEADERS,
@@ -56,17 +67,6 @@ from responses_ws_bridge.testing.local_sse_upstream import (
     LocalSseUpstream,
     ThreadedSseUpstream,
     plan_reply,
-)
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan, ThreadedUpstream
-from responses_ws_bridge.testing.response_events import (
-    BadWorkload,
-    TurnSpec,
-    Workload,
-    apply_workload,
-    encode,
-    requested_workload,
-    turn_events,
-    workload_metadata,
 )
 from websockets.asyncio.client import connect
 

@@ -15,6 +15,9 @@ import httpx
 import pytest
 from cryptography import x509
 from responses_ws_bridge.core.failures import AttemptFailed, ConnectFailed
+from responses_ws_bridge.local.response_events import TurnSpec, split_text
+from responses_ws_bridge.local.tls import TestPki, make_test_pki
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.shell.upstream_client import (
     TLS_READ_BUFFER,
     UpstreamSettings,
@@ -22,9 +25,6 @@ from responses_ws_bridge.shell.upstream_client import (
     tls_context,
 )
 from responses_ws_bridge.testing.local_sse_upstream import LocalSseUpstream
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
-from responses_ws_bridge.testing.response_events import TurnSpec, split_text
-from responses_ws_bridge.testing.tls import TestPki, make_test_pki
 
 TIMEOUT = 15.0
 CREATE = json.dumps({"type": "response.create", "model": "m", "input": "hi"})
@@ -156,7 +156,7 @@ def test_the_sse_upstream_serves_https(pki: TestPki) -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "responses_ws_bridge.testing.local_upstream",
+        "responses_ws_bridge.local.upstream",
         "responses_ws_bridge.testing.local_sse_upstream",
     ],
 )

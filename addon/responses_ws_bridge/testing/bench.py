@@ -38,6 +38,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.tls import TestPki, make_test_pki
 from responses_ws_bridge.testing.bench_client import (
     CODEX_BODY_BYTES,
     PATHS,
@@ -53,8 +55,7 @@ from responses_ws_bridge.testing.bench_client import (
     sample_process,
     turn_figures,
 )
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.tls import TestPki, make_test_pki
+from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parents[3]
 STREAM_ALL = Path(__file__).resolve().with_name("stream_all.py")
@@ -217,9 +218,7 @@ def running_stack(
     notes: list[str] = []
     tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     with ExitStack() as stack:
-        ws = ServerProcess(
-            "responses_ws_bridge.testing.local_upstream", "--no-record", "--quiet", *tls
-        )
+        ws = ServerProcess("responses_ws_bridge.local.upstream", "--no-record", "--quiet", *tls)
         stack.callback(ws.stop)
         upstreams = {"ws": ws}
         if "passthrough" in paths:

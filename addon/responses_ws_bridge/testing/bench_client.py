@@ -33,7 +33,7 @@ from typing import Any, Literal
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from responses_ws_bridge.testing.response_events import DEFAULT_TEXT, split_text, workload_metadata
+from responses_ws_bridge.local.response_events import DEFAULT_TEXT, split_text, workload_metadata
 
 # Events of a text turn besides its deltas: created, in_progress, item added,
 # part added, text done, part done, item done, completed.

@@ -27,6 +27,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.state_server import StateServer
 from responses_ws_bridge.testing.bench_client import (
     CODEX_BODY_BYTES,
     Fleet,
@@ -34,8 +36,7 @@ from responses_ws_bridge.testing.bench_client import (
     TurnResult,
     turn_figures,
 )
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.state_server import StateServer
+from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 SETUPS = ("one_memory", "one_store", "two_store")
 
@@ -58,7 +59,7 @@ def _upstream() -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "responses_ws_bridge.testing.local_upstream",
+            "responses_ws_bridge.local.upstream",
             "--port",
             str(port),
             "--no-record",

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from responses_ws_bridge.testing.loop_thread import AsyncServerContext, serve_until_stopped
+from responses_ws_bridge.local.loop_thread import AsyncServerContext, serve_until_stopped
 
 DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
 _READ_SIZE = 65536

@@ -31,13 +31,12 @@ from typing import Any
 import h11
 
 from responses_ws_bridge.core.sse import encode_event
-from responses_ws_bridge.testing.local_upstream import MODELS_BODY
-from responses_ws_bridge.testing.loop_thread import (
+from responses_ws_bridge.local.loop_thread import (
     AsyncServerContext,
     LoopThread,
     serve_until_stopped,
 )
-from responses_ws_bridge.testing.response_events import (
+from responses_ws_bridge.local.response_events import (
     BadWorkload,
     TurnSpec,
     apply_workload,
@@ -47,7 +46,8 @@ from responses_ws_bridge.testing.response_events import (
     requested_workload,
     turn_events,
 )
-from responses_ws_bridge.testing.tls import add_tls_arguments, tls_context_from
+from responses_ws_bridge.local.tls import add_tls_arguments, tls_context_from
+from responses_ws_bridge.local.upstream import MODELS_BODY
 
 MAX_BODY = 64 * 1024 * 1024
 _READ_SIZE = 65536
