@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from harness.oauth_server import (
+    FakeTokenEndpoint,
+    access_token_for,
+    unsigned_jwt,
+)
+from harness.proxy_process import ProxyProcess
 from responses_ws_bridge.local.response_events import (
     TurnSpec,
     connection_limit_event,
@@ -27,12 +33,6 @@ from responses_ws_bridge.local.response_events import (
     rate_limits_event,
 )
 from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.oauth_server import (
-    FakeTokenEndpoint,
-    access_token_for,
-    unsigned_jwt,
-)
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,6 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+from harness.oauth_server import (
+    FakeTokenEndpoint,
+    access_token_for,
+    unsigned_jwt,
+)
+from harness.proxy_process import ProxyProcess
 from mitmproxy import http as mitm_http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
@@ -30,12 +36,6 @@ from responses_ws_bridge.local.response_events import (
     rate_limits_event,
 )
 from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.oauth_server import (
-    FakeTokenEndpoint,
-    access_token_for,
-    unsigned_jwt,
-)
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 from tests.support.http import client
 

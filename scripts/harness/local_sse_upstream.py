@@ -1,7 +1,8 @@
 """A local Responses HTTP server that streams SSE: the upstream of plain mitmproxy in the benchmark.
 
 It answers `POST …/responses` with the same events as the WebSocket upstream
-(`local_upstream`, both built by `response_events.turn_events`): as
+(`responses_ws_bridge.local.upstream`, both built by
+`response_events.turn_events`): as
 `text/event-stream`, chunked, one write per event, when the body says
 `"stream": true`, else as one JSON body (the final response object).
 `GET …/models` lists one model; anything else is a 404. Connections are
@@ -12,8 +13,8 @@ The request picks its workload through `metadata` (`local_deltas`,
 one server process serves every workload of a benchmark run.
 
 `LocalSseUpstream` runs in the caller's event loop; `ThreadedSseUpstream` runs
-one in its own thread. `python -m responses_ws_bridge.testing.local_sse_upstream` serves one until
-interrupted.
+one in its own thread. `PYTHONPATH=scripts python -m harness.local_sse_upstream`
+serves one until interrupted.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import h11
-
 from responses_ws_bridge.core.sse import encode_event
 from responses_ws_bridge.local.loop_thread import (
     AsyncServerContext,
@@ -281,7 +281,7 @@ class ThreadedSseUpstream(LoopThread[LocalSseUpstream]):
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m responses_ws_bridge.testing.local_sse_upstream",
+        prog="python -m harness.local_sse_upstream",
         description="Serve a local Responses HTTP (SSE) upstream until interrupted.",
     )
     parser.add_argument("--host", default="127.0.0.1")

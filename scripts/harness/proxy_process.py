@@ -20,8 +20,8 @@ from typing import Self
 
 from responses_ws_bridge.local.ports import free_port
 
-# The mitmproxy entry script sits beside this package in the checkout.
-SCRIPT = Path(__file__).resolve().parents[2] / "bridge.py"
+# The mitmproxy entry script of the checkout (this package is in scripts/).
+SCRIPT = Path(__file__).resolve().parents[2] / "addon" / "bridge.py"
 READY_LINE = "Responses bridge ready"
 
 
