@@ -1,7 +1,7 @@
 """`make bench`: the bridge against plain mitmproxy and a direct client, over TLS and a model RTT.
 
-The benchmark itself is `responses_ws_bridge.testing.bench`; this is its
-command line. It prints the tables, ratios and targets, and writes the raw
+The benchmark itself is `harness.bench` (scripts/harness/bench.py); this is
+its command line. It prints the tables, ratios and targets, and writes the raw
 figures as JSON (`--json`, default bench-results.json). `--quick` is a run of
 a minute or two whose verdicts are indicative only; `--smoke` is the tiny one
 the test suite runs.
@@ -15,13 +15,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from responses_ws_bridge.testing.bench import ALL_PATHS, RunOptions, run
-from responses_ws_bridge.testing.bench_client import (
+from harness.bench import ALL_PATHS, RunOptions, run
+from harness.bench_client import (
     CODEX_BODY_BYTES,
     check_document,
     format_report,
 )
-from responses_ws_bridge.testing.bench_scaleout import (
+from harness.bench_scaleout import (
     ScaleoutSpec,
     format_scaleout,
     measure_scaleout,

@@ -13,9 +13,9 @@ import json
 import sys
 
 import httpx
+from harness.proxy_process import ProxyProcess
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
+from responses_ws_bridge.local.upstream import ThreadedUpstream
 
 CLIENT_HEADERS = [
     ("accept", "text/event-stream"),

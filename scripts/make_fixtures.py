@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.oauth_server import (
+from harness.oauth_server import (
     FakeTokenEndpoint,
     access_token_for,
     unsigned_jwt,
 )
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
-from responses_ws_bridge.testing.response_events import (
+from harness.proxy_process import ProxyProcess
+from responses_ws_bridge.local.response_events import (
     TurnSpec,
     connection_limit_event,
     invalid_previous_response_event,
     rate_limits_event,
 )
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from responses_ws_bridge.core.accounts import AccountsFileError, parse_accounts
+from responses_ws_bridge.local.loop_thread import serve_until_stopped
 from responses_ws_bridge.recording.replay import (
     Deviation,
     FlowFileError,
@@ -24,7 +25,6 @@ from responses_ws_bridge.recording.replay import (
     ServedSession,
     load_sessions,
 )
-from responses_ws_bridge.testing.loop_thread import serve_until_stopped
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream_cmd = [
             sys.executable,
             "-m",
-            "responses_ws_bridge.testing.local_upstream",
+            "responses_ws_bridge.local.upstream",
             "--port",
             str(upstream_port),
         ]
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     sys.executable,
                     "-m",
-                    "responses_ws_bridge.testing.state_server",
+                    "responses_ws_bridge.local.state_server",
                     "--port",
                     str(store_port),
                 ],

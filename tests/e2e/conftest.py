@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
+from responses_ws_bridge.local.upstream import ThreadedUpstream
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from harness.proxy_process import ProxyProcess
 from mitmproxy import http as mitm_http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.handshake_headers import WEBSOCKET_BETA
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
-from responses_ws_bridge.testing.response_events import TurnSpec, encode
+from responses_ws_bridge.local.response_events import TurnSpec, encode
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 from tests.support.http import capture_request, client, header_values
 

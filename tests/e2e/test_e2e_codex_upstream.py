@@ -19,22 +19,23 @@ from typing import Any
 
 import httpx
 import pytest
-from mitmproxy import http as mitm_http
-from mitmproxy import io as mitm_io
-from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.oauth_server import (
+from harness.oauth_server import (
     FakeTokenEndpoint,
     access_token_for,
     unsigned_jwt,
 )
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.response_events import (
+from harness.proxy_process import ProxyProcess
+from mitmproxy import http as mitm_http
+from mitmproxy import io as mitm_io
+from responses_ws_bridge.core.sse import parse_sse
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.response_events import (
     TurnSpec,
     connection_limit_event,
     invalid_previous_response_event,
     rate_limits_event,
 )
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 from tests.support.http import client
 

@@ -17,17 +17,18 @@ from typing import Any
 
 import httpx
 import pytest
+from harness.proxy_process import ProxyProcess
 from mitmproxy import http, io
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.hostile_upstream import (
+from responses_ws_bridge.local.loop_thread import LoopThread
+from responses_ws_bridge.local.ports import free_port
+
+from tests.support.hostile_upstream import (
     Behaviour,
     HostileUpstream,
     Hostility,
     bearer_of,
 )
-from responses_ws_bridge.testing.loop_thread import LoopThread
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-
 from tests.support.http import client
 
 TOKENS = {"team-a": "plainwordtokenalpha", "team-b": "plainwordtokenbravo"}

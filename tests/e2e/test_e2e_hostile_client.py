@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from responses_ws_bridge.testing.hostile_client import (
+from harness.proxy_process import ProxyProcess
+from responses_ws_bridge.local.upstream import ThreadedUpstream
+
+from tests.support.hostile_client import (
     BAD_HEADERS,
     RawResult,
     chunked_flood,
@@ -24,8 +27,6 @@ from responses_ws_bridge.testing.hostile_client import (
     raw_request,
     request_head,
 )
-from responses_ws_bridge.testing.local_upstream import ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 KEY = "hostile-test-client-key"
 MAX_BODY = 1024 * 1024

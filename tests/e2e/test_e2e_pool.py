@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.proxy_process import ProxyProcess
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 from tests.support.http import client, header_values
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.proxy_process import ProxyProcess
 from mitmproxy import http
 from mitmproxy import io as mitm_io
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 from tests.support.http import client
 

@@ -16,17 +16,18 @@ from typing import Any
 
 import httpx
 import pytest
-from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.testing.bench_scaleout import (
+from harness.bench_scaleout import (
     SETUPS,
     ScaleoutSpec,
     format_scaleout,
     measure_scaleout,
 )
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.response_events import rate_limit_event
-from responses_ws_bridge.testing.state_server import StateServer
+from harness.proxy_process import ProxyProcess
+from responses_ws_bridge.core.sse import parse_sse
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.response_events import rate_limit_event
+from responses_ws_bridge.local.state_server import StateServer
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 from tests.support.http import client
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness.proxy_process import ProxyProcess
 from mitmproxy import http as mitm_http
 from mitmproxy import io as mitm_io
-from responses_ws_bridge.testing.local_upstream import Plan, ThreadedUpstream
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.response_events import TurnSpec
-from responses_ws_bridge.testing.tls import TestPki, make_test_pki
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.response_events import TurnSpec
+from responses_ws_bridge.local.tls import TestPki, make_test_pki
+from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
 from tests.support.http import client
 

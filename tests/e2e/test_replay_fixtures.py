@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from harness.oauth_server import FakeTokenEndpoint
+from harness.proxy_process import ProxyProcess
 from mitmproxy import http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
 from responses_ws_bridge.recording.replay import ThreadedReplayServer, load_sessions
-from responses_ws_bridge.testing.oauth_server import FakeTokenEndpoint
-from responses_ws_bridge.testing.proxy_process import ProxyProcess
 
 from tests.support.data import ROOT
 

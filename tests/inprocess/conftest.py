@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from responses_ws_bridge.testing.state_server import StateServer
+from responses_ws_bridge.local.state_server import StateServer
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from responses_ws_bridge.core.sse import encode_event, parse_sse
-from responses_ws_bridge.testing.bench_client import (
+from harness.bench_client import (
     CODEX_BODY_BYTES,
     CODEX_HTTP_HEADERS,
     CODEX_WS_HEADERS,
@@ -52,13 +51,13 @@ from responses_ws_bridge.testing.bench_client import (
     turn_figures,
     ws_message,
 )
-from responses_ws_bridge.testing.local_sse_upstream import (
+from harness.local_sse_upstream import (
     LocalSseUpstream,
     ThreadedSseUpstream,
     plan_reply,
 )
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan, ThreadedUpstream
-from responses_ws_bridge.testing.response_events import (
+from responses_ws_bridge.core.sse import encode_event, parse_sse
+from responses_ws_bridge.local.response_events import (
     BadWorkload,
     TurnSpec,
     Workload,
@@ -68,6 +67,7 @@ from responses_ws_bridge.testing.response_events import (
     turn_events,
     workload_metadata,
 )
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan, ThreadedUpstream
 from websockets.asyncio.client import connect
 
 from tests.support.data import ROOT, load_capture

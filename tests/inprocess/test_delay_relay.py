@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from responses_ws_bridge.testing.delay_relay import DelayRelay
+from harness.delay_relay import DelayRelay
 
 TIMEOUT = 15.0
 

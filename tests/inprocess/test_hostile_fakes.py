@@ -10,7 +10,10 @@ import h11
 import pytest
 from responses_ws_bridge.core.body_decoding import DecodedTooLarge, decode_body
 from responses_ws_bridge.core.sse import UnencodableEvent, encode_upstream_event
-from responses_ws_bridge.testing.hostile_client import (
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.support.hostile_client import (
     BAD_HEADERS,
     chunked_flood,
     endless,
@@ -18,14 +21,12 @@ from responses_ws_bridge.testing.hostile_client import (
     raw_request,
     request_head,
 )
-from responses_ws_bridge.testing.hostile_upstream import (
+from tests.support.hostile_upstream import (
     HUGE_RETRY_AFTER,
     Behaviour,
     HostileUpstream,
     Hostility,
 )
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 TOKEN = "account-token-abcdef123456"
 CREATE = json.dumps({"type": "response.create", "model": "m", "input": "hi"})

@@ -29,8 +29,8 @@ from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettin
 from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
-from responses_ws_bridge.testing.hostile_upstream import Behaviour, HostileUpstream, Hostility
 
+from tests.support.hostile_upstream import Behaviour, HostileUpstream, Hostility
 from tests.support.service import no_sleep, post_turn
 
 TOKENS = {"a": "plainwordtokenalpha", "b": "plainwordtokenbravo"}

@@ -19,7 +19,13 @@ import pytest
 from openai.types.responses import Response
 from openai.types.responses.responses_server_event import ResponsesServerEvent
 from pydantic import TypeAdapter
-from responses_ws_bridge.testing.local_upstream import (
+from responses_ws_bridge.local.response_events import (
+    DEFAULT_TEXT,
+    TurnSpec,
+    error_event,
+    rate_limit_event,
+)
+from responses_ws_bridge.local.upstream import (
     ConnectionRecord,
     LocalUpstream,
     Plan,
@@ -28,12 +34,6 @@ from responses_ws_bridge.testing.local_upstream import (
     check_message,
     describe,
     previous_response_error,
-)
-from responses_ws_bridge.testing.response_events import (
-    DEFAULT_TEXT,
-    TurnSpec,
-    error_event,
-    rate_limit_event,
 )
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
@@ -682,7 +682,7 @@ def test_command_line_prints_one_line_per_handshake() -> None:
         [
             sys.executable,
             "-m",
-            "responses_ws_bridge.testing.local_upstream",
+            "responses_ws_bridge.local.upstream",
             "--port",
             "0",
             "--text",

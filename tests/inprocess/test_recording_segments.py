@@ -12,6 +12,7 @@ from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.create_request import parse_create_request
 from responses_ws_bridge.core.turns import Attempt, Destination, Turn
+from responses_ws_bridge.local.upstream import LocalUpstream
 from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
 from responses_ws_bridge.recording.replay import merge_segments, session_from_flow
 from responses_ws_bridge.shell.session_pool import SessionPool
@@ -20,7 +21,6 @@ from responses_ws_bridge.shell.upstream_client import (
     UpstreamSettings,
     open_session,
 )
-from responses_ws_bridge.testing.local_upstream import LocalUpstream
 
 TIMEOUT = 15.0
 TURNS = 10

@@ -8,12 +8,12 @@ import logging
 import pytest
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.bindings import Binding
+from responses_ws_bridge.local.state_server import StateServer
 from responses_ws_bridge.state.fingerprint import fingerprint
 from responses_ws_bridge.state.guarded import GuardedStore, StateUnavailable
 from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
 from responses_ws_bridge.state.store import BindingLimits
 from responses_ws_bridge.state.store_health import Backoff
-from responses_ws_bridge.testing.state_server import StateServer
 
 from tests.support.state import Clock, run
 

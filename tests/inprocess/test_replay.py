@@ -20,6 +20,8 @@ from mitmproxy.test import tflow
 from responses_ws_bridge.core.failures import AttemptFailed, close_code_seen
 from responses_ws_bridge.core.handshake_headers import WEBSOCKET_BETA
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.local.response_events import encode, rate_limit_event
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.recording.replay import (
     Abort,
     AwaitClose,
@@ -45,8 +47,6 @@ from responses_ws_bridge.recording.session_flows import (
     record_message,
 )
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings, open_session
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
-from responses_ws_bridge.testing.response_events import encode, rate_limit_event
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response

@@ -7,7 +7,8 @@ import gzip
 
 import pytest
 from responses_ws_bridge.shell.request_body import BodyCollector, BodyRefused
-from responses_ws_bridge.testing.hostile_client import gzip_bomb
+
+from tests.support.hostile_client import gzip_bomb
 
 
 def collect(chunks: list[bytes], encoding: str | None, limit: int) -> bytes | int:

@@ -23,14 +23,14 @@ from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.local.response_events import rate_limit_event
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings, TapFactory
 from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.upstream_client import SessionTap, UpstreamSettings
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
-from responses_ws_bridge.testing.response_events import rate_limit_event
 
 from tests.support.service import no_sleep, post_turn
 

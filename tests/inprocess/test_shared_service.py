@@ -21,6 +21,9 @@ from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import AffinityKind, classify
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turns import Turn
+from responses_ws_bridge.local.response_events import rate_limit_event
+from responses_ws_bridge.local.state_server import StateServer
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
@@ -29,9 +32,6 @@ from responses_ws_bridge.shell.upstream_client import UpstreamSettings
 from responses_ws_bridge.state.fallback import FailClosed, Owned
 from responses_ws_bridge.state.guarded import GuardedStore
 from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
-from responses_ws_bridge.testing.response_events import rate_limit_event
-from responses_ws_bridge.testing.state_server import StateServer
 
 from tests.support.service import no_sleep, post_turn
 from tests.support.state import run

@@ -10,12 +10,12 @@ from responses_ws_bridge.addons.state import BridgeStateAddon
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.bindings import Binding
 from responses_ws_bridge.core.pool_state import PoolState
+from responses_ws_bridge.local.state_server import StateServer
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.redis_store import RedisStateStore
 from responses_ws_bridge.state.store import BindingLimits
-from responses_ws_bridge.testing.state_server import StateServer
 
 from tests.support.state import run
 

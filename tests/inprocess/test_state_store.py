@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.bindings import Binding
+from responses_ws_bridge.local.state_server import StateServer
 from responses_ws_bridge.state.guarded import GuardedStore
 from responses_ws_bridge.state.leases import held_lease
 from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
 from responses_ws_bridge.state.store import BindingLimits, StateStore
-from responses_ws_bridge.testing.state_server import StateServer
 
 from tests.support.state import Clock, run
 

@@ -14,17 +14,19 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
+from harness.local_sse_upstream import LocalSseUpstream
 from responses_ws_bridge.core.failures import AttemptFailed, ConnectFailed
+from responses_ws_bridge.local.response_events import TurnSpec, split_text
+from responses_ws_bridge.local.tls import TestPki, make_test_pki
+from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.shell.upstream_client import (
     TLS_READ_BUFFER,
     UpstreamSettings,
     open_session,
     tls_context,
 )
-from responses_ws_bridge.testing.local_sse_upstream import LocalSseUpstream
-from responses_ws_bridge.testing.local_upstream import LocalUpstream, Plan
-from responses_ws_bridge.testing.response_events import TurnSpec, split_text
-from responses_ws_bridge.testing.tls import TestPki, make_test_pki
+
+from tests.support.data import SCRIPTS
 
 TIMEOUT = 15.0
 CREATE = json.dumps({"type": "response.create", "model": "m", "input": "hi"})
@@ -156,13 +158,14 @@ def test_the_sse_upstream_serves_https(pki: TestPki) -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "responses_ws_bridge.testing.local_upstream",
-        "responses_ws_bridge.testing.local_sse_upstream",
+        "responses_ws_bridge.local.upstream",
+        "harness.local_sse_upstream",
     ],
 )
 def test_the_command_lines_want_both_tls_flags(module: str, pki: TestPki) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", module, "--port", "0", "--tls-cert", str(pki.server_cert)],
+        cwd=SCRIPTS,  # where `-m harness.…` is found
         capture_output=True,
         text=True,
         timeout=30,

@@ -12,9 +12,9 @@ from responses_ws_bridge.core.handshake_headers import (
     upstream_handshake_headers,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.local.upstream import ConnectionRecord, LocalUpstream, Plan
 from responses_ws_bridge.shell.session_pool import WarmSpares
 from responses_ws_bridge.shell.upstream_client import UpstreamSession, UpstreamSettings
-from responses_ws_bridge.testing.local_upstream import ConnectionRecord, LocalUpstream, Plan
 from websockets.http11 import Request, Response
 
 TIMEOUT = 15.0

@@ -29,7 +29,7 @@ from responses_ws_bridge.core.failures import (
 from responses_ws_bridge.core.rate_limits import RateLimits, Window
 from responses_ws_bridge.core.retry_policy import FailHttp, handshake_rejected
 from responses_ws_bridge.core.upstream_events import parse_error_event
-from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
+from responses_ws_bridge.local.response_events import error_event, rate_limit_event
 
 WALL = 1_800_000_000.0
 

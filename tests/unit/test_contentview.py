@@ -23,7 +23,7 @@ from responses_ws_bridge.addons.contentview import (
     unregister,
 )
 from responses_ws_bridge.core.sse import encode_event, stream_incomplete_event
-from responses_ws_bridge.testing.response_events import (
+from responses_ws_bridge.local.response_events import (
     FunctionCall,
     TurnSpec,
     encode,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from responses_ws_bridge.testing.delay_relay import due_at, parse_route
+from harness.delay_relay import due_at, parse_route
 
 
 @pytest.mark.parametrize(

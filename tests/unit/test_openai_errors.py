@@ -12,7 +12,7 @@ from responses_ws_bridge.core.failures import UpstreamErrorEvent
 from responses_ws_bridge.core.openai_errors import HttpError, error_body
 from responses_ws_bridge.core.retry_policy import FailHttp
 from responses_ws_bridge.core.upstream_events import MAX_RESET_S, parse_error_event
-from responses_ws_bridge.testing import response_events
+from responses_ws_bridge.local import response_events
 
 JSON = ("content-type", "application/json")
 SECRET = "sk-proj-SECRETsecret123"

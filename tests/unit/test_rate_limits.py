@@ -18,7 +18,7 @@ from responses_ws_bridge.core.rate_limits import (
     merge,
     to_headers,
 )
-from responses_ws_bridge.testing.response_events import rate_limits_event
+from responses_ws_bridge.local.response_events import rate_limits_event
 
 NOW = 1_800_000_000.0
 RESET = int(NOW) + 3600

@@ -9,7 +9,7 @@ import pytest
 from openai.types.responses import Response
 from openai.types.responses.responses_server_event import ResponsesServerEvent
 from pydantic import TypeAdapter
-from responses_ws_bridge.testing.response_events import (
+from responses_ws_bridge.local.response_events import (
     DEFAULT_MODEL,
     DEFAULT_TEXT,
     FunctionCall,

@@ -34,7 +34,7 @@ from responses_ws_bridge.core.retry_policy import (
     retry_after_from,
 )
 from responses_ws_bridge.core.upstream_events import parse_error_event
-from responses_ws_bridge.testing.response_events import error_event, rate_limit_event
+from responses_ws_bridge.local.response_events import error_event, rate_limit_event
 
 HARD, SOFT, NONE = AffinityKind.HARD, AffinityKind.SOFT, AffinityKind.NONE
 ACCOUNT = "team-a"

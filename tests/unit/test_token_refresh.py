@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from harness.oauth_server import unsigned_jwt
 from responses_ws_bridge.core.token_refresh import (
     CODEX_CLIENT_ID,
     Refreshed,
@@ -18,7 +19,6 @@ from responses_ws_bridge.core.token_refresh import (
     stored_entry,
     tokens_to_use,
 )
-from responses_ws_bridge.testing.oauth_server import unsigned_jwt
 
 NOW = 1_800_000_000.0
 OLD = Tokens("access-old", "refresh-old")

@@ -16,8 +16,8 @@ from responses_ws_bridge.core.upstream_events import (
     parse_error_event,
     with_output,
 )
-from responses_ws_bridge.testing import response_events
-from responses_ws_bridge.testing.response_events import error_event
+from responses_ws_bridge.local import response_events
+from responses_ws_bridge.local.response_events import error_event
 
 DELTA = '{"type":"response.output_text.delta","item_id":"msg_1","delta":"Hi","sequence_number":4}'
 

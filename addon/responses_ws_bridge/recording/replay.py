@@ -38,8 +38,8 @@ from websockets.http11 import Request, Response
 from responses_ws_bridge.core import http_fields
 from responses_ws_bridge.core.openai_errors import error_body
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, account_from_authorization
+from responses_ws_bridge.local.loop_thread import LoopThread, WebSocketServerContext
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
-from responses_ws_bridge.testing.loop_thread import LoopThread, WebSocketServerContext
 
 # Differ on every connection by design; Authorization is compared as the account.
 VOLATILE_HEADERS = frozenset({"host", "sec-websocket-key", "x-request-id", "authorization"})

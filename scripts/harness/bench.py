@@ -2,8 +2,8 @@
 
 Starts on 127.0.0.1, each in its own process: the local WebSocket upstream and
 the local HTTP SSE upstream, both serving TLS with a throwaway certificate
-(`testing.tls`), a delay relay in front of both that adds a round-trip time
-each way (`testing.delay_relay`, `--rtt-ms`, default 40), plain `mitmdump`
+(`responses_ws_bridge.local.tls`), a delay relay in front of both that adds a
+round-trip time each way (`harness.delay_relay`, `--rtt-ms`, default 40), plain `mitmdump`
 streaming from the SSE upstream (passthrough), and the bridge in front of the
 WebSocket upstream: reuse off (fresh), reuse on (reused), reuse off with a
 warm spare per account (spare), and once more to hold idle sessions for the
@@ -38,7 +38,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
-from responses_ws_bridge.testing.bench_client import (
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.tls import TestPki, make_test_pki
+
+from harness.bench_client import (
     CODEX_BODY_BYTES,
     PATHS,
     Fleet,
@@ -53,10 +56,10 @@ from responses_ws_bridge.testing.bench_client import (
     sample_process,
     turn_figures,
 )
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.tls import TestPki, make_test_pki
+from harness.proxy_process import ProxyProcess
 
-ROOT = Path(__file__).resolve().parents[3]
+# Where `python -m harness.…` finds this package: the server processes start there.
+SCRIPTS = Path(__file__).resolve().parents[1]
 STREAM_ALL = Path(__file__).resolve().with_name("stream_all.py")
 # The bridge with reuse, started only to hold idle sessions for the RSS figure.
 IDLE_PROXY = "bridge_idle"
@@ -155,7 +158,7 @@ class ServerProcess:
         if port is None:
             cmd += ["--port", str(self.port)]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            cmd, cwd=SCRIPTS, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
         deadline = time.monotonic() + start_timeout
         while not _accepts(self.port):
@@ -217,20 +220,18 @@ def running_stack(
     notes: list[str] = []
     tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     with ExitStack() as stack:
-        ws = ServerProcess(
-            "responses_ws_bridge.testing.local_upstream", "--no-record", "--quiet", *tls
-        )
+        ws = ServerProcess("responses_ws_bridge.local.upstream", "--no-record", "--quiet", *tls)
         stack.callback(ws.stop)
         upstreams = {"ws": ws}
         if "passthrough" in paths:
-            sse = ServerProcess("responses_ws_bridge.testing.local_sse_upstream", *tls)
+            sse = ServerProcess("harness.local_sse_upstream", *tls)
             stack.callback(sse.stop)
             upstreams["sse"] = sse
         # One relay process, one listener per upstream: every path crosses the same network.
         relay_ports = {name: free_port() for name in upstreams}
         routes = [f"{relay_ports[name]}:{up.port}" for name, up in upstreams.items()]
         relay = ServerProcess(
-            "responses_ws_bridge.testing.delay_relay",
+            "harness.delay_relay",
             *(arg for route in routes for arg in ("--route", route)),
             "--rtt-ms",
             f"{rtt_ms:g}",

@@ -6,7 +6,7 @@ directory, is ready once it answers PING, and is always stopped within a
 bounded time. `kill()` then `start()` brings it back on the same port, empty,
 as a crashed store would come back.
 
-    python -m responses_ws_bridge.testing.state_server [--port N]   # prints the URL
+    python -m responses_ws_bridge.local.state_server [--port N]   # prints the URL
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from responses_ws_bridge.testing.proxy_process import free_port
+from responses_ws_bridge.local.ports import free_port
 
 
 class NoServerBinary(RuntimeError):

@@ -11,8 +11,9 @@ Workloads (benchmarks): a request's `metadata` (the Responses API's string
 map) may carry `local_deltas` (number of `response.output_text.delta` events),
 `local_pace_ms` (milliseconds between events, decimals allowed) and
 `local_stamp` ("1": stamp every event with `x_sent_ns`). Both local upstreams
-(`local_upstream`, WebSocket, and `local_sse_upstream`, HTTP SSE) honour them,
-so one upstream process serves every workload; `workload_metadata` writes them.
+(`local.upstream`, WebSocket, and the benchmark's `scripts/harness/local_sse_upstream.py`,
+HTTP SSE) honour them, so one upstream process serves every workload;
+`workload_metadata` writes them.
 """
 
 from __future__ import annotations

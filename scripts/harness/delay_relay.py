@@ -12,7 +12,7 @@ then whatever its protocol adds (TLS, the WebSocket upgrade, the request).
 Each direction buffers at most `max_buffer` bytes in flight; past that the
 relay stops reading, and the sender's TCP window does the rest.
 
-`python -m responses_ws_bridge.testing.delay_relay --route LISTEN:TARGET --rtt-ms 40`
+`PYTHONPATH=scripts python -m harness.delay_relay --route LISTEN:TARGET --rtt-ms 40`
 serves until interrupted.
 """
 
@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from responses_ws_bridge.testing.loop_thread import AsyncServerContext, serve_until_stopped
+from responses_ws_bridge.local.loop_thread import AsyncServerContext, serve_until_stopped
 
 DEFAULT_MAX_BUFFER = 4 * 1024 * 1024
 _READ_SIZE = 65536
@@ -257,7 +257,7 @@ def parse_route(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m responses_ws_bridge.testing.delay_relay",
+        prog="python -m harness.delay_relay",
         description="Relay TCP on 127.0.0.1 with an added round-trip time, until interrupted.",
     )
     parser.add_argument(

@@ -1,7 +1,7 @@
 """mitmproxy script for the benchmark's passthrough path: stream every response body.
 
 What a user who does not run the bridge would run in front of an HTTP SSE
-upstream: `mitmdump -s addon/responses_ws_bridge/testing/stream_all.py`, so each SSE chunk is
+upstream: `mitmdump -s scripts/harness/stream_all.py`, so each SSE chunk is
 relayed as it arrives instead of after the whole body.
 """
 

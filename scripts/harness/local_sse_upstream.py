@@ -1,7 +1,8 @@
 """A local Responses HTTP server that streams SSE: the upstream of plain mitmproxy in the benchmark.
 
 It answers `POST …/responses` with the same events as the WebSocket upstream
-(`local_upstream`, both built by `response_events.turn_events`): as
+(`responses_ws_bridge.local.upstream`, both built by
+`response_events.turn_events`): as
 `text/event-stream`, chunked, one write per event, when the body says
 `"stream": true`, else as one JSON body (the final response object).
 `GET …/models` lists one model; anything else is a 404. Connections are
@@ -12,8 +13,8 @@ The request picks its workload through `metadata` (`local_deltas`,
 one server process serves every workload of a benchmark run.
 
 `LocalSseUpstream` runs in the caller's event loop; `ThreadedSseUpstream` runs
-one in its own thread. `python -m responses_ws_bridge.testing.local_sse_upstream` serves one until
-interrupted.
+one in its own thread. `PYTHONPATH=scripts python -m harness.local_sse_upstream`
+serves one until interrupted.
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import h11
-
 from responses_ws_bridge.core.sse import encode_event
-from responses_ws_bridge.testing.local_upstream import MODELS_BODY
-from responses_ws_bridge.testing.loop_thread import (
+from responses_ws_bridge.local.loop_thread import (
     AsyncServerContext,
     LoopThread,
     serve_until_stopped,
 )
-from responses_ws_bridge.testing.response_events import (
+from responses_ws_bridge.local.response_events import (
     BadWorkload,
     TurnSpec,
     apply_workload,
@@ -47,7 +46,8 @@ from responses_ws_bridge.testing.response_events import (
     requested_workload,
     turn_events,
 )
-from responses_ws_bridge.testing.tls import add_tls_arguments, tls_context_from
+from responses_ws_bridge.local.tls import add_tls_arguments, tls_context_from
+from responses_ws_bridge.local.upstream import MODELS_BODY
 
 MAX_BODY = 64 * 1024 * 1024
 _READ_SIZE = 65536
@@ -281,7 +281,7 @@ class ThreadedSseUpstream(LoopThread[LocalSseUpstream]):
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m responses_ws_bridge.testing.local_sse_upstream",
+        prog="python -m harness.local_sse_upstream",
         description="Serve a local Responses HTTP (SSE) upstream until interrupted.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -30,10 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from responses_ws_bridge.local.response_events import DEFAULT_TEXT, split_text, workload_metadata
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
-
-from responses_ws_bridge.testing.response_events import DEFAULT_TEXT, split_text, workload_metadata
 
 # Events of a text turn besides its deltas: created, in_progress, item added,
 # part added, text done, part done, item done, completed.

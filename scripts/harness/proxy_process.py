@@ -18,16 +18,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-# The mitmproxy entry script sits beside this package in the checkout.
-SCRIPT = Path(__file__).resolve().parents[2] / "bridge.py"
+from responses_ws_bridge.local.ports import free_port
+
+# The mitmproxy entry script of the checkout (this package is in scripts/).
+SCRIPT = Path(__file__).resolve().parents[2] / "addon" / "bridge.py"
 READY_LINE = "Responses bridge ready"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tool(name: str) -> str:

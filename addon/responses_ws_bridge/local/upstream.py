@@ -10,7 +10,7 @@ every connection as a `ConnectionRecord`. A request may pick its own workload
 `response_events.requested_workload`.
 
 `LocalUpstream` runs in the caller's event loop; `ThreadedUpstream` runs one in
-its own thread for synchronous tests. `python -m responses_ws_bridge.testing.local_upstream` serves
+its own thread for synchronous tests. `python -m responses_ws_bridge.local.upstream` serves
 one until interrupted.
 """
 
@@ -36,12 +36,12 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from responses_ws_bridge.testing.loop_thread import (
+from responses_ws_bridge.local.loop_thread import (
     LoopThread,
     WebSocketServerContext,
     serve_until_stopped,
 )
-from responses_ws_bridge.testing.response_events import (
+from responses_ws_bridge.local.response_events import (
     BadWorkload,
     TurnSpec,
     apply_workload,
@@ -52,7 +52,7 @@ from responses_ws_bridge.testing.response_events import (
     requested_workload,
     turn_events,
 )
-from responses_ws_bridge.testing.tls import add_tls_arguments, tls_context_from
+from responses_ws_bridge.local.tls import add_tls_arguments, tls_context_from
 
 ClosedBy = Literal["client", "server", "abrupt"]
 
@@ -786,7 +786,7 @@ def _parse_tokens(values: Sequence[str]) -> dict[str, str] | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m responses_ws_bridge.testing.local_upstream",
+        prog="python -m responses_ws_bridge.local.upstream",
         description="Serve a local Responses WebSocket upstream until interrupted.",
     )
     parser.add_argument("--host", default="127.0.0.1")

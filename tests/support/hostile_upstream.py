@@ -17,12 +17,11 @@ import json
 import threading
 from dataclasses import dataclass, field
 
+from responses_ws_bridge.local.loop_thread import WebSocketServerContext
+from responses_ws_bridge.local.upstream import json_response
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-
-from responses_ws_bridge.testing.local_upstream import json_response
-from responses_ws_bridge.testing.loop_thread import WebSocketServerContext
 
 HUGE_RETRY_AFTER = "1000000000000"
 

@@ -8,7 +8,7 @@ evenly between them. The figures are aggregate events/s and time to first
 event over all streams. Each setup gets a warm-up run first (connections,
 bindings and upstream sessions opened), then the measured one.
 
-    python -m responses_ws_bridge.testing.bench_scaleout [--streams N] [--turns N]
+    PYTHONPATH=scripts python -m harness.bench_scaleout [--streams N] [--turns N]
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from responses_ws_bridge.testing.bench_client import (
+from responses_ws_bridge.local.ports import free_port
+from responses_ws_bridge.local.state_server import StateServer
+
+from harness.bench_client import (
     CODEX_BODY_BYTES,
     Fleet,
     Target,
     TurnResult,
     turn_figures,
 )
-from responses_ws_bridge.testing.proxy_process import ProxyProcess, free_port
-from responses_ws_bridge.testing.state_server import StateServer
+from harness.proxy_process import ProxyProcess
 
 SETUPS = ("one_memory", "one_store", "two_store")
 
@@ -58,7 +60,7 @@ def _upstream() -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "responses_ws_bridge.testing.local_upstream",
+            "responses_ws_bridge.local.upstream",
             "--port",
             str(port),
             "--no-record",
