@@ -20,6 +20,7 @@ import pytest
 from mitmproxy import hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from responses_ws_bridge.core.accounts import parse_accounts
+from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turns import Attempt, Turn
@@ -278,6 +279,8 @@ def test_a_request_without_an_idle_socket_takes_a_warm_spare() -> None:
         async with rig(spares=1) as r:
             first, _ = await r.post(STREAM, SESSION)
             await r.service.spares.wait_idle()
+            # A session of the first one's account (a new one would be spread to "b").
+            r.state.bind(classify([("session-id", "s-2")], {}), first.report.account or "")
             second, response = await r.post(STREAM, [("session-id", "s-2")])
             assert response.status_code == 200
             assert not first.report.attempts[0].spare and second.report.attempts[0].spare
