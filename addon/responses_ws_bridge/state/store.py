@@ -106,6 +106,14 @@ class StateStore(Protocol):
         """Drop every binding and response owner of a removed account; returns how many."""
         ...
 
+    async def bound_sessions(self, account_ids: Sequence[str]) -> dict[str, int]:
+        """Live `counted` bindings per account: the sessions each account holds.
+
+        Cheap enough to ask before every choice; a binding that expired is never
+        counted, one kept alive by its reads still is.
+        """
+        ...
+
     # response ownership
 
     async def set_response_owner(self, response_id: str, account_id: str) -> None: ...
