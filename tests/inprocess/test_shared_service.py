@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from responses_ws_bridge.addons.metrics import pool_gauges
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import AffinityKind, classify
 from responses_ws_bridge.core.pool_state import PoolState
@@ -257,10 +258,12 @@ def test_new_sessions_spread_by_every_instances_bound_sessions(
                 # Within one at every step, not only at the end.
                 assert max(served.values()) - min(served.values()) <= 1, (n, served)
             assert served == {"a": 10, "b": 10, "c": 10}
-            # The counts both instances chose by are the store's, not their own.
-            counts = await one.store.run("count", lambda s: s.bound_sessions(["a", "b", "c"]))
-            assert counts == served
+            # The counts both instances chose by are the store's, not their own; the
+            # gauges show them as last read.
+            assert await one.shared.read_sessions(["a", "b", "c"]) == served
             assert one.state.bound_sessions() != served
+            gauges = pool_gauges(one.state, SessionPool(), one.shared)
+            assert {g.id: g.bound_sessions for g in gauges.accounts} == served
 
     run(main)
 

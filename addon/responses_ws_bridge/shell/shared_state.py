@@ -53,6 +53,14 @@ from responses_ws_bridge.state.store import AccountHealthRecord, StateStore
 logger = logging.getLogger(__name__)
 
 
+def bound_sessions(state: PoolState, shared: SharedState | None) -> dict[str, int]:
+    """Sessions per account as an operator sees them: every instance's (as last read)
+    with a shared store, this process's otherwise."""
+    if shared is not None and shared.active:
+        return shared.bound_sessions()
+    return state.bound_sessions()
+
+
 class SharedState:
     def __init__(
         self,
