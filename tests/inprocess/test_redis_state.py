@@ -147,7 +147,7 @@ def test_a_session_kept_alive_by_use_counts_past_its_first_expiry(
             fps = {k: fingerprint(salt, f"session:{k}") for k in ("used", "gone", "moved")}
             await client.zadd("ns:sessions:a", {fp: 0 for fp in fps.values()})
             await client.delete(f"ns:bind:{fps['gone']}")
-            await client.set(f"ns:bind:{fps['moved']}", '["hard", "b", 1]')
+            await client.set(f"ns:bind:{fps['moved']}", '["hard", "b"]')
             assert await store.bound_sessions(["a"]) == {"a": 1}
             score = await client.zscore("ns:sessions:a", fps["used"])
             assert score is not None and score > 1e12  # scored again by its TTL (ms)

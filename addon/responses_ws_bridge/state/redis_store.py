@@ -2,14 +2,15 @@
 
 Keys, all under the namespace `ns`:
 - `ns:salt`: the namespace's HMAC salt, created once by whichever instance comes first;
-- `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]` (`[..., 1]` when it
-  is `counted`: its session's one key), idle TTL by kind;
-- `ns:sessions:<account>`: sorted set of the `<fp>` of the account's counted bindings,
-  scored by when each would expire (server time, ms; +inf without a TTL), so
-  `bound_sessions` is a ZCARD per account. The bind, rebind and forget scripts keep
-  it in step; a read (`_LOOKUP`) restarts a binding's TTL without touching the set, so
-  an entry whose score has passed is checked against its binding when counted: still
-  there (kept alive by use), it is scored again by its TTL, else removed;
+- `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]`, idle TTL by kind;
+- `ns:sessions:<account>`: sorted set of the `<fp>` of the account's `counted`
+  bindings, scored by when each would expire (server time, ms; +inf without a TTL),
+  so `bound_sessions` is a ZCARD per account. The bind, rebind and forget scripts
+  keep it in step; a read (`_LOOKUP`) restarts a binding's TTL without touching the
+  set, so an entry whose score has passed is checked against its binding when
+  counted: still bound to the account (kept alive by use), it is scored again by its
+  TTL, else removed. Being counted lives here only, not in the binding's value,
+  whose format instances of an older version still read;
 - `ns:resp:<fp>`: the account that produced a response;
 - `ns:health:<account>`: hash of `disabled`, `cooldown_until`, `cooldown_reason`,
   `rate_limits` (JSON);
@@ -143,7 +144,7 @@ for i, set in ipairs(KEYS) do
     local v = redis.call('GET', key)
     local ttl = redis.call('PTTL', key)
     local b = v and cjson.decode(v)
-    if b and b[2] == ARGV[i + 2] and b[3] == 1 and ttl ~= -2 then
+    if b and b[2] == ARGV[i + 2] and ttl ~= -2 then
       redis.call('ZADD', set, ttl == -1 and '+inf' or now + ttl, fp)
     else
       redis.call('ZREM', set, fp)
@@ -305,15 +306,13 @@ class RedisStateStore:
     # affinity bindings
 
     def _encode(self, binding: Binding) -> str:
-        value: list[str | int] = [binding.kind.value, binding.account_id]
-        if binding.counted:
-            value.append(1)
-        return json.dumps(value)
+        return json.dumps([binding.kind.value, binding.account_id])
 
     @staticmethod
     def _decode(raw: str) -> Binding:
-        kind, account_id, *counted = json.loads(raw)
-        return Binding(str(account_id), AffinityKind(kind), counted == [1])
+        """The binding (`counted` is not read back: it lives in the session sets)."""
+        kind, account_id = json.loads(raw)
+        return Binding(str(account_id), AffinityKind(kind))
 
     def _ttl(self, kind: AffinityKind) -> int:
         return ttl_ms(self.limits.ttl_for(kind))

@@ -91,7 +91,11 @@ class StateStore(Protocol):
     # affinity bindings
 
     async def bind(self, key: str, binding: Binding) -> Binding:
-        """Bind `key` unless it is bound; returns the binding in force (first writer wins)."""
+        """Bind `key` unless it is bound; returns the binding in force (first writer wins).
+
+        A `counted` binding counts in `bound_sessions`; bindings read back need not
+        say whether they count.
+        """
         ...
 
     async def binding(self, key: str) -> Binding | None: ...
