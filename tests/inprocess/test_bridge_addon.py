@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from mitmproxy.test import taddons, tflow
 from responses_ws_bridge.addons import bridge_addons
 from responses_ws_bridge.addons.accounts import Accounts
 from responses_ws_bridge.addons.responses_bridge import METADATA_KEY, ResponsesBridge
+from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.shell.loopback import TOKEN_HEADER
 
 
@@ -179,6 +181,10 @@ def test_accounts_option_loads_and_keeps_previous_pool_on_error(tmp_path: Path) 
         assert state.pool.ids == ["a"]
         assert "a" in accounts.accounts_command() and "healthy" in accounts.accounts_command()
         assert "sk-aaaaaaaaaa" not in accounts.accounts_command()
+        state.bind(classify([("session-id", "s-1")], {}), "a")
+        head, row = (re.split(r"\s{2,}", line) for line in accounts.accounts_command().splitlines())
+        columns = dict(zip(head, row, strict=True))
+        assert columns["sessions"] == "1" and columns["in flight"] == "0"
         tctx.configure(accounts, bridge_accounts="")
         assert state.pool is None
         assert "pass-through" in accounts.accounts_command()

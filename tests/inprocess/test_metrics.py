@@ -45,7 +45,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def recorded() -> BridgeMetrics:
     snapshot = GaugeSnapshot(
         accounts=(
-            AccountGauges("team-a", "healthy", 2, {"primary": 42.5, "secondary": 3.0}),
+            AccountGauges("team-a", "healthy", 2, {"primary": 42.5, "secondary": 3.0}, 7),
             AccountGauges("team-b", "cooling", 0),
         ),
         idle_sessions=4,
@@ -106,6 +106,8 @@ def test_scraped_text_has_every_metric() -> None:
     assert s[("bridge_account_health", (("account", "team-b"), ("state", "cooling")))] == 1
     assert s[("bridge_account_health", (("account", "team-b"), ("state", "healthy")))] == 0
     assert s[("bridge_account_in_flight", (("account", "team-a"),))] == 2
+    assert s[("bridge_account_bound_sessions", (("account", "team-a"),))] == 7
+    assert s[("bridge_account_bound_sessions", (("account", "team-b"),))] == 0
     assert (
         s[("bridge_rate_limit_used_percent", (("account", "team-a"), ("window", "primary")))]
         == 42.5
@@ -200,7 +202,8 @@ def test_gauges_come_from_the_pool_and_the_sessions() -> None:
     assert state.pool is not None
     state.pool.acquire("a")
     state.pool.record_failure("b", HandshakeRejected(401))
+    state.bind(classify([("session-id", "s-1"), ("thread-id", "t-1")], {}), "b")
     snapshot = pool_gauges(state, SessionPool(), None)
     assert snapshot == GaugeSnapshot(
-        (AccountGauges("a", "healthy", 1), AccountGauges("b", "disabled", 0)), 0
+        (AccountGauges("a", "healthy", 1), AccountGauges("b", "disabled", 0, {}, 1)), 0
     )

@@ -27,8 +27,8 @@ def test_only_fingerprints_are_stored(state_server: StateServer) -> None:
     async def main() -> None:
         store = RedisStateStore(connect(state_server.url), "pool-a")
         try:
-            await store.bind(SESSION, Binding("acct-1", HARD))
-            await store.bind("prompt-cache:cache-key-xyz", Binding("acct-1", SOFT))
+            await store.bind(SESSION, Binding("acct-1", HARD, counted=True))
+            await store.bind("prompt-cache:cache-key-xyz", Binding("acct-1", SOFT, counted=True))
             await store.set_response_owner(RESPONSE, "acct-1")
             await store.acquire_lease("acct-1", 60)
             await store.cool_down("acct-1", 2e9, "HTTP 429")
@@ -107,6 +107,50 @@ def test_no_ttl_when_limits_say_inf(state_server: StateServer) -> None:
             await store.bind(SESSION, Binding("a", HARD))
             key = f"ns:bind:{fingerprint(await store.salt(), SESSION)}"
             assert await store.client.pttl(key) == -1
+        finally:
+            await store.close()
+
+    run(main)
+
+
+def test_a_bound_session_stops_counting_when_its_binding_expires(
+    state_server: StateServer,
+) -> None:
+    async def main() -> None:
+        store = RedisStateStore(connect(state_server.url), "ns", BindingLimits(soft_ttl_s=0.05))
+        try:
+            await store.bind("prompt-cache:p", Binding("a", SOFT, counted=True))
+            await store.bind(SESSION, Binding("a", HARD, counted=True))
+            assert await store.bound_sessions(["a"]) == {"a": 2}
+            await asyncio.sleep(0.15)
+            assert await store.bound_sessions(["a"]) == {"a": 1}
+            assert await store.client.zcard("ns:sessions:a") == 1  # trimmed, not just skipped
+        finally:
+            await store.close()
+
+    run(main)
+
+
+def test_a_session_kept_alive_by_use_counts_past_its_first_expiry(
+    state_server: StateServer,
+) -> None:
+    async def main() -> None:
+        store = RedisStateStore(connect(state_server.url), "ns")
+        try:
+            client = store.client
+            salt = await store.salt()
+            await store.bind("session:used", Binding("a", HARD, counted=True))
+            await store.bind("session:gone", Binding("a", HARD, counted=True))
+            await store.bind("session:moved", Binding("a", HARD, counted=True))
+            # As if their first expiry had passed: "used" was read meanwhile (its TTL
+            # restarted), "gone" expired, "moved" was bound again elsewhere.
+            fps = {k: fingerprint(salt, f"session:{k}") for k in ("used", "gone", "moved")}
+            await client.zadd("ns:sessions:a", {fp: 0 for fp in fps.values()})
+            await client.delete(f"ns:bind:{fps['gone']}")
+            await client.set(f"ns:bind:{fps['moved']}", '["hard", "b"]')
+            assert await store.bound_sessions(["a"]) == {"a": 1}
+            score = await client.zscore("ns:sessions:a", fps["used"])
+            assert score is not None and score > 1e12  # scored again by its TTL (ms)
         finally:
             await store.close()
 

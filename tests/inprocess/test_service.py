@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,10 +22,11 @@ import pytest
 from mitmproxy import hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from responses_ws_bridge.core.accounts import parse_accounts
+from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turns import Attempt, Turn
-from responses_ws_bridge.local.response_events import rate_limit_event
+from responses_ws_bridge.local.response_events import rate_limit_event, rate_limits_event
 from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
@@ -34,7 +37,7 @@ from responses_ws_bridge.shell.upstream_client import SessionTap, UpstreamSettin
 
 from tests.support.service import no_sleep, post_turn
 
-TOKENS = {"tok-a": "a", "tok-b": "b"}
+TOKENS = {"tok-a": "a", "tok-b": "b", "tok-c": "c"}
 BOUND_S = 10.0
 
 
@@ -58,19 +61,18 @@ class Rig:
 
 @asynccontextmanager
 async def rig(
-    *, pooled: bool = True, taps: TapFactory | None = None, spares: int = 0
+    *,
+    pooled: bool = True,
+    taps: TapFactory | None = None,
+    spares: int = 0,
+    accounts: tuple[str, ...] = ("a", "b"),
 ) -> AsyncIterator[Rig]:
     async with LocalUpstream(tokens=TOKENS) as upstream:
         ws_url = upstream.http_url.replace("http://", "ws://") + "/v1/responses"
         state = PoolState()
         if pooled:
-            config = {
-                "accounts": [
-                    {"id": "a", "api_key": "tok-a", "upstream": ws_url},
-                    {"id": "b", "api_key": "tok-b", "upstream": ws_url},
-                ]
-            }
-            state.set_accounts(parse_accounts(json.dumps(config)))
+            listed = [{"id": i, "api_key": f"tok-{i}", "upstream": ws_url} for i in accounts]
+            state.set_accounts(parse_accounts(json.dumps({"accounts": listed})))
         settings = BridgeSettings(
             upstream_option="" if pooled else ws_url,
             upstream=UpstreamSettings(connect_timeout=BOUND_S, ping_interval=None),
@@ -278,6 +280,8 @@ def test_a_request_without_an_idle_socket_takes_a_warm_spare() -> None:
         async with rig(spares=1) as r:
             first, _ = await r.post(STREAM, SESSION)
             await r.service.spares.wait_idle()
+            # A session of the first one's account (a new one would be spread to "b").
+            r.state.bind(classify([("session-id", "s-2")], {}), first.report.account or "")
             second, response = await r.post(STREAM, [("session-id", "s-2")])
             assert response.status_code == 200
             assert not first.report.attempts[0].spare and second.report.attempts[0].spare
@@ -285,5 +289,55 @@ def test_a_request_without_an_idle_socket_takes_a_warm_spare() -> None:
             # The taken spare was replaced at once: one more socket, none opened by a request.
             assert len(r.upstream.records()) == 3
             assert r.service.spares.ready_count == 1
+
+    run(main())
+
+
+def test_thirty_new_hard_sessions_spread_evenly_over_three_accounts() -> None:
+    async def main() -> None:
+        async with rig(accounts=("a", "b", "c")) as r:
+            owners = {}
+            for n in range(30):
+                turn, response = await r.post(STREAM, [("session-id", f"new-{n}")])
+                assert response.status_code == 200
+                owners[n] = turn.report.account
+            served = Counter(owners.values())
+            assert sum(served.values()) == 30
+            assert max(served.values()) - min(served.values()) <= 1, served
+            assert r.state.bound_sessions() == served
+            # Hard sessions stay where they are bound, however the counts stand.
+            for n in (0, 1, 2):
+                turn, _ = await r.post(STREAM, [("session-id", f"new-{n}")])
+                assert turn.report.account == owners[n]
+
+    run(main())
+
+
+def test_soft_and_unbound_requests_spread_too() -> None:
+    async def main() -> None:
+        async with rig(accounts=("a", "b", "c")) as r:
+            soft = [await r.post({**STREAM, "prompt_cache_key": f"p-{n}"}) for n in range(6)]
+            assert Counter(t.report.account for t, _ in soft) == {"a": 2, "b": 2, "c": 2}
+            unbound = [await r.post(STREAM) for _ in range(6)]
+            assert Counter(t.report.account for t, _ in unbound) == {"a": 2, "b": 2, "c": 2}
+            # A soft key stays with its account while that account serves.
+            turn, _ = await r.post({**STREAM, "prompt_cache_key": "p-0"})
+            assert turn.report.account == soft[0][0].report.account
+
+    run(main())
+
+
+def test_with_figures_the_account_with_the_most_headroom_wins() -> None:
+    async def main() -> None:
+        async with rig(accounts=("a", "b", "c")) as r:
+            reset_at = int(time.time()) + 3600
+            for account, used in (("a", 30), ("b", 10), ("c", 60)):
+                r.upstream.script(Plan(rate_limits=rate_limits_event(used, reset_at=reset_at)))
+                # One session per account, each pinned there, to learn its figures.
+                r.state.bind(classify([("session-id", f"learn-{account}")], {}), account)
+                await r.post(STREAM, [("session-id", f"learn-{account}")])
+            for n in range(6):
+                turn, _ = await r.post(STREAM, [("session-id", f"new-{n}")])
+                assert turn.report.account == "b"  # the most headroom, though it holds the most
 
     run(main())

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from responses_ws_bridge.addons.metrics import pool_gauges
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import AffinityKind, classify
 from responses_ws_bridge.core.pool_state import PoolState
@@ -36,7 +38,7 @@ from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore
 from tests.support.service import no_sleep, post_turn
 from tests.support.state import run
 
-TOKENS = {"tok-a": "a", "tok-b": "b"}
+TOKENS = {"tok-a": "a", "tok-b": "b", "tok-c": "c"}
 BOUND_S = 10.0
 STREAM = {"model": "m", "input": "Say hello", "stream": True}
 
@@ -232,6 +234,40 @@ def test_load_is_every_instances_leases(state_server: StateServer) -> None:
     run(main)
 
 
+def test_new_sessions_spread_by_every_instances_bound_sessions(
+    state_server: StateServer,
+) -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            upstream = await stack.enter_async_context(LocalUpstream(tokens=TOKENS))
+            # One file order: left alone, each would bind its first session to "a", its
+            # second to "b", and so on, two sessions a step on the same account.
+            one = await stack.enter_async_context(
+                instance(upstream, state_server.url, ("a", "b", "c"))
+            )
+            two = await stack.enter_async_context(
+                instance(upstream, state_server.url, ("a", "b", "c"))
+            )
+            served = Counter({"a": 0, "b": 0, "c": 0})
+            for n in range(30):
+                inst = (one, two)[n % 2]
+                turn, response = await inst.post(STREAM, [("session-id", f"new-{n}")])
+                assert response.status_code == 200
+                assert turn.report.account is not None
+                served[turn.report.account] += 1
+                # Within one at every step, not only at the end.
+                assert max(served.values()) - min(served.values()) <= 1, (n, served)
+            assert served == {"a": 10, "b": 10, "c": 10}
+            # The counts both instances chose by are the store's, not their own; the
+            # gauges show them as last read.
+            assert await one.shared.read_sessions(["a", "b", "c"]) == served
+            assert one.state.bound_sessions() != served
+            gauges = pool_gauges(one.state, SessionPool(), one.shared)
+            assert {g.id: g.bound_sessions for g in gauges.accounts} == served
+
+    run(main)
+
+
 async def loads(inst: Instance) -> dict[str, int] | None:
     assert inst.state.pool is not None
     return await inst.shared.refresh(inst.state.pool)
@@ -245,6 +281,8 @@ def test_with_the_store_down_only_known_owners_serve_hard_requests(
             _, response = await one.post(STREAM, [("session-id", "known")])
             assert response.status_code == 200
             state_server.kill()
+            # The choice counts this instance's own sessions while the store is away.
+            assert await one.shared.read_sessions(["a", "b"]) == {"a": 1}
             _, response = await two.post(STREAM)
             assert response.status_code == 200  # no affinity: local state serves
             _, response = await one.post(STREAM, [("session-id", "known")])

@@ -107,6 +107,29 @@ def test_forget_account_drops_its_bindings_and_responses(open_store: Opener) -> 
     check(open_store, body)
 
 
+def test_bound_sessions_count_the_counted_bindings_per_account(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        assert await store.bound_sessions(["a", "b"]) == {"a": 0, "b": 0}
+        await store.bind("session:1", Binding("a", HARD, counted=True))
+        await store.bind("thread:1", Binding("a", HARD))  # the same session's other key
+        await store.bind("session:2", Binding("a", HARD, counted=True))
+        await store.bind("prompt-cache:p", Binding("a", SOFT, counted=True))
+        # Another instance binding a key already bound counts nothing more.
+        in_force = await store.bind("session:2", Binding("b", HARD, counted=True))
+        assert in_force.account_id == "a"
+        assert await store.bound_sessions(["a", "b"]) == {"a": 3, "b": 0}
+        await store.rebind("prompt-cache:p", Binding("b", SOFT, counted=True))  # moved
+        assert await store.bound_sessions(["a", "b"]) == {"a": 2, "b": 1}
+        assert await store.forget("session:1") is True
+        assert await store.forget("thread:1") is True
+        assert await store.bound_sessions(["a", "b"]) == {"a": 1, "b": 1}
+        await store.forget_account("a")
+        assert await store.bound_sessions(["a", "b"]) == {"a": 0, "b": 1}
+        assert await store.bound_sessions([]) == {}
+
+    check(open_store, body)
+
+
 def test_cooldown_is_never_shortened_and_success_ends_it(open_store: Opener) -> None:
     async def body(store: StateStore, clock: Clock) -> None:
         now = clock()
@@ -191,6 +214,25 @@ def test_memory_bindings_expire_when_idle_and_are_bounded() -> None:
         await store.bind("session:3", Binding("a", HARD))  # past max_entries: LRU goes
         assert await store.binding("session:1") is None
         assert [row.key for row in store.binding_rows()] == ["session:2", "session:3"]
+
+    run(main)
+
+
+def test_memory_bound_sessions_expire_with_their_bindings() -> None:
+    async def main() -> None:
+        clock = Clock()
+        store = MemoryStateStore(BindingLimits(hard_ttl_s=100, soft_ttl_s=10), clock=clock)
+        await store.bind("session:1", Binding("a", HARD, counted=True))
+        await store.bind("prompt-cache:p", Binding("a", SOFT, counted=True))
+        assert await store.bound_sessions(["a"]) == {"a": 2}
+        clock.advance(11)
+        assert await store.bound_sessions(["a"]) == {"a": 1}  # soft TTL
+        clock.advance(80)
+        await store.binding("session:1")  # a use: alive for another 100 s
+        clock.advance(80)
+        assert await store.bound_sessions(["a"]) == {"a": 1}
+        clock.advance(21)
+        assert await store.bound_sessions(["a"]) == {"a": 0}
 
     run(main)
 

@@ -65,14 +65,16 @@ def chosen(choice: object) -> str:
 # --- selection ------------------------------------------------------------------------------
 
 
-def test_fewest_in_flight_wins_ties_go_to_file_order() -> None:
+def test_fewest_in_flight_wins_ties_go_to_the_least_recently_chosen() -> None:
     p, _ = pool("a", "b", "c")
-    assert chosen(p.choose()) == "a"
+    assert chosen(p.choose()) == "a"  # none chosen yet: file order
     p.acquire("a")
     assert chosen(p.choose()) == "b"
     p.acquire("b")
     p.acquire("c")
-    assert chosen(p.choose()) == "a"
+    assert chosen(p.choose()) == "c"  # one in flight each; "c" was never chosen
+    p.acquire("c")
+    assert chosen(p.choose()) == "a"  # "a" and "b" tie at one; "a" was chosen longer ago
     p.acquire("a")
     assert chosen(p.choose()) == "b"
     p.release("a")

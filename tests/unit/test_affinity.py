@@ -10,6 +10,7 @@ from responses_ws_bridge.core.affinity import (
     Affinity,
     AffinityKind,
     classify,
+    counted_key,
     owner_for,
     socket_key,
 )
@@ -270,3 +271,23 @@ def test_socket_key_is_the_steadiest_key(
     headers: list[tuple[str, str]], body: dict[str, object], socket: str | None
 ) -> None:
     assert socket_key(classify(headers, body)) == socket
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "counted"),
+    [
+        # Codex CLI: session-id and thread-id, one session counted by its steadiest key.
+        ([("session-id", "s1"), ("thread-id", "th")], {}, "session:s1"),
+        ([("session-id", "s1"), ("x-codex-turn-state", "t1")], {}, "session:s1"),
+        ([("thread-id", "th")], {"previous_response_id": "resp_1"}, "thread:th"),
+        ([], {"prompt_cache_key": "p"}, "prompt-cache:p"),
+        # Keys that change every turn name no session.
+        ([("x-codex-turn-state", "t1")], {}, None),
+        ([], {"previous_response_id": "resp_1"}, None),
+        ([], {}, None),
+    ],
+)
+def test_a_session_is_counted_by_its_steadiest_key(
+    headers: list[tuple[str, str]], body: dict[str, object], counted: str | None
+) -> None:
+    assert counted_key(classify(headers, body)) == counted

@@ -116,3 +116,39 @@ def test_remove_account_drops_every_binding_to_it() -> None:
 def test_rejects_bad_bounds(max_entries: int, ttl: float) -> None:
     with pytest.raises(ValueError):
         MemoryBindingStore(max_entries=max_entries, idle_ttl_s=ttl, clock=Clock())
+
+
+COUNTED_A = Binding("team-a", AffinityKind.HARD, counted=True)
+COUNTED_B = Binding("team-b", AffinityKind.SOFT, counted=True)
+
+
+def test_counted_bindings_are_counted_per_account() -> None:
+    s = store(Clock())
+    s.set("session:1", COUNTED_A)
+    s.set("thread:1", A)  # the same session's other key: not counted
+    s.set("session:2", COUNTED_A)
+    s.set("prompt-cache:p", COUNTED_B)
+    assert s.bound_sessions() == {"team-a": 2, "team-b": 1}
+    s.set("session:2", COUNTED_B)  # moved
+    assert s.bound_sessions() == {"team-a": 1, "team-b": 2}
+    s.delete("session:1")
+    assert s.bound_sessions() == {"team-b": 2}
+    assert s.remove_account("team-b") == 2
+    assert s.bound_sessions() == {}
+
+
+def test_counts_follow_expiry_and_eviction() -> None:
+    clock = Clock()
+    s = store(clock, max_entries=2, ttl=60.0)
+    s.set("session:1", COUNTED_A)
+    clock.now += 40
+    s.set("session:2", COUNTED_A)
+    s.set("session:3", COUNTED_B)  # past max_entries: session:1 is evicted
+    assert s.bound_sessions() == {"team-a": 1, "team-b": 1}
+    clock.now += 30
+    assert s.get("session:3") == COUNTED_B  # a use: alive for another 60 s
+    clock.now += 40  # session:2 idle for 70 s
+    assert s.bound_sessions() == {"team-b": 1}
+    clock.now += 61
+    assert s.get("session:3") is None
+    assert s.bound_sessions() == {}

@@ -24,6 +24,7 @@ from responses_ws_bridge.core.pool_state import (
 from responses_ws_bridge.core.token_refresh import DEFAULT_TOKEN_URL
 from responses_ws_bridge.shell.accounts_file import AccountsFile
 from responses_ws_bridge.shell.bridge_service import BridgeService
+from responses_ws_bridge.shell.shared_state import bound_sessions
 from responses_ws_bridge.shell.token_refresher import state_path_for
 
 logger = logging.getLogger(__name__)
@@ -142,11 +143,23 @@ class Accounts:
 
     @command.command("bridge.accounts")
     def accounts_command(self) -> str:
-        """Upstream accounts: health, requests in flight, cooldown, served, rate limits."""
+        """Upstream accounts: health, requests in flight, sessions bound (every instance's
+        with a shared store), cooldown, served, rate limits."""
         pool = self.state.pool
         if pool is None:
             return "pass-through mode: no accounts file (bridge_accounts is empty)"
-        rows = [("account", "health", "in flight", "cooldown until", "served", "rate limits")]
+        sessions = bound_sessions(self.state, self.service.shared)
+        rows = [
+            (
+                "account",
+                "health",
+                "in flight",
+                "sessions",
+                "cooldown until",
+                "served",
+                "rate limits",
+            )
+        ]
         for row in pool.snapshot():
             until = (
                 time.strftime("%H:%M:%S", time.localtime(time.time() + row.cooldown_remaining_s))
@@ -154,6 +167,14 @@ class Accounts:
                 else "-"
             )
             rows.append(
-                (row.id, row.health, str(row.in_flight), until, str(row.served), row.rate_limits)
+                (
+                    row.id,
+                    row.health,
+                    str(row.in_flight),
+                    str(sessions.get(row.id, 0)),
+                    until,
+                    str(row.served),
+                    row.rate_limits,
+                )
             )
         return table(rows)

@@ -17,7 +17,7 @@ from mitmproxy.addonmanager import Loader
 
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.shell.session_pool import SessionPool
-from responses_ws_bridge.shell.shared_state import SharedState
+from responses_ws_bridge.shell.shared_state import SharedState, bound_sessions
 from responses_ws_bridge.shell.turn_metrics import TurnMetrics
 
 if TYPE_CHECKING:
@@ -109,13 +109,15 @@ def pool_gauges(
 ) -> GaugeSnapshot:
     """Accounts and idle sessions as the gauges show them at scrape time.
 
-    With a shared store, in-flight counts are every instance's (the latest
-    lease counts read) and rate limits the latest figures any instance saw.
+    With a shared store, in-flight counts and bound sessions are every
+    instance's (the latest counts read) and rate limits the latest figures any
+    instance saw.
     """
     from responses_ws_bridge.shell.metrics import AccountGauges, GaugeSnapshot
 
     sharing = shared is not None and shared.active
     accounts: list[AccountGauges] = []
+    bound = bound_sessions(state, shared)
     if state.pool is not None:
         for row in state.pool.snapshot():
             in_flight = row.in_flight
@@ -130,6 +132,6 @@ def pool_gauges(
                     if name.endswith(USED_PERCENT)
                 }
             health = row.health.split(":", 1)[0]
-            accounts.append(AccountGauges(row.id, health, in_flight, windows))
+            accounts.append(AccountGauges(row.id, health, in_flight, windows, bound.get(row.id, 0)))
     idle = sum(count for _, count, _ in sessions.snapshot())
     return GaugeSnapshot(tuple(accounts), idle)

@@ -13,9 +13,10 @@ account (a lost connection, a hand-off close 1000, the socket age limit)
 change nothing. Rate-limit figures (`core.rate_limits`) are kept per account:
 an account with an exhausted window is not chosen for new sessions until that
 window resets. Selection: the preferred account when usable, else the usable
-account with the most rate-limit headroom, then the fewest requests in
-flight, ties going to the first in file order. Time comes from the injected
-clocks only (`wall_clock`, epoch seconds, for the upstream's reset times).
+account `spread` ranks first (most rate-limit headroom, then fewest requests
+in flight, fewest bound sessions, least recently chosen; its table says why).
+Time comes from the injected clocks only (`wall_clock`, epoch seconds, for
+the upstream's reset times).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from responses_ws_bridge.core.accounts import Account, AccountsConfig
@@ -122,6 +123,47 @@ class NoneUsable:
 Choice = Chosen | AllCoolingDown | NoneUsable
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A usable account as `spread` sees it."""
+
+    id: str
+    # Percent left in its tightest rate-limit window; 100 while no figures are known.
+    headroom: float
+    in_flight: int
+    bound_sessions: int
+    # The pool's count of choices when it was last chosen; 0: never.
+    last_chosen: int
+
+
+def spread(candidates: Iterable[Candidate]) -> Candidate | None:
+    """Where a request goes that no usable owner or preference claims (a new session above all).
+
+    Each criterion decides only when every one above it ties:
+
+    | order | criterion           | wins            | why                                         |
+    |-------|---------------------|-----------------|---------------------------------------------|
+    | 1     | rate-limit headroom | most            | the upstream's own figures, once known      |
+    |       |                     |                 | (none known counts as 100% left)            |
+    | 2     | requests in flight  | fewest          | the load right now                          |
+    | 3     | bound sessions      | fewest          | the load to come: a hard session never      |
+    |       |                     |                 | moves, and between turns nothing is in      |
+    |       |                     |                 | flight, so this is what spreads sessions    |
+    | 4     | last chosen         | longest ago,    | equal counts and unbound requests take      |
+    |       |                     | never first     | turns instead of all going to one account   |
+    | 5     | place in the file   | first           | a deterministic last word                   |
+
+    Requests in flight and bound sessions are every instance's when a shared
+    store answers, this process's otherwise. `candidates` come in file order.
+    """
+    # min keeps the first of equal ranks: row 5.
+    return min(
+        candidates,
+        key=lambda c: (-c.headroom, c.in_flight, c.bound_sessions, c.last_chosen),
+        default=None,
+    )
+
+
 def fail_http_for_choice(
     choice: AllCoolingDown | NoneUsable,
     *,
@@ -187,6 +229,8 @@ class _State:
     rate_limits: RateLimits | None = None
     # Pool clock: no new sessions before this (an exhausted rate-limit window).
     exhausted_until: float | None = None
+    # `AccountPool._choices` when `choose` last gave this account; 0: never.
+    last_chosen: int = 0
 
 
 def _same_credential(a: Account, b: Account) -> bool:
@@ -210,6 +254,8 @@ class AccountPool:
         self._wall_clock = wall_clock
         self.rules = rules or HealthRules()
         self._states: dict[str, _State] = {a.id: _State(a) for a in config.accounts}
+        # Choices made so far: a sequence rather than a time, so no two are ever equal.
+        self._choices = 0
 
     @property
     def ids(self) -> list[str]:
@@ -380,16 +426,15 @@ class AccountPool:
         exclude: Collection[str] = (),
         prefer: str | None = None,
         load: Mapping[str, int] | None = None,
+        sessions: Mapping[str, int] | None = None,
     ) -> Choice:
-        """An account for a SOFT/NONE request (HARD owners go through `choose_owner`).
+        """An account for a SOFT/NONE request or a new HARD one (owners go through
+        `choose_owner`): `prefer` when usable, else the one `spread` ranks first.
 
         `load`: requests in flight per account across every instance (the shared
         store's leases), used instead of this instance's own counts when given.
+        `sessions`: bound sessions per account (missing: none).
         """
-
-        def in_flight(state: _State) -> int:
-            return state.in_flight if load is None else load.get(state.account.id, 0)
-
         now = self._clock()
         if prefer is not None and prefer not in exclude:
             state = self._states.get(prefer)
@@ -398,9 +443,28 @@ class AccountPool:
                 and isinstance(self._current(state, now), Healthy)
                 and not self._exhausted(state, now)
             ):
-                return Chosen(state.account)
-        best: _State | None = None
-        best_rank: tuple[float, int] = (0.0, 0)
+                return self._chosen(state)
+        candidates, cooling_until = self._candidates(exclude, now, load, sessions or {})
+        best = spread(candidates)
+        if best is not None:
+            return self._chosen(self._states[best.id])
+        if cooling_until is not None:
+            return self._all_cooling(cooling_until, now)
+        # When accounts were excluded (tried and failed for this request), the last
+        # failure is the better answer for the client than a bare "no account".
+        tried = any(account_id in self._states for account_id in exclude)
+        return NoneUsable("excluded" if tried else "disabled")
+
+    def _candidates(
+        self,
+        exclude: Collection[str],
+        now: float,
+        load: Mapping[str, int] | None,
+        sessions: Mapping[str, int],
+    ) -> tuple[list[Candidate], float | None]:
+        """The usable accounts not excluded, in file order, and the earliest end of a
+        cooldown among the others (None: none cooling)."""
+        candidates: list[Candidate] = []
         cooling_until: float | None = None
         wall_now = self._wall_clock()
         for account_id, state in self._states.items():
@@ -411,22 +475,26 @@ class AccountPool:
                 assert state.exhausted_until is not None
                 health = Cooling(state.exhausted_until, "rate limit window exhausted")
             if isinstance(health, Healthy):
-                # Most headroom first, then fewest in flight; the first in file order on ties.
-                rank = (-headroom(state.rate_limits, wall_now=wall_now), in_flight(state))
-                if best is None or rank < best_rank:
-                    best, best_rank = state, rank
+                in_flight = state.in_flight if load is None else load.get(account_id, 0)
+                candidates.append(
+                    Candidate(
+                        account_id,
+                        headroom(state.rate_limits, wall_now=wall_now),
+                        in_flight,
+                        sessions.get(account_id, 0),
+                        state.last_chosen,
+                    )
+                )
             elif isinstance(health, Cooling):
                 cooling_until = (
                     health.until if cooling_until is None else min(cooling_until, health.until)
                 )
-        if best is not None:
-            return Chosen(best.account)
-        if cooling_until is not None:
-            return self._all_cooling(cooling_until, now)
-        # When accounts were excluded (tried and failed for this request), the last
-        # failure is the better answer for the client than a bare "no account".
-        tried = any(account_id in self._states for account_id in exclude)
-        return NoneUsable("excluded" if tried else "disabled")
+        return candidates, cooling_until
+
+    def _chosen(self, state: _State) -> Chosen:
+        self._choices += 1
+        state.last_chosen = self._choices
+        return Chosen(state.account)
 
     def choose_owner(self, owner: str) -> Choice:
         """The hard owner if it can serve; never another account."""

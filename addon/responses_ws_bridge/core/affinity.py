@@ -156,6 +156,20 @@ def socket_key(affinity: Affinity) -> str | None:
     return affinity.key
 
 
+def counted_key(affinity: Affinity) -> str | None:
+    """The one key a session is counted by among its account's bound sessions, or None.
+
+    Its steadiest key (`socket_key`): Codex CLI sends `session-id` and
+    `thread-id`, two keys of one session, counted once. A key that changes every
+    turn (turn state, previous_response_id) names no session: counted, a chain of
+    responses would count once per turn.
+    """
+    key = socket_key(affinity)
+    if key is None or key.startswith(_PER_TURN_NAMESPACES):
+        return None
+    return key
+
+
 def session_key(affinity: Affinity, account_id: str | None) -> SessionKey | None:
     """Which idle upstream socket may carry this request, or None: a new one, never kept.
 

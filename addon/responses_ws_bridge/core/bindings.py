@@ -5,24 +5,36 @@ replace the in-memory one later. `MemoryBindingStore` keeps entries in
 last-use order: an entry idle longer than the TTL is gone, and past
 `max_entries` the least recently used one is evicted. The same class serves
 both affinity bindings (`session:…` → account, kind) and response ownership
-(response id → account). Time comes from the injected clock; no locking,
-since the addon runs on one event loop.
+(response id → account). Bindings marked `counted` (a session's
+`affinity.counted_key`) are counted per account as it goes, so the account
+choice can ask how many sessions each account holds without a scan. Time
+comes from the injected clock; no locking, since the addon runs on one event
+loop.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.affinity import Affinity, AffinityKind, counted_key
 
 
 @dataclass(frozen=True)
 class Binding:
+    """`counted`: this key stands for its session in the account's bound-session count."""
+
     account_id: str
     kind: AffinityKind = AffinityKind.HARD
+    counted: bool = False
+
+
+def bindings_for(affinity: Affinity, account_id: str) -> list[tuple[str, Binding]]:
+    """Every key of `affinity` bound to `account_id`; its session's one key counted."""
+    counted = counted_key(affinity)
+    return [(key, Binding(account_id, affinity.kind, key == counted)) for key in affinity.keys]
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,10 @@ class BindingStore(Protocol):
         """Drop every binding to `account_id`; returns how many."""
         ...
 
+    def bound_sessions(self) -> dict[str, int]:
+        """Live `counted` bindings per account (an account with none is absent)."""
+        ...
+
 
 @dataclass
 class _Entry:
@@ -75,6 +91,8 @@ class MemoryBindingStore:
         self._clock = clock
         # Ordered by last use, oldest first: expiry and eviction both pop from the front.
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Counted entries per account, kept in step by `_add` and `_remove`.
+        self._sessions: Counter[str] = Counter()
 
     def __len__(self) -> int:
         self.prune()
@@ -94,13 +112,13 @@ class MemoryBindingStore:
     def set(self, key: str, binding: Binding) -> None:
         now = self._clock()
         self._prune(now)
-        self._entries[key] = _Entry(binding, now)
-        self._entries.move_to_end(key)
+        self._remove(key)
+        self._add(key, _Entry(binding, now))
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._remove(next(iter(self._entries)))
 
     def delete(self, key: str) -> bool:
-        return self._entries.pop(key, None) is not None
+        return self._remove(key) is not None
 
     def touch(self, key: str) -> bool:
         now = self._clock()
@@ -117,8 +135,12 @@ class MemoryBindingStore:
     def remove_account(self, account_id: str) -> int:
         doomed = [k for k, e in self._entries.items() if e.binding.account_id == account_id]
         for key in doomed:
-            del self._entries[key]
+            self._remove(key)
         return len(doomed)
+
+    def bound_sessions(self) -> dict[str, int]:
+        self.prune()
+        return dict(self._sessions)
 
     def prune(self) -> int:
         """Drop every expired entry now; returns how many."""
@@ -132,8 +154,23 @@ class MemoryBindingStore:
         if entry is None:
             return None
         if self._expired(entry, now):
-            del self._entries[key]
+            self._remove(key)
             return None
+        return entry
+
+    def _add(self, key: str, entry: _Entry) -> None:
+        self._entries[key] = entry
+        if entry.binding.counted:
+            self._sessions[entry.binding.account_id] += 1
+
+    def _remove(self, key: str) -> _Entry | None:
+        # Every removal goes through here, so the session counts never drift.
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry.binding.counted:
+            account_id = entry.binding.account_id
+            self._sessions[account_id] -= 1
+            if not self._sessions[account_id]:
+                del self._sessions[account_id]
         return entry
 
     def _use(self, key: str, entry: _Entry, now: float) -> None:
@@ -146,6 +183,6 @@ class MemoryBindingStore:
             key, entry = next(iter(self._entries.items()))
             if not self._expired(entry, now):
                 break
-            del self._entries[key]
+            self._remove(key)
             removed += 1
         return removed

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from responses_ws_bridge.core.account_pool import AccountPool
 from responses_ws_bridge.core.accounts import AccountsConfig, secrets_of
 from responses_ws_bridge.core.affinity import Affinity, AffinityKind, owner_for
-from responses_ws_bridge.core.bindings import Binding, MemoryBindingStore
+from responses_ws_bridge.core.bindings import Binding, MemoryBindingStore, bindings_for
 from responses_ws_bridge.core.redaction import SecretScrubber
 
 DEFAULT_BINDING_MAX = 100_000
@@ -102,8 +102,12 @@ class PoolState:
     def bind(self, affinity: Affinity, account_id: str) -> None:
         if affinity.kind is AffinityKind.NONE:
             return
-        for key in affinity.keys:
-            self.bindings.set(key, Binding(account_id, affinity.kind))
+        for key, binding in bindings_for(affinity, account_id):
+            self.bindings.set(key, binding)
+
+    def bound_sessions(self) -> dict[str, int]:
+        """Sessions bound to each account in this process's memory."""
+        return self.bindings.bound_sessions()
 
     def served(self, affinity: Affinity, account_id: str, response_id: str | None) -> None:
         """A turn reached its client from `account_id`: its keys and its response belong there.

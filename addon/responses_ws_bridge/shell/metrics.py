@@ -67,6 +67,7 @@ class AccountGauges:
     health: str
     in_flight: int
     rate_limits: Mapping[str, float] = field(default_factory=dict)
+    bound_sessions: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,11 @@ class _GaugeCollector(Collector):
         in_flight = GaugeMetricFamily(
             "bridge_account_in_flight", "Requests in flight per account.", labels=["account"]
         )
+        sessions = GaugeMetricFamily(
+            "bridge_account_bound_sessions",
+            "Sessions bound to each account (every instance's with a shared store).",
+            labels=["account"],
+        )
         used = GaugeMetricFamily(
             "bridge_rate_limit_used_percent",
             "The latest rate-limit used percent the upstream reported, per account and window.",
@@ -166,13 +172,14 @@ class _GaugeCollector(Collector):
             for state in HEALTH_STATES:
                 health.add_metric([name, state], 1.0 if account.health == state else 0.0)
             in_flight.add_metric([name], float(account.in_flight))
+            sessions.add_metric([name], float(account.bound_sessions))
             for window, percent in sorted(account.rate_limits.items()):
                 used.add_metric([name, label(window)], float(percent))
         idle = GaugeMetricFamily(
             "bridge_idle_sessions", "Upstream WebSocket sessions open and idle for reuse."
         )
         idle.add_metric([], float(snap.idle_sessions))
-        return [health, in_flight, used, idle]
+        return [health, in_flight, sessions, used, idle]
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -2,13 +2,13 @@
 
 `BridgeService` calls this at a few points of `serve`, and only when
 `bridge_state` names a shared store: find the owner, choose an account with
-every instance's health and load (claiming a new hard key atomically), hold a
-lease while an attempt runs, and record the outcome. The store is read at call
-time (the state addon replaces it when its options change) and every call is
-guarded: an unreachable store answers `StateUnavailable`, and `fallback`
-decides what the request may do then. What this instance already knows
-(`PoolState`'s bindings and response owners) stays the local memory that a
-hard request may fall back on.
+every instance's health, load and bound sessions (claiming a new hard key
+atomically), hold a lease while an attempt runs, and record the outcome. The
+store is read at call time (the state addon replaces it when its options
+change) and every call is guarded: an unreachable store answers
+`StateUnavailable`, and `fallback` decides what the request may do then. What
+this instance already knows (`PoolState`'s bindings, response owners and
+bound-session counts) stays the local memory a request may fall back on.
 
 Times in the store are wall-clock; the pool keeps its own clock, so a cooldown
 is converted on its way in and out.
@@ -30,9 +30,9 @@ from responses_ws_bridge.core.account_pool import (
     Disabled,
     Health,
 )
-from responses_ws_bridge.core.affinity import Affinity, AffinityKind
+from responses_ws_bridge.core.affinity import Affinity, AffinityKind, counted_key
 from responses_ws_bridge.core.attempt_plan import PickAny, PickOwner
-from responses_ws_bridge.core.bindings import Binding
+from responses_ws_bridge.core.bindings import Binding, bindings_for
 from responses_ws_bridge.core.failures import Failure, is_auth_rejection
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.state import health_record
@@ -53,6 +53,14 @@ from responses_ws_bridge.state.store import AccountHealthRecord, StateStore
 logger = logging.getLogger(__name__)
 
 
+def bound_sessions(state: PoolState, shared: SharedState | None) -> dict[str, int]:
+    """Sessions per account as an operator sees them: every instance's (as last read)
+    with a shared store, this process's otherwise."""
+    if shared is not None and shared.active:
+        return shared.bound_sessions()
+    return state.bound_sessions()
+
+
 class SharedState:
     def __init__(
         self,
@@ -70,6 +78,8 @@ class SharedState:
         # The latest figures read from the store, for the metrics gauges.
         self.records: dict[str, AccountHealthRecord] = {}
         self.load: dict[str, int] = {}
+        # None until the store has answered (and while it does not): this process's count.
+        self.sessions: dict[str, int] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -109,15 +119,17 @@ class SharedState:
     async def choose(
         self, pool: AccountPool, pick: PickOwner | PickAny, affinity: Affinity, *, claim: bool
     ) -> Choice | FailClosed:
-        """The pool's choice with every instance's health and load.
+        """The pool's choice with every instance's health, load and bound sessions.
 
         `claim`: a new hard key; the account chosen is bound in the store, and
         when another instance bound it first, that instance's account serves.
         """
-        load = await self.refresh(pool)
         if isinstance(pick, PickOwner):
+            await self.refresh(pool)
             return pool.choose_owner(pick.account)
-        choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer, load=load)
+        # Bound sessions only here: an owner's turn (most turns) needs no count.
+        load, sessions = await asyncio.gather(self.refresh(pool), self.read_sessions(pool.ids))
+        choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer, load=load, sessions=sessions)
         if not (claim and affinity.kind is AffinityKind.HARD and isinstance(choice, Chosen)):
             return choice
         claimed = await self.claim(affinity, choice.account.id)
@@ -131,7 +143,7 @@ class SharedState:
     async def claim(self, affinity: Affinity, account_id: str) -> Owned | FailClosed:
         """Bind the primary key to `account_id` unless it is bound: the first writer wins."""
         assert affinity.key is not None
-        binding = Binding(account_id, affinity.kind)
+        binding = Binding(account_id, affinity.kind, affinity.key == counted_key(affinity))
         got = await self._run("bind", lambda s: s.bind(affinity.key or "", binding))
         stored = got if isinstance(got, StateUnavailable) else got.account_id
         return bind_decision(affinity.kind, stored, account_id)
@@ -153,6 +165,17 @@ class SharedState:
             return None
         self.load = load
         return load
+
+    async def read_sessions(self, ids: Sequence[str]) -> dict[str, int]:
+        """Sessions bound to each account: every instance's, or this process's own while
+        the store does not answer."""
+        counts = await self._run("bound_sessions", lambda s: s.bound_sessions(ids))
+        self.sessions = None if isinstance(counts, StateUnavailable) else counts
+        return self.bound_sessions()
+
+    def bound_sessions(self) -> dict[str, int]:
+        """Sessions per account as last read from the store, else this process's own."""
+        return self.sessions if self.sessions is not None else self.state.bound_sessions()
 
     @contextlib.asynccontextmanager
     async def lease(self, account_id: str) -> AsyncIterator[None]:
@@ -178,8 +201,9 @@ class SharedState:
         pool = self.state.pool
         if pool is None or pool.account(account_id) is None:
             return
-        binding = Binding(account_id, affinity.kind)
-        calls: list[Awaitable[object]] = [self._bind(key, binding) for key in affinity.keys]
+        calls: list[Awaitable[object]] = [
+            self._bind(key, binding) for key, binding in bindings_for(affinity, account_id)
+        ]
         record = self.records.get(account_id)
         if record is None or record.cooldown_until is not None:
             calls.append(self._run("clear_failures", lambda s: s.clear_failures(account_id)))

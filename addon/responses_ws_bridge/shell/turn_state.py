@@ -73,7 +73,9 @@ class LocalTurnState:
     ) -> Choice | FailClosed:
         if isinstance(pick, PickOwner):
             return self.pool.choose_owner(pick.account)
-        return self.pool.choose(exclude=pick.exclude, prefer=pick.prefer)
+        return self.pool.choose(
+            exclude=pick.exclude, prefer=pick.prefer, sessions=self.state.bound_sessions()
+        )
 
     def bind(self, affinity: Affinity, account_id: str) -> None:
         self.state.bind(affinity, account_id)

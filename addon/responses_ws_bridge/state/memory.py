@@ -73,6 +73,10 @@ class MemoryStateStore:
     async def forget_account(self, account_id: str) -> int:
         return sum(t.remove_account(account_id) for t in (self._hard, self._soft, self._owners))
 
+    async def bound_sessions(self, account_ids: Sequence[str]) -> dict[str, int]:
+        hard, soft = self._hard.bound_sessions(), self._soft.bound_sessions()
+        return {a: hard.get(a, 0) + soft.get(a, 0) for a in account_ids}
+
     def _lookup(self, key: str) -> Binding | None:
         return self._hard.get(key) or self._soft.get(key)
 

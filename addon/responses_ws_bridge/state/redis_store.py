@@ -3,6 +3,14 @@
 Keys, all under the namespace `ns`:
 - `ns:salt`: the namespace's HMAC salt, created once by whichever instance comes first;
 - `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]`, idle TTL by kind;
+- `ns:sessions:<account>`: sorted set of the `<fp>` of the account's `counted`
+  bindings, scored by when each would expire (server time, ms; +inf without a TTL),
+  so `bound_sessions` is a ZCARD per account. The bind, rebind and forget scripts
+  keep it in step; a read (`_LOOKUP`) restarts a binding's TTL without touching the
+  set, so an entry whose score has passed is checked against its binding when
+  counted: still bound to the account (kept alive by use), it is scored again by its
+  TTL, else removed. Being counted lives here only, not in the binding's value,
+  whose format instances of an older version still read;
 - `ns:resp:<fp>`: the account that produced a response;
 - `ns:health:<account>`: hash of `disabled`, `cooldown_until`, `cooldown_reason`,
   `rate_limits` (JSON);
@@ -14,7 +22,11 @@ Keys, all under the namespace `ns`:
 ever stored. Every read-modify-write is one Lua script, so two instances racing
 to bind a new key end with one owner. Lease times come from the
 injected clock (wall clock: instances must agree on the time to within a
-fraction of a lease TTL); binding TTLs are the server's.
+fraction of a lease TTL); binding TTLs, and so the session sets' scores, are
+the server's (`TIME` inside the scripts, which needs Redis >= 5 or Valkey).
+The scripts that move a binding's session entry name the old account's set
+from the binding's value: fine on one server, not on a cluster (where the
+multi-key lookup already could not run).
 """
 
 from __future__ import annotations
@@ -59,6 +71,90 @@ else
 end
 return ARGV[1]
 """
+
+# The server's time plus a TTL in ms, a session set's score; no TTL (0): never expires.
+_EXPIRES_AT = """
+local function expires_at(ttl)
+  if ttl <= 0 then return '+inf' end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+end
+"""
+
+# KEYS: the binding, its account's session set; ARGV: value, ttl ms (0: none), fingerprint,
+# '1' when counted. Returns the binding in force (first writer wins); refreshes its TTL.
+_BIND = (
+    _EXPIRES_AT
+    + """
+local v = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if v then
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return v
+end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], expires_at(ttl), ARGV[3]) end
+return ARGV[1]
+"""
+)
+
+# Same KEYS and ARGV, and ARGV[5]: the session-set prefix. Binds whatever was bound,
+# taking the key's session entry from its old account's set.
+_REBIND = (
+    _EXPIRES_AT
+    + """
+local old = redis.call('GET', KEYS[1])
+if old then redis.call('ZREM', ARGV[5] .. cjson.decode(old)[2], ARGV[3]) end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], expires_at(ttl), ARGV[3]) end
+return 1
+"""
+)
+
+# KEYS[1]: binding; ARGV: fingerprint, session-set prefix. 1 when it was bound.
+_FORGET = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+redis.call('ZREM', ARGV[2] .. cjson.decode(old)[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: session sets; ARGV[1]: binding-key prefix, ARGV[2]: most checks per set,
+# ARGV[i + 2]: the account of KEYS[i]. Entries due (scored at or before now) are
+# checked against their binding, a bounded number per call so that one call stays
+# short (the rest count until a later call checks them). Returns the count per set.
+_BOUND_SESSIONS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, set in ipairs(KEYS) do
+  local due = redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, ARGV[2])
+  for _, fp in ipairs(due) do
+    local key = ARGV[1] .. fp
+    local v = redis.call('GET', key)
+    local ttl = redis.call('PTTL', key)
+    local b = v and cjson.decode(v)
+    if b and b[2] == ARGV[i + 2] and ttl ~= -2 then
+      redis.call('ZADD', set, ttl == -1 and '+inf' or now + ttl, fp)
+    else
+      redis.call('ZREM', set, fp)
+    end
+  end
+  out[i] = redis.call('ZCARD', set)
+end
+return out
+"""
+_DUE_CHECKS = 200
 
 # KEYS: bindings (and, when ARGV[4] == '1', the response key first);
 # ARGV: hard ttl, soft ttl, owner ttl (ms, 0: none), has response.
@@ -166,6 +262,10 @@ class RedisStateStore:
         self._clock = clock
         self._salt: str | None = None
         self._set_if_absent = client.register_script(_SET_IF_ABSENT)
+        self._bind = client.register_script(_BIND)
+        self._rebind = client.register_script(_REBIND)
+        self._forget = client.register_script(_FORGET)
+        self._bound_sessions = client.register_script(_BOUND_SESSIONS)
         self._lookup_script = client.register_script(_LOOKUP)
         self._forget_account = client.register_script(_FORGET_ACCOUNT)
         self._cool_down = client.register_script(_COOL_DOWN)
@@ -185,7 +285,10 @@ class RedisStateStore:
         self._salt = None
 
     async def _binding_key(self, key: str) -> str:
-        return f"{self.namespace}:bind:{fingerprint(await self.salt(), key)}"
+        return f"{self.namespace}:bind:{await self._fingerprint(key)}"
+
+    async def _fingerprint(self, key: str) -> str:
+        return fingerprint(await self.salt(), key)
 
     async def _response_key(self, response_id: str) -> str:
         return f"{self.namespace}:resp:{fingerprint(await self.salt(), response_id)}"
@@ -207,6 +310,7 @@ class RedisStateStore:
 
     @staticmethod
     def _decode(raw: str) -> Binding:
+        """The binding (`counted` is not read back: it lives in the session sets)."""
         kind, account_id = json.loads(raw)
         return Binding(str(account_id), AffinityKind(kind))
 
@@ -214,25 +318,43 @@ class RedisStateStore:
         return ttl_ms(self.limits.ttl_for(kind))
 
     async def bind(self, key: str, binding: Binding) -> Binding:
-        redis_key = await self._call(self._binding_key(key))
-        raw = await self._call(
-            self._set_if_absent(
-                keys=[redis_key], args=[self._encode(binding), self._ttl(binding.kind)]
-            )
-        )
+        keys, args = await self._binding_call(key, binding)
+        raw = await self._call(self._bind(keys=keys, args=args))
         return self._decode(str(raw))
 
     async def binding(self, key: str) -> Binding | None:
         return (await self.lookup(None, [key])).bindings.get(key)
 
     async def rebind(self, key: str, binding: Binding) -> None:
-        redis_key = await self._call(self._binding_key(key))
-        ttl = self._ttl(binding.kind)
-        await self._call(self.client.set(redis_key, self._encode(binding), px=ttl or None))
+        keys, args = await self._binding_call(key, binding)
+        await self._call(self._rebind(keys=keys, args=[*args, self._sessions_prefix]))
+
+    async def _binding_call(self, key: str, binding: Binding) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of `_BIND` and `_REBIND`."""
+        fp = await self._call(self._fingerprint(key))
+        keys = [
+            f"{self.namespace}:bind:{fp}",
+            self._account_key("sessions", binding.account_id),
+        ]
+        counted = "1" if binding.counted else "0"
+        return keys, [self._encode(binding), self._ttl(binding.kind), fp, counted]
+
+    @property
+    def _sessions_prefix(self) -> str:
+        return self._account_key("sessions", "")
 
     async def forget(self, key: str) -> bool:
-        redis_key = await self._call(self._binding_key(key))
-        return bool(await self._call(self.client.delete(redis_key)))
+        fp = await self._call(self._fingerprint(key))
+        keys = [f"{self.namespace}:bind:{fp}"]
+        return bool(await self._call(self._forget(keys=keys, args=[fp, self._sessions_prefix])))
+
+    async def bound_sessions(self, account_ids: Sequence[str]) -> dict[str, int]:
+        if not account_ids:
+            return {}
+        keys = [self._account_key("sessions", a) for a in account_ids]
+        args: list[str | int] = [f"{self.namespace}:bind:", _DUE_CHECKS, *account_ids]
+        counts = await self._call(self._bound_sessions(keys=keys, args=args))
+        return {a: int(n) for a, n in zip(account_ids, counts, strict=True)}
 
     async def forget_account(self, account_id: str) -> int:
         removed = 0
@@ -254,6 +376,7 @@ class RedisStateStore:
                         self._forget_account(keys=batch, args=[account_id, is_binding])
                     )
                 )
+        await self._call(self.client.delete(self._account_key("sessions", account_id)))
         return removed
 
     # response ownership

@@ -91,7 +91,11 @@ class StateStore(Protocol):
     # affinity bindings
 
     async def bind(self, key: str, binding: Binding) -> Binding:
-        """Bind `key` unless it is bound; returns the binding in force (first writer wins)."""
+        """Bind `key` unless it is bound; returns the binding in force (first writer wins).
+
+        A `counted` binding counts in `bound_sessions`; bindings read back need not
+        say whether they count.
+        """
         ...
 
     async def binding(self, key: str) -> Binding | None: ...
@@ -104,6 +108,14 @@ class StateStore(Protocol):
 
     async def forget_account(self, account_id: str) -> int:
         """Drop every binding and response owner of a removed account; returns how many."""
+        ...
+
+    async def bound_sessions(self, account_ids: Sequence[str]) -> dict[str, int]:
+        """Live `counted` bindings per account: the sessions each account holds.
+
+        Cheap enough to ask before every choice; a binding that expired is never
+        counted, one kept alive by its reads still is.
+        """
         ...
 
     # response ownership
