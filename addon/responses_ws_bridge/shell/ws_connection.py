@@ -105,7 +105,6 @@ class WebSocketConnection(asyncio.Protocol):
         await self.opened
         if self.protocol.handshake_exc is not None:
             raise self.protocol.handshake_exc
-        self._schedule_ping(self.ping_interval)
 
     def send_request(self, request: Request) -> None:
         self.request = request
@@ -317,11 +316,12 @@ class WebSocketConnection(asyncio.Protocol):
         self.abort()
 
     def _settle_handshake(self) -> None:
-        if not self.opened.done() and (
-            self.response is not None
-            or self.protocol.handshake_exc is not None
-            or self.protocol.state is State.CLOSED
-        ):
+        if self.opened.done():
+            return
+        if self.protocol.state is State.OPEN:
+            self.opened.set_result(None)
+            self._schedule_ping(self.ping_interval)
+        elif self.protocol.handshake_exc is not None or self.protocol.state is State.CLOSED:
             self.opened.set_result(None)
 
     # -- keepalive
