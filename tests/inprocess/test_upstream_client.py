@@ -143,7 +143,6 @@ def test_a_flood_nobody_reads_pauses_reading_and_stays_bounded_then_arrives_whol
             )
             ws = session._ws
             transport = ws.transport
-            assert transport is not None
             # Nobody reads: reading pauses, the upstream's writes back up and stop.
             await until(lambda: not transport.is_reading())
             await until(lambda: connections[0].transport.get_write_buffer_size() > 0)

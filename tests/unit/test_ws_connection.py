@@ -396,3 +396,10 @@ def test_an_unanswered_ping_closes_with_1011_keepalive_ping_timeout() -> None:
     closed = run(body)
     assert closed.sent == Close(CloseCode.INTERNAL_ERROR, KEEPALIVE_TIMEOUT_REASON)
     assert closed.rcvd is None
+
+
+def test_closing_a_connection_never_made_returns_at_once() -> None:
+    async def body() -> None:
+        await connection().close()
+
+    run(body)

@@ -139,8 +139,7 @@ class UpstreamSession:
 
     @property
     def local_address(self) -> tuple[str, int] | None:
-        transport = self._ws.transport
-        address = transport.get_extra_info("sockname") if transport is not None else None
+        address = self._ws.transport.get_extra_info("sockname")
         return (str(address[0]), int(address[1])) if address else None
 
     @property

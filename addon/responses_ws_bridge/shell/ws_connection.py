@@ -37,8 +37,6 @@ KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"
 class WebSocketConnection(asyncio.Protocol):
     """The asyncio side of one client WebSocket: moves bytes, keeps time, holds messages."""
 
-    transport: asyncio.Transport | None
-
     def __init__(
         self,
         protocol: ClientProtocol,
@@ -54,7 +52,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.close_timeout = close_timeout
         self.high_water = high_water
         self.loop = asyncio.get_running_loop()
-        self.transport = None
+        self._transport: asyncio.Transport | None = None
         self.request: Request | None = None
         self.response: Response | None = None
         # Resolved once the upgrade has its answer, or cannot get one.
@@ -114,7 +112,14 @@ class WebSocketConnection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self._transport = cast(asyncio.Transport, transport)
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        """The connection's transport; only once connected."""
+        if self._transport is None:
+            raise RuntimeError("not connected")
+        return self._transport
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
@@ -132,7 +137,7 @@ class WebSocketConnection(asyncio.Protocol):
         if queued:
             if self.buffered > self.high_water and not self._reading_paused:
                 self._reading_paused = True
-                cast(asyncio.Transport, self.transport).pause_reading()
+                self.transport.pause_reading()
             self._wake_reader()
 
     def eof_received(self) -> None:
@@ -236,8 +241,8 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _resume_reading(self) -> None:
         self._reading_paused = False
-        if self.transport is not None:
-            self.transport.resume_reading()
+        if self._transport is not None:
+            self._transport.resume_reading()
 
     # -- sending
 
@@ -255,7 +260,7 @@ class WebSocketConnection(asyncio.Protocol):
             await asyncio.shield(self._drained)
 
     def _flush(self) -> None:
-        transport = self.transport
+        transport = self._transport
         if transport is None:
             return
         for data in self.protocol.data_to_send():
@@ -276,6 +281,8 @@ class WebSocketConnection(asyncio.Protocol):
 
         Messages not read yet are dropped: whoever closes is done reading.
         """
+        if self._transport is None:
+            return  # never connected: nothing to close, and `lost` would never resolve
         self._messages.clear()
         self.buffered = 0
         self._discard_messages()
@@ -301,14 +308,14 @@ class WebSocketConnection(asyncio.Protocol):
             self._resume_reading()
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self.lost)
 
     def _arm_close_timer(self) -> None:
-        if self._close_timer is None and self.transport is not None and not self.lost.done():
+        if self._close_timer is None and self._transport is not None and not self.lost.done():
             self._close_timer = self.loop.call_later(self.close_timeout, self._close_timed_out)
 
     def _close_timed_out(self) -> None:
