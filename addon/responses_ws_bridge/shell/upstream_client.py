@@ -1,33 +1,36 @@
-"""Upstream Responses WebSocket connections, over the `websockets` asyncio client.
+"""Upstream Responses WebSocket connections, over `websockets`' sans-I/O client protocol.
 
 A thin I/O layer: it opens a connection with the headers it is given, sends
 `response.create` frames, and hands back received frames in batches (all the
 frames that had already arrived, so the relay can write them in one go). Every
 step is reported to an optional `SessionTap`, which is how sessions get recorded
-as mitmproxy flows. No policy lives here.
+as mitmproxy flows. No policy lives here. The bytes, timers and backpressure
+of one connection are `ws_connection.WebSocketConnection`'s.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import functools
 import logging
 import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import (
     ConnectionClosed,
     InvalidHandshake,
     InvalidStatus,
     InvalidURI,
 )
+from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
 from websockets.frames import Close, CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from responses_ws_bridge.core.failures import (
     AttemptFailed,
@@ -38,10 +41,11 @@ from responses_ws_bridge.core.failures import (
 )
 from responses_ws_bridge.core.retry_policy import handshake_rejected
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell.ws_connection import WebSocketConnection
 
-# mitmproxy turns the root logger up to DEBUG, and websockets then logs every
-# frame, each log line running through mitmproxy's addon hooks: the upstream
-# connections get a logger of their own that stays at INFO.
+# mitmproxy turns the root logger up to DEBUG, and websockets' protocol then
+# logs every frame, each log line running through mitmproxy's addon hooks: the
+# upstream connections get a logger of their own that stays at INFO.
 _WS_LOGGER = logging.getLogger("responses_bridge.upstream")
 _WS_LOGGER.setLevel(logging.INFO)
 
@@ -104,25 +108,10 @@ class SessionTap(Protocol):
     ) -> None: ...
 
 
-# The connection object the websockets client creates, so that the handshake
-# request can be recorded even when the handshake then fails.
-_created: contextvars.ContextVar[list[ClientConnection] | None] = contextvars.ContextVar(
-    "_created", default=None
-)
-
-
-class _TrackedConnection(ClientConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        created = _created.get()
-        if created is not None:
-            created.append(self)
-
-
 class UpstreamSession:
     """One open upstream WebSocket connection; may serve several turns in a row."""
 
-    def __init__(self, ws: ClientConnection, url: str, tap: SessionTap | None) -> None:
+    def __init__(self, ws: WebSocketConnection, url: str, tap: SessionTap | None) -> None:
         self._ws = ws
         self.url = url
         self.tap = tap
@@ -150,41 +139,31 @@ class UpstreamSession:
 
     @property
     def local_address(self) -> tuple[str, int] | None:
-        try:
-            address = self._ws.local_address
-        except (AttributeError, OSError):
-            return None
+        address = self._ws.transport.get_extra_info("sockname")
         return (str(address[0]), int(address[1])) if address else None
 
     @property
     def is_open(self) -> bool:
-        return self._ws.state is State.OPEN
+        return self._ws.protocol.state is State.OPEN
 
     async def send(self, message: str | bytes) -> None:
         """Sends one text frame (bytes are taken as UTF-8 text, not binary)."""
         self.last_used = time.monotonic()
         try:
-            await self._ws.send(message, text=True)
+            await self._ws.send_text(message)
         except ConnectionClosed as exc:
             raise self._closed(exc) from exc
         if self.tap is not None:
             self.tap.message(True, message, time.time())
 
     async def next_batch(self) -> list[str | bytes]:
-        """Waits for the next frame; returns it with every frame already queued.
+        """Waits for the next frame; returns it with every frame already received.
 
         Text frames come as str, binary frames as bytes: the relay refuses
         those, which it could not do once they were decoded.
         """
-        ws = self._ws
         try:
-            first = await ws.recv()
-            batch = [first]
-            # Frames already parsed from the socket are waiting in the
-            # assembler: taking them now lets the relay write them at once.
-            # recv() returns them without suspending.
-            while len(ws.recv_messages.frames):
-                batch.append(await ws.recv())
+            batch = await self._ws.receive_batch()
         except ConnectionClosed as exc:
             raise self._closed(exc) from exc
         now = time.time()
@@ -207,9 +186,7 @@ class UpstreamSession:
 
     def abort(self) -> None:
         """Drops the connection without a closing handshake (used on shutdown)."""
-        transport = self._ws.transport
-        if transport is not None:
-            transport.abort()
+        self._ws.abort()
         self._report_close()
 
     def _closed(self, exc: ConnectionClosed) -> AttemptFailed:
@@ -226,12 +203,12 @@ class UpstreamSession:
     def _report_close(self) -> None:
         if self._closed_reported or self.tap is None:
             return
-        if self._ws.state is not State.CLOSED and self._ws.protocol.close_rcvd is None:
+        protocol = self._ws.protocol
+        if protocol.state is not State.CLOSED and protocol.close_rcvd is None:
             # Not closed yet (close() is still in progress): report on completion.
-            self._ws.connection_lost_waiter.add_done_callback(lambda _: self._report_close())
+            self._ws.lost.add_done_callback(lambda _: self._report_close())
             return
         self._closed_reported = True
-        protocol = self._ws.protocol
         rcvd, sent = protocol.close_rcvd, protocol.close_sent
         frame = rcvd if rcvd is not None else sent
         code = frame.code if frame is not None else None
@@ -255,60 +232,70 @@ async def open_session(
     tap: SessionTap | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> UpstreamSession:
-    """Opens an upstream connection; raises `AttemptFailed` when it cannot."""
-    created: list[ClientConnection] = []
-    token = _created.set(created)
-    kwargs: dict[str, Any] = {}
+    """Opens an upstream connection; raises `AttemptFailed` when it cannot.
+
+    `headers` go out as given, the client's own User-Agent among them when it
+    sent one; never through a proxy (the bridge is the proxy). The connect
+    timeout covers TCP, TLS and the upgrade.
+    """
+    ws: WebSocketConnection | None = None
     try:
-        if url.startswith("wss:"):
+        uri = parse_uri(url)
+        context = None
+        if uri.secure:
             context = ssl_context if ssl_context is not None else tls_context(settings)
-            if context is not None:
-                kwargs["ssl"] = context
-        ws = await connect(
-            url,
-            additional_headers=list(headers),
-            # The client's own User-Agent is among the headers when it sent one.
-            user_agent_header=None,
-            compression="deflate" if settings.compression else None,
-            open_timeout=settings.connect_timeout,
+            if context is None:
+                # The system's CAs, as asyncio's default, but loaded once.
+                context = _tls_context(None, None, False)
+        protocol = ClientProtocol(
+            uri,
+            extensions=enable_client_permessage_deflate(None) if settings.compression else None,
+            max_size=settings.max_message_size,
+            logger=_WS_LOGGER,
+        )
+        ws = WebSocketConnection(
+            protocol,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
             close_timeout=settings.close_timeout,
-            max_size=settings.max_message_size,
-            # The bridge is the proxy: never route upstream through an
-            # environment-configured one.
-            proxy=None,
-            create_connection=_TrackedConnection,
-            logger=_WS_LOGGER,
-            **kwargs,
         )
-    except InvalidStatus as exc:
+        async with asyncio.timeout(settings.connect_timeout):
+            await ws.connect(uri, headers, context)
+    except BaseException as exc:
+        if ws is not None:
+            ws.abort()
+        failure = _open_failure(exc, url, settings)
+        if failure is None:
+            raise
+        if tap is not None:
+            request = ws.request if ws is not None else None
+            response = exc.response if isinstance(exc, InvalidStatus) else None
+            error = failure.detail if isinstance(failure, ConnectFailed) else None
+            tap.handshake_done(request, response, error)
+        raise AttemptFailed(failure) from exc
+    _shrink_tls_buffer(ws)
+    if tap is not None:
+        tap.handshake_done(ws.request, ws.response, None)
+    return UpstreamSession(ws, url, tap)
+
+
+def _open_failure(exc: BaseException, url: str, settings: UpstreamSettings) -> Failure | None:
+    """What a failed open means; None for what is not an upstream's doing (cancellation)."""
+    if isinstance(exc, InvalidStatus):
         response = exc.response
-        rejected = handshake_rejected(
+        return handshake_rejected(
             response.status_code,
             response.headers.raw_items(),
             bytes(response.body or b""),
             wall_now=time.time(),
         )
-        if tap is not None:
-            tap.handshake_done(_request_of(created), response, None)
-        raise AttemptFailed(rejected) from exc
-    except TimeoutError as exc:
+    # Before OSError: TimeoutError is one.
+    if isinstance(exc, TimeoutError):
         detail = f"timed out after {settings.connect_timeout:g} s opening {url}"
-        if tap is not None:
-            tap.handshake_done(_request_of(created), None, detail)
-        raise AttemptFailed(ConnectFailed(detail, timed_out=True)) from exc
-    except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed, ssl.SSLError) as exc:
-        detail = f"cannot open {url}: {exc or type(exc).__name__}"
-        if tap is not None:
-            tap.handshake_done(_request_of(created), None, detail)
-        raise AttemptFailed(ConnectFailed(detail)) from exc
-    finally:
-        _created.reset(token)
-    _shrink_tls_buffer(ws)
-    if tap is not None:
-        tap.handshake_done(ws.request, ws.response, None)
-    return UpstreamSession(ws, url, tap)
+        return ConnectFailed(detail, timed_out=True)
+    if isinstance(exc, OSError | InvalidHandshake | InvalidURI | ssl.SSLError):
+        return ConnectFailed(f"cannot open {url}: {exc or type(exc).__name__}")
+    return None
 
 
 # asyncio's TLS transport reads into a 256 KiB buffer per connection, written
@@ -317,7 +304,7 @@ async def open_session(
 TLS_READ_BUFFER = 32 * 1024
 
 
-def _shrink_tls_buffer(ws: ClientConnection) -> None:
+def _shrink_tls_buffer(ws: WebSocketConnection) -> None:
     """Gives a TLS connection a smaller read buffer (asyncio internals; a no-op if they change)."""
     protocol = getattr(ws.transport, "_ssl_protocol", None)
     if protocol is None or not isinstance(getattr(protocol, "_ssl_buffer", None), bytearray):
@@ -327,7 +314,3 @@ def _shrink_tls_buffer(ws: ClientConnection) -> None:
     protocol.max_size = TLS_READ_BUFFER
     protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
     protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
-
-
-def _request_of(created: list[ClientConnection]) -> Request | None:
-    return getattr(created[-1], "request", None) if created else None

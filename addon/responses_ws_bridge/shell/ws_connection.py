@@ -1,0 +1,367 @@
+"""One WebSocket client connection: `websockets`' sans-I/O `ClientProtocol` under asyncio callbacks.
+
+`data_received` feeds the protocol and appends the messages it yields to a
+deque; a reader waits on one future, resolved only while it waits, and takes
+every queued message at once. No task runs per connection or per frame:
+keepalive pings and the closing deadline are `loop.call_later` timers.
+
+Backpressure both ways: reading pauses once more than `high_water` bytes of
+messages wait for the reader and resumes when it takes them (it takes all of
+them, so there is no separate low-water mark); `send_text` waits while the
+transport has paused writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import deque
+from collections.abc import Sequence
+from ssl import SSLContext
+from typing import cast
+
+from websockets.client import ClientProtocol
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.typing import BytesLike
+from websockets.uri import WebSocketURI
+
+# Bytes of received messages waiting for the reader, above which reading pauses.
+HIGH_WATER = 1024 * 1024
+
+KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """The asyncio side of one client WebSocket: moves bytes, keeps time, holds messages."""
+
+    def __init__(
+        self,
+        protocol: ClientProtocol,
+        *,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        close_timeout: float,
+        high_water: int = HIGH_WATER,
+    ) -> None:
+        self.protocol = protocol
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self.high_water = high_water
+        self.loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self.request: Request | None = None
+        self.response: Response | None = None
+        # Resolved once the upgrade has its answer, or cannot get one.
+        self.opened: asyncio.Future[None] = self.loop.create_future()
+        # Resolved by connection_lost; the protocol's state is CLOSED from then on.
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self._messages: deque[str | bytes] = deque()
+        # Payload bytes of the messages in _messages: what the high-water mark bounds.
+        self.buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._fragments: list[BytesLike] = []
+        self._fragmented_text = False
+        # Set once the bridge closes or fails the connection: later messages are dropped.
+        self._discarding = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._ping_payload: bytes | None = None
+        self._ping_sent_at = 0.0
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- opening
+
+    async def connect(
+        self,
+        uri: WebSocketURI,
+        headers: Sequence[tuple[str, str]],
+        ssl: SSLContext | None = None,
+    ) -> None:
+        """Opens TCP (and TLS), sends the upgrade with `headers` added, awaits the answer.
+
+        Raises OSError or ssl.SSLError when no connection is made, and the
+        protocol's `handshake_exc` (`InvalidStatus` for a rejection) when the
+        upgrade fails. The caller bounds the time and aborts on failure.
+        """
+        await self.loop.create_connection(
+            lambda: self,
+            uri.host,
+            uri.port,
+            ssl=ssl,
+            server_hostname=uri.host if ssl is not None else None,
+        )
+        request = self.protocol.connect()
+        request.headers.update(headers)
+        self.send_request(request)
+        await self.opened
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+
+    def send_request(self, request: Request) -> None:
+        self.request = request
+        self.protocol.send_request(request)
+        self._flush()
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        """The connection's transport; only once connected."""
+        if self._transport is None:
+            raise RuntimeError("not connected")
+        return self._transport
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._flush()  # pongs, the echo of a close frame
+        queued = False
+        for event in events:
+            if isinstance(event, Frame):
+                queued = self._frame(event) or queued
+            elif isinstance(event, Response):
+                self.response = event
+        if not self.opened.done():
+            self._settle_handshake()
+        if queued:
+            if self.buffered > self.high_water and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            self._wake_reader()
+
+    def eof_received(self) -> None:
+        # A rejection without Content-Length ends at EOF, its only event then.
+        self._receive_eof()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._receive_eof()  # idempotent; the state is CLOSED after it
+        self.protocol.data_to_send()  # nowhere to go any more
+        for timer in (self._ping_timer, self._pong_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._pong_timer = self._close_timer = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.resume_writing()
+        self._wake_reader()
+
+    def _receive_eof(self) -> None:
+        self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if isinstance(event, Response):
+                self.response = event
+        self._settle_handshake()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- receiving
+
+    def _frame(self, frame: Frame) -> bool:
+        """Handles one frame; True when it completed a message."""
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                return self._message(frame.data, opcode is Opcode.TEXT)
+            self._fragments = [frame.data]
+            self._fragmented_text = opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = []
+                return self._message(data, self._fragmented_text)
+        elif opcode is Opcode.PONG:
+            self._pong(bytes(frame.data))
+        # The protocol answers pings itself; a close frame changes its state.
+        return False
+
+    def _message(self, data: BytesLike, text: bool) -> bool:
+        if self._discarding:
+            return False
+        message: str | bytes
+        if text:
+            try:
+                message = str(data, "utf-8")
+            except UnicodeDecodeError as exc:
+                # What websockets' own asyncio client does with such a frame.
+                self.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return False
+        else:
+            message = bytes(data)
+        self._messages.append(message)
+        # Fragments of an unfinished message are not counted (max_size bounds
+        # them): pausing for them would wait for a reader that cannot take them.
+        self.buffered += len(data)
+        return True
+
+    def _wake_reader(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def receive_batch(self) -> list[str | bytes]:
+        """Waits for a message; returns it and every one queued behind it.
+
+        Raises `ConnectionClosed` once none is left and the connection is closed.
+        """
+        while not self._messages:
+            if self.protocol.state is State.CLOSED:
+                raise self.protocol.close_exc
+            if self._waiter is not None:
+                raise RuntimeError("another reader is waiting on this connection")
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        batch = list(self._messages)
+        self._messages.clear()
+        self.buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
+        return batch
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # -- sending
+
+    async def send_text(self, message: str | bytes) -> None:
+        """Sends one text frame; raises `ConnectionClosed` when the connection is not open."""
+        if self.protocol.state is not State.OPEN:
+            await self.wait_closed()
+            raise self.protocol.close_exc
+        self.protocol.send_text(message.encode() if isinstance(message, str) else message)
+        self._flush()
+        if self._writing_paused:
+            if self._drained is None or self._drained.done():
+                self._drained = self.loop.create_future()
+            # Shielded: a cancelled sender must not cancel what another sender awaits.
+            await asyncio.shield(self._drained)
+
+    def _flush(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    transport.write_eof()
+            else:
+                transport.close()  # TLS cannot half-close
+        if self._close_timer is None and self.protocol.close_expected():
+            self._arm_close_timer()
+
+    # -- closing
+
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """The closing handshake: waits for the TCP close, aborting after `close_timeout`.
+
+        Messages not read yet are dropped: whoever closes is done reading.
+        """
+        if self._transport is None:
+            return  # never connected: nothing to close, and `lost` would never resolve
+        self._messages.clear()
+        self.buffered = 0
+        self._discard_messages()
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self._flush()
+        self._arm_close_timer()
+        await self.wait_closed()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Sends a close frame and takes no more messages (RFC 6455 7.1.7); the peer closes TCP.
+
+        Messages queued before stay for the reader.
+        """
+        self.protocol.fail(code, reason)
+        self._flush()
+        self._discard_messages()
+
+    def _discard_messages(self) -> None:
+        self._discarding = True
+        # What arrives now is dropped: reading again lets the peer's close frame and EOF in.
+        if self._reading_paused:
+            self._resume_reading()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.lost)
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None and self._transport is not None and not self.lost.done():
+            self._close_timer = self.loop.call_later(self.close_timeout, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        self.abort()
+
+    def _settle_handshake(self) -> None:
+        if self.opened.done():
+            return
+        if self.protocol.state is State.OPEN:
+            self.opened.set_result(None)
+            self._schedule_ping(self.ping_interval)
+        elif self.protocol.handshake_exc is not None or self.protocol.state is State.CLOSED:
+            self.opened.set_result(None)
+
+    # -- keepalive
+
+    def _schedule_ping(self, delay: float | None) -> None:
+        if delay is not None:
+            self._ping_timer = self.loop.call_later(max(delay, 0.0), self._ping)
+
+    def _ping(self) -> None:
+        self._ping_timer = None
+        if self.protocol.state is not State.OPEN:
+            return
+        payload = random.randbytes(4)
+        self._ping_payload = payload
+        self._ping_sent_at = self.loop.time()
+        self.protocol.send_ping(payload)
+        self._flush()
+        if self.ping_timeout is None:
+            self._schedule_ping(self.ping_interval)
+        else:
+            self._pong_timer = self.loop.call_later(self.ping_timeout, self._pong_missing)
+
+    def _pong(self, payload: bytes) -> None:
+        if self._pong_timer is None or payload != self._ping_payload:
+            return  # unsolicited, or no deadline to lift
+        self._pong_timer.cancel()
+        self._pong_timer = None
+        self._ping_payload = None
+        # The next ping goes `ping_interval` after this one was sent.
+        elapsed = self.loop.time() - self._ping_sent_at
+        self._schedule_ping(None if self.ping_interval is None else self.ping_interval - elapsed)
+
+    def _pong_missing(self) -> None:
+        self._pong_timer = None
+        if self.protocol.state is State.OPEN:
+            self.fail(CloseCode.INTERNAL_ERROR, KEEPALIVE_TIMEOUT_REASON)
