@@ -6,8 +6,8 @@ the local HTTP SSE upstream, both serving TLS with a throwaway certificate
 round-trip time each way (`harness.delay_relay`, `--rtt-ms`, default 40), plain `mitmdump`
 streaming from the SSE upstream (passthrough), and the bridge in front of the
 WebSocket upstream: reuse off (fresh), reuse on (reused), reuse off with a
-warm spare per account (spare), and once more to hold idle sessions for the
-memory figure. mitmproxy and the bridge trust the test CA
+TCP/TLS connection made ahead per upstream host (preconnect), and once more
+to hold idle sessions for the memory figure. mitmproxy and the bridge trust the test CA
 (`ssl_verify_upstream_trusted_ca`). Every path crosses the same relay.
 
 Then it runs the same workloads through every path (direct = a `websockets`
@@ -65,9 +65,9 @@ STREAM_ALL = Path(__file__).resolve().with_name("stream_all.py")
 IDLE_PROXY = "bridge_idle"
 # Seconds a proxy gets to release what closed connections held before RSS is read.
 SETTLE_S = 1.0
-# The bridge option that sizes the warm spares (absent: not wired into the bridge yet).
-SPARES_OPTION = "bridge_warm_spares"
-ALL_PATHS = (*PATHS[:4], "bridge_spare")
+# The bridge option that sizes the connections made ahead (absent: not in this bridge).
+PRECONNECT_OPTION = "bridge_preconnect"
+ALL_PATHS = (*PATHS[:4], "bridge_preconnect")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Mode:
 
 
 def first_event(rtt_ms: float, turns: int) -> WorkloadSpec:
-    """Time to first event over what a request opens; gaps let a taken spare be replaced."""
+    """Time to first event over what a request opens; gaps let what was made ahead be replaced."""
     gap_ms = 4 * rtt_ms + 50
     return WorkloadSpec(
         f"first-{rtt_ms:g}ms", "first", 1, turns, 12, rtt_ms=rtt_ms, gap_ms=gap_ms, paths=PATHS
@@ -256,14 +256,18 @@ def running_stack(
                 str(STREAM_ALL),
                 script=None,
             )
-        # (path, idle TTL, warm spares per account)
-        bridges = [("bridge_fresh", "0", 0), ("bridge_reused", "3600", 0), ("bridge_spare", "0", 1)]
+        # (path, idle TTL, connections made ahead per upstream host)
+        bridges = [
+            ("bridge_fresh", "0", 0),
+            ("bridge_reused", "3600", 0),
+            ("bridge_preconnect", "0", 1),
+        ]
         if idle_sessions and "bridge_reused" in paths:
             # Its own process: after the workloads, freed memory would hide the sessions' cost.
             bridges.append((IDLE_PROXY, "3600", 0))
-        for path, ttl, spares in bridges:
+        for path, ttl, preconnect in bridges:
             if path in paths or path == IDLE_PROXY:
-                extra = ["--set", f"{SPARES_OPTION}={spares}"]
+                extra = ["--set", f"{PRECONNECT_OPTION}={preconnect}"]
                 wanted[path] = ProxyProcess(
                     "--mode",
                     f"reverse:https://127.0.0.1:{relay_ports['ws']}",
@@ -343,9 +347,10 @@ async def measure(
     )
     first = workload.kind == "first"
     try:
-        # Opens the connections (and, with reuse, the upstream sessions; with a
-        # spare, the account's first socket and so its spare) outside the figures.
-        if path in ("bridge_reused", "bridge_spare") or (first and path != "direct"):
+        # Opens the connections (and, with reuse, the upstream sessions; with
+        # preconnect, the first connection to the host and so the one made ahead)
+        # outside the figures.
+        if path in ("bridge_reused", "bridge_preconnect") or (first and path != "direct"):
             warm = await fleet.run(deltas=12, fresh=first)
             warm_errors = [r.error for r in warm if r.error is not None]
             if first:

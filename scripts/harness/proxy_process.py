@@ -38,7 +38,7 @@ class ProxyProcess:
         start_timeout: float = 30.0,
         script: Path | None = SCRIPT,
         extra_ready: str | None = None,
-        warm_spares: int = 0,
+        preconnect: int = 0,
     ) -> None:
         self.port = free_port()
         self.args = list(args)
@@ -47,7 +47,7 @@ class ProxyProcess:
         self.script = script
         self.extra_ready = extra_ready
         # Off unless asked for: most tests count the upstream connections a request makes.
-        self.warm_spares = warm_spares
+        self.preconnect = preconnect
         self._dir = tempfile.TemporaryDirectory(prefix="bridge-proxy-")
         self.log_path = Path(self._dir.name) / "proxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,8 +76,8 @@ class ProxyProcess:
         if self.script is not None:
             cmd += ["-s", str(self.script)]
             # mitmproxy stalls on an option of a script given twice: only when not in args.
-            if not any(a.startswith("bridge_warm_spares=") for a in self.args):
-                cmd += ["--set", f"bridge_warm_spares={self.warm_spares}"]
+            if not any(a.startswith("bridge_preconnect=") for a in self.args):
+                cmd += ["--set", f"bridge_preconnect={self.preconnect}"]
         cmd += self.args
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         with self.log_path.open("wb") as log:

@@ -621,8 +621,8 @@ def fake_results(errors: int = 0) -> dict[str, dict[str, Any]]:
         "direct": 0.5,
         "passthrough": 1.0,
         "bridge_fresh": 2.0,
-        "bridge_reused": 0.5,
-        "bridge_spare": 0.7,
+        "bridge_reused": 0.35,
+        "bridge_preconnect": 0.8,
     }
     results: dict[str, dict[str, Any]] = {}
     for path, k in scale.items():
@@ -711,8 +711,8 @@ def test_ratios() -> None:
     assert short["ttfe_ms_p50"] == {
         "bridge_fresh/passthrough": 2.0,
         "bridge_fresh/direct": 4.0,
-        "bridge_reused/passthrough": 0.5,
-        "bridge_reused/direct": 1.0,
+        "bridge_reused/passthrough": 0.35,
+        "bridge_reused/direct": 0.7,
     }
     # No proxy on the direct path: only the passthrough ratio.
     assert set(short["cpu_ms_per_1k_events"]) == {
@@ -741,15 +741,15 @@ def test_targets() -> None:
         ("added latency p99, steady state, ≤ passthrough's", "bridge_fresh", "paced-4"): True,
         ("added latency p99, steady state, ≤ passthrough's", "bridge_reused", "paced-4"): True,
         (f"{TTFE} ≤ 1.1x passthrough's", "bridge_fresh", "first-40ms"): False,
-        (f"{TTFE} ≤ 0.5x passthrough's", "bridge_reused", "first-40ms"): True,
-        (f"{TTFE} ≤ 0.6x passthrough's", "bridge_spare", "first-40ms"): False,
+        (f"{TTFE} ≤ 0.4x passthrough's", "bridge_reused", "first-40ms"): True,
+        (f"{TTFE} ≤ 0.75x passthrough's", "bridge_preconnect", "first-40ms"): False,
         (f"{EXACT} at 0 ms RTT", "bridge_fresh", "paced-4"): True,
         (f"{EXACT} at 0 ms RTT", "bridge_reused", "paced-4"): True,
         (f"{IDLE_RSS} after 10 turns, recording on, ≤ 64 KiB", "bridge_reused", IDLE_W): True,
         (f"{FLAT}: growth from 1 to 10 turns ≤ 6.4 KiB", "bridge_reused", IDLE_W): False,
     }
-    # The spare is measured on the first event only: no other target for it.
-    assert {t["workload"] for t in targets if t["path"] == "bridge_spare"} == {"first-40ms"}
+    # Preconnect is measured on the first event only: no other target for it.
+    assert {t["workload"] for t in targets if t["path"] == "bridge_preconnect"} == {"first-40ms"}
     cpu = next(t for t in targets if t["path"] == "bridge_fresh" and t["workload"] == "long")
     assert cpu["value_over_limit"] == 2.0
 
@@ -807,8 +807,8 @@ def test_smoke_run_writes_complete_well_formed_figures(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert check_document(doc) == []
     assert doc["mode"] == "smoke" and set(STANDARD_PATHS) <= set(doc["paths"])
-    if "bridge_spare" not in doc["paths"]:
-        assert any("bridge_warm_spares" in note for note in doc["notes"])
+    if "bridge_preconnect" not in doc["paths"]:
+        assert any("bridge_preconnect" in note for note in doc["notes"])
     assert doc["settings"]["rtt_ms"] == 40 and doc["settings"]["tls"] is True
     assert doc["machine"]["cores"] >= 1
     names = {w["name"] for w in doc["workloads"]}

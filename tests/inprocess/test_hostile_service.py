@@ -99,7 +99,7 @@ async def rig(
         settings = BridgeSettings(
             upstream_option="" if pooled else ws_url,
             upstream=UpstreamSettings(connect_timeout=BOUND_S, ping_interval=None),
-            warm_spares=0,
+            preconnect=0,
             retry_budget=retry_budget,
             stream_idle_timeout_s=idle_s,
             sse_keepalive_s=keepalive_s,

@@ -64,7 +64,7 @@ async def rig(
     *,
     pooled: bool = True,
     taps: TapFactory | None = None,
-    spares: int = 0,
+    preconnect: int = 0,
     accounts: tuple[str, ...] = ("a", "b"),
 ) -> AsyncIterator[Rig]:
     async with LocalUpstream(tokens=TOKENS) as upstream:
@@ -76,7 +76,7 @@ async def rig(
         settings = BridgeSettings(
             upstream_option="" if pooled else ws_url,
             upstream=UpstreamSettings(connect_timeout=BOUND_S, ping_interval=None),
-            warm_spares=spares,
+            preconnect=preconnect,
         )
         sessions = SessionPool()
         service = BridgeService(settings, state=state, sessions=sessions, taps=taps, sleep=no_sleep)
@@ -275,20 +275,20 @@ def test_no_reuse_when_the_idle_ttl_is_zero(idle_ttl: float) -> None:
     run(main())
 
 
-def test_a_request_without_an_idle_socket_takes_a_warm_spare() -> None:
+def test_a_new_session_sends_its_own_upgrade_on_a_connection_made_ahead() -> None:
     async def main() -> None:
-        async with rig(spares=1) as r:
+        async with rig(preconnect=1) as r:
             first, _ = await r.post(STREAM, SESSION)
-            await r.service.spares.wait_idle()
-            # A session of the first one's account (a new one would be spread to "b").
-            r.state.bind(classify([("session-id", "s-2")], {}), first.report.account or "")
+            await r.service.connector.wait_idle()
             second, response = await r.post(STREAM, [("session-id", "s-2")])
             assert response.status_code == 200
-            assert not first.report.attempts[0].spare and second.report.attempts[0].spare
-            await r.service.spares.wait_idle()
-            # The taken spare was replaced at once: one more socket, none opened by a request.
-            assert len(r.upstream.records()) == 3
-            assert r.service.spares.ready_count == 1
+            assert not first.report.attempts[0].preconnected
+            assert second.report.attempts[0].preconnected
+            # Two handshakes, each the request's own: nothing was sent ahead of a request.
+            sessions = [rec.header("session-id") for rec in r.upstream.records()]
+            assert sessions == ["s-1", "s-2"]
+            await r.service.connector.wait_idle()
+            assert r.service.connector.ready_count == 1
 
     run(main())
 

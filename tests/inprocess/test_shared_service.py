@@ -69,8 +69,8 @@ async def instance(
     store = GuardedStore(RedisStateStore(connect(url), "test"), errors=CLIENT_ERRORS)
     shared = SharedState(lambda: store, state)
     upstream_settings = UpstreamSettings(connect_timeout=BOUND_S, ping_interval=None)
-    # No warm spares: these tests count the upstream connections each request makes.
-    settings = BridgeSettings(upstream=upstream_settings, warm_spares=0)
+    # Nothing made ahead: these tests count the upstream connections each request makes.
+    settings = BridgeSettings(upstream=upstream_settings, preconnect=0)
     service = BridgeService(
         settings, state=state, sessions=SessionPool(), shared=shared, sleep=no_sleep
     )

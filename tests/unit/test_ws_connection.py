@@ -201,6 +201,21 @@ def test_every_queued_message_comes_in_one_batch_text_as_str_binary_as_bytes() -
     assert run(body) == ["a", b"\x00b", "c"]
 
 
+def test_a_reader_with_a_timeout_gets_nothing_when_nothing_came() -> None:
+    async def body() -> tuple[list[str | bytes], list[str | bytes], list[str | bytes]]:
+        wire = await opened()
+        empty = await wire.conn.receive_batch(0.01)
+        wire.upstream_sends(text("a"))
+        # Queued messages come at once, whatever the timeout.
+        queued = await wire.conn.receive_batch(0)
+        reader = asyncio.ensure_future(wire.conn.receive_batch(30))
+        await asyncio.sleep(0)
+        wire.upstream_sends(text("b"))
+        return empty, queued, await reader
+
+    assert run(body) == ([], ["a"], ["b"])
+
+
 def test_a_waiting_reader_is_woken_by_the_next_message() -> None:
     async def body() -> list[str | bytes]:
         wire = await opened()

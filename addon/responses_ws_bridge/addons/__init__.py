@@ -19,7 +19,8 @@ from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turn_engine import Clocks
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
-from responses_ws_bridge.shell.session_pool import SessionPool, WarmSpares
+from responses_ws_bridge.shell.preconnect import Preconnector
+from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.token_refresher import TokenRefresher
 
@@ -41,7 +42,7 @@ def bridge_addons() -> list[object]:
         settings,
         state=state,
         sessions=sessions,
-        spares=WarmSpares(per_key=settings.warm_spares, clock=clocks.monotonic),
+        connector=Preconnector(per_host=settings.preconnect, clock=clocks.monotonic),
         taps=recording.tap_for,
         tokens=tokens,
         shared=shared,

@@ -1,4 +1,4 @@
-"""Options of the bridge's upstream WebSocket connections: timeouts, pings, sizes, TLS, spares.
+"""Options of the bridge's upstream WebSocket connections: timeouts, pings, sizes, TLS, preconnects.
 
 TLS follows mitmproxy's own options for its upstream connections
 (`ssl_verify_upstream_trusted_ca`, `ssl_verify_upstream_trusted_confdir`,
@@ -14,7 +14,7 @@ from mitmproxy.addonmanager import Loader
 
 from responses_ws_bridge.addons.option_values import not_negative, seconds
 from responses_ws_bridge.shell.bridge_service import BridgeService
-from responses_ws_bridge.shell.session_pool import DEFAULT_WARM_SPARES
+from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
 
 _DEFAULTS = UpstreamSettings()
@@ -24,7 +24,7 @@ OPTIONS = (
     "bridge_ping_interval",
     "bridge_ping_timeout",
     "bridge_compression",
-    "bridge_warm_spares",
+    "bridge_preconnect",
     "ssl_verify_upstream_trusted_ca",
     "ssl_verify_upstream_trusted_confdir",
     "ssl_insecure",
@@ -71,11 +71,11 @@ class UpstreamConnections:
             "Offer permessage-deflate to the upstream.",
         )
         loader.add_option(
-            "bridge_warm_spares",
+            "bridge_preconnect",
             int,
-            DEFAULT_WARM_SPARES,
-            "Pre-opened upstream WebSockets kept per account for requests that find no idle "
-            "session; one taken is replaced at once (0: none).",
+            DEFAULT_PRECONNECT,
+            "TCP/TLS connections kept ready per upstream host for new sessions, on which a "
+            "request sends its own WebSocket upgrade; never a handshake ahead (0: none).",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -99,6 +99,6 @@ class UpstreamConnections:
         settings = dataclasses.replace(
             self.service.settings,
             upstream=upstream,
-            warm_spares=not_negative(opts, "bridge_warm_spares"),
+            preconnect=not_negative(opts, "bridge_preconnect"),
         )
         self.service.apply_settings(settings)

@@ -180,10 +180,10 @@ class Open:
 
 @dataclass(frozen=True)
 class SocketReady:
-    """A socket serves the attempt; the headers of its 101, and whether it was opened early."""
+    """A socket serves the attempt: its 101's headers; whether TCP/TLS were made ahead."""
 
     response_headers: Headers
-    spare: bool = False
+    preconnected: bool = False
 
 
 @dataclass(frozen=True)

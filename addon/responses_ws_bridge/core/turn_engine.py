@@ -365,7 +365,7 @@ class TurnEngine:
             if isinstance(opened.failure, HandshakeRejected):
                 yield from self._note(attempt, from_headers(opened.failure.headers))
             return opened.failure
-        attempt.spare = opened.spare
+        attempt.preconnected = opened.preconnected
         yield from self._note(attempt, from_headers(opened.response_headers))
         return opened
 
@@ -506,11 +506,11 @@ class TurnEngine:
         refreshed = False
         if account is not None and not seen and _is_401(failure):
             refreshed = yield from self._refresh(account, attempt)
-        # A reused socket, or a spare, that turns out dead is not the account's fault.
+        # A reused socket, or one made ahead, that turns out dead is not the account's fault.
         why = plan.retry_for_free(
             failure,
             account=attempt.account,
-            reused=attempt.reused or attempt.spare,
+            reused=attempt.reused or attempt.preconnected,
             client_has_seen_event=seen,
             token_refreshed=refreshed,
         )

@@ -41,8 +41,8 @@ class Attempt:
     account: str | None
     url: str
     reused: bool = False
-    # A pre-opened socket of the account (handshake done before the request came).
-    spare: bool = False
+    # The upgrade went out on a TCP/TLS connection made ahead of the request.
+    preconnected: bool = False
     outcome: str = PENDING
     close_code: int | None = None
     detail: str = ""
@@ -80,8 +80,8 @@ def _describe_attempt(attempt: Attempt) -> str:
     parts = [f"attempt {attempt.number}: {attempt.account or '(client)'}", attempt.outcome]
     if attempt.reused:
         parts.append("reused socket")
-    if attempt.spare:
-        parts.append("warm spare")
+    if attempt.preconnected:
+        parts.append("preconnected")
     if attempt.close_code is not None:
         parts.append(f"close {attempt.close_code}")
     if attempt.detail:

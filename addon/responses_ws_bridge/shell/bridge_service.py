@@ -3,10 +3,10 @@
 `core.turn_engine.TurnEngine` decides everything about a turn; this module
 only does what it asks, one command at a time (`_TurnRun`): the turn state
 (`turn_state`, in memory or shared), the token refresher, the idle socket
-pool and warm spares, the upstream socket, the client's sink, sleeping and
-logging. A client that leaves (or a proxy that stops) while a command runs
-is told to the engine as `ClientLeft`; it lets go of what it holds, and the
-exception goes on up.
+pool and the connections made ahead (`preconnect`), the upstream socket, the
+client's sink, sleeping and logging. A client that leaves (or a proxy that
+stops) while a command runs is told to the engine as `ClientLeft`; it lets go
+of what it holds, and the exception goes on up.
 """
 
 from __future__ import annotations
@@ -68,12 +68,11 @@ from responses_ws_bridge.core.turn_engine import (
     TurnEngine,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT, Preconnector
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
     DEFAULT_MAX_AGE_S,
-    DEFAULT_WARM_SPARES,
     SessionPool,
-    WarmSpares,
 )
 from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.sink import ClientSink
@@ -106,7 +105,8 @@ class BridgeSettings:
     sse_keepalive_s: float | None = DEFAULT_SSE_KEEPALIVE_S
     retry_budget: int = DEFAULT_RETRY_BUDGET
     session_idle_ttl_s: float = DEFAULT_IDLE_TTL_S
-    warm_spares: int = DEFAULT_WARM_SPARES
+    # TCP/TLS connections kept ready per upstream host (never a handshake).
+    preconnect: int = DEFAULT_PRECONNECT
     session_max_age_s: float = DEFAULT_MAX_AGE_S
     # Hosts a client-chosen destination may be, with an account pool.
     trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
@@ -130,7 +130,7 @@ class BridgeService:
         *,
         state: PoolState,
         sessions: SessionPool,
-        spares: WarmSpares | None = None,
+        connector: Preconnector | None = None,
         taps: TapFactory | None = None,
         tokens: TokenRefresher | None = None,
         shared: SharedState | None = None,
@@ -141,7 +141,9 @@ class BridgeService:
         self.settings = settings
         self.state = state
         self.sessions = sessions
-        self.spares = spares if spares is not None else WarmSpares(per_key=settings.warm_spares)
+        self.connector = (
+            connector if connector is not None else Preconnector(per_host=settings.preconnect)
+        )
         self.tokens = tokens if tokens is not None else TokenRefresher()
         self.taps = taps
         # Affinity, health and load shared with other instances (when `bridge_state` is set).
@@ -153,14 +155,13 @@ class BridgeService:
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
         self.sessions.idle_ttl_s = settings.session_idle_ttl_s
-        self.spares.per_key = settings.warm_spares
+        self.connector.per_host = settings.preconnect
         self.sessions.max_age_s = settings.session_max_age_s
 
     def accounts_removed(self, account_ids: list[str]) -> None:
         """Sockets of removed accounts close (idle ones now, busy ones when their turn ends)."""
         for account_id in account_ids:
             self.sessions.drop_account(account_id)
-            self.spares.drop_account(account_id)
 
     async def serve(self, turn: Turn, sink: ClientSink) -> None:
         """Answers the client of `turn` through `sink`; `turn.report` says what happened."""
@@ -197,7 +198,7 @@ class BridgeService:
 
     async def shutdown(self) -> None:
         await self.sessions.close_all()
-        await self.spares.close_all()
+        await self.connector.close_all()
 
 
 Handler = Callable[[Any], Awaitable[Any]]
@@ -311,17 +312,13 @@ class _TurnRun:
         service = self.service
         tap = service.taps(self.turn, command.attempt) if service.taps is not None else None
         try:
-            session, spare = await service.spares.open(
-                command.url,
-                command.headers,
-                service.settings.upstream,
-                account=command.account_id,
-                tap=tap,
+            session, preconnected = await service.connector.open(
+                command.url, command.headers, service.settings.upstream, tap=tap
             )
         except AttemptFailed as exc:
             return Broke(exc.failure)
         self.session = session
-        return SocketReady(session.response_headers, spare)
+        return SocketReady(session.response_headers, preconnected)
 
     async def _send(self, command: Send) -> Broke | None:
         try:
@@ -331,12 +328,8 @@ class _TurnRun:
         return None
 
     async def _receive(self, command: Receive) -> Frames | TimedOut | Broke:
-        session = self._session()
         try:
-            if command.timeout_s is None:
-                return Frames(await session.next_batch())
-            async with asyncio.timeout(command.timeout_s):
-                return Frames(await session.next_batch())
+            return Frames(await self._session().next_batch(command.timeout_s))
         except TimeoutError:
             return TimedOut()
         except AttemptFailed as exc:

@@ -156,16 +156,19 @@ class UpstreamSession:
         if self.tap is not None:
             self.tap.message(True, message, time.time())
 
-    async def next_batch(self) -> list[str | bytes]:
+    async def next_batch(self, timeout: float | None = None) -> list[str | bytes]:
         """Waits for the next frame; returns it with every frame already received.
 
         Text frames come as str, binary frames as bytes: the relay refuses
-        those, which it could not do once they were decoded.
+        those, which it could not do once they were decoded. Raises
+        TimeoutError when `timeout` seconds passed without a frame.
         """
         try:
-            batch = await self._ws.receive_batch()
+            batch = await self._ws.receive_batch(timeout)
         except ConnectionClosed as exc:
             raise self._closed(exc) from exc
+        if not batch:
+            raise TimeoutError
         now = time.time()
         self.last_used = time.monotonic()
         if self.tap is not None:
@@ -231,22 +234,19 @@ async def open_session(
     *,
     tap: SessionTap | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    transport: asyncio.Transport | None = None,
 ) -> UpstreamSession:
     """Opens an upstream connection; raises `AttemptFailed` when it cannot.
 
     `headers` go out as given, the client's own User-Agent among them when it
     sent one; never through a proxy (the bridge is the proxy). The connect
-    timeout covers TCP, TLS and the upgrade.
+    timeout covers TCP, TLS and the upgrade. `transport`: a connection to the
+    URL's host made ahead (`preconnect`), on which the upgrade is sent.
     """
     ws: WebSocketConnection | None = None
     try:
         uri = parse_uri(url)
-        context = None
-        if uri.secure:
-            context = ssl_context if ssl_context is not None else tls_context(settings)
-            if context is None:
-                # The system's CAs, as asyncio's default, but loaded once.
-                context = _tls_context(None, None, False)
+        context = _context_for(uri.secure, settings, ssl_context)
         protocol = ClientProtocol(
             uri,
             extensions=enable_client_permessage_deflate(None) if settings.compression else None,
@@ -260,7 +260,7 @@ async def open_session(
             close_timeout=settings.close_timeout,
         )
         async with asyncio.timeout(settings.connect_timeout):
-            await ws.connect(uri, headers, context)
+            await ws.connect(uri, headers, context, transport=transport)
     except BaseException as exc:
         if ws is not None:
             ws.abort()
@@ -273,10 +273,93 @@ async def open_session(
             error = failure.detail if isinstance(failure, ConnectFailed) else None
             tap.handshake_done(request, response, error)
         raise AttemptFailed(failure) from exc
-    _shrink_tls_buffer(ws)
+    _shrink_tls_buffer(ws.transport)
     if tap is not None:
         tap.handshake_done(ws.request, ws.response, None)
     return UpstreamSession(ws, url, tap)
+
+
+def _context_for(
+    secure: bool, settings: UpstreamSettings, given: ssl.SSLContext | None = None
+) -> ssl.SSLContext | None:
+    if not secure:
+        return None
+    context = given if given is not None else tls_context(settings)
+    # None: the system's CAs, as asyncio's default, but loaded once.
+    return context if context is not None else _tls_context(None, None, False)
+
+
+class _Parked(asyncio.Protocol):
+    """Holds a connection made ahead until a request sends its upgrade on it.
+
+    Nothing is sent on it, so the upstream has nothing to say: anything it
+    sends (or its closing) makes the connection useless, and it is closed.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.dead = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._die()
+
+    def eof_received(self) -> bool:
+        self._die()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+
+    def _die(self) -> None:
+        self.dead = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class Preconnected:
+    """A connection to an upstream host with TCP (and TLS) done and nothing sent."""
+
+    parked: _Parked
+    made_at: float
+
+    @property
+    def usable(self) -> bool:
+        transport = self.parked.transport
+        return not self.parked.dead and transport is not None and not transport.is_closing()
+
+    def take(self) -> asyncio.Transport:
+        transport = self.parked.transport
+        assert transport is not None
+        return transport
+
+    def close(self) -> None:
+        if self.parked.transport is not None:
+            self.parked.transport.close()
+
+
+async def preconnect(url: str, settings: UpstreamSettings) -> Preconnected:
+    """A TCP (and TLS) connection to the host of `url`, made ahead of any request.
+
+    It carries no request, header or credential: those go out only on the
+    upgrade a request sends on it. Raises OSError, ssl.SSLError or TimeoutError.
+    """
+    uri = parse_uri(url)
+    context = _context_for(uri.secure, settings)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(settings.connect_timeout):
+        transport, parked = await loop.create_connection(
+            _Parked,
+            uri.host,
+            uri.port,
+            ssl=context,
+            server_hostname=uri.host if context is not None else None,
+        )
+    _shrink_tls_buffer(transport)
+    return Preconnected(parked, loop.time())
 
 
 def _open_failure(exc: BaseException, url: str, settings: UpstreamSettings) -> Failure | None:
@@ -304,9 +387,9 @@ def _open_failure(exc: BaseException, url: str, settings: UpstreamSettings) -> F
 TLS_READ_BUFFER = 32 * 1024
 
 
-def _shrink_tls_buffer(ws: WebSocketConnection) -> None:
+def _shrink_tls_buffer(transport: asyncio.BaseTransport) -> None:
     """Gives a TLS connection a smaller read buffer (asyncio internals; a no-op if they change)."""
-    protocol = getattr(ws.transport, "_ssl_protocol", None)
+    protocol = getattr(transport, "_ssl_protocol", None)
     if protocol is None or not isinstance(getattr(protocol, "_ssl_buffer", None), bytearray):
         return
     if getattr(protocol, "max_size", 0) <= TLS_READ_BUFFER:

@@ -83,20 +83,28 @@ class WebSocketConnection(asyncio.Protocol):
         uri: WebSocketURI,
         headers: Sequence[tuple[str, str]],
         ssl: SSLContext | None = None,
+        *,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         """Opens TCP (and TLS), sends the upgrade with `headers` added, awaits the answer.
 
-        Raises OSError or ssl.SSLError when no connection is made, and the
-        protocol's `handshake_exc` (`InvalidStatus` for a rejection) when the
-        upgrade fails. The caller bounds the time and aborts on failure.
+        `transport`: a connection made ahead (TCP and TLS done, nothing sent),
+        on which the upgrade goes out instead of on a new one. Raises OSError
+        or ssl.SSLError when no connection is made, and the protocol's
+        `handshake_exc` (`InvalidStatus` for a rejection) when the upgrade
+        fails. The caller bounds the time and aborts on failure.
         """
-        await self.loop.create_connection(
-            lambda: self,
-            uri.host,
-            uri.port,
-            ssl=ssl,
-            server_hostname=uri.host if ssl is not None else None,
-        )
+        if transport is not None:
+            transport.set_protocol(self)
+            self.connection_made(transport)
+        else:
+            await self.loop.create_connection(
+                lambda: self,
+                uri.host,
+                uri.port,
+                ssl=ssl,
+                server_hostname=uri.host if ssl is not None else None,
+            )
         request = self.protocol.connect()
         request.headers.update(headers)
         self.send_request(request)
@@ -217,27 +225,40 @@ class WebSocketConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def receive_batch(self) -> list[str | bytes]:
+    async def receive_batch(self, timeout: float | None = None) -> list[str | bytes]:
         """Waits for a message; returns it and every one queued behind it.
 
+        Returns [] when `timeout` seconds passed without one (None: no limit);
+        messages already queued are returned at once, with no timer at all.
         Raises `ConnectionClosed` once none is left and the connection is closed.
         """
+        deadline = None if timeout is None else self.loop.time() + timeout
         while not self._messages:
             if self.protocol.state is State.CLOSED:
                 raise self.protocol.close_exc
-            if self._waiter is not None:
-                raise RuntimeError("another reader is waiting on this connection")
-            self._waiter = self.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            if deadline is not None and self.loop.time() >= deadline:
+                return []
+            await self._wait(deadline)
         batch = list(self._messages)
         self._messages.clear()
         self.buffered = 0
         if self._reading_paused:
             self._resume_reading()
         return batch
+
+    async def _wait(self, deadline: float | None) -> None:
+        """Until a message (or the close) arrives, or the deadline passes."""
+        if self._waiter is not None:
+            raise RuntimeError("another reader is waiting on this connection")
+        self._waiter = self.loop.create_future()
+        # A timer, not asyncio.timeout: no task cancellation, nothing per batch that had messages.
+        timer = None if deadline is None else self.loop.call_at(deadline, self._wake_reader)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def _resume_reading(self) -> None:
         self._reading_paused = False
