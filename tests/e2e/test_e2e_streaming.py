@@ -1,4 +1,4 @@
-"""End to end: bridged answers stream from inside mitmproxy, over HTTP/1.1 and HTTP/2, or detour."""
+"""End to end: bridged answers stream from inside mitmproxy, over HTTP/1.1 and HTTP/2."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def first_event_while_upstream_still_sends(
 
 
 @pytest.fixture(scope="module")
-def in_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
+def reverse_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
     with ProxyProcess(
         "--mode", f"reverse:http://127.0.0.1:{upstream.port}", "--set", "connection_strategy=lazy"
     ) as proxy:
@@ -56,43 +56,38 @@ def in_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
 
 
 def test_answers_stream_from_inside_mitmproxy(
-    in_proxy: ProxyProcess, upstream: ThreadedUpstream
+    reverse_proxy: ProxyProcess, upstream: ThreadedUpstream
 ) -> None:
-    assert "answers streamed from inside mitmproxy" in in_proxy.log()
+    assert "answers streamed from inside mitmproxy" in reverse_proxy.log()
     with client() as http:
         types = first_event_while_upstream_still_sends(
-            http, f"{in_proxy.url}/v1/responses", upstream
+            http, f"{reverse_proxy.url}/v1/responses", upstream
         )
     assert types[0] == "response.created" and types[-1] == "response.completed"
     assert types.count("response.output_text.delta") == DELTAS
 
 
-def test_the_detour_streams_the_same_and_carries_no_copy_of_the_body(
+def test_the_saved_flow_shows_the_request_as_sent_and_where_it_went(
     upstream: ThreadedUpstream, tmp_path: Path
 ) -> None:
     saved = tmp_path / "flows.mitm"
+    body = json.dumps({"model": "m", "input": "x" * 39_000}).encode()
     with (
         ProxyProcess(
             "--mode",
             f"reverse:http://127.0.0.1:{upstream.port}",
             "--set",
             "connection_strategy=lazy",
-            "--set",
-            "bridge_detour=true",
             "-w",
             str(saved),
         ) as proxy,
         client() as http,
     ):
-        assert "loopback endpoint on 127.0.0.1" in proxy.log()
-        types = first_event_while_upstream_still_sends(http, f"{proxy.url}/v1/responses", upstream)
-        body = json.dumps({"model": "m", "input": "x" * 39_000}).encode()
         upstream.script(Plan())
         response = http.post(
             f"{proxy.url}/v1/responses", content=body, headers={"content-type": "application/json"}
         )
         assert response.json()["status"] == "completed"
-    assert types[-1] == "response.completed"
     with saved.open("rb") as fp:
         flows = [
             f
@@ -100,12 +95,12 @@ def test_the_detour_streams_the_same_and_carries_no_copy_of_the_body(
             if isinstance(f, mitm_http.HTTPFlow)
             and f.metadata.get("responses_bridge", {}).get("role") == "client"
         ]
-    last = flows[-1]
-    # Shown as the client sent it, though the loopback endpoint was sent no body.
-    assert last.request.content == body
-    assert last.request.headers["content-length"] == str(len(body))
-    # The reverse-mode target, not the loopback endpoint the flow took a detour to.
-    assert last.request.url == f"http://127.0.0.1:{upstream.port}/v1/responses"
+    (flow,) = flows
+    assert flow.request.content == body
+    assert flow.request.headers["content-length"] == str(len(body))
+    # The reverse-mode target: the flow was never pointed anywhere else.
+    assert flow.request.url == f"http://127.0.0.1:{upstream.port}/v1/responses"
+    assert flow.response is not None and json.loads(flow.response.content or b"")["status"]
 
 
 @contextmanager

@@ -20,7 +20,7 @@ for flows registered here only:
 
 Everything else is mitmproxy's unchanged code path. These are mitmproxy
 internals, so `install()` checks for them and says False when they are not
-there; the bridge then keeps its loopback endpoint instead.
+there; the bridge then cannot answer.
 """
 
 from __future__ import annotations
@@ -202,6 +202,11 @@ def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
     for stream in list(self.streams.values()):
         if stream.child_layer is not None and stream._handle_event == stream.passthrough:
             yield from self.event_to_child(stream, event)
+
+
+def installed() -> bool:
+    """Whether mitmproxy's HTTP layer streams addon-produced bodies in this process."""
+    return _installed
 
 
 def install() -> bool:
