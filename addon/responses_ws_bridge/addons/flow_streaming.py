@@ -19,21 +19,25 @@ for flows registered here only:
   `100 Continue`), and the connection closes after it.
 
 Everything else is mitmproxy's unchanged code path. These are mitmproxy
-internals, so `install()` checks for them and says False when they are not
-there; the bridge then cannot answer.
+internals: `missing_internals()` lists the ones this module touches that the
+installed mitmproxy lacks, and `install()` refuses to patch anything then
+(`OptionsError`, naming the version and the supported range). There is no
+other way to answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http, version
 from mitmproxy import flow as mitmflow
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
@@ -52,8 +56,12 @@ from mitmproxy.proxy.layers.http import (
     ResponseEndOfMessage,
     ResponseProtocolError,
 )
+from mitmproxy.proxy.layers.http._http2 import Http2Connection
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+from mitmproxy.proxy.server import ConnectionHandler
 
 from responses_ws_bridge.core.openai_errors import HttpError
+from responses_ws_bridge.mitmproxy_support import SUPPORTED
 from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.sink import ClientGone
 
@@ -169,12 +177,13 @@ class _AddonStream(HttpStream):
         yield from super().flow_done()
 
 
-_original_handle_event = HttpLayer._handle_event
+_original_handle_event = getattr(HttpLayer, "_handle_event", None)
 
 
 def _handle_event(self: HttpLayer, event: events.Event) -> layer.CommandGenerator[None]:
     if isinstance(event, _Feed):
         return _route(self, event)
+    assert _original_handle_event is not None
     result: layer.CommandGenerator[None] = _original_handle_event(self, event)
     return result
 
@@ -204,33 +213,120 @@ def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
             yield from self.event_to_child(stream, event)
 
 
+# What this module (and the bridge's hooks) call, override or compare with: methods
+# and class attributes, by name.
+_ATTRIBUTES: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (
+        HttpStream,
+        (
+            "_handle_event",
+            "start_request_stream",
+            "state_consume_request_body",
+            "check_killed",
+            "send_response",
+            "start_response_stream",
+            "handle_protocol_error",
+            "flow_done",
+            "passthrough",
+            "state_wait_for_response_headers",
+            "state_stream_response_body",
+            "state_done",
+            "state_errored",
+        ),
+    ),
+    (HttpLayer, ("_handle_event", "event_to_child", "make_stream")),
+    (ConnectionHandler, ("server_event", "drain_writers")),
+    (Proxyserver, ("listen_addrs",)),
+)
+# Instance attributes it reads, known by the classes' annotations.
+_DECLARED: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (layer.Layer, ("context", "_paused", "_paused_event_queue")),
+    (HttpStream, ("flow", "stream_id", "child_layer")),
+    (HttpLayer, ("streams", "connections")),
+    (Http2Connection, ("h2_conn",)),
+    (BufferedH2Connection, ("stream_buffers",)),
+    (ConnectionHandler, ("client", "transports")),
+    (Proxyserver, ("connections",)),
+)
+# Code it relies on the shape of: a method and the names it must still use.
+# `state_collect_request_body` ends a body as `state_consume_request_body` does.
+_USES: tuple[tuple[type, str, tuple[str, ...]], ...] = (
+    (
+        HttpStream,
+        "state_consume_request_body",
+        (
+            "state_done",
+            "HttpRequestHook",
+            "check_killed",
+            "HttpResponseHeadersHook",
+            "send_response",
+        ),
+    ),
+    (HttpStream, "__init__", ("client_state", "server_state")),
+    # A new stream's class is looked up by its module-level name, which install() replaces.
+    (HttpLayer, "make_stream", ("HttpStream",)),
+)
+
+
+def missing_internals() -> list[str]:
+    """The mitmproxy internals this module needs that the installed mitmproxy lacks."""
+    missing = [
+        f"{owner.__name__}.{name}"
+        for owner, names in _ATTRIBUTES
+        for name in names
+        if not hasattr(owner, name)
+    ]
+    missing += [
+        f"{owner.__name__}.{name}"
+        for owner, names in _DECLARED
+        for name in names
+        if not any(name in inspect.get_annotations(k) for k in owner.__mro__)
+    ]
+    for owner, method, names in _USES:
+        used = _names_used(getattr(owner, method, None))
+        missing += [f"{name} in {owner.__name__}.{method}" for name in names if name not in used]
+    if getattr(http_layers, "HttpStream", None) not in (HttpStream, _AddonStream):
+        missing.append("mitmproxy.proxy.layers.http.HttpStream")
+    return missing
+
+
+def _names_used(function: object) -> tuple[str, ...]:
+    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
+    return code.co_names if code is not None else ()
+
+
+def internals_problem() -> str | None:
+    """Why answers cannot stream in the installed mitmproxy (what it lacks), or None."""
+    missing = missing_internals()
+    if not missing:
+        return None
+    return (
+        f"mitmproxy {version.VERSION} lacks what the bridge streams its answers with "
+        f"({', '.join(missing)}); the bridge needs {SUPPORTED}"
+    )
+
+
 def installed() -> bool:
     """Whether mitmproxy's HTTP layer streams addon-produced bodies in this process."""
     return _installed
 
 
-def install() -> bool:
-    """Patches mitmproxy's HTTP layer once per process; False when this mitmproxy cannot."""
+def install() -> None:
+    """Patches mitmproxy's HTTP layer once per process.
+
+    Raises `OptionsError` (and patches nothing) when the installed mitmproxy
+    lacks any internal this module touches.
+    """
     global _installed
+    problem = internals_problem()
+    if problem is not None:
+        raise exceptions.OptionsError(problem)
     if _installed:
-        return True
-    needed = (
-        hasattr(HttpStream, "start_response_stream"),
-        hasattr(HttpStream, "start_request_stream"),
-        hasattr(HttpStream, "check_killed"),
-        hasattr(HttpStream, "state_wait_for_response_headers"),
-        hasattr(HttpStream, "state_stream_response_body"),
-        hasattr(HttpLayer, "_handle_event"),
-        hasattr(HttpLayer, "event_to_child"),
-        getattr(http_layers, "HttpStream", None) is HttpStream,
-    )
-    if not all(needed):
-        return False
+        return
     # HttpLayer.make_stream looks the class up by module name for every new stream.
     http_layers.HttpStream = _AddonStream  # type: ignore[misc]
     HttpLayer._handle_event = _handle_event  # type: ignore[method-assign]
     _installed = True
-    return True
 
 
 @dataclass(frozen=True)

@@ -160,10 +160,8 @@ class ResponsesBridge:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if not flow_streaming.install():
-            raise exceptions.OptionsError(
-                "this mitmproxy cannot stream addon-produced bodies: the bridge cannot answer"
-            )
+        # Answers stream from inside mitmproxy or not at all: refuse a mitmproxy that cannot.
+        flow_streaming.install()
         if updated & {"mode", "connection_strategy"}:
             self._lazy_in_reverse_mode()
         if not updated.intersection(OPTIONS):
