@@ -16,7 +16,8 @@ for flows registered here only:
   connection: mitmproxy would otherwise read a body whole before the
   `request` hook, however large, or stream it to a server. A response set in
   `requestheaders` then goes out at once, before the body (no
-  `100 Continue`), and the connection closes after it.
+  `100 Continue`), and the connection closes after it (`close_left_open`
+  makes sure the socket does close).
 
 Everything else is mitmproxy's unchanged code path. These are mitmproxy
 internals: `missing_internals()` lists the ones this module touches that the
@@ -35,7 +36,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http, version
+from mitmproxy import connection, ctx, exceptions, http, version
 from mitmproxy import flow as mitmflow
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events, layer
@@ -58,7 +59,7 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._http2 import Http2Connection
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
-from mitmproxy.proxy.server import ConnectionHandler
+from mitmproxy.proxy.server import ConnectionHandler, ConnectionIO
 
 from responses_ws_bridge.core.openai_errors import HttpError
 from responses_ws_bridge.mitmproxy_support import SUPPORTED
@@ -246,6 +247,7 @@ _DECLARED: tuple[tuple[type, tuple[str, ...]], ...] = (
     (Http2Connection, ("h2_conn",)),
     (BufferedH2Connection, ("stream_buffers",)),
     (ConnectionHandler, ("client", "transports")),
+    (ConnectionIO, ("handler", "writer")),
     (Proxyserver, ("connections",)),
 )
 # Code it relies on the shape of: a method and the names it must still use.
@@ -416,3 +418,21 @@ def forget(flow: http.HTTPFlow) -> None:
     """The flow ended (response sent, or an error): it streams no more."""
     _live.discard(flow.id)
     _consumed.pop(flow.id, None)
+
+
+def close_left_open(client: connection.Client) -> None:
+    """Once mitmproxy is done with a client (`client_disconnected`): closes a socket it left open.
+
+    mitmproxy closes a client connection by cancelling the task that reads it,
+    and that task closes the socket on its way out, unless the cancel lands
+    while it waits for the connection's event lock: then the socket stays open
+    until garbage collection. That is what happens to an early answer whose
+    client keeps sending its body (`connection: close`, and a held socket).
+    """
+    proxyserver = ctx.master.addons.get("proxyserver") if ctx.master is not None else None
+    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
+    io = handler.transports.get(client) if handler is not None else None
+    if io is None or io.writer is None or (io.handler is not None and not io.handler.done()):
+        return
+    if not io.writer.is_closing():
+        io.writer.close()

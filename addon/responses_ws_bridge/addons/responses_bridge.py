@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ReverseMode
 
@@ -206,6 +206,9 @@ class ResponsesBridge:
 
     async def done(self) -> None:
         await self.service.shutdown()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        flow_streaming.close_left_open(client)
 
     # -- hooks -----------------------------------------------------------------
 
