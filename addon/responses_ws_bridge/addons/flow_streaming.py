@@ -11,6 +11,10 @@ for flows registered here only:
   a body chunk (or the end, or an error) to that flow's stream, which then runs
   through mitmproxy's own code: `flow.response.stream`, h1/h2 framing, TLS,
   the `response` hook at the end, `error` when the client leaves;
+- a client that reads slowly slows the producer down (`FlowSink.write`): over
+  HTTP/1.1 through the socket's write buffer, over HTTP/2 also through the
+  stream's flow-control window, beyond which mitmproxy's h2 layer would queue
+  without limit;
 - a request body the addon takes itself (`consume_body`) is handed chunk by
   chunk to `flow.request.stream` and never buffered, with no server
   connection: mitmproxy would otherwise read a body whole before the
@@ -32,7 +36,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +86,9 @@ class _Feed(events.Event):
     flow: http.HTTPFlow
     data: bytes | None = None
     error: str | None = None
+    # Set where the flow's stream was found: how many bytes of its response wait
+    # in mitmproxy's HTTP layer for the client to take them.
+    unsent: Callable[[], int] | None = None
 
 
 class _AddonStream(HttpStream):
@@ -207,6 +214,7 @@ def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
         else:
             inner = ResponseData(stream.stream_id, event.data)
         yield from self.event_to_child(stream, inner)
+        event.unsent = _unsent_of(self, stream)
         return
     # A CONNECT tunnel (or an upgraded stream) holds the flow's HTTP layer further down.
     for stream in list(self.streams.values()):
@@ -308,6 +316,27 @@ def internals_problem() -> str | None:
     )
 
 
+def _unsent_of(http_layer: HttpLayer, stream: HttpStream) -> Callable[[], int]:
+    """Counts what of `stream`'s response mitmproxy holds for the client, not yet sent.
+
+    Chunks queued while the stream waits for a hook, and over HTTP/2 the data
+    mitmproxy's h2 connection buffers beyond the client's flow-control window
+    (stream or connection). Over HTTP/1.1 mitmproxy holds nothing: it writes to
+    the socket, whose buffer `drain_writers` waits on.
+    """
+    client = http_layer.connections.get(http_layer.context.client)
+    buffers = client.h2_conn.stream_buffers if isinstance(client, Http2Connection) else None
+    queue, stream_id = stream._paused_event_queue, stream.stream_id
+
+    def unsent() -> int:
+        held = sum(len(e.data) for e in queue if isinstance(e, ResponseData))
+        if buffers is not None:
+            held += sum(len(chunk.data) for chunk in buffers.get(stream_id, ()))
+        return held
+
+    return unsent
+
+
 def installed() -> bool:
     """Whether mitmproxy's HTTP layer streams addon-produced bodies in this process."""
     return _installed
@@ -340,13 +369,28 @@ class Head:
     body: bytes | None = None
 
 
+# A body write goes in pieces of at most PIECE bytes, and returns only once at
+# most UNSENT_LIMIT bytes of the response wait in mitmproxy for the client: no
+# more than UNSENT_LIMIT + PIECE (320 KiB) per response are ever held there.
+PIECE = 64 * 1024
+UNSENT_LIMIT = 256 * 1024
+# How often a held-up write looks again: from the first pause, doubling up to the last.
+_FIRST_PAUSE_S = 0.001
+_LAST_PAUSE_S = 0.05
+
+
 class FlowSink:
     """The service's answer for one flow, delivered through mitmproxy's own connection.
 
     `head` resolves with the status and headers (and the whole body, for a
     response with a known length); the `request` hook awaits it and sets
-    `flow.response`. Streamed chunks go in as `_Feed` events, with mitmproxy's
-    write buffers drained after each, so a slow client slows the relay down.
+    `flow.response`. Streamed chunks go in as `_Feed` events. A write returns
+    once the client has taken enough of them: mitmproxy's write buffers
+    drained (`drain_writers`, the socket) and at most `UNSENT_LIMIT` bytes held
+    in its HTTP layer (HTTP/2: beyond the client's flow-control window). So a
+    slow client slows the relay, and with it the upstream, down; a client
+    that leaves ends the wait (`ClientGone`), as does mitmproxy's inactivity
+    timeout (`tcp_timeout`) for one that stays silent.
     """
 
     def __init__(self, flow: http.HTTPFlow) -> None:
@@ -355,14 +399,19 @@ class FlowSink:
         self.started = False
         self.finished = False
         self.status: int | None = None
+        # The most bytes seen held for the client after a write, and the writes that waited.
+        self.unsent_peak = 0
+        self.held_up_writes = 0
+        self._unsent: Callable[[], int] = lambda: 0
 
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
         self._begin(Head(status, tuple(headers)))
         _live.add(self._flow.id)
 
     async def write(self, data: bytes) -> None:
-        if data:
-            await self._feed(_Feed(self._flow, data))
+        for start in range(0, len(data), PIECE):
+            await self._feed(_Feed(self._flow, data[start : start + PIECE]))
+            await self._until_taken()
 
     async def finish(self) -> None:
         self.finished = True
@@ -391,9 +440,24 @@ class FlowSink:
         if handler is None:
             raise ClientGone
         await handler.server_event(event)
+        if event.unsent is not None:
+            self._unsent = event.unsent
         await handler.drain_writers()
-        if event.data is not None and self._flow.id not in _live:
-            raise ClientGone
+
+    async def _until_taken(self) -> None:
+        """Waits while more than `UNSENT_LIMIT` bytes wait in mitmproxy for the client."""
+        pause = _FIRST_PAUSE_S
+        while True:
+            if self._flow.id not in _live:
+                raise ClientGone
+            unsent = self._unsent()
+            self.unsent_peak = max(self.unsent_peak, unsent)
+            if unsent <= UNSENT_LIMIT:
+                return
+            if pause == _FIRST_PAUSE_S:
+                self.held_up_writes += 1
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LAST_PAUSE_S)
 
 
 def consume_body(flow: http.HTTPFlow, collector: BodyCollector | None) -> None:

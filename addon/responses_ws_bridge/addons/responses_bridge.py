@@ -77,8 +77,9 @@ class _Routed:
     """A bridged flow whose answer is on its way."""
 
     turn: Turn
-    # The task serving the turn.
+    # The task serving the turn, and where it writes the answer.
     task: asyncio.Future[None]
+    sink: flow_streaming.FlowSink
     streamed: bool = False
     body: bytearray = field(default_factory=bytearray)
 
@@ -335,7 +336,7 @@ class ResponsesBridge:
         """Serves the turn and answers the flow from inside mitmproxy, streaming when it can."""
         sink = flow_streaming.FlowSink(flow)
         task = asyncio.ensure_future(self._serve(turn, sink))
-        routed = self._routed[flow.id] = _Routed(turn, task=task)
+        routed = self._routed[flow.id] = _Routed(turn, task=task, sink=sink)
         # The status is known once the first upstream event (or the failure) is.
         waiting: list[asyncio.Future[Any]] = [sink.head, task]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -444,6 +445,10 @@ class ResponsesBridge:
             outcome=report.outcome,
             attempts=[a.as_dict() for a in report.attempts],
             upstream_flows=[a.upstream_flow for a in report.attempts if a.upstream_flow],
+            # How far a slow client held the answer up: the most bytes waiting in mitmproxy
+            # for it after a write, and how many writes had to wait (FlowSink).
+            unsent_peak=routed.sink.unsent_peak,
+            held_up_writes=routed.sink.held_up_writes,
         )
         flow.comment = report.describe()
 
