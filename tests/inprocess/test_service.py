@@ -25,7 +25,7 @@ from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
-from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.core.turns import CLIENT_GONE, Attempt, Turn
 from responses_ws_bridge.local.response_events import (
     TurnSpec,
     rate_limit_event,
@@ -344,7 +344,7 @@ def test_a_client_that_hangs_up_mid_stream_ends_the_upstream_turn() -> None:
         async with rig() as r:
             r.upstream.script(Plan(turn=TurnSpec(deltas=50), pace_s=0.01))
             sink = RecordingSink(hang_up_after=3)
-            _, response = await post_turn(r.service, STREAM, SESSION, sink=sink)
+            turn, response = await post_turn(r.service, STREAM, SESSION, sink=sink)
             assert response.status_code == 200
             assert sink.calls == ["start", "write", "write", "write"] and not sink.finished
             ended = await r.upstream.wait_until(lambda rs: bool(rs and rs[0].closed_by), BOUND_S)
@@ -352,5 +352,6 @@ def test_a_client_that_hangs_up_mid_stream_ends_the_upstream_turn() -> None:
             assert len(record.events) < 50
             # The socket is not kept for the next turn: its turn never ended.
             assert r.service.sessions.idle_count == 0
+            assert [a.outcome for a in turn.report.attempts] == [CLIENT_GONE]
 
     run(main())
