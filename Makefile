@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak demo bench lint lock clean
+.PHONY: run test test-mitmproxy-range soak demo bench lint lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
@@ -28,6 +28,22 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# The end-to-end answer tests on the lowest mitmproxy pyproject.toml allows and on the
+# newest it allows, each in a scratch venv (`make test` runs on the locked one only).
+RANGE_VENV := .range-venv
+MITMPROXY_LOWEST := mitmproxy==12.0.0
+MITMPROXY_NEWEST := mitmproxy>=12.0,<13
+RANGE_TESTS := tests/e2e/test_e2e_streaming.py tests/e2e/test_e2e_bridge.py tests/e2e/test_e2e_hostile_client.py
+
+test-mitmproxy-range:
+	@for spec in '$(MITMPROXY_LOWEST)' '$(MITMPROXY_NEWEST)'; do \
+		rm -rf $(RANGE_VENV) && $(PYTHON) -m venv $(RANGE_VENV) && \
+		$(RANGE_VENV)/bin/python -m pip install --quiet --upgrade pip && \
+		$(RANGE_VENV)/bin/python -m pip install --quiet -e '.[dev]' "$$spec" && \
+		echo "== $$spec: $$($(RANGE_VENV)/bin/python -c 'from mitmproxy import version; print(version.MITMPROXY)')" && \
+		$(RANGE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(RANGE_TESTS) || { rm -rf $(RANGE_VENV); exit 1; }; \
+	done; rm -rf $(RANGE_VENV)
+
 # The slow tests only: soak under injected faults, request floods.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
@@ -46,4 +62,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(RANGE_VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -70,6 +70,7 @@ def send(
     body: Iterator[bytes] | bytes = b"",
     *,
     timeout: float = 20.0,
+    close_within_s: float = 0.5,
 ) -> RawResult:
     head = request_head("POST", TARGET, [("host", "attacker.invalid:9000"), *headers])
     pieces = iter([body]) if isinstance(body, bytes) else body
@@ -82,6 +83,7 @@ def send(
         timeout=timeout,
         max_body=FLOOD,
         wait_for_answer_s=2.0 if expects else 0.0,
+        close_within_s=close_within_s,
     )
 
 
@@ -159,6 +161,26 @@ def test_refused_unread_and_bounded(
     if any(k == "expect" for k, _ in headers):
         # A client that waits for the answer sees the connection closed right after it.
         assert result.closed
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([("authorization", "Bearer wrong"), ("content-length", str(10**12))], 401),
+        ([AUTH, ("content-length", str(10**12))], 413),
+        ([("authorization", "Bearer wrong"), ("transfer-encoding", "chunked")], 401),
+    ],
+    ids=["401-content-length", "413-content-length", "401-chunked"],
+)
+def test_an_early_answer_ends_the_connection_of_a_client_still_sending(
+    proxy: ProxyProcess, headers: list[tuple[str, str | bytes]], status: int
+) -> None:
+    """The answer, then the end of the connection, though the client never stops sending."""
+    body = chunked_flood() if ("transfer-encoding", "chunked") in headers else endless()
+    result = send(proxy, headers, body, timeout=10.0, close_within_s=10.0)
+    assert result.status == status, result.received[:300]
+    assert result.closed
+    assert result.body_bytes_sent < FLOOD
 
 
 def test_gzip_bomb_is_stopped_at_the_decoded_cap(proxy: ProxyProcess) -> None:

@@ -1,13 +1,15 @@
-"""End to end: bridged answers stream from inside mitmproxy, over HTTP/1.1 and HTTP/2, or detour."""
+"""End to end: answers stream from inside mitmproxy, HTTP/1.1 and HTTP/2, at the client's pace."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,11 +18,13 @@ import pytest
 from harness.proxy_process import ProxyProcess
 from mitmproxy import http as mitm_http
 from mitmproxy import io as mitm_io
+from responses_ws_bridge.addons.flow_streaming import PIECE, UNSENT_LIMIT
 from responses_ws_bridge.local.ports import free_port
 from responses_ws_bridge.local.response_events import TurnSpec
 from responses_ws_bridge.local.tls import TestPki, make_test_pki
 from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
 
+from tests.support.h2_client import H2Client
 from tests.support.http import client
 
 BODY = {"model": "m", "input": "x", "stream": True}
@@ -48,7 +52,7 @@ def first_event_while_upstream_still_sends(
 
 
 @pytest.fixture(scope="module")
-def in_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
+def reverse_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
     with ProxyProcess(
         "--mode", f"reverse:http://127.0.0.1:{upstream.port}", "--set", "connection_strategy=lazy"
     ) as proxy:
@@ -56,43 +60,38 @@ def in_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
 
 
 def test_answers_stream_from_inside_mitmproxy(
-    in_proxy: ProxyProcess, upstream: ThreadedUpstream
+    reverse_proxy: ProxyProcess, upstream: ThreadedUpstream
 ) -> None:
-    assert "answers streamed from inside mitmproxy" in in_proxy.log()
+    assert "answers streamed from inside mitmproxy" in reverse_proxy.log()
     with client() as http:
         types = first_event_while_upstream_still_sends(
-            http, f"{in_proxy.url}/v1/responses", upstream
+            http, f"{reverse_proxy.url}/v1/responses", upstream
         )
     assert types[0] == "response.created" and types[-1] == "response.completed"
     assert types.count("response.output_text.delta") == DELTAS
 
 
-def test_the_detour_streams_the_same_and_carries_no_copy_of_the_body(
+def test_the_saved_flow_shows_the_request_as_sent_and_where_it_went(
     upstream: ThreadedUpstream, tmp_path: Path
 ) -> None:
     saved = tmp_path / "flows.mitm"
+    body = json.dumps({"model": "m", "input": "x" * 39_000}).encode()
     with (
         ProxyProcess(
             "--mode",
             f"reverse:http://127.0.0.1:{upstream.port}",
             "--set",
             "connection_strategy=lazy",
-            "--set",
-            "bridge_detour=true",
             "-w",
             str(saved),
         ) as proxy,
         client() as http,
     ):
-        assert "loopback endpoint on 127.0.0.1" in proxy.log()
-        types = first_event_while_upstream_still_sends(http, f"{proxy.url}/v1/responses", upstream)
-        body = json.dumps({"model": "m", "input": "x" * 39_000}).encode()
         upstream.script(Plan())
         response = http.post(
             f"{proxy.url}/v1/responses", content=body, headers={"content-type": "application/json"}
         )
         assert response.json()["status"] == "completed"
-    assert types[-1] == "response.completed"
     with saved.open("rb") as fp:
         flows = [
             f
@@ -100,12 +99,12 @@ def test_the_detour_streams_the_same_and_carries_no_copy_of_the_body(
             if isinstance(f, mitm_http.HTTPFlow)
             and f.metadata.get("responses_bridge", {}).get("role") == "client"
         ]
-    last = flows[-1]
-    # Shown as the client sent it, though the loopback endpoint was sent no body.
-    assert last.request.content == body
-    assert last.request.headers["content-length"] == str(len(body))
-    # The reverse-mode target, not the loopback endpoint the flow took a detour to.
-    assert last.request.url == f"http://127.0.0.1:{upstream.port}/v1/responses"
+    (flow,) = flows
+    assert flow.request.content == body
+    assert flow.request.headers["content-length"] == str(len(body))
+    # The reverse-mode target: the flow was never pointed anywhere else.
+    assert flow.request.url == f"http://127.0.0.1:{upstream.port}/v1/responses"
+    assert flow.response is not None and json.loads(flow.response.content or b"")["status"]
 
 
 @contextmanager
@@ -173,3 +172,145 @@ def test_an_http2_client_gets_streamed_answers_over_tls(
     assert response.json()["status"] == "completed"
     assert types[0] == "response.created" and types[-1] == "response.completed"
     assert types.count("response.output_text.delta") == DELTAS
+
+
+# An upstream that floods: deltas of 8 KiB back to back. FLOOD is a whole turn
+# (4 MiB of deltas, then the text again in the closing events), far more than
+# the bridge may hold for a client; ENDLESS offers 64 MiB of deltas (and then
+# falls silent), more than every buffer between the upstream and the client.
+WORD = "y" * 8191 + " "
+FLOOD_DELTAS = 512
+FLOOD = Plan(turn=TurnSpec(text=WORD, deltas=FLOOD_DELTAS, completed_output=False))
+ENDLESS_EVENTS = 4 + 8192
+ENDLESS = Plan(turn=TurnSpec(text=WORD, deltas=8192), stall_after_events=ENDLESS_EVENTS)
+HELD_AT_MOST = UNSENT_LIMIT + PIECE
+# What a client does while the test waits: called with the time to return by.
+Meanwhile = Callable[[float], object]
+
+
+def stalled(upstream: ThreadedUpstream, meanwhile: Meanwhile, deadline: float) -> int:
+    """Waits until the upstream sent its last event or nothing new for a second, calling
+    `meanwhile(until)` in between: what the bridge does while its client reads nothing.
+    Returns the events the upstream sent."""
+    sent, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        records = upstream.records()
+        events = records[0].events if records else []
+        if events and events[-1].event["type"] == "response.completed":
+            return len(events)
+        if len(events) != sent:
+            sent, since = len(events), time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            return sent
+        meanwhile(min(deadline, time.monotonic() + 0.05))
+    return sent
+
+
+def reading_frames(h2: H2Client) -> Meanwhile:
+    """An HTTP/2 client that reads every frame but takes none of the data (no WINDOW_UPDATE)."""
+    return lambda until: h2.pump(lambda: False, until)
+
+
+def reading_nothing(until: float) -> None:
+    time.sleep(max(0.0, until - time.monotonic()))
+
+
+@contextmanager
+def h2_through_the_proxy(
+    upstream: ThreadedUpstream, tmp_path: Path, saved: Path
+) -> Iterator[H2Client]:
+    pki = make_test_pki(tmp_path)
+    with (
+        tls_origin(pki) as origin,
+        ProxyProcess(
+            "--set",
+            f"bridge_upstream=ws://127.0.0.1:{upstream.port}",
+            "--set",
+            "ssl_insecure=true",
+            "-w",
+            str(saved),
+        ) as proxy,
+    ):
+        h2 = H2Client(
+            proxy.port, "127.0.0.1", origin, str(Path(proxy.confdir) / "mitmproxy-ca-cert.pem")
+        )
+        try:
+            yield h2
+        finally:
+            h2.close()
+
+
+def the_client_flow(saved: Path) -> mitm_http.HTTPFlow:
+    with saved.open("rb") as fp:
+        (flow,) = [
+            f
+            for f in mitm_io.FlowReader(fp).stream()
+            if isinstance(f, mitm_http.HTTPFlow)
+            and f.metadata.get("responses_bridge", {}).get("role") == "client"
+        ]
+    return flow
+
+
+def test_an_http2_client_that_reads_nothing_holds_the_answer_back(
+    upstream: ThreadedUpstream, tmp_path: Path
+) -> None:
+    saved = tmp_path / "flows.mitm"
+    upstream.script(FLOOD)
+    with h2_through_the_proxy(upstream, tmp_path, saved) as h2:
+        deadline = time.monotonic() + 60
+        stream = h2.post("/v1/responses", json.dumps(BODY).encode(), [])
+        stalled(upstream, reading_frames(h2), deadline)
+        # The proxy sent no more than the client's window (64 KiB) and held the rest back.
+        assert h2.status[stream] == 200 and len(h2.body[stream]) <= 65535
+        # Now the client reads it all.
+        assert h2.pump(lambda: h2.took(stream) and stream in h2.ended, deadline)
+    body = bytes(h2.body[stream]).decode()
+    types = [line[7:] for line in body.splitlines() if line.startswith("event: ")]
+    assert types.count("response.output_text.delta") == FLOOD_DELTAS
+    assert types[-1] == "response.completed"
+    meta = the_client_flow(saved).metadata["responses_bridge"]
+    # The bridge waited for the client, and never held more for it than the bound.
+    assert meta["held_up_writes"] > 0
+    assert 0 < meta["unsent_peak"] <= HELD_AT_MOST
+
+
+@pytest.mark.parametrize("leaves", ["reset", "close"])
+def test_an_http2_client_that_leaves_while_held_back_ends_the_upstream_turn(
+    upstream: ThreadedUpstream, tmp_path: Path, leaves: str
+) -> None:
+    saved = tmp_path / "flows.mitm"
+    upstream.script(ENDLESS)
+    with h2_through_the_proxy(upstream, tmp_path, saved) as h2:
+        deadline = time.monotonic() + 60
+        stream = h2.post("/v1/responses", json.dumps(BODY).encode(), [])
+        sent = stalled(upstream, reading_frames(h2), deadline)
+        # The upstream's sends were held back too: it could not get rid of its flood.
+        assert 4 < sent < ENDLESS_EVENTS
+        if leaves == "reset":
+            h2.cancel(stream)
+        else:
+            h2.close()
+        # The held-back write lets go at once: the bridge ends the upstream turn.
+        (record,) = upstream.wait_for(lambda rs: bool(rs and rs[0].closed_by), 20)
+        assert record.closed_by in ("client", "abrupt")
+    flow = the_client_flow(saved)
+    assert flow.error is not None
+    assert flow.metadata["responses_bridge"]["unsent_peak"] <= HELD_AT_MOST
+
+
+def test_an_http1_client_that_reads_nothing_holds_the_upstream_back(
+    reverse_proxy: ProxyProcess, upstream: ThreadedUpstream
+) -> None:
+    upstream.script(ENDLESS)
+    body = json.dumps(BODY).encode()
+    head = (
+        f"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", reverse_proxy.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        sent = stalled(upstream, reading_nothing, time.monotonic() + 60)
+        # mitmproxy's socket writes wait for the client: the upstream's sends wait too.
+        assert 4 < sent < ENDLESS_EVENTS
+    (record,) = upstream.wait_for(lambda rs: bool(rs and rs[0].closed_by), 20)
+    assert record.closed_by in ("client", "abrupt")

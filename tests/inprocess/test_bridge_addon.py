@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
-from responses_ws_bridge.addons import bridge_addons
+from responses_ws_bridge.addons import bridge_addons, flow_streaming
 from responses_ws_bridge.addons.accounts import Accounts
 from responses_ws_bridge.addons.responses_bridge import METADATA_KEY, ResponsesBridge
 from responses_ws_bridge.core.affinity import classify
-from responses_ws_bridge.shell.loopback import TOKEN_HEADER
+from responses_ws_bridge.core.turns import Turn
+from responses_ws_bridge.shell.request_body import BodyCollector
+from responses_ws_bridge.shell.sink import ClientSink
 
 
 def responses_flow(body: bytes = b'{"model":"m","input":"x","stream":true}') -> http.HTTPFlow:
@@ -29,13 +31,6 @@ def responses_flow(body: bytes = b'{"model":"m","input":"x","stream":true}') -> 
     flow.request.headers["host"] = "api.openai.com"
     flow.request.content = body
     return flow
-
-
-def started(bridge: ResponsesBridge) -> None:
-    """The detour, with a loopback endpoint that these routing tests never connect to."""
-    bridge.in_proxy = False
-    bridge.loopback.port = 4242
-    bridge.loopback._server = object()  # type: ignore[assignment]
 
 
 def hook(coro: Coroutine[Any, Any, None]) -> None:
@@ -55,8 +50,8 @@ class Addons:
 
 def test_other_requests_are_untouched() -> None:
     bridge = Addons().bridge
-    with taddons.context(bridge):
-        started(bridge)
+    with taddons.context(bridge) as tctx:
+        tctx.configure(bridge)
         for method, path in [
             ("GET", "/v1/models"),
             ("POST", "/v1/responses/compact"),
@@ -70,40 +65,50 @@ def test_other_requests_are_untouched() -> None:
             assert METADATA_KEY not in flow.metadata
 
 
-def test_bridged_flow_is_detoured_and_restored() -> None:
-    bridge = Addons().bridge
-    with taddons.context(bridge):
-        started(bridge)
-        flow = responses_flow()
-        hook(bridge.request(flow))
-        assert (flow.request.host, flow.request.port, flow.request.scheme) == (
-            "127.0.0.1",
-            4242,
-            "http",
-        )
-        assert flow.request.headers["host"] == "api.openai.com"  # Host header untouched
-        token = flow.request.headers[TOKEN_HEADER]
-        assert len(token) >= 32 and bridge.loopback.pending == 1
-        flow.response = http.Response.make(200)
-        bridge.responseheaders(flow)
-        assert flow.request.url == "https://api.openai.com/v1/responses"
-        assert TOKEN_HEADER not in flow.request.headers
-        assert callable(flow.response.stream)
-        flow.response.stream(b"event: a\ndata: {}\n\n")
-        bridge.response(flow)
-        assert flow.response.content == b"event: a\ndata: {}\n\n"
-        assert flow.metadata[METADATA_KEY]["role"] == "client"
+def test_a_streamed_answer_is_kept_for_display_with_the_turns_report() -> None:
+    async def serve(turn: Turn, sink: ClientSink) -> None:
+        await sink.start(200, [("content-type", "text/event-stream")])
+
+    async def main() -> None:
+        bridge = Addons().bridge
+        bridge.service.serve = serve  # type: ignore[method-assign]
+        with taddons.context(bridge) as tctx:
+            tctx.configure(bridge)
+            flow = responses_flow()
+            await bridge.request(flow)
+            assert flow.response is not None and flow.response.status_code == 200
+            assert flow.response.headers["transfer-encoding"] == "chunked"
+            # The destination is the one the client chose: nothing was redirected.
+            assert flow.request.url == "https://api.openai.com/v1/responses"
+            bridge.responseheaders(flow)
+            assert callable(flow.response.stream)
+            flow.response.stream(b"event: a\ndata: {}\n\n")
+            bridge.response(flow)
+            assert flow.response.content == b"event: a\ndata: {}\n\n"
+            assert flow.metadata[METADATA_KEY]["role"] == "client"
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
-def test_flow_that_errors_gives_back_its_token() -> None:
-    bridge = Addons().bridge
-    with taddons.context(bridge):
-        started(bridge)
-        flow = responses_flow()
-        hook(bridge.request(flow))
-        bridge.error(flow)
-        assert bridge.loopback.pending == 0
-        assert flow.request.host == "api.openai.com"
+def test_a_client_that_leaves_cancels_its_turn() -> None:
+    async def serve(turn: Turn, sink: ClientSink) -> None:
+        await sink.start(200, [("content-type", "text/event-stream")])
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        bridge = Addons().bridge
+        bridge.service.serve = serve  # type: ignore[method-assign]
+        with taddons.context(bridge) as tctx:
+            tctx.configure(bridge)
+            flow = responses_flow()
+            await bridge.request(flow)
+            (task,) = [routed.task for routed in bridge._routed.values()]
+            bridge.error(flow)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not bridge._routed
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
 @pytest.mark.parametrize(
@@ -114,13 +119,12 @@ def test_bad_bodies_are_answered_in_the_request_hook(body: bytes, status: int) -
     bridge = Addons().bridge
     with taddons.context(bridge) as tctx:
         tctx.configure(bridge, bridge_max_body=50)
-        started(bridge)
         flow = responses_flow(body)
         hook(bridge.request(flow))
         assert flow.response is not None and flow.response.status_code == status
         assert flow.response.headers["content-type"] == "application/json"
         assert json.loads(flow.response.content or b"")["error"]["message"]
-        assert bridge.loopback.pending == 0
+        assert not bridge._routed
 
 
 def test_declared_oversized_body_is_refused_before_it_is_read() -> None:
@@ -133,9 +137,10 @@ def test_declared_oversized_body_is_refused_before_it_is_read() -> None:
         assert flow.response is not None and flow.response.status_code == 413
 
 
-def test_not_ready_yet_is_503() -> None:
+def test_without_streaming_in_mitmproxy_the_answer_is_503(monkeypatch: pytest.MonkeyPatch) -> None:
     bridge = Addons().bridge
     with taddons.context(bridge):
+        monkeypatch.setattr(flow_streaming, "_installed", False)
         flow = responses_flow()
         hook(bridge.request(flow))
         assert flow.response is not None and flow.response.status_code == 503
@@ -199,15 +204,24 @@ def test_client_key_is_checked_before_anything_else(tmp_path: Path) -> None:
     bridge = addons.bridge
     with taddons.context(*addons.all) as tctx:
         tctx.configure(addons.accounts, bridge_accounts=str(path))
-        started(bridge)
+        flow = responses_flow(b"not even json")
+        flow.request.headers["authorization"] = "Bearer wrong"
+        bridge.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 401
         flow = responses_flow(b"not even json")
         flow.request.headers["authorization"] = "Bearer wrong"
         hook(bridge.request(flow))
         assert flow.response is not None and flow.response.status_code == 401
         flow = responses_flow()
         flow.request.headers["authorization"] = "Bearer ck"
-        hook(bridge.request(flow))
-        assert flow.response is None and bridge.loopback.pending == 1
+
+        async def take_the_body() -> None:
+            bridge.requestheaders(flow)
+
+        asyncio.run(take_the_body())
+        assert flow.response is None
+        assert isinstance(flow.request.stream, BodyCollector)
+        flow_streaming.forget(flow)
 
 
 def test_sessions_command_lists_bindings() -> None:
@@ -222,15 +236,3 @@ def test_sessions_command_lists_bindings() -> None:
             "idle",
             "for",
         ]
-
-
-def test_done_stops_the_loopback() -> None:
-    async def main() -> None:
-        bridge = Addons().bridge
-        with taddons.context(bridge):
-            await bridge.running()
-            assert bridge.loopback.running
-            await bridge.done()
-            assert not bridge.loopback.running
-
-    asyncio.run(main())

@@ -1,7 +1,7 @@
 """The service against a hostile upstream: who gets credentials, what reaches the client.
 
 A real `HostileUpstream` (a `websockets` server on 127.0.0.1) misbehaves on
-purpose; the real loopback endpoint carries the answer and `httpx` reads it.
+purpose; a recording `ClientSink` (tests/support/sink.py) takes the answer.
 The tokens are plain words no pattern would take for a secret, so only the
 accounts' SecretScrubber can cut them out.
 """
@@ -26,7 +26,6 @@ from responses_ws_bridge.core.turns import Destination, Turn
 from responses_ws_bridge.core.upstream_events import MAX_RESET_S
 from responses_ws_bridge.core.upstream_trust import Endpoint
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
-from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
 
@@ -44,10 +43,8 @@ SESSION = [("session-id", "s-1")]
 @dataclass
 class Rig:
     upstream: HostileUpstream
-    loopback: LoopbackServer
     service: BridgeService
     state: PoolState
-    http: httpx.AsyncClient
 
     async def post(
         self,
@@ -60,8 +57,6 @@ class Rig:
     ) -> tuple[Turn, httpx.Response]:
         return await post_turn(
             self.service,
-            self.loopback,
-            self.http,
             body or STREAM,
             headers,
             destination=destination or Destination("https", "api.openai.com", 443, "/v1/responses"),
@@ -69,7 +64,7 @@ class Rig:
                 None if self.state.pooled else UpstreamCredential(CLIENT_BEARER, None)
             ),
             reverse_target=reverse_target,
-            own_endpoints=(Endpoint("127.0.0.1", self.loopback.port), *own),
+            own_endpoints=own,
         )
 
     def healthy(self) -> bool:
@@ -105,14 +100,10 @@ async def rig(
             sse_keepalive_s=keepalive_s,
         )
         service = BridgeService(settings, state=state, sessions=SessionPool(), sleep=no_sleep)
-        loopback = LoopbackServer()
-        await loopback.start()
         try:
-            async with httpx.AsyncClient(timeout=BOUND_S, trust_env=False) as http:
-                yield Rig(upstream, loopback, service, state, http)
+            yield Rig(upstream, service, state)
         finally:
             await service.shutdown()
-            await loopback.stop()
 
 
 def run(coro: Any) -> Any:

@@ -1,8 +1,8 @@
 """The service, relay, session pool and recorder in one event loop, against real sockets.
 
 A real `LocalUpstream` (a `websockets` server on 127.0.0.1) plays the
-upstream, the real loopback endpoint carries the answer and `httpx` reads it
-the way mitmproxy would. Only the retry backoff is skipped (an injected sleep).
+upstream; a recording `ClientSink` (tests/support/sink.py) takes the answer as
+mitmproxy's connection would. Only the retry backoff is skipped (an injected sleep).
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_state import PoolState
-from responses_ws_bridge.core.turns import Attempt, Turn
-from responses_ws_bridge.local.response_events import rate_limit_event, rate_limits_event
+from responses_ws_bridge.core.turns import CLIENT_GONE, Attempt, Turn
+from responses_ws_bridge.local.response_events import (
+    TurnSpec,
+    rate_limit_event,
+    rate_limits_event,
+)
 from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings, TapFactory
-from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.upstream_client import SessionTap, UpstreamSettings
 
 from tests.support.service import no_sleep, post_turn
+from tests.support.sink import RecordingSink
 
 TOKENS = {"tok-a": "a", "tok-b": "b", "tok-c": "c"}
 BOUND_S = 10.0
@@ -44,19 +48,15 @@ BOUND_S = 10.0
 @dataclass
 class Rig:
     upstream: LocalUpstream
-    loopback: LoopbackServer
     service: BridgeService
     state: PoolState
-    http: httpx.AsyncClient
 
     async def post(
         self, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
     ) -> tuple[Turn, httpx.Response]:
         """One client request through the service, as the addon would hand it over."""
         credential = None if self.state.pooled else UpstreamCredential("tok-a", None)
-        return await post_turn(
-            self.service, self.loopback, self.http, body, headers, client_credential=credential
-        )
+        return await post_turn(self.service, body, headers, client_credential=credential)
 
 
 @asynccontextmanager
@@ -80,14 +80,10 @@ async def rig(
         )
         sessions = SessionPool()
         service = BridgeService(settings, state=state, sessions=sessions, taps=taps, sleep=no_sleep)
-        loopback = LoopbackServer()
-        await loopback.start()
         try:
-            async with httpx.AsyncClient(timeout=BOUND_S, trust_env=False) as http:
-                yield Rig(upstream, loopback, service, state, http)
+            yield Rig(upstream, service, state)
         finally:
             await service.shutdown()
-            await loopback.stop()
 
 
 def run(coro: Any) -> Any:
@@ -339,5 +335,23 @@ def test_with_figures_the_account_with_the_most_headroom_wins() -> None:
             for n in range(6):
                 turn, _ = await r.post(STREAM, [("session-id", f"new-{n}")])
                 assert turn.report.account == "b"  # the most headroom, though it holds the most
+
+    run(main())
+
+
+def test_a_client_that_hangs_up_mid_stream_ends_the_upstream_turn() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(turn=TurnSpec(deltas=50), pace_s=0.01))
+            sink = RecordingSink(hang_up_after=3)
+            turn, response = await post_turn(r.service, STREAM, SESSION, sink=sink)
+            assert response.status_code == 200
+            assert sink.calls == ["start", "write", "write", "write"] and not sink.finished
+            ended = await r.upstream.wait_until(lambda rs: bool(rs and rs[0].closed_by), BOUND_S)
+            (record,) = ended
+            assert len(record.events) < 50
+            # The socket is not kept for the next turn: its turn never ended.
+            assert r.service.sessions.idle_count == 0
+            assert [a.outcome for a in turn.report.attempts] == [CLIENT_GONE]
 
     run(main())

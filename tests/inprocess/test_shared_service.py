@@ -27,7 +27,6 @@ from responses_ws_bridge.local.response_events import rate_limit_event
 from responses_ws_bridge.local.state_server import StateServer
 from responses_ws_bridge.local.upstream import LocalUpstream, Plan
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
-from responses_ws_bridge.shell.loopback import LoopbackServer
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.shared_state import SharedState
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
@@ -49,13 +48,11 @@ class Instance:
     state: PoolState
     shared: SharedState
     store: GuardedStore
-    loopback: LoopbackServer
-    http: httpx.AsyncClient
 
     async def post(
         self, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
     ) -> tuple[Turn, httpx.Response]:
-        return await post_turn(self.service, self.loopback, self.http, body, headers)
+        return await post_turn(self.service, body, headers)
 
 
 @asynccontextmanager
@@ -74,14 +71,10 @@ async def instance(
     service = BridgeService(
         settings, state=state, sessions=SessionPool(), shared=shared, sleep=no_sleep
     )
-    loopback = LoopbackServer()
-    await loopback.start()
     try:
-        async with httpx.AsyncClient(timeout=BOUND_S, trust_env=False) as http:
-            yield Instance(service, state, shared, store, loopback, http)
+        yield Instance(service, state, shared, store)
     finally:
         await service.shutdown()
-        await loopback.stop()
         await store.close()
 
 

@@ -60,13 +60,15 @@ def raw_request(
     timeout: float = 10.0,
     max_body: int | None = None,
     wait_for_answer_s: float = 0.0,
+    close_within_s: float = 0.5,
 ) -> RawResult:
     """Sends `head`, then `body` pieces until the server stops taking them, and reads.
 
     `wait_for_answer_s`: first wait that long for an answer before sending any
     body, as a client that sent `Expect: 100-continue` does. Stops sending when
     the server closes or resets, or after `max_body` bytes. Bounded by
-    `timeout` overall.
+    `timeout` overall; once a whole answer with a length is in, it waits at most
+    `close_within_s` more to see whether the server closes the connection.
     """
     deadline = time.monotonic() + timeout
     received = bytearray()
@@ -120,7 +122,7 @@ def raw_request(
                 time.sleep(0.005)
         # Whatever is still buffered for us once the server closed.
         sock.setblocking(True)
-        sock.settimeout(0.5)
+        sock.settimeout(close_within_s)
         # A complete answer: only see whether the server closes after it (a keep-alive
         # connection costs this timeout).
         while not closed:

@@ -19,8 +19,9 @@ from responses_ws_bridge.core.upstream_trust import (
 )
 
 PROXY = Endpoint("127.0.0.1", 8080)
-LOOPBACK = Endpoint("127.0.0.1", 40001)
-OWN = (PROXY, LOOPBACK)
+# A second listener (mitmproxy takes several `--mode`s, each with its own port).
+SECOND = Endpoint("127.0.0.1", 40001)
+OWN = (PROXY, SECOND)
 
 
 def target(url: str) -> Target:
@@ -131,7 +132,7 @@ def test_refusal_names_the_option_and_carries_no_destination_secret() -> None:
 @pytest.mark.parametrize(
     ("url", "kwargs"),
     [
-        # The proxy's own listener and loopback endpoint, in both modes.
+        # The proxy's own listeners, in both modes.
         ("http://127.0.0.1:8080/v1/responses", {}),
         ("http://127.0.0.1:8080/v1/responses", {"pool": False}),
         ("http://localhost:40001/v1/responses", {"pool": False}),

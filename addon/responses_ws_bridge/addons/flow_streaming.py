@@ -11,29 +11,38 @@ for flows registered here only:
   a body chunk (or the end, or an error) to that flow's stream, which then runs
   through mitmproxy's own code: `flow.response.stream`, h1/h2 framing, TLS,
   the `response` hook at the end, `error` when the client leaves;
+- a client that reads slowly slows the producer down (`FlowSink.write`): over
+  HTTP/1.1 through the socket's write buffer, over HTTP/2 also through the
+  stream's flow-control window, beyond which mitmproxy's h2 layer would queue
+  without limit;
 - a request body the addon takes itself (`consume_body`) is handed chunk by
   chunk to `flow.request.stream` and never buffered, with no server
   connection: mitmproxy would otherwise read a body whole before the
   `request` hook, however large, or stream it to a server. A response set in
   `requestheaders` then goes out at once, before the body (no
-  `100 Continue`), and the connection closes after it.
+  `100 Continue`), and the connection closes after it (`close_left_open`
+  makes sure the socket does close).
 
 Everything else is mitmproxy's unchanged code path. These are mitmproxy
-internals, so `install()` checks for them and says False when they are not
-there; the bridge then keeps its loopback endpoint instead.
+internals: `missing_internals()` lists the ones this module touches that the
+installed mitmproxy lacks, and `install()` refuses to patch anything then
+(`OptionsError`, naming the version and the supported range). There is no
+other way to answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, exceptions, http, version
 from mitmproxy import flow as mitmflow
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
@@ -52,8 +61,12 @@ from mitmproxy.proxy.layers.http import (
     ResponseEndOfMessage,
     ResponseProtocolError,
 )
+from mitmproxy.proxy.layers.http._http2 import Http2Connection
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+from mitmproxy.proxy.server import ConnectionHandler, ConnectionIO
 
 from responses_ws_bridge.core.openai_errors import HttpError
+from responses_ws_bridge.mitmproxy_support import SUPPORTED
 from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.sink import ClientGone
 
@@ -73,6 +86,9 @@ class _Feed(events.Event):
     flow: http.HTTPFlow
     data: bytes | None = None
     error: str | None = None
+    # Set where the flow's stream was found: how many bytes of its response wait
+    # in mitmproxy's HTTP layer for the client to take them.
+    unsent: Callable[[], int] | None = None
 
 
 class _AddonStream(HttpStream):
@@ -169,12 +185,13 @@ class _AddonStream(HttpStream):
         yield from super().flow_done()
 
 
-_original_handle_event = HttpLayer._handle_event
+_original_handle_event = getattr(HttpLayer, "_handle_event", None)
 
 
 def _handle_event(self: HttpLayer, event: events.Event) -> layer.CommandGenerator[None]:
     if isinstance(event, _Feed):
         return _route(self, event)
+    assert _original_handle_event is not None
     result: layer.CommandGenerator[None] = _original_handle_event(self, event)
     return result
 
@@ -197,6 +214,7 @@ def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
         else:
             inner = ResponseData(stream.stream_id, event.data)
         yield from self.event_to_child(stream, inner)
+        event.unsent = _unsent_of(self, stream)
         return
     # A CONNECT tunnel (or an upgraded stream) holds the flow's HTTP layer further down.
     for stream in list(self.streams.values()):
@@ -204,28 +222,142 @@ def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
             yield from self.event_to_child(stream, event)
 
 
-def install() -> bool:
-    """Patches mitmproxy's HTTP layer once per process; False when this mitmproxy cannot."""
-    global _installed
-    if _installed:
-        return True
-    needed = (
-        hasattr(HttpStream, "start_response_stream"),
-        hasattr(HttpStream, "start_request_stream"),
-        hasattr(HttpStream, "check_killed"),
-        hasattr(HttpStream, "state_wait_for_response_headers"),
-        hasattr(HttpStream, "state_stream_response_body"),
-        hasattr(HttpLayer, "_handle_event"),
-        hasattr(HttpLayer, "event_to_child"),
-        getattr(http_layers, "HttpStream", None) is HttpStream,
+# What this module (and the bridge's hooks) call, override or compare with: methods
+# and class attributes, by name.
+_ATTRIBUTES: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (
+        HttpStream,
+        (
+            "_handle_event",
+            "start_request_stream",
+            "state_consume_request_body",
+            "check_killed",
+            "send_response",
+            "start_response_stream",
+            "handle_protocol_error",
+            "flow_done",
+            "passthrough",
+            "state_wait_for_response_headers",
+            "state_stream_response_body",
+            "state_done",
+            "state_errored",
+        ),
+    ),
+    (HttpLayer, ("_handle_event", "event_to_child", "make_stream")),
+    (ConnectionHandler, ("server_event", "drain_writers")),
+    (Proxyserver, ("listen_addrs",)),
+)
+# Instance attributes it reads, known by the classes' annotations.
+_DECLARED: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (layer.Layer, ("context", "_paused", "_paused_event_queue")),
+    (HttpStream, ("flow", "stream_id", "child_layer")),
+    (HttpLayer, ("streams", "connections")),
+    (Http2Connection, ("h2_conn",)),
+    (BufferedH2Connection, ("stream_buffers",)),
+    (ConnectionHandler, ("client", "transports")),
+    (ConnectionIO, ("handler", "writer")),
+    (Proxyserver, ("connections",)),
+)
+# Code it relies on the shape of: a method and the names it must still use.
+# `state_collect_request_body` ends a body as `state_consume_request_body` does.
+_USES: tuple[tuple[type, str, tuple[str, ...]], ...] = (
+    (
+        HttpStream,
+        "state_consume_request_body",
+        (
+            "state_done",
+            "HttpRequestHook",
+            "check_killed",
+            "HttpResponseHeadersHook",
+            "send_response",
+        ),
+    ),
+    (HttpStream, "__init__", ("client_state", "server_state")),
+    # A new stream's class is looked up by its module-level name, which install() replaces.
+    (HttpLayer, "make_stream", ("HttpStream",)),
+)
+
+
+def missing_internals() -> list[str]:
+    """The mitmproxy internals this module needs that the installed mitmproxy lacks."""
+    missing = [
+        f"{owner.__name__}.{name}"
+        for owner, names in _ATTRIBUTES
+        for name in names
+        if not hasattr(owner, name)
+    ]
+    missing += [
+        f"{owner.__name__}.{name}"
+        for owner, names in _DECLARED
+        for name in names
+        if not any(name in inspect.get_annotations(k) for k in owner.__mro__)
+    ]
+    for owner, method, names in _USES:
+        used = _names_used(getattr(owner, method, None))
+        missing += [f"{name} in {owner.__name__}.{method}" for name in names if name not in used]
+    if getattr(http_layers, "HttpStream", None) not in (HttpStream, _AddonStream):
+        missing.append("mitmproxy.proxy.layers.http.HttpStream")
+    return missing
+
+
+def _names_used(function: object) -> tuple[str, ...]:
+    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
+    return code.co_names if code is not None else ()
+
+
+def internals_problem() -> str | None:
+    """Why answers cannot stream in the installed mitmproxy (what it lacks), or None."""
+    missing = missing_internals()
+    if not missing:
+        return None
+    return (
+        f"mitmproxy {version.VERSION} lacks what the bridge streams its answers with "
+        f"({', '.join(missing)}); the bridge needs {SUPPORTED}"
     )
-    if not all(needed):
-        return False
+
+
+def _unsent_of(http_layer: HttpLayer, stream: HttpStream) -> Callable[[], int]:
+    """Counts what of `stream`'s response mitmproxy holds for the client, not yet sent.
+
+    Chunks queued while the stream waits for a hook, and over HTTP/2 the data
+    mitmproxy's h2 connection buffers beyond the client's flow-control window
+    (stream or connection). Over HTTP/1.1 mitmproxy holds nothing: it writes to
+    the socket, whose buffer `drain_writers` waits on.
+    """
+    client = http_layer.connections.get(http_layer.context.client)
+    buffers = client.h2_conn.stream_buffers if isinstance(client, Http2Connection) else None
+    queue, stream_id = stream._paused_event_queue, stream.stream_id
+
+    def unsent() -> int:
+        held = sum(len(e.data) for e in queue if isinstance(e, ResponseData))
+        if buffers is not None:
+            held += sum(len(chunk.data) for chunk in buffers.get(stream_id, ()))
+        return held
+
+    return unsent
+
+
+def installed() -> bool:
+    """Whether mitmproxy's HTTP layer streams addon-produced bodies in this process."""
+    return _installed
+
+
+def install() -> None:
+    """Patches mitmproxy's HTTP layer once per process.
+
+    Raises `OptionsError` (and patches nothing) when the installed mitmproxy
+    lacks any internal this module touches.
+    """
+    global _installed
+    problem = internals_problem()
+    if problem is not None:
+        raise exceptions.OptionsError(problem)
+    if _installed:
+        return
     # HttpLayer.make_stream looks the class up by module name for every new stream.
     http_layers.HttpStream = _AddonStream  # type: ignore[misc]
     HttpLayer._handle_event = _handle_event  # type: ignore[method-assign]
     _installed = True
-    return True
 
 
 @dataclass(frozen=True)
@@ -237,13 +369,28 @@ class Head:
     body: bytes | None = None
 
 
+# A body write goes in pieces of at most PIECE bytes, and returns only once at
+# most UNSENT_LIMIT bytes of the response wait in mitmproxy for the client: no
+# more than UNSENT_LIMIT + PIECE (320 KiB) per response are ever held there.
+PIECE = 64 * 1024
+UNSENT_LIMIT = 256 * 1024
+# How often a held-up write looks again: from the first pause, doubling up to the last.
+_FIRST_PAUSE_S = 0.001
+_LAST_PAUSE_S = 0.05
+
+
 class FlowSink:
     """The service's answer for one flow, delivered through mitmproxy's own connection.
 
     `head` resolves with the status and headers (and the whole body, for a
     response with a known length); the `request` hook awaits it and sets
-    `flow.response`. Streamed chunks go in as `_Feed` events, with mitmproxy's
-    write buffers drained after each, so a slow client slows the relay down.
+    `flow.response`. Streamed chunks go in as `_Feed` events. A write returns
+    once the client has taken enough of them: mitmproxy's write buffers
+    drained (`drain_writers`, the socket) and at most `UNSENT_LIMIT` bytes held
+    in its HTTP layer (HTTP/2: beyond the client's flow-control window). So a
+    slow client slows the relay, and with it the upstream, down; a client
+    that leaves ends the wait (`ClientGone`), as does mitmproxy's inactivity
+    timeout (`tcp_timeout`) for one that stays silent.
     """
 
     def __init__(self, flow: http.HTTPFlow) -> None:
@@ -252,14 +399,19 @@ class FlowSink:
         self.started = False
         self.finished = False
         self.status: int | None = None
+        # The most bytes seen held for the client after a write, and the writes that waited.
+        self.unsent_peak = 0
+        self.held_up_writes = 0
+        self._unsent: Callable[[], int] = lambda: 0
 
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
         self._begin(Head(status, tuple(headers)))
         _live.add(self._flow.id)
 
     async def write(self, data: bytes) -> None:
-        if data:
-            await self._feed(_Feed(self._flow, data))
+        for start in range(0, len(data), PIECE):
+            await self._feed(_Feed(self._flow, data[start : start + PIECE]))
+            await self._until_taken()
 
     async def finish(self) -> None:
         self.finished = True
@@ -288,9 +440,24 @@ class FlowSink:
         if handler is None:
             raise ClientGone
         await handler.server_event(event)
+        if event.unsent is not None:
+            self._unsent = event.unsent
         await handler.drain_writers()
-        if event.data is not None and self._flow.id not in _live:
-            raise ClientGone
+
+    async def _until_taken(self) -> None:
+        """Waits while more than `UNSENT_LIMIT` bytes wait in mitmproxy for the client."""
+        pause = _FIRST_PAUSE_S
+        while True:
+            if self._flow.id not in _live:
+                raise ClientGone
+            unsent = self._unsent()
+            self.unsent_peak = max(self.unsent_peak, unsent)
+            if unsent <= UNSENT_LIMIT:
+                return
+            if pause == _FIRST_PAUSE_S:
+                self.held_up_writes += 1
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LAST_PAUSE_S)
 
 
 def consume_body(flow: http.HTTPFlow, collector: BodyCollector | None) -> None:
@@ -315,3 +482,21 @@ def forget(flow: http.HTTPFlow) -> None:
     """The flow ended (response sent, or an error): it streams no more."""
     _live.discard(flow.id)
     _consumed.pop(flow.id, None)
+
+
+def close_left_open(client: connection.Client) -> None:
+    """Once mitmproxy is done with a client (`client_disconnected`): closes a socket it left open.
+
+    mitmproxy closes a client connection by cancelling the task that reads it,
+    and that task closes the socket on its way out, unless the cancel lands
+    while it waits for the connection's event lock: then the socket stays open
+    until garbage collection. That is what happens to an early answer whose
+    client keeps sending its body (`connection: close`, and a held socket).
+    """
+    proxyserver = ctx.master.addons.get("proxyserver") if ctx.master is not None else None
+    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
+    io = handler.transports.get(client) if handler is not None else None
+    if io is None or io.writer is None or (io.handler is not None and not io.handler.done()):
+        return
+    if not io.writer.is_closing():
+        io.writer.close()

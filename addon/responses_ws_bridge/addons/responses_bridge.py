@@ -1,11 +1,11 @@
 """The bridge's mitmproxy hooks: picks out Responses requests and routes them to the service.
 
-A bridged flow is answered by the loopback endpoint (see `shell.loopback`): the
-`request` hook parses and checks the request, registers the turn under a
-one-time token and points the flow at 127.0.0.1; `responseheaders` puts the
-flow's original destination back (so mitmweb shows the URL the client used)
-and streams the answer; `response` keeps the streamed SSE body for display and
-writes the turn's report into the flow's metadata and comment.
+`requestheaders` answers what the headers alone refuse and takes the body as it
+streams in; the `request` hook parses and checks the request, starts the turn
+and waits for its first answer, which it sets as `flow.response`; the rest of
+the answer streams through mitmproxy's own connection (`addons.flow_streaming`).
+`response` keeps the streamed SSE body for display and writes the turn's report
+into the flow's metadata and comment.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ReverseMode
 
@@ -46,7 +46,6 @@ from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     BridgeService,
 )
-from responses_ws_bridge.shell.loopback import TOKEN_HEADER, LoopbackServer
 from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
 from responses_ws_bridge.shell.sink import ClientGone, ClientSink
@@ -59,7 +58,6 @@ DEFAULT_MAX_BODY = 32 * MiB
 READY_LINE = "Responses bridge ready"
 OPTIONS = (
     "bridge_upstream",
-    "bridge_detour",
     "bridge_max_body",
     "bridge_sse_keepalive",
     "bridge_retry_budget",
@@ -79,19 +77,11 @@ class _Routed:
     """A bridged flow whose answer is on its way."""
 
     turn: Turn
-    # The detour: the loopback endpoint's one-time token ("" when streamed in the proxy).
-    token: str = ""
-    # Streamed in the proxy: the task serving the turn.
-    task: asyncio.Future[None] | None = None
+    # The task serving the turn, and where it writes the answer.
+    task: asyncio.Future[None]
+    sink: flow_streaming.FlowSink
     streamed: bool = False
     body: bytearray = field(default_factory=bytearray)
-    # The detour: the request as the client sent it (body and framing headers),
-    # put back once the loopback endpoint has answered; it carried no copy.
-    request_body: bytes | None = None
-    request_framing: list[tuple[str, str]] = field(default_factory=list)
-
-
-_FRAMING = ("content-length", "transfer-encoding", "content-encoding")
 
 
 class _Tap:
@@ -108,10 +98,7 @@ class _Tap:
 class ResponsesBridge:
     def __init__(self, service: BridgeService) -> None:
         self.service = service
-        self.loopback = LoopbackServer()
         self.max_body = DEFAULT_MAX_BODY
-        # Answer from inside mitmproxy's connection handling (else: the loopback detour).
-        self.in_proxy = False
         self._routed: dict[str, _Routed] = {}
         # Where finished turns are counted (the metrics addon, when `bridge_metrics` is on).
         self.metrics: Callable[[], TurnMetrics | None] = lambda: None
@@ -137,13 +124,6 @@ class ResponsesBridge:
             str,
             f"{DEFAULT_SSE_KEEPALIVE_S:g}",
             "Seconds of upstream silence after which an SSE comment is sent (0: never).",
-        )
-        loader.add_option(
-            "bridge_detour",
-            bool,
-            False,
-            "Carry bridged answers through a loopback endpoint instead of streaming them "
-            "from inside mitmproxy (for a mitmproxy the bridge cannot stream in).",
         )
         loader.add_option(
             "bridge_retry_budget",
@@ -181,6 +161,8 @@ class ResponsesBridge:
         )
 
     def configure(self, updated: set[str]) -> None:
+        # Answers stream from inside mitmproxy or not at all: refuse a mitmproxy that cannot.
+        flow_streaming.install()
         if updated & {"mode", "connection_strategy"}:
             self._lazy_in_reverse_mode()
         if not updated.intersection(OPTIONS):
@@ -206,12 +188,6 @@ class ResponsesBridge:
             session_max_age_s=seconds(opts, "bridge_session_max_age"),
         )
         self.max_body = positive(opts, "bridge_max_body")
-        self.in_proxy = not opts.bridge_detour and flow_streaming.install()
-        if not opts.bridge_detour and not self.in_proxy:
-            logger.warning(
-                "this mitmproxy cannot stream addon-produced bodies; "
-                "bridged answers take the loopback detour"
-            )
         self.service.apply_settings(settings)
 
     @staticmethod
@@ -226,16 +202,14 @@ class ResponsesBridge:
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def running(self) -> None:
-        if self.in_proxy:
-            logger.info("%s (answers streamed from inside mitmproxy)", READY_LINE)
-            return
-        port = await self.loopback.start()
-        logger.info("%s (loopback endpoint on 127.0.0.1:%d)", READY_LINE, port)
+    def running(self) -> None:
+        logger.info("%s (answers streamed from inside mitmproxy)", READY_LINE)
 
     async def done(self) -> None:
         await self.service.shutdown()
-        await self.loopback.stop()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        flow_streaming.close_left_open(client)
 
     # -- hooks -----------------------------------------------------------------
 
@@ -257,10 +231,10 @@ class ResponsesBridge:
         if early is not None:
             flow.request.headers.pop("expect", None)
             self._answer(flow, early.error)
-            if early.close and self.in_proxy:
+            if early.close:
                 flow_streaming.consume_body(flow, None)
             return
-        if self.in_proxy and request_checks.body_may_follow(headers):
+        if request_checks.body_may_follow(headers):
             collector = BodyCollector(
                 flow.request.headers.get("content-encoding"), limit=self.max_body
             )
@@ -278,14 +252,11 @@ class ResponsesBridge:
             "affinity": turn.affinity.kind.value,
             "key": turn.affinity.key,
         }
-        if self.in_proxy:
-            await self._stream(flow, turn)
-        else:
-            self._detour(flow, turn)
+        await self._stream(flow, turn)
 
     def _turn_for(self, flow: http.HTTPFlow) -> Turn | None:
         """The checked request as a turn, or None when it was answered with an error."""
-        if not self.in_proxy and not self.loopback.running:
+        if not flow_streaming.installed():
             self._answer(flow, openai_errors.bridge_not_ready())
             return None
         state = self.service.state
@@ -319,7 +290,7 @@ class ResponsesBridge:
         )
 
     def _own_endpoints(self, flow: http.HTTPFlow) -> tuple[upstream_trust.Endpoint, ...]:
-        """The proxy's listen addresses, the address this client reached, the loopback's."""
+        """The proxy's listen addresses and the address this client reached."""
         addresses: list[tuple[str, int]] = []
         proxyserver = ctx.master.addons.get("proxyserver") if ctx.master is not None else None
         if proxyserver is not None:
@@ -327,8 +298,6 @@ class ResponsesBridge:
         sockname = flow.client_conn.sockname
         if sockname:
             addresses.append((str(sockname[0]), int(sockname[1])))
-        if self.loopback.running:
-            addresses.append(("127.0.0.1", self.loopback.port))
         return tuple(dict.fromkeys(upstream_trust.Endpoint(h, p) for h, p in addresses))
 
     def _client_key_ok(self, flow: http.HTTPFlow) -> bool:
@@ -367,7 +336,7 @@ class ResponsesBridge:
         """Serves the turn and answers the flow from inside mitmproxy, streaming when it can."""
         sink = flow_streaming.FlowSink(flow)
         task = asyncio.ensure_future(self._serve(turn, sink))
-        routed = self._routed[flow.id] = _Routed(turn, task=task)
+        routed = self._routed[flow.id] = _Routed(turn, task=task, sink=sink)
         # The status is known once the first upstream event (or the failure) is.
         waiting: list[asyncio.Future[Any]] = [sink.head, task]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -407,32 +376,10 @@ class ResponsesBridge:
         counted: TurnMetrics = metrics
         return lambda turn, sink: observe(service.serve, turn, sink, counted)
 
-    def _detour(self, flow: http.HTTPFlow, turn: Turn) -> None:
-        serve = self._serving()
-        token = self.loopback.register(lambda sink: serve(turn, sink))
-        routed = self._routed[flow.id] = _Routed(turn, token=token, streamed=True)
-        # The turn already holds the body: the detour carries none of it.
-        routed.request_body = flow.request.raw_content
-        routed.request_framing = [
-            (k, v) for k, v in flow.request.headers.items(multi=True) if k.lower() in _FRAMING
-        ]
-        for name in _FRAMING:
-            flow.request.headers.pop(name, None)
-        flow.request.data.content = b""
-        flow.request.headers["content-length"] = "0"
-        # Detour to the loopback endpoint. `data.*` leaves the Host header as
-        # the client sent it; the destination is restored in responseheaders.
-        flow.request.data.scheme = b"http"
-        flow.request.data.host = "127.0.0.1"
-        flow.request.data.port = self.loopback.port
-        flow.request.headers[TOKEN_HEADER] = token
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.get(flow.id)
         if routed is None or flow.response is None:
             return
-        if routed.token:
-            self._restore(flow, routed)
         if routed.streamed:
             flow.response.stream = _Tap(routed.body)
 
@@ -449,12 +396,8 @@ class ResponsesBridge:
         if routed is None:
             return
         flow_streaming.forget(flow)
-        if routed.task is not None:
-            # The client left: end the upstream turn promptly.
-            routed.task.cancel()
-        if routed.token:
-            self.loopback.discard(routed.token)
-            self._restore(flow, routed)
+        # The client left: end the upstream turn promptly.
+        routed.task.cancel()
         if routed.streamed and flow.response is not None:
             flow.response.content = bytes(routed.body)
         self._annotate(flow, routed)
@@ -494,20 +437,6 @@ class ResponsesBridge:
         flow.response = http.Response.make(error.status, error.body, headers)
 
     @staticmethod
-    def _restore(flow: http.HTTPFlow, routed: _Routed) -> None:
-        destination = routed.turn.destination
-        flow.request.data.scheme = destination.scheme.encode()
-        flow.request.data.host = destination.host
-        flow.request.data.port = destination.port
-        flow.request.headers.pop(TOKEN_HEADER, None)
-        if routed.request_body is not None:
-            flow.request.headers.pop("content-length", None)
-            for name, value in routed.request_framing:
-                flow.request.headers.add(name, value)
-            flow.request.data.content = routed.request_body
-            routed.request_body = None
-
-    @staticmethod
     def _annotate(flow: http.HTTPFlow, routed: _Routed) -> None:
         report = routed.turn.report
         meta: dict[str, Any] = flow.metadata.setdefault(METADATA_KEY, {"role": "client"})
@@ -516,6 +445,10 @@ class ResponsesBridge:
             outcome=report.outcome,
             attempts=[a.as_dict() for a in report.attempts],
             upstream_flows=[a.upstream_flow for a in report.attempts if a.upstream_flow],
+            # How far a slow client held the answer up: the most bytes waiting in mitmproxy
+            # for it after a write, and how many writes had to wait (FlowSink).
+            unsent_peak=routed.sink.unsent_peak,
+            held_up_writes=routed.sink.held_up_writes,
         )
         flow.comment = report.describe()
 

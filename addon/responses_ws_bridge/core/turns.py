@@ -25,7 +25,7 @@ STREAM_INCOMPLETE = "stream_incomplete"
 
 @dataclass(frozen=True)
 class Destination:
-    """Where the client meant to send the request (before the loopback detour)."""
+    """Where the client meant to send the request."""
 
     scheme: str
     host: str
@@ -103,7 +103,7 @@ class Turn:
     client_credential: UpstreamCredential | None
     # The configured target of the reverse-mode listener the client came in on.
     reverse_target: Endpoint | None = None
-    # The proxy's own listen addresses (and the loopback endpoint's): never an upstream.
+    # The proxy's own listen addresses (and the one the client reached): never an upstream.
     own_endpoints: tuple[Endpoint, ...] = ()
     report: TurnReport = field(init=False, compare=False)
 

@@ -7,8 +7,8 @@ of a reverse-mode listener, or a request destination whose host is on the
 trusted list (`bridge_trusted_upstreams`). Any other destination is refused
 before anything is sent anywhere. In pass-through mode the credential is the
 client's own, so the client's destination is its business, except that the
-proxy's own listeners and loopback endpoint are never an upstream (a request
-would loop back into the proxy).
+proxy's own listeners are never an upstream (a request would loop back into
+the proxy).
 
 Matching is by exact host name (case-insensitive, a trailing dot ignored). An
 entry `*.example.com` opts into every subdomain of example.com (not
@@ -109,7 +109,7 @@ def host_is_trusted(host: str, trusted: Iterable[str]) -> bool:
 
 
 def is_own_endpoint(host: str, port: int, own: Collection[Endpoint]) -> bool:
-    """Whether host:port is one of the proxy's own listeners or its loopback endpoint.
+    """Whether host:port is one of the proxy's own listeners.
 
     A listener on a wildcard address (0.0.0.0, ::) answers on every local
     address; of those only the loopback ones are recognizable without
@@ -146,7 +146,7 @@ def decide_upstream(
     `reverse_target` is the configured target of the reverse-mode listener the
     client came in on (None in regular and other modes): a destination equal to
     it was chosen by the operator. `own_endpoints` are the proxy's listen
-    addresses and the loopback endpoint's. Raises ValueError only for a
+    addresses (and the one the client reached). Raises ValueError only for a
     configured URL that is malformed (the option is validated at configure time).
     """
     configured = option.strip() or (account_upstream or "").strip()

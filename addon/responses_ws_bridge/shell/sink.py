@@ -11,7 +11,7 @@ class ClientGone(Exception):
 
 
 class ClientSink(Protocol):
-    """One HTTP response to the client (mitmproxy's own connection, or the loopback detour).
+    """One HTTP response to the client, over mitmproxy's own connection to it.
 
     `start` sends the status and headers of a streamed response, `write` a body
     chunk, `finish` ends it; `respond` sends a whole response with a known
