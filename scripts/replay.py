@@ -1,9 +1,10 @@
 """Serve recorded upstream WebSocket sessions as a fake upstream, reporting deviations.
 
     scripts/replay.py --flows flows/hard-1011.mitm --port 8765 [--speed 1]
-                      [--accounts accounts.json] [--exit-after-all]
+                      [--accounts accounts.json] [--exit-after-all] [--summary]
 
-Prints one line per served session and per deviation. Exits 1 when any
+Prints one line per served session and per deviation (`--summary`: per
+session only, with its count of deviations). Exits 1 when any
 deviation occurred, 0 otherwise (on Ctrl-C / SIGTERM, or once every session
 was served with --exit-after-all), and 2 when the flows or accounts cannot be
 read. A thin shell over `responses_ws_bridge.recording.replay`.
@@ -49,6 +50,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="after the last recorded session, serve the first again (never runs dry)",
     )
     parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="one line per served session with its count of deviations, not each deviation",
+    )
+    parser.add_argument(
         "--message-timeout",
         type=float,
         default=30.0,
@@ -71,6 +77,19 @@ def _print(line: str) -> None:
 
 def _report(item: ServedSession | Deviation) -> None:
     _print(f"DEVIATION {item}" if isinstance(item, Deviation) else str(item))
+
+
+def _summary(item: ServedSession | Deviation) -> None:
+    if isinstance(item, ServedSession):
+        _print(str(item))
+
+
+def _totals(server: ReplayServer, cycle: bool) -> str:
+    served, recorded = len(server.served), len(server.sessions)
+    count = f"{served} of {recorded} sessions served"
+    if cycle:
+        count = f"{served} sessions served ({recorded} recorded, served in a cycle)"
+    return f"{count}, {len(server.deviations)} deviations"
 
 
 async def _serve(args: argparse.Namespace, server: ReplayServer) -> None:
@@ -103,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         speed=args.speed,
         tokens=tokens,
         message_timeout=args.message_timeout,
-        observer=_report,
+        observer=_summary if args.summary else _report,
         cycle=args.cycle,
     )
     try:
@@ -111,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
         return 2
-    _print(
-        f"{len(server.served)} of {len(server.sessions)} sessions served, "
-        f"{len(server.deviations)} deviations"
-    )
+    _print(_totals(server, args.cycle))
     return 1 if server.deviations else 0
 
 

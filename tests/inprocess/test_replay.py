@@ -466,6 +466,28 @@ def test_a_live_recording_replays_cleanly(tmp_path: Path) -> None:
     assert "server closed 1011" in str(srv.served[1])
 
 
+def test_a_message_past_the_recording_ends_the_socket_at_once(tmp_path: Path) -> None:
+    """A second turn on a socket whose recording ended: closed now (1013), not left waiting."""
+    sessions = sessions_of(tmp_path, recorded_flow(turn()))
+
+    async def drive(srv: ReplayServer) -> None:
+        ws = await client(srv.url)
+        await ws.send(encode(CREATE))
+        await ws.recv()
+        await ws.recv()
+        await ws.send(encode(CREATE))
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert time.monotonic() - started < 2
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+    srv = run(replay(sessions, drive, tokens=TOKENS))
+    assert [(d.field, d.kind) for d in srv.deviations] == [("extra message 0", "unexpected")]
+    assert srv.served[0].deviations == 1
+    assert str(srv.served[0]).endswith("; 1 deviation")
+
+
 def test_changed_header_wrong_account_and_changed_create(tmp_path: Path) -> None:
     sessions = sessions_of(tmp_path, recorded_flow(turn()))
     extra = [("Authorization", "Bearer tok-b"), *EXTRA[1:3], ("x-codex-window-id", "s-1:1")]
@@ -555,7 +577,7 @@ def test_a_recorded_rejection_is_replayed_as_such(tmp_path: Path) -> None:
     assert response.headers["Content-Type"] == "application/json"
     assert json.loads(response.body) == json.loads(body)
     assert srv.deviations == []
-    assert str(srv.served[0]).endswith("rejected 429 Too Many Requests")
+    assert str(srv.served[0]).endswith("rejected 429 Too Many Requests; 0 deviations")
 
 
 def test_recorded_101_headers_and_server_events_are_repeated(tmp_path: Path) -> None:

@@ -570,14 +570,19 @@ def rejection_response(recorded: RecordedSession) -> Response:
 
 @dataclass(frozen=True)
 class ServedSession:
-    """A recorded session the replay finished serving."""
+    """A recorded session the replay finished serving, and how its client deviated."""
 
     index: int
     session: RecordedSession
+    deviations: int = 0
 
     @property
     def message(self) -> str:
-        return f"served session {self.index} ({self.session.label}): {self.session.outline()}"
+        plural = "" if self.deviations == 1 else "s"
+        return (
+            f"served session {self.index} ({self.session.label}): {self.session.outline()}; "
+            f"{self.deviations} deviation{plural}"
+        )
 
     def __str__(self) -> str:
         return self.message
@@ -684,16 +689,20 @@ class ReplayServer(WebSocketServerContext):
 
     # -- bookkeeping
 
-    def _deviate(self, deviations: Iterable[Deviation]) -> None:
+    def _deviate(
+        self, deviations: Iterable[Deviation], tally: list[Deviation] | None = None
+    ) -> None:
         for deviation in deviations:
             with self._lock:
                 self.deviations.append(deviation)
                 self._lock.notify_all()
+            if tally is not None:
+                tally.append(deviation)
             if self.observer is not None:
                 self.observer(deviation)
 
-    def _finish(self, index: int) -> None:
-        served = ServedSession(index, self.sessions[index])
+    def _finish(self, index: int, deviations: int = 0) -> None:
+        served = ServedSession(index, self.sessions[index], deviations)
         with self._lock:
             self.served.append(served)
             complete = len(self.served) >= len(self.sessions)
@@ -724,6 +733,7 @@ class ReplayServer(WebSocketServerContext):
             headers["Content-Length"] = str(len(body))
             return Response(503, "Service Unavailable", headers, body)
         recorded = self.sessions[index]
+        handshake = _Handshake(index)
         self._deviate(
             compare_handshake(
                 index,
@@ -731,12 +741,13 @@ class ReplayServer(WebSocketServerContext):
                 path=request.path,
                 headers=list(request.headers.raw_items()),
                 tokens=self.tokens,
-            )
+            ),
+            handshake.deviations,
         )
         if recorded.status != 101:
-            self._finish(index)
+            self._finish(index, len(handshake.deviations))
             return rejection_response(recorded)
-        self._pending[connection] = _Handshake(index)
+        self._pending[connection] = handshake
         return None
 
     def _process_response(
@@ -759,43 +770,42 @@ class ReplayServer(WebSocketServerContext):
     async def _serve(self, ws: ServerConnection) -> None:
         pending = self._pending.pop(ws)
         try:
-            await self._play(ws, pending.index)
+            await self._play(ws, pending)
         finally:
-            self._finish(pending.index)
+            self._finish(pending.index, len(pending.deviations))
 
-    async def _play(self, ws: ServerConnection, index: int) -> None:
+    async def _play(self, ws: ServerConnection, pending: _Handshake) -> None:
+        index, tally = pending.index, pending.deviations
         steps = replay_steps(self.sessions[index], self.speed)
         for step in steps:
             try:
-                if not await self._step(ws, index, step):
+                if not await self._step(ws, pending, step):
                     return
             except ConnectionClosed as exc:
                 if isinstance(step, AwaitClose):
                     return
                 # The first step the client cut short says where it left.
                 expected, got = _describe_step(step), _close_seen(exc)
-                self._deviate([Deviation(index, "close", expected, got, "closed_early")])
+                self._deviate([Deviation(index, "close", expected, got, "closed_early")], tally)
                 return
 
-    async def _step(self, ws: ServerConnection, index: int, step: Step) -> bool:
+    async def _step(self, ws: ServerConnection, pending: _Handshake, step: Step) -> bool:
         """Plays one step; False ends the session (a deviation made going on pointless)."""
+        index, tally = pending.index, pending.deviations
         match step:
             case Expect(position=position, message=message):
                 try:
                     got = await asyncio.wait_for(ws.recv(), self.message_timeout)
                 except TimeoutError:
-                    self._deviate(
-                        [
-                            Deviation(
-                                index, f"message[{position}]", message.preview(), None, "missing"
-                            )
-                        ]
+                    missing = Deviation(
+                        index, f"message[{position}]", message.preview(), None, "missing"
                     )
+                    self._deviate([missing], tally)
                     await ws.close(
                         CloseCode.POLICY_VIOLATION, "replay: expected client message not received"
                     )
                     return False
-                self._deviate(compare_message(index, position, message, got))
+                self._deviate(compare_message(index, position, message, got), tally)
             case Send(message=message, delay=delay):
                 if delay:
                     await asyncio.sleep(delay)
@@ -818,27 +828,28 @@ class ReplayServer(WebSocketServerContext):
             case AwaitClose(code=code, pings_unanswered=silent):
                 if silent:
                     _stop_answering_pings(ws)
-                await self._await_close(ws, index, code)
+                await self._await_close(ws, pending, code)
         return True
 
-    async def _await_close(self, ws: ServerConnection, index: int, code: int | None) -> None:
-        extra = 0
+    async def _await_close(
+        self, ws: ServerConnection, pending: _Handshake, code: int | None
+    ) -> None:
+        index, tally = pending.index, pending.deviations
         try:
             async with asyncio.timeout(self.close_timeout):
-                while True:
-                    got = await ws.recv()
-                    preview = got if isinstance(got, str) else repr(got)
-                    self._deviate(
-                        [Deviation(index, f"extra message {extra}", None, preview, "unexpected")]
-                    )
-                    extra += 1
+                got = await ws.recv()
+            # The recording has nothing for it: say so and end the socket now, rather
+            # than leave its client waiting for an answer that will never come.
+            preview = got if isinstance(got, str) else repr(got)
+            self._deviate([Deviation(index, "extra message 0", None, preview, "unexpected")], tally)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "replay: nothing recorded for this message")
         except ConnectionClosed as exc:
             seen = exc.rcvd.code if exc.rcvd is not None else CloseCode.ABNORMAL_CLOSURE
             if code is not None and seen != code:
-                self._deviate([Deviation(index, "client close code", code, seen)])
+                self._deviate([Deviation(index, "client close code", code, seen)], tally)
         except TimeoutError:
             expected = f"the client closing with {code}" if code is not None else "a client close"
-            self._deviate([Deviation(index, "close", expected, None, "missing")])
+            self._deviate([Deviation(index, "close", expected, None, "missing")], tally)
             if ws.transport is not None:
                 ws.transport.abort()
 
