@@ -1,4 +1,5 @@
-"""A reused socket is recorded one flow per turn: an idle socket holds no messages, -w gets all."""
+"""A reused socket is recorded one flow per turn: an idle socket holds one turn's messages at
+most, -w gets every turn, and the socket's real close is its last turn's."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ async def serve_turn(session: UpstreamSession, number: int) -> int:
             return messages
 
 
-def test_an_idle_reused_socket_holds_no_messages_and_every_turn_is_saved() -> None:
+def test_an_idle_socket_holds_its_last_turn_only_and_every_turn_is_saved() -> None:
     seen = Hooks()
 
     async def body() -> tuple[list[int | None], list[int]]:
@@ -109,25 +110,26 @@ def test_an_idle_reused_socket_holds_no_messages_and_every_turn_is_saved() -> No
                 assert tap.flow is not None and tap.flow.websocket is not None
                 assert len(tap.flow.websocket.messages) == per_turn[-1]
                 pool.checkin(key, session)
-                held.append(
-                    None
-                    if tap.flow is None or tap.flow.websocket is None
-                    else len(tap.flow.websocket.messages)
-                )
+                assert tap.flow is not None and tap.flow.websocket is not None
+                held.append(len(tap.flow.websocket.messages))
             await pool.close_all()
             await emitter.drain()
         return held, per_turn
 
     held, per_turn = run_async(body)
-    # Flat in the number of turns: nothing recorded is held between turns.
-    assert held == [None] * TURNS
+    # Flat in the number of turns: an idle socket holds its last turn's messages, no more.
+    assert held == per_turn
     ended = seen.ended()
-    # One saved flow per turn, and one for the close that came while the socket was idle.
-    assert len(ended) == TURNS + 1
-    assert [len(f.websocket.messages) for f in ended if f.websocket] == [*per_turn, 0]
-    assert [f.metadata["responses_bridge"]["segment"] for f in ended] == list(range(TURNS + 1))
+    # One saved flow per turn, none for the close that came while the socket was idle:
+    # that close, with its real code, is the last turn's.
+    assert len(ended) == TURNS
+    assert [len(f.websocket.messages) for f in ended if f.websocket] == per_turn
+    assert [f.metadata["responses_bridge"]["segment"] for f in ended] == list(range(TURNS))
     assert {f.metadata["responses_bridge"]["socket"] for f in ended} == {ended[0].id}
-    assert ended[-1].websocket is not None and ended[-1].websocket.close_code == 1001
+    assert [f.websocket.close_code for f in ended if f.websocket] == [None] * (TURNS - 1) + [1001]
+    assert ended[-1].websocket is not None and ended[-1].websocket.close_reason == (
+        "proxy shutting down"
+    )
     # Joined again, the segments are the socket's whole session, as replay serves it.
     sessions = [session_from_flow(f, "mem") for f in ended]
     (whole,) = merge_segments([s for s in sessions if s is not None])

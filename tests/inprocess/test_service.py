@@ -237,12 +237,13 @@ def test_the_recorder_builds_the_session_flow_through_mitmproxy_hooks() -> None:
             "websocket_start",
         ]
         assert "error" not in names
-        # One flow per turn on the socket, so an idle socket holds no recorded messages.
+        # One flow per turn on the socket; the close at shutdown is the last turn's, no flow
+        # of its own.
         flows = [h.flow for h in collected.seen if isinstance(h, HttpRequestHook)]
-        # ... and the close at shutdown in a segment of its own, so replay ends the socket so.
-        assert len(flows) == 3
-        closing = flows[2].websocket
-        assert closing is not None and closing.close_code is not None and not closing.messages
+        assert len(flows) == 2
+        closing = flows[1].websocket
+        assert closing is not None and closing.close_code == 1001 and closing.messages
+        assert flows[0].websocket is not None and flows[0].websocket.close_code is None
         for flow, turn in zip(flows[:2], (first, second), strict=True):
             meta = flow.metadata[METADATA_KEY]
             assert meta["client_flow"] == turn.flow_id

@@ -9,9 +9,12 @@ message with its timestamp, the close) and feeds it through mitmproxy's hooks
 client flow it served and `-w` saves it like any flow.
 
 A socket reused across turns is recorded as one flow per turn (see
-`session_flows`): `idle()` (the session pool calls it when a turn is over)
-ends the turn's flow with `websocket_end`, which is when `-w` writes it, and
-the next `attach` starts the next one. Messages are appended as they pass;
+`session_flows`). A turn's flow lasts until the socket's next turn starts
+(`attach`), which ends it with `websocket_end` (when `-w` writes it) and
+starts the next one, or until the socket closes, whatever the time: the
+close, with its real code, is the last turn's, so no flow stands for a socket
+that carried no request. An idle socket holds its last turn's messages only,
+never more. Messages are appended as they pass;
 to keep the per-event cost of a stream low, flows with new messages are
 refreshed together, one `update` hook every `UPDATE_INTERVAL_S` for all of
 them, instead of running every addon's `websocket_message` hook once per event.
@@ -73,8 +76,10 @@ class SessionFlowTap:
         self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
         # The close reason is the upstream's text: it may echo a credential.
         self._scrub = SecretScrubber(self._secrets) if redact else None
-        # The segment being recorded (None: the socket is idle between turns).
+        # The segment being recorded: the current turn's, or the last one's while idle.
         self.flow: http.HTTPFlow | None = None
+        # The segment's turn is over; the next turn on the socket gets a segment of its own.
+        self._turn_over = False
         self._handshake: tuple[list[tuple[str, str]], Response] | None = None
         # The last segment that ended: its id and metadata, for the next one.
         self._last: tuple[str, dict[str, Any]] | None = None
@@ -111,29 +116,26 @@ class SessionFlowTap:
         self._start(upstream, now)
 
     def attach(self, turn: Turn, attempt: Attempt) -> None:
-        if self.flow is None:
-            # The socket was idle: this turn gets a segment of its own.
+        flow = self.flow
+        if flow is not None and self._turn_over and flow.websocket is not None:
+            # The last turn's segment ends (and is saved) as the socket's next turn starts.
+            session_flows.end_segment(flow, timestamp=time.time())
+            self._last = (flow.id, flow.metadata[session_flows.METADATA_KEY])
+            self.flow = None
+            self._emit(WebsocketEndHook(flow))
             self._next_segment(turn.flow_id, attempt.number)
-        else:
-            session_flows.note_reuse(self.flow, client_flow_id=turn.flow_id, attempt=attempt.number)
-            self._emit.touch(self.flow)
+        elif flow is not None:
+            session_flows.note_reuse(flow, client_flow_id=turn.flow_id, attempt=attempt.number)
+            self._emit.touch(flow)
+        self._turn_over = False
         if self.flow is not None:
             attempt.upstream_flow = self.flow.id
 
     def idle(self) -> None:
-        flow = self.flow
-        if flow is None or flow.websocket is None:
-            return
-        # Ended and saved now, so the idle socket keeps none of the turn's messages.
-        session_flows.end_segment(flow, timestamp=time.time())
-        self._last = (flow.id, flow.metadata[session_flows.METADATA_KEY])
-        self.flow = None
-        self._emit(WebsocketEndHook(flow))
+        # The segment stays open: what the socket does next (a close, an event) is its.
+        self._turn_over = True
 
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
-        if self.flow is None:
-            # Something arrived on an idle socket (an error event, say): it is recorded too.
-            self._next_segment(None, self._attempt.number)
         if self.flow is None or self.flow.websocket is None:
             return
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
@@ -152,9 +154,6 @@ class SessionFlowTap:
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
     ) -> None:
-        if self.flow is None:
-            # Closed while idle: the close gets a segment, so replay ends the socket as it ended.
-            self._next_segment(None, self._attempt.number)
         if self.flow is None or self.flow.websocket is None:
             return
         session_flows.record_close(
