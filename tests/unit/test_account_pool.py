@@ -447,7 +447,7 @@ def test_snapshot_rows() -> None:
             NoneUsable("excluded"),
             AffinityKind.SOFT,
             UpstreamClosed(1011),
-            FailHttp(502, "upstream_error"),
+            FailHttp(502, "upstream_closed"),
         ),
         (
             NoneUsable("excluded"),

@@ -150,7 +150,7 @@ def test_soft_walks_the_pool_then_fails_when_the_budget_is_spent() -> None:
     decision = p.decide(
         C1011, account="c", client_has_seen_event=False, owner_usable=True, jitter=0
     )
-    assert decision == FailHttp(502, "upstream_error")
+    assert decision == FailHttp(502, "upstream_closed")
 
 
 ALL = [

@@ -7,10 +7,20 @@ from typing import Any
 
 import pytest
 from responses_ws_bridge.core import openai_errors
+from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.create_request import BadRequest
-from responses_ws_bridge.core.failures import UpstreamErrorEvent
+from responses_ws_bridge.core.failures import (
+    ConnectFailed,
+    ConnectionLost,
+    Failure,
+    HandshakeRejected,
+    InvalidUpstreamEvent,
+    UpstreamClosed,
+    UpstreamErrorEvent,
+    UpstreamSilent,
+)
 from responses_ws_bridge.core.openai_errors import HttpError, error_body
-from responses_ws_bridge.core.retry_policy import FailHttp
+from responses_ws_bridge.core.retry_policy import FailHttp, fail_http_for
 from responses_ws_bridge.core.upstream_events import MAX_RESET_S, parse_error_event
 from responses_ws_bridge.local import response_events
 
@@ -419,3 +429,40 @@ def test_owner_cooling_names_the_owner_not_the_pool() -> None:
 def test_a_decisions_retry_after_is_clamped_to_seven_days() -> None:
     error = openai_errors.for_decision(FailHttp(429, "rate_limit_exceeded", retry_after_s=1e12))
     assert dict(error.headers)["retry-after"] == str(int(MAX_RESET_S))
+
+
+ONE_CODE_PER_CAUSE = [
+    (ConnectFailed("cannot open ws://up: refused"), "upstream_unreachable"),
+    (ConnectFailed("timed out", timed_out=True), "upstream_timeout"),
+    (UpstreamSilent(300.0), "upstream_timeout"),
+    (UpstreamClosed(1011, "boom"), "upstream_closed"),
+    (ConnectionLost(), "upstream_closed"),
+    (HandshakeRejected(503), "upstream_handshake_rejected"),
+    (InvalidUpstreamEvent("a binary frame"), "invalid_upstream_event"),
+]
+
+
+@pytest.mark.parametrize(("failure", "code"), ONE_CODE_PER_CAUSE)
+def test_one_code_per_cause_with_a_pool_and_without(failure: Failure, code: str) -> None:
+    """The same upstream failure reads the same, whether the bridge has accounts or not."""
+    pooled = openai_errors.for_failure(
+        failure, fail_http_for(AffinityKind.NONE, failure), passthrough=False
+    )
+    passthrough = openai_errors.for_failure(failure, None, passthrough=True)
+    assert (pooled.status, error_of(pooled)["code"]) == (502, code)
+    assert (passthrough.status, error_of(passthrough)["code"]) == (502, code)
+
+
+def test_a_hard_owner_says_it_stays_put_and_names_the_cause() -> None:
+    failure = ConnectFailed("cannot open ws://up: refused")
+    error = openai_errors.for_failure(
+        failure, fail_http_for(AffinityKind.HARD, failure), passthrough=False
+    )
+    assert error_of(error)["code"] == "owner_unavailable"
+    assert "upstream_unreachable" in error_of(error)["message"]
+
+
+def test_the_code_of_an_error_body() -> None:
+    assert openai_errors.code_in(openai_errors.no_account().body) == "no_account_available"
+    assert openai_errors.code_in(b"<html>") is None
+    assert openai_errors.code_in(b'{"error": "text"}') is None

@@ -54,7 +54,8 @@ INVALID = FailHttp(502, "invalid_upstream_event")
 SAME = RetrySame(ACCOUNT, 0.125)
 OTHER = RetryOther(ACCOUNT)
 OWNER_GONE = FailHttp(502, "owner_unavailable")
-UPSTREAM = FailHttp(502, "upstream_error")
+CLOSED = FailHttp(502, "upstream_closed")
+TIMEOUT = FailHttp(502, "upstream_timeout")
 PASS_429_HS = FailHttp(429, "rate_limit_exceeded", 30.0, upstream_status=429)
 PASS_429_EV = FailHttp(429, "rate_limit_exceeded", 5.0)
 RELAY = Relay()
@@ -65,7 +66,7 @@ def owner_gone(status: int) -> FailHttp:
 
 
 def upstream(status: int) -> FailHttp:
-    return FailHttp(502, "upstream_error", upstream_status=status)
+    return FailHttp(502, "upstream_handshake_rejected", upstream_status=status)
 
 
 def incomplete(code: int | None) -> FailStreamIncomplete:
@@ -91,33 +92,33 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (HARD, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (HARD, RATE, PASS_429_EV, PASS_429_EV, RELAY, RELAY),
     # SOFT: 1011, handshake errors and rate limits move; other closes stay.
-    (SOFT, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
-    (SOFT, C1001, SAME, UPSTREAM, incomplete(1001), incomplete(1001)),
-    (SOFT, C1006, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
-    (SOFT, C1011, OTHER, UPSTREAM, incomplete(1011), incomplete(1011)),
-    (SOFT, C1012, SAME, UPSTREAM, incomplete(1012), incomplete(1012)),
-    (SOFT, C1013, SAME, UPSTREAM, incomplete(1013), incomplete(1013)),
-    (SOFT, LOST, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
+    (SOFT, C1000, SAME, CLOSED, incomplete(1000), incomplete(1000)),
+    (SOFT, C1001, SAME, CLOSED, incomplete(1001), incomplete(1001)),
+    (SOFT, C1006, SAME, CLOSED, incomplete(1006), incomplete(1006)),
+    (SOFT, C1011, OTHER, CLOSED, incomplete(1011), incomplete(1011)),
+    (SOFT, C1012, SAME, CLOSED, incomplete(1012), incomplete(1012)),
+    (SOFT, C1013, SAME, CLOSED, incomplete(1013), incomplete(1013)),
+    (SOFT, LOST, SAME, CLOSED, incomplete(1006), incomplete(1006)),
     (SOFT, H401, OTHER, upstream(401), incomplete(None), incomplete(None)),
     (SOFT, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
     (SOFT, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
     (SOFT, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
-    (SOFT, SILENT, SAME, UPSTREAM, incomplete(None), incomplete(None)),
+    (SOFT, SILENT, SAME, TIMEOUT, incomplete(None), incomplete(None)),
     (SOFT, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (SOFT, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
     # NONE: the same rules as SOFT.
-    (NONE, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
-    (NONE, C1001, SAME, UPSTREAM, incomplete(1001), incomplete(1001)),
-    (NONE, C1006, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
-    (NONE, C1011, OTHER, UPSTREAM, incomplete(1011), incomplete(1011)),
-    (NONE, C1012, SAME, UPSTREAM, incomplete(1012), incomplete(1012)),
-    (NONE, C1013, SAME, UPSTREAM, incomplete(1013), incomplete(1013)),
-    (NONE, LOST, SAME, UPSTREAM, incomplete(1006), incomplete(1006)),
+    (NONE, C1000, SAME, CLOSED, incomplete(1000), incomplete(1000)),
+    (NONE, C1001, SAME, CLOSED, incomplete(1001), incomplete(1001)),
+    (NONE, C1006, SAME, CLOSED, incomplete(1006), incomplete(1006)),
+    (NONE, C1011, OTHER, CLOSED, incomplete(1011), incomplete(1011)),
+    (NONE, C1012, SAME, CLOSED, incomplete(1012), incomplete(1012)),
+    (NONE, C1013, SAME, CLOSED, incomplete(1013), incomplete(1013)),
+    (NONE, LOST, SAME, CLOSED, incomplete(1006), incomplete(1006)),
     (NONE, H401, OTHER, upstream(401), incomplete(None), incomplete(None)),
     (NONE, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
     (NONE, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
     (NONE, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
-    (NONE, SILENT, SAME, UPSTREAM, incomplete(None), incomplete(None)),
+    (NONE, SILENT, SAME, TIMEOUT, incomplete(None), incomplete(None)),
     (NONE, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (NONE, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
 ]
@@ -497,7 +498,7 @@ AGE_LIMIT = UpstreamErrorEvent("websocket_connection_limit_reached", 400)
         # The socket age limit: a new socket on the same account, at once, whatever the affinity.
         (HARD, AGE_LIMIT, 1, RetrySame(ACCOUNT, 0.0)),
         (SOFT, AGE_LIMIT, 1, RetrySame(ACCOUNT, 0.0)),
-        (SOFT, AGE_LIMIT, 3, UPSTREAM),
+        (SOFT, AGE_LIMIT, 3, FailHttp(502, "websocket_connection_limit_reached")),
         (HARD, AGE_LIMIT, 3, OWNER_GONE),
     ],
 )

@@ -162,6 +162,35 @@ def test_pass_through_streams_events_and_keeps_the_socket() -> None:
     assert (turn.report.outcome, turn.report.status) == ("response.completed", 200)
 
 
+def test_the_outcome_is_final_before_the_stream_ends() -> None:
+    """mitmproxy's `response` hook (and `-w`) read the report once the client has the end."""
+    turn = make_turn(headers=SESSION, credential=UpstreamCredential("client-tok"))
+    pb = play(turn, pooled=False)
+    pb << FindOwner() >> Unbound()
+    pb << Checkout >> None
+    pb << Open >> SocketReady([])
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, DELTA, COMPLETED])
+    pb << StartStream >> None
+    pb << Write >> None
+    pb << Finish()
+    assert (turn.report.outcome, turn.report.status) == ("response.completed", 200)
+    assert turn.report.attempts[0].outcome == "response.completed"
+
+
+def test_the_outcome_is_final_before_a_json_answer_goes() -> None:
+    turn = make_turn({"model": "m", "input": "hi"}, headers=SESSION)
+    pb = play(turn, pooled=False)
+    pb << FindOwner() >> Unbound()
+    pb << Checkout >> None
+    pb << Open >> SocketReady([])
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, COMPLETED])
+    pb << Respond
+    assert (turn.report.outcome, turn.report.status) == ("response.completed", 200)
+    assert turn.report.attempts[0].outcome == "response.completed"
+
+
 def test_a_reused_socket_is_checked_out_and_opens_nothing() -> None:
     turn = make_turn(headers=SESSION, credential=UpstreamCredential("client-tok"))
     pb = play(turn, pooled=False)
@@ -180,7 +209,7 @@ def test_hard_owner_keeps_the_request_through_1011() -> None:
     pb << Release(("session:s-1", "a"), keep=False) >> None
     pb << Unhold("a") >> None
     pb << Failed("a", UpstreamClosed(CloseCode.INTERNAL_ERROR, "boom")) >> True
-    assert "RetrySame" in pb.answer(Log).message
+    assert "retrying on a in" in pb.answer(Log).message
     pb << Sleep >> None
     # The owner again, never another account.
     pb << Choose(PickOwner("a"), claim=False)
@@ -226,6 +255,7 @@ def test_the_client_leaving_mid_stream_closes_the_socket_and_gives_the_account_b
     pb << Unhold("a") >> None
     assert pb.done
     assert turn.report.attempts[0].outcome == "client_gone"
+    assert turn.report.outcome == "client_gone"
 
 
 def test_a_break_after_events_ends_the_stream_with_response_failed() -> None:
@@ -357,7 +387,7 @@ def test_a_401_refreshes_the_token_and_retries_once_for_free() -> None:
     refresh = pb.skip_until(Refresh)
     assert refresh.used_tag
     pb >> True
-    assert "free retry (token_refreshed)" in pb.answer(Log).message
+    assert "retrying at once (token_refreshed, free)" in pb.answer(Log).message
     pb << Choose(PickOwner("r"), claim=True)
 
 

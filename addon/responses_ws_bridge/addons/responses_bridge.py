@@ -32,7 +32,13 @@ from responses_ws_bridge.addons.option_values import (
     seconds,
     table,
 )
-from responses_ws_bridge.core import openai_errors, request_checks, routing, upstream_trust
+from responses_ws_bridge.core import (
+    openai_errors,
+    request_checks,
+    request_log,
+    routing,
+    upstream_trust,
+)
 from responses_ws_bridge.core.accounts import client_key_ok
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.body_decoding import BodyDecodingError, StreamDecoder
@@ -40,7 +46,7 @@ from responses_ws_bridge.core.create_request import BadRequest, parse_create_req
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
 from responses_ws_bridge.core.http_fields import bearer_token
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
-from responses_ws_bridge.core.turns import Destination, Turn
+from responses_ws_bridge.core.turns import CLIENT_GONE, ERROR, PENDING, Destination, Turn
 from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
@@ -80,8 +86,17 @@ class _Routed:
     # The task serving the turn, and where it writes the answer.
     task: asyncio.Future[None]
     sink: flow_streaming.FlowSink
+    # When the turn started and when its first answer bytes were ready (monotonic).
+    started: float
+    first: float | None = None
     streamed: bool = False
     body: bytearray = field(default_factory=bytearray)
+
+    def answered(self, status: int | None, now: float) -> request_log.Answered:
+        first = self.first - self.started if self.first is not None else None
+        return request_log.Answered(
+            status, self.turn.report.code, self.streamed, first, now - self.started
+        )
 
 
 class _Tap:
@@ -335,8 +350,14 @@ class ResponsesBridge:
     async def _stream(self, flow: http.HTTPFlow, turn: Turn) -> None:
         """Serves the turn and answers the flow from inside mitmproxy, streaming when it can."""
         sink = flow_streaming.FlowSink(flow)
+        started = time.monotonic()
         task = asyncio.ensure_future(self._serve(turn, sink))
-        routed = self._routed[flow.id] = _Routed(turn, task=task, sink=sink)
+        routed = self._routed[flow.id] = _Routed(turn, task=task, sink=sink, started=started)
+
+        def first_answer(_: object) -> None:
+            routed.first = time.monotonic()
+
+        sink.head.add_done_callback(first_answer)
         # The status is known once the first upstream event (or the failure) is.
         waiting: list[asyncio.Future[Any]] = [sink.head, task]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -362,6 +383,9 @@ class ResponsesBridge:
             # A bug in a turn must not take the proxy down: answer what can still be answered.
             logger.exception("bridge turn %s failed", turn.request_id)
             error = openai_errors.bridge_internal_error()
+            report = turn.report
+            report.outcome, report.status = ERROR, error.status
+            report.code = openai_errors.code_in(error.body)
             with contextlib.suppress(ClientGone):
                 if not sink.started:
                     await sink.respond(error.status, list(error.headers), error.body)
@@ -386,21 +410,50 @@ class ResponsesBridge:
     def response(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.pop(flow.id, None)
         if routed is None or flow.response is None:
+            self._log_answered(flow)
             return
         if routed.streamed:
             flow.response.content = bytes(routed.body)
         self._annotate(flow, routed)
+        self._log_turn(flow, routed)
 
     def error(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.pop(flow.id, None)
         if routed is None:
+            self._log_answered(flow)
             return
         flow_streaming.forget(flow)
-        # The client left: end the upstream turn promptly.
+        # The client left: end the upstream turn promptly. That is the turn's outcome
+        # unless it had already ended (the report is read now, for the flow and `-w`).
         routed.task.cancel()
+        if routed.turn.report.outcome == PENDING:
+            routed.turn.report.outcome = CLIENT_GONE
         if routed.streamed and flow.response is not None:
             flow.response.content = bytes(routed.body)
         self._annotate(flow, routed)
+        self._log_turn(flow, routed)
+
+    # -- the request's log line ----------------------------------------------------
+
+    def _log_turn(self, flow: http.HTTPFlow, routed: _Routed) -> None:
+        status = flow.response.status_code if flow.response is not None else None
+        answered = routed.answered(status, time.monotonic())
+        line = request_log.request_line(
+            flow.request.method, flow.request.path, answered, routed.turn.report
+        )
+        logger.info("%s", line)
+
+    def _log_answered(self, flow: http.HTTPFlow) -> None:
+        """A request the bridge answered without a turn (refused by its checks)."""
+        if not self._wants(flow) or flow.response is None:
+            return
+        response = flow.response
+        total = (response.timestamp_end or time.time()) - flow.request.timestamp_start
+        answered = request_log.Answered(
+            response.status_code, openai_errors.code_in(response.content), total_s=total
+        )
+        line = request_log.request_line(flow.request.method, flow.request.path, answered, None)
+        logger.info("%s", line)
 
     # -- commands ----------------------------------------------------------------
 

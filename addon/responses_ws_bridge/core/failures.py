@@ -247,6 +247,30 @@ def outcome(failure: Failure) -> str:
             return "invalid_event"
 
 
+def error_code(failure: Failure) -> str:
+    """The `error.code` that names what went wrong, with an account pool or without one.
+
+    The pool's routing decisions have codes of their own (`owner_unavailable`,
+    `no_account_available`, …); a failure of the upstream itself is told by
+    this one word in both modes.
+    """
+    match failure:
+        case ConnectFailed(cause=cause) if cause == REFRESH_FAILED:
+            return "token_refresh_failed"
+        case ConnectFailed(timed_out=True) | UpstreamSilent():
+            return "upstream_timeout"
+        case ConnectFailed():
+            return "upstream_unreachable"
+        case UpstreamClosed() | ConnectionLost():
+            return "upstream_closed"
+        case HandshakeRejected():
+            return "upstream_handshake_rejected"
+        case InvalidUpstreamEvent():
+            return "invalid_upstream_event"
+        case UpstreamErrorEvent(code=code):
+            return code or "upstream_error_event"
+
+
 def detail(failure: Failure) -> str:
     """What the attempt list shows beside the outcome."""
     match failure:

@@ -41,6 +41,17 @@ def error_body(message: str, *, type_: str, code: str | None, param: str | None 
     return json.dumps({"error": error}).encode()
 
 
+def code_in(body: bytes | None) -> str | None:
+    """The `error.code` of an OpenAI-style error body (None: not one, or no code)."""
+    try:
+        parsed = json.loads(body or b"")
+    except (ValueError, RecursionError):
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int

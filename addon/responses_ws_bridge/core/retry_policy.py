@@ -69,6 +69,7 @@ from responses_ws_bridge.core.failures import (
     UpstreamSilent,
     close_code_seen,
     describe,
+    error_code,
     is_connection_limit,
     is_handoff,
     is_rate_limit,
@@ -223,6 +224,21 @@ class Relay:
 Decision = RetrySame | RetryOther | FailStreamIncomplete | FailHttp | Relay
 
 
+def in_words(decision: Decision) -> str:
+    """What the bridge does next, as a log line says it."""
+    match decision:
+        case RetrySame(account=account, delay_s=delay_s):
+            return f"retrying on {account} in {delay_s:.2f} s"
+        case RetryOther(exclude=account):
+            return f"trying another account than {account}"
+        case FailStreamIncomplete():
+            return "ending the stream with response.failed"
+        case FailHttp(status=status, code=code):
+            return f"answering {status} {code}"
+        case Relay():
+            return "passing the upstream's error on"
+
+
 def backoff_delay(attempt: int, *, base: float, cap: float, jitter: float) -> float:
     """Delay before retry number `attempt` (0 for the first retry).
 
@@ -252,13 +268,15 @@ def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
             message,
         )
     if affinity is AffinityKind.HARD:
+        # The owner's failure is named in the message; the code says the session stays put.
         return FailHttp(
             502,
             "owner_unavailable",
             upstream_status=upstream_status,
-            message=f"the account that owns this session cannot serve it: {message}",
+            message=f"the account that owns this session cannot serve it "
+            f"({error_code(failure)}: {message})",
         )
-    return FailHttp(502, "upstream_error", upstream_status=upstream_status, message=message)
+    return FailHttp(502, error_code(failure), upstream_status=upstream_status, message=message)
 
 
 def _moves_soft(failure: Failure) -> bool:

@@ -71,6 +71,7 @@ from responses_ws_bridge.core.retry_policy import (
     Relay,
     RetryOther,
     RetrySame,
+    in_words,
 )
 from responses_ws_bridge.core.token_refresh import fingerprint
 from responses_ws_bridge.core.turn_commands import (
@@ -303,7 +304,6 @@ class TurnEngine:
             yield from self._ask(Unhold(account_id))
         if not isinstance(result, TurnDone):
             return result
-        self.report.outcome, self.report.status = result.terminal, 200
         if account_id is not None:
             delivered = result.response_id if result.terminal == "response.completed" else None
             yield from self._ask(Served(account_id, delivered))
@@ -387,8 +387,6 @@ class TurnEngine:
         )
         self._has_socket = False
         yield from self._ask(Release(self._socket, keep=keep))
-        if isinstance(result, TurnDone):
-            attempt.outcome = result.terminal
         return result
 
     # -- relaying ---------------------------------------------------------------------------
@@ -430,6 +428,9 @@ class TurnEngine:
             # What came before it is the client's; the turn ends here, never with a cut.
             return InvalidUpstreamEvent(step.invalid)
         if step.terminal is not None:
+            # Final before the last byte goes: mitmproxy's `response` hook (and `-w`) may
+            # read the report as soon as the client has the end of the stream.
+            self._ended(attempt, step.terminal)
             yield from self._ask(Finish())
             return TurnDone(step.terminal, relay.response_id)
         return None
@@ -456,9 +457,14 @@ class TurnEngine:
                 return InvalidUpstreamEvent(step.invalid)
             if step.body is not None and step.terminal is not None:
                 yield from self._publish(attempt, relay, step.terminal)
+                self._ended(attempt, step.terminal)
                 headers = [*self._head(), ("content-type", "application/json")]
                 yield from self._ask(Respond(200, headers, step.body))
                 return TurnDone(step.terminal, relay.response_id)
+
+    def _ended(self, attempt: Attempt, terminal: str) -> None:
+        attempt.outcome = terminal
+        self.report.outcome, self.report.status = terminal, 200
 
     def _wait(self, last: float, streaming: bool) -> tuple[float | None, bool]:
         """How long to wait for frames, and whether silence that long ends the attempt."""
@@ -515,7 +521,7 @@ class TurnEngine:
             token_refreshed=refreshed,
         )
         if why is not None:
-            yield from self._log_attempt(attempt, failure, f"free retry ({why})")
+            yield from self._log_attempt(attempt, failure, f"retrying at once ({why}, free)")
             return True
         usable = True
         if self.facts.pooled and attempt.account is not None:
@@ -527,7 +533,7 @@ class TurnEngine:
             owner_usable=usable,
             jitter=self._jitter(),
         )
-        yield from self._log_attempt(attempt, failure, type(decision).__name__)
+        yield from self._log_attempt(attempt, failure, in_words(decision))
         return (yield from self._follow(decision, failure))
 
     def _judge(self, attempt: Attempt, failure: Failure) -> None:
@@ -585,6 +591,7 @@ class TurnEngine:
     def _fail(self, error: openai_errors.HttpError) -> _Ask:
         self.report.outcome, self.report.status = ERROR, error.status
         error = self._scrub.error(error)
+        self.report.code = openai_errors.code_in(error.body)
         headers = [("x-request-id", self.turn.request_id), *error.headers]
         yield from self._ask(Respond(error.status, headers, error.body))
 
@@ -592,6 +599,8 @@ class TurnEngine:
         """The client left: close the upstream turn promptly, give back the account."""
         if self._attempt is not None and (self._has_socket or self._attempt.outcome == PENDING):
             self._attempt.outcome = CLIENT_GONE
+        if self.report.outcome == PENDING:
+            self.report.outcome = CLIENT_GONE
         if self._has_socket:
             self._has_socket = False
             yield Release(
@@ -607,7 +616,7 @@ class TurnEngine:
     def _log_attempt(self, attempt: Attempt, failure: Failure, then: str) -> _Ask:
         yield from self._log(
             f"bridge {self.turn.request_id} attempt {attempt.number} on "
-            f"{attempt.account or 'client'}: {self._scrub(describe(failure))} -> {then}"
+            f"{attempt.account or 'client'}: {self._scrub(describe(failure))}; {then}"
         )
 
     @staticmethod

@@ -64,6 +64,8 @@ class TurnReport:
     account: str | None = None
     outcome: str = PENDING
     status: int | None = None
+    # The error answer's `error.code`, when the outcome is ERROR.
+    code: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
 
     def describe(self) -> str:

@@ -370,7 +370,8 @@ class _TurnRun:
         await self.service.sleep(command.seconds)
 
     async def _log(self, command: Log) -> None:
-        logger.info("%s", command.message)
+        # Details of one attempt: the request's own line (the addon's) says how it ended.
+        logger.debug("%s", command.message)
 
 
 async def _refusal_or[T](call: Awaitable[T]) -> T | RefreshRefused:
