@@ -183,16 +183,38 @@ def test_a_turns_report_becomes_metrics() -> None:
         client_credential=None,
     )
     turn.report.attempts += [
-        Attempt(1, "a", "ws://x", outcome="closed", close_code=1011),
-        Attempt(2, "a", "ws://x", outcome="response.completed"),
+        Attempt(1, "a", "ws://x", reused=True, outcome="dead_reused_socket", close_code=1006),
+        Attempt(2, "a", "ws://x", outcome="closed", close_code=1011),
+        Attempt(3, "a", "ws://x", preconnected=True, outcome="response.completed"),
     ]
     record_report(metrics, turn.report, "response.completed", 0.5)
     value = metrics.registry.get_sample_value
     completed = {"outcome": "response.completed", "affinity": "hard"}
     assert value("bridge_requests_total", completed) == 1
     assert value("bridge_upstream_attempts_total", {"result": "closed", "close_code": "1011"}) == 1
-    assert value("bridge_retries_total", {"target": "same"}) == 1
+    dead = {"result": "dead_reused_socket", "close_code": "1006"}
+    assert value("bridge_upstream_attempts_total", dead) == 1
+    assert value("bridge_retries_total", {"target": "same"}) == 2
     assert value("bridge_request_duration_seconds_count", {"outcome": "response.completed"}) == 1
+    # Per account: the request it served, and each attempt with the socket it went out on.
+    assert value("bridge_account_requests_total", {"account": "a", "affinity": "hard"}) == 1
+    attempts = [
+        ({"result": "dead_reused_socket", "socket": "reused"}, 1),
+        ({"result": "closed", "socket": "new"}, 1),
+        ({"result": "response.completed", "socket": "preconnected"}, 1),
+    ]
+    for labels, count in attempts:
+        assert value("bridge_account_attempts_total", {"account": "a", **labels}) == count
+
+
+def test_store_reachability_and_the_process_are_gauges() -> None:
+    metrics = BridgeMetrics(lambda: GaugeSnapshot(store_reachable=False))
+    value = metrics.registry.get_sample_value
+    assert value("bridge_state_store_reachable") == 0
+    assert (value("process_resident_memory_bytes") or 0) > 0
+    assert value("process_open_fds") is not None
+    # Without a shared store there is no such gauge, rather than a made-up value.
+    assert BridgeMetrics().registry.get_sample_value("bridge_state_store_reachable") is None
 
 
 def test_gauges_come_from_the_pool_and_the_sessions() -> None:

@@ -200,6 +200,21 @@ def test_a_reused_socket_is_checked_out_and_opens_nothing() -> None:
     assert turn.report.attempts[0].reused
 
 
+def test_a_dead_reused_socket_is_its_own_outcome_and_a_free_retry() -> None:
+    turn = make_turn(headers=SESSION, credential=UpstreamCredential("client-tok"))
+    pb = play(turn, pooled=False)
+    pb << FindOwner() >> Unbound()
+    pb << Checkout >> SocketReady([])
+    pb << Send >> Broke(ConnectionLost())
+    pb << Release >> None
+    assert "retrying at once (dead_reused_socket, free)" in pb.answer(Log).message
+    pb << Checkout >> None
+    pb << Open
+    first, second = turn.report.attempts
+    assert (first.outcome, first.reused, first.close_code) == ("dead_reused_socket", True, 1006)
+    assert not second.reused
+
+
 def test_hard_owner_keeps_the_request_through_1011() -> None:
     turn = make_turn(headers=SESSION)
     pb = play(turn)

@@ -134,4 +134,4 @@ def pool_gauges(
             health = row.health.split(":", 1)[0]
             accounts.append(AccountGauges(row.id, health, in_flight, windows, bound.get(row.id, 0)))
     idle = sum(count for _, count, _ in sessions.snapshot())
-    return GaugeSnapshot(tuple(accounts), idle)
+    return GaugeSnapshot(tuple(accounts), idle, shared.reachable if shared is not None else None)

@@ -77,6 +77,8 @@ from responses_ws_bridge.core.failures import (
 )
 
 DEFAULT_RETRY_BUDGET = 2
+# The free retry (and the attempt's outcome) when a socket kept for the session was dead.
+DEAD_REUSED_SOCKET = "dead_reused_socket"
 
 
 # --- reset times ----------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def free_retry(
     if is_connection_limit(failure):
         return "connection_limit"
     if reused and isinstance(failure, UpstreamClosed | ConnectionLost):
-        return "dead_reused_socket"
+        return DEAD_REUSED_SOCKET
     if is_handoff(failure):
         return "handoff"
     if token_refreshed and isinstance(failure, HandshakeRejected) and failure.status == 401:

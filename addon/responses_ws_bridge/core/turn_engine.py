@@ -64,6 +64,7 @@ from responses_ws_bridge.core.handshake_headers import (
 from responses_ws_bridge.core.rate_limits import RateLimits, from_headers, merge, to_headers
 from responses_ws_bridge.core.redaction import SecretScrubber
 from responses_ws_bridge.core.retry_policy import (
+    DEAD_REUSED_SOCKET,
     DEFAULT_RETRY_BUDGET,
     Decision,
     FailHttp,
@@ -521,6 +522,9 @@ class TurnEngine:
             token_refreshed=refreshed,
         )
         if why is not None:
+            if why == DEAD_REUSED_SOCKET and attempt.reused:
+                # Its own word: a socket kept for the session died while idle, no upstream fault.
+                attempt.outcome = why
             yield from self._log_attempt(attempt, failure, f"retrying at once ({why}, free)")
             return True
         usable = True

@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,11 +44,21 @@ ATTEMPT_RESULTS = TERMINALS | {
     "rejected",
     "connect_failed",
     "closed",
+    "connection_lost",
+    "dead_reused_socket",
+    "upstream_silent",
+    "invalid_event",
+    "refresh_failed",
     "client_gone",
     "bad_url",
 }
 AFFINITY_KINDS = frozenset({"hard", "soft", "none"})
 RETRY_TARGETS = frozenset({"same", "other"})
+# Which socket an attempt went out on: opened for it, an idle one of its session, or
+# opened on a TCP/TLS connection made ahead.
+SOCKETS = frozenset({"new", "reused", "preconnected"})
+# The account label of a pass-through request, served with the client's own credential.
+CLIENT_CREDENTIAL = "client_credential"
 
 
 def label(value: object) -> str:
@@ -56,6 +72,10 @@ def label(value: object) -> str:
 def word(value: str, vocabulary: frozenset[str]) -> str:
     """`value` when it is one of the known words, else "other": no unbounded label."""
     return value if value in vocabulary else "other"
+
+
+def _account(account: str | None) -> str:
+    return label(account) if account is not None else CLIENT_CREDENTIAL
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,8 @@ class AccountGauges:
 class GaugeSnapshot:
     accounts: tuple[AccountGauges, ...] = ()
     idle_sessions: int = 0
+    # Whether the shared state store answered its last call (None: no shared store).
+    store_reachable: bool | None = None
 
 
 class BridgeMetrics:
@@ -116,7 +138,23 @@ class BridgeMetrics:
             ["operation", "kind"],
             registry=r,
         )
+        self._account_requests = Counter(
+            "bridge_account_requests",
+            "Requests each account served (its last attempt's), by affinity kind: the "
+            "load split, and with hard affinity how sessions stick.",
+            ["account", "affinity"],
+            registry=r,
+        )
+        self._account_attempts = Counter(
+            "bridge_account_attempts",
+            "Upstream attempts per account, by result and by the socket they went out on "
+            "(new, reused, preconnected).",
+            ["account", "result", "socket"],
+            registry=r,
+        )
         r.register(_GaugeCollector(self))
+        # CPU, memory, file descriptors of this process (Linux).
+        ProcessCollector(registry=r)
 
     # recording, called by the service
 
@@ -128,6 +166,13 @@ class BridgeMetrics:
     def attempt(self, result: str, close_code: int | None = None) -> None:
         code = str(close_code) if close_code is not None and 0 <= close_code < 5000 else "none"
         self._attempts.labels(word(result.split(":", 1)[0], ATTEMPT_RESULTS), code).inc()
+
+    def account_request(self, account: str | None, affinity: str) -> None:
+        self._account_requests.labels(_account(account), word(affinity, AFFINITY_KINDS)).inc()
+
+    def account_attempt(self, account: str | None, result: str, socket: str) -> None:
+        result = word(result.split(":", 1)[0], ATTEMPT_RESULTS)
+        self._account_attempts.labels(_account(account), result, word(socket, SOCKETS)).inc()
 
     def retry(self, target: str) -> None:
         """target: "same" (RetrySame) or "other" (RetryOther)."""
@@ -179,7 +224,15 @@ class _GaugeCollector(Collector):
             "bridge_idle_sessions", "Upstream WebSocket sessions open and idle for reuse."
         )
         idle.add_metric([], float(snap.idle_sessions))
-        return [health, in_flight, sessions, used, idle]
+        families: list[Metric] = [health, in_flight, sessions, used, idle]
+        if snap.store_reachable is not None:
+            store = GaugeMetricFamily(
+                "bridge_state_store_reachable",
+                "1 while the shared state store answered its last call, 0 during an outage.",
+            )
+            store.add_metric([], 1.0 if snap.store_reachable else 0.0)
+            families.append(store)
+        return families
 
     def describe(self) -> Iterable[Metric]:
         return []

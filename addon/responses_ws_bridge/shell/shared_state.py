@@ -86,6 +86,12 @@ class SharedState:
     def active(self) -> bool:
         return self._store() is not None
 
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the store answered its last call (None: no shared store)."""
+        store = self._store()
+        return store.available if store is not None else None
+
     def _guarded(self) -> GuardedStore:
         store = self._store()
         if store is None:

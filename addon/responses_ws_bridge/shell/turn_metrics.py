@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from responses_ws_bridge.core import http_fields
-from responses_ws_bridge.core.turns import Turn, TurnReport
+from responses_ws_bridge.core.turns import Attempt, Turn, TurnReport
 from responses_ws_bridge.shell.sink import ClientSink
 
 CLIENT_GONE = "client_gone"
@@ -24,6 +24,10 @@ class TurnMetrics(Protocol):
     def request_finished(self, outcome: str, affinity: str, duration_s: float) -> None: ...
 
     def attempt(self, result: str, close_code: int | None = None) -> None: ...
+
+    def account_request(self, account: str | None, affinity: str) -> None: ...
+
+    def account_attempt(self, account: str | None, result: str, socket: str) -> None: ...
 
     def retry(self, target: str) -> None: ...
 
@@ -88,9 +92,19 @@ async def observe(
 def record_report(
     metrics: TurnMetrics, report: TurnReport, outcome: str, duration_s: float
 ) -> None:
+    affinity = report.affinity.kind.value
     for i, attempt in enumerate(report.attempts):
         metrics.attempt(attempt.outcome, attempt.close_code)
+        metrics.account_attempt(attempt.account, attempt.outcome, _socket(attempt))
         if i:
             moved = attempt.account != report.attempts[i - 1].account
             metrics.retry("other" if moved else "same")
-    metrics.request_finished(outcome, report.affinity.kind.value, duration_s)
+    if report.attempts:
+        metrics.account_request(report.attempts[-1].account, affinity)
+    metrics.request_finished(outcome, affinity, duration_s)
+
+
+def _socket(attempt: Attempt) -> str:
+    if attempt.reused:
+        return "reused"
+    return "preconnected" if attempt.preconnected else "new"
