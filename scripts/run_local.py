@@ -271,6 +271,12 @@ def _run(args: argparse.Namespace, extra: list[str], children: _Children) -> int
         if _port_in_use(port):
             print(f"127.0.0.1:{port} is already in use; try: make run ARGS='--port 8090'")
             return 1
+    if args.instances > 1 and _port_in_use(args.metrics_port):
+        print(
+            f"127.0.0.1:{args.metrics_port} (metrics) is already in use; "
+            f"try: make run ARGS='--instances {args.instances} --metrics-port 9465'"
+        )
+        return 1
     upstream_port = args.upstream_port or _free_port()
     upstream, _ = children.start(_upstream_command(args, upstream_port))
     if not _wait_listening(upstream_port, upstream, 15):

@@ -43,5 +43,11 @@ def startup_problem() -> str | None:
     try:
         from responses_ws_bridge.addons import flow_streaming
     except ImportError as exc:
+        if exc.name is not None and not exc.name.startswith("mitmproxy"):
+            # Not mitmproxy's lack: a dependency of the bridge is not installed here.
+            return (
+                f"the bridge cannot import {exc.name} ({exc}); install the bridge with its "
+                "dependencies into the Python mitmproxy runs in (`make`, or pip install .)"
+            )
         return f"mitmproxy {version.VERSION} lacks what the bridge imports ({exc}); {SUPPORTED}"
     return flow_streaming.internals_problem()

@@ -14,7 +14,12 @@ import time
 from mitmproxy import command, ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from responses_ws_bridge.addons.option_values import positive, seconds, table
+from responses_ws_bridge.addons.option_values import (
+    one_line_at_startup,
+    positive,
+    seconds,
+    table,
+)
 from responses_ws_bridge.core.accounts import AccountsConfig, AccountsFileError
 from responses_ws_bridge.core.pool_state import (
     DEFAULT_BINDING_MAX,
@@ -67,6 +72,7 @@ class Accounts:
             "refresh_token (ChatGPT logins).",
         )
 
+    @one_line_at_startup
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
         if "bridge_oauth_token_url" in updated:
@@ -92,7 +98,10 @@ class Accounts:
             config = accounts.load()
         except AccountsFileError as exc:
             # mitmproxy keeps the previous value (and so the previous pool) in force.
-            raise exceptions.OptionsError(f"bridge_accounts: {exc}") from exc
+            raise exceptions.OptionsError(
+                f"bridge_accounts: {exc}; bridge_accounts names a JSON accounts file "
+                "(its format: the README's accounts section)"
+            ) from exc
         self._file = accounts
         self._apply(config)
         logger.info(

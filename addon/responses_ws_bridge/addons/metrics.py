@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
+from responses_ws_bridge.addons.option_values import one_line_at_startup
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.shared_state import SharedState, bound_sessions
@@ -54,6 +55,7 @@ class BridgeMetricsAddon:
             "'metrics' extra). Empty: off.",
         )
 
+    @one_line_at_startup
     def configure(self, updated: set[str]) -> None:
         if "bridge_metrics" not in updated:
             return
@@ -81,8 +83,10 @@ class BridgeMetricsAddon:
         try:
             port = server.start(*listen)
         except OSError as exc:
+            where = f"{listen[0]}:{listen[1]}"
             raise exceptions.OptionsError(
-                f"bridge_metrics: cannot listen on {listen}: {exc}"
+                f"bridge_metrics: cannot listen on {where} ({exc.strerror or exc}); "
+                "give another host:port, e.g. --set bridge_metrics=127.0.0.1:9465"
             ) from exc
         self._server, self._listen = server, listen
         logger.info("bridge metrics on http://%s:%d/metrics", listen[0], port)

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions
 
 MiB = 1024 * 1024
+
+logger = logging.getLogger("responses_ws_bridge")
+
+
+def one_line_at_startup[A](
+    configure: Callable[[A, set[str]], None],
+) -> Callable[[A, set[str]], None]:
+    """A `configure` whose refusal at startup is one error line, not a traceback.
+
+    mitmproxy shows an `OptionsError` raised while it loads a script as
+    "error in script" with a traceback. At startup the refusal is logged as the
+    one line it is (mitmproxy then stops: it exits on an error logged while it
+    starts); later (`:set` in the console) it is raised, and mitmproxy keeps
+    the previous value.
+    """
+
+    @functools.wraps(configure)
+    def checked(addon: A, updated: set[str]) -> None:
+        try:
+            configure(addon, updated)
+        except exceptions.OptionsError as exc:
+            if not _starting():
+                raise
+            logger.error("%s", exc)
+
+    return checked
+
+
+def _starting() -> bool:
+    """mitmproxy is starting: its startup error check still watches the log."""
+    master = getattr(ctx, "master", None)
+    check = master.addons.get("errorcheck") if master is not None else None
+    handler = getattr(check, "logger", None)
+    return handler is not None and handler in logging.getLogger().handlers
 
 
 def seconds(opts: object, name: str) -> float:

@@ -28,6 +28,7 @@ from responses_ws_bridge.addons import flow_streaming
 from responses_ws_bridge.addons.option_values import (
     MiB,
     not_negative,
+    one_line_at_startup,
     positive,
     seconds,
     table,
@@ -175,6 +176,7 @@ class ResponsesBridge:
             "(a retry before the first event, response.failed after it; 0: never).",
         )
 
+    @one_line_at_startup
     def configure(self, updated: set[str]) -> None:
         # Answers stream from inside mitmproxy or not at all: refuse a mitmproxy that cannot.
         flow_streaming.install()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from responses_ws_bridge.addons.option_values import positive, seconds
+from responses_ws_bridge.addons.option_values import one_line_at_startup, positive, seconds
 from responses_ws_bridge.state.config import StateConfig, parse_state_config
 from responses_ws_bridge.state.guarded import GuardedStore
 from responses_ws_bridge.state.memory import MemoryStateStore
@@ -53,6 +53,7 @@ class BridgeStateAddon:
             "path's name (redis://host/0/NAME), else 'bridge'.",
         )
 
+    @one_line_at_startup
     def configure(self, updated: set[str]) -> None:
         config, limits = self.config, self.limits
         if {"bridge_state", "bridge_state_namespace"} & updated:

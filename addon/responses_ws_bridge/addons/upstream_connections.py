@@ -12,7 +12,7 @@ import dataclasses
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from responses_ws_bridge.addons.option_values import not_negative, seconds
+from responses_ws_bridge.addons.option_values import not_negative, one_line_at_startup, seconds
 from responses_ws_bridge.shell.bridge_service import BridgeService
 from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings
@@ -78,6 +78,7 @@ class UpstreamConnections:
             "request sends its own WebSocket upgrade; never a handshake ahead (0: none).",
         )
 
+    @one_line_at_startup
     def configure(self, updated: set[str]) -> None:
         if not updated.intersection(OPTIONS):
             return
