@@ -355,3 +355,53 @@ def test_a_client_that_hangs_up_mid_stream_ends_the_upstream_turn() -> None:
             assert [a.outcome for a in turn.report.attempts] == [CLIENT_GONE]
 
     run(main())
+
+
+def _events(body: bytes) -> list[str]:
+    return [
+        line[len("event: ") :] for line in body.decode().splitlines() if line.startswith("event: ")
+    ]
+
+
+def test_events_reach_a_client_in_the_upstreams_data_callback_and_in_order() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            sink = RecordingSink()
+            paced = {**STREAM, "metadata": {"local_deltas": "40", "local_pace_ms": "1"}}
+            turn, response = await post_turn(r.service, paced, SESSION, sink=sink)
+            assert response.status_code == 200
+            events = _events(response.content)
+            assert events[0] == "response.created" and events[-1] == "response.completed"
+            assert events.count("response.output_text.delta") == 40
+            # Paced events arrive one by one: each is its own write.
+            assert sink.calls.count("write") >= 40
+            assert turn.report.outcome == "response.completed"
+
+    run(main())
+
+
+def test_a_client_too_slow_for_writes_at_once_gets_every_event_by_waiting_writes() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            sink = RecordingSink()
+            sink.stall = True
+            paced = {**STREAM, "metadata": {"local_deltas": "20", "local_pace_ms": "1"}}
+            _, response = await post_turn(r.service, paced, SESSION, sink=sink)
+            assert response.status_code == 200
+            assert _events(response.content).count("response.output_text.delta") == 20
+            assert _events(response.content)[-1] == "response.completed"
+
+    run(main())
+
+
+def test_a_client_that_leaves_during_a_write_at_once_ends_the_upstream_turn() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            sink = RecordingSink(hang_up_after=3)
+            paced = {**STREAM, "metadata": {"local_deltas": "50", "local_pace_ms": "2"}}
+            turn, _ = await post_turn(r.service, paced, SESSION, sink=sink)
+            assert turn.report.attempts[-1].outcome == "client_gone"
+            # The socket closed (1001): nothing idles for the session.
+            assert r.service.sessions.idle_count == 0
+
+    run(main())

@@ -37,7 +37,6 @@ from responses_ws_bridge.core.turn_commands import (
     Failed,
     FindOwner,
     Finish,
-    Frames,
     GetToken,
     Hold,
     Log,
@@ -54,7 +53,6 @@ from responses_ws_bridge.core.turn_commands import (
     Sleep,
     SocketReady,
     StartStream,
-    TimedOut,
     Unhold,
     Write,
 )
@@ -68,6 +66,7 @@ from responses_ws_bridge.core.turn_engine import (
     TurnEngine,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell.frame_push import FramePush, Resume
 from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT, Preconnector
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
@@ -202,6 +201,8 @@ class BridgeService:
 
 
 Handler = Callable[[Any], Awaitable[Any]]
+# The engine ended inside the data callback.
+_ENDED = object()
 
 
 class _TurnRun:
@@ -213,6 +214,9 @@ class _TurnRun:
         self.sink = sink
         self.state = state
         self.session: UpstreamSession | None = None
+        self._push: FramePush
+        # What made the client leave (or the proxy stop), raised once the engine let go.
+        self._left: BaseException | None = None
         self._handlers: dict[type[Command], Handler] = {
             FindOwner: self._find_owner,
             Choose: self._choose,
@@ -241,20 +245,39 @@ class _TurnRun:
 
     async def drive(self, engine: EngineRun) -> None:
         """Runs the engine to its end; re-raises what made the client leave."""
+        self._push = FramePush(engine, self.sink)
         reply: object = None
-        left: BaseException | None = None
         while True:
             try:
                 command = engine.send(reply)
             except StopIteration:
                 break
-            try:
-                reply = await self._handlers[type(command)](command)
-            except BaseException as exc:  # the client left, the proxy stops, or a bug
-                left = left or exc
-                reply = ClientLeft()
-        if left is not None:
-            raise left
+            reply = await self._resumed(await self._carry_out(command))
+            if reply is _ENDED:
+                break
+        if self._left is not None:
+            raise self._left
+
+    async def _resumed(self, reply: object) -> object:
+        """Follows where the data callback left the engine: the reply to its pending
+        command, or _ENDED."""
+        while isinstance(reply, Resume):
+            if reply.command is None:
+                return _ENDED
+            if reply.error is not None:
+                return self._left_with(reply.error)
+            reply = await self._carry_out(reply.command)
+        return reply
+
+    async def _carry_out(self, command: Command) -> object:
+        try:
+            return await self._handlers[type(command)](command)
+        except BaseException as exc:  # the client left, the proxy stops, or a bug
+            return self._left_with(exc)
+
+    def _left_with(self, exc: BaseException) -> ClientLeft:
+        self._left = self._left or exc
+        return ClientLeft()
 
     # -- the turn state ---------------------------------------------------------------------
 
@@ -327,13 +350,8 @@ class _TurnRun:
             return Broke(exc.failure)
         return None
 
-    async def _receive(self, command: Receive) -> Frames | TimedOut | Broke:
-        try:
-            return Frames(await self._session().next_batch(command.timeout_s))
-        except TimeoutError:
-            return TimedOut()
-        except AttemptFailed as exc:
-            return Broke(exc.failure)
+    async def _receive(self, command: Receive) -> object:
+        return await self._push.wait(self._session(), command.timeout_s)
 
     async def _release(self, command: Release) -> None:
         session, self.session = self._session(), None
