@@ -200,7 +200,6 @@ class BridgeService:
         await self.connector.close_all()
 
 
-Handler = Callable[[Any], Awaitable[Any]]
 # The engine ended inside the data callback.
 _ENDED = object()
 
@@ -217,31 +216,6 @@ class _TurnRun:
         self._push: FramePush
         # What made the client leave (or the proxy stop), raised once the engine let go.
         self._left: BaseException | None = None
-        self._handlers: dict[type[Command], Handler] = {
-            FindOwner: self._find_owner,
-            Choose: self._choose,
-            Bind: self._bind,
-            Hold: self._hold,
-            Unhold: self._unhold,
-            NoteFigures: self._figures,
-            Failed: self._failed,
-            Disable: self._disable,
-            PublishOwner: self._publish,
-            Served: self._served,
-            GetToken: self._token,
-            Refresh: self._refresh,
-            Checkout: self._checkout,
-            Open: self._open,
-            Send: self._send,
-            Receive: self._receive,
-            Release: self._release,
-            StartStream: self._start,
-            Write: self._write,
-            Finish: self._finish,
-            Respond: self._respond,
-            Sleep: self._sleep,
-            Log: self._log,
-        }
 
     async def drive(self, engine: EngineRun) -> None:
         """Runs the engine to its end; re-raises what made the client leave."""
@@ -271,7 +245,7 @@ class _TurnRun:
 
     async def _carry_out(self, command: Command) -> object:
         try:
-            return await self._handlers[type(command)](command)
+            return await _HANDLERS[type(command)](self, command)
         except BaseException as exc:  # the client left, the proxy stops, or a bug
             return self._left_with(exc)
 
@@ -389,6 +363,35 @@ class _TurnRun:
 
     async def _log(self, command: Log) -> None:
         logger.info("%s", command.message)
+
+
+# Which method carries out which command: a table on the class, not bound methods on
+# each run (those would tie every run into a cycle only the cyclic GC frees).
+_HANDLERS: dict[type[Command], Callable[[_TurnRun, Any], Awaitable[Any]]] = {
+    FindOwner: _TurnRun._find_owner,
+    Choose: _TurnRun._choose,
+    Bind: _TurnRun._bind,
+    Hold: _TurnRun._hold,
+    Unhold: _TurnRun._unhold,
+    NoteFigures: _TurnRun._figures,
+    Failed: _TurnRun._failed,
+    Disable: _TurnRun._disable,
+    PublishOwner: _TurnRun._publish,
+    Served: _TurnRun._served,
+    GetToken: _TurnRun._token,
+    Refresh: _TurnRun._refresh,
+    Checkout: _TurnRun._checkout,
+    Open: _TurnRun._open,
+    Send: _TurnRun._send,
+    Receive: _TurnRun._receive,
+    Release: _TurnRun._release,
+    StartStream: _TurnRun._start,
+    Write: _TurnRun._write,
+    Finish: _TurnRun._finish,
+    Respond: _TurnRun._respond,
+    Sleep: _TurnRun._sleep,
+    Log: _TurnRun._log,
+}
 
 
 async def _refusal_or[T](call: Awaitable[T]) -> T | RefreshRefused:
