@@ -109,11 +109,11 @@ def scenarios() -> list[Scenario]:
         ),
         Scenario(
             "1011-after-created",
-            "close 1011 after response.created: the client gets response.failed / "
-            "stream_incomplete, no replay",
+            "close 1011 after response.created and the first output event: the client gets "
+            "response.failed / stream_incomplete, no replay",
             [*FIXED, ("session-id", "fixture-session-3")],
             BODY,
-            {"team-a": [Plan(close_code=1011, close_after_events=2)]},
+            {"team-a": [Plan(close_code=1011, close_after_events=3)]},
         ),
         Scenario(
             "hard-owner-keeps-failing",
