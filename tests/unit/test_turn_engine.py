@@ -874,3 +874,25 @@ def test_a_failure_after_a_keepalive_ends_the_stream_with_the_error() -> None:
     pb >> None
     pb << Finish() >> None
     assert (turn.report.outcome, turn.report.status) == ("error", 200)
+
+
+def test_a_turn_state_never_goes_to_another_account() -> None:
+    pb = play(make_turn(SOFT_BODY))
+    open_on(pb, A, PickAny(frozenset(), None))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, METADATA])
+    pb << Receive >> Broke(UpstreamClosed(CloseCode.INTERNAL_ERROR))
+    pb.skip_until(Failed)
+    pb >> True
+    pb.skip_until(Choose)
+    pb >> Chosen(B)
+    pb.skip_until(GetToken)
+    pb >> "tok-b"
+    pb << Open
+    assert not any(k == "x-codex-turn-state" for k, _ in pb.last.headers)
+    pb >> SocketReady([])
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, DELTA, COMPLETED])
+    pb.skip_until(Release, answer=None)
+    # Nor is a's late turn state kept on b's socket.
+    assert pb.last.turn_state is None

@@ -216,8 +216,9 @@ class TurnEngine:
         self._started = False
         # Upstream answer headers for the client's head (`answer_headers`).
         self._answer: dict[str, str] = {}
-        # The turn state the server issued in this request: for a new socket's handshake.
-        self._turn_state: str | None = None
+        # The turn state the server issued in this request, and on which account: for a
+        # new socket's handshake on that same account (another account's is no routing).
+        self._turn_state: tuple[str | None, str] | None = None
         # ... and one a metadata event issued: kept on the socket for the session.
         self._late_state: str | None = None
         self._hold_since: float | None = None
@@ -392,7 +393,7 @@ class TurnEngine:
             credential = UpstreamCredential(token, account.chatgpt_account_id)
         attempt.credential_tag = fingerprint(credential.bearer) if credential is not None else None
         headers = upstream_handshake_headers(
-            self._client_headers(),
+            self._client_headers(attempt.account),
             credential,
             request_id=self.turn.request_id,
             pool_mode=self.facts.pooled,
@@ -406,22 +407,28 @@ class TurnEngine:
         yield from self._note(attempt, from_headers(opened.response_headers))
         return opened
 
-    def _client_headers(self) -> tuple[tuple[str, str], ...]:
+    def _client_headers(self, account: str | None) -> tuple[tuple[str, str], ...]:
         """The client's headers, with the turn state the server issued when the client has none.
 
-        Within one request, a new socket carries the turn state an earlier
-        socket (or the session's last one) was given, as Codex CLI does when
-        it reconnects within a turn.
+        Within one request, a new socket on the same account carries the turn
+        state an earlier socket (or the session's last one) was given, as Codex
+        CLI does when it reconnects within a turn.
         """
         headers = self.turn.client_headers
-        if self._turn_state is None or http_fields.has(headers, answer_headers.TURN_STATE):
+        known = self._turn_state
+        if known is None or known[0] != account:
             return headers
-        return (*headers, (answer_headers.TURN_STATE, self._turn_state))
+        if http_fields.has(headers, answer_headers.TURN_STATE):
+            return headers
+        return (*headers, (answer_headers.TURN_STATE, known[1]))
 
     def _exchange(self, ready: SocketReady, attempt: Attempt) -> _Ask:
         """`response.create` out, events back; the socket kept or closed after."""
         self._answer = answer_headers.from_handshake(ready.response_headers)
-        self._turn_state = self._answer.get(answer_headers.TURN_STATE, self._turn_state)
+        issued = self._answer.get(answer_headers.TURN_STATE)
+        if issued is not None:
+            self._turn_state = (attempt.account, issued)
+        self._late_state = None
         self._hold_since = None
         result: TurnDone | Failure
         sent = yield from self._ask(Send(self.turn.create.message))
@@ -544,7 +551,8 @@ class TurnEngine:
             if not self._started:
                 self._answer[name] = value
             if name == answer_headers.TURN_STATE:
-                self._turn_state = self._late_state = value
+                self._late_state = value
+                self._turn_state = (attempt.account, value)
 
     def _done(self, terminal: str, relay: SseRelay | JsonRelay) -> TurnDone:
         counts = prewarm.counts(prewarm=self._prewarm, output_seen=relay.output_seen)
