@@ -14,17 +14,22 @@ come in as functions. The life of a turn:
 | attempt       | Bind (new hard key), Hold, Checkout    | Broke: judge the failure        |
 |               | or GetToken + Open, then Send          |                                 |
 | relay         | Receive, StartStream, Write,           | TurnDone: Release(keep),        |
-|               | PublishOwner, Finish (or Respond)      | Unhold, Served                  |
-| silence       | Receive timed out                      | Write keepalive, or silent      |
+|               | PublishOwner, Finish (or Respond)      | Unhold, Served (not a prewarm)  |
+|               | (lifecycle events held: `event_relay`) |                                 |
+| a timer rings | Receive timed out (`stream_timers`)    | first event: 504; idle: silent; |
+|               |                                        | hold: Write held; keepalive:    |
+|               |                                        | Write it (`client_events`)      |
 | failure       | NoteFigures, Refresh (401), Failed     | `AttemptPlan`: free retry,      |
 |               |                                        | RetrySame (Sleep), RetryOther,  |
 |               |                                        | or the client's answer          |
 | client gone   | any command answered ClientLeft        | Release(1001), Unhold; the end  |
 
 Every decision is one of the core's tables: `upstream_trust` (where),
-`AttemptPlan`/`retry_policy` (which account, whether to retry),
-`handshake_headers` (what the upstream sees), `event_relay` (what the client
-sees), `openai_errors` (how a failure is answered).
+`AttemptPlan`/`retry_policy`/`error_classes` (which account, whether to
+retry), `handshake_headers` (what the upstream sees), `event_relay`,
+`client_events`, `answer_headers` (what the client sees), `stream_timers`
+(how long to wait), `prewarm` (what a turn counts for), `openai_errors` (how
+a failure is answered).
 """
 
 from __future__ import annotations
@@ -580,8 +585,7 @@ class TurnEngine:
                 return InvalidUpstreamEvent(step.invalid)
             if step.body is not None and step.terminal is not None:
                 done = self._done(step.terminal, relay)
-                if done.counts:
-                    yield from self._publish(attempt, relay, step.terminal)
+                yield from self._publish(attempt, relay, step.terminal)
                 headers = [*self._head(), ("content-type", "application/json")]
                 yield from self._ask(Respond(200, headers, step.body))
                 return done
