@@ -405,3 +405,39 @@ def test_a_client_that_leaves_during_a_write_at_once_ends_the_upstream_turn() ->
             assert r.service.sessions.idle_count == 0
 
     run(main())
+
+
+def test_a_turn_state_issued_after_the_head_reaches_the_sessions_next_answer() -> None:
+    late = {"type": "response.metadata", "headers": {"x-codex-turn-state": "ts-late"}}
+
+    async def main() -> None:
+        async with rig() as r:
+            # After created, in_progress, output_item.added, content_part.added, paced: the
+            # head is out by then.
+            r.upstream.default_plan = Plan(extra_events=((4, late),), pace_s=0.05)
+            _, first = await r.post(STREAM, SESSION)
+            assert "x-codex-turn-state" not in first.headers
+            _, second = await r.post(STREAM, SESSION)
+            assert second.headers["x-codex-turn-state"] == "ts-late"
+            assert len(r.upstream.records()) == 1  # the same socket
+
+    run(main())
+
+
+def test_an_overload_after_created_is_retried_unseen_on_the_other_account() -> None:
+    overloaded = {
+        "type": "error",
+        "error": {"type": "server_error", "code": "server_is_overloaded", "message": "busy"},
+    }
+
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(error=overloaded, error_after_events=2))
+            turn, response = await r.post({**STREAM, "prompt_cache_key": "k"})
+            assert response.status_code == 200
+            assert sse_types(response.content).count("response.created") == 1
+            first, second = (a.account for a in turn.report.attempts)
+            assert first != second
+            assert turn.report.attempts[0].outcome == "error_event:server_is_overloaded"
+
+    run(main())

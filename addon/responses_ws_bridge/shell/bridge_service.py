@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import upstream_trust
 from responses_ws_bridge.core.accounts import Account
+from responses_ws_bridge.core.answer_headers import TURN_STATE
 from responses_ws_bridge.core.failures import AttemptFailed
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
@@ -57,6 +59,8 @@ from responses_ws_bridge.core.turn_commands import (
     Write,
 )
 from responses_ws_bridge.core.turn_engine import (
+    DEFAULT_FIRST_EVENT_TIMEOUT_S,
+    DEFAULT_HOLD_CREATED_S,
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     Clocks,
@@ -84,6 +88,8 @@ from responses_ws_bridge.shell.upstream_client import (
 )
 
 __all__ = [
+    "DEFAULT_FIRST_EVENT_TIMEOUT_S",
+    "DEFAULT_HOLD_CREATED_S",
     "DEFAULT_SSE_KEEPALIVE_S",
     "DEFAULT_STREAM_IDLE_TIMEOUT_S",
     "BridgeService",
@@ -110,6 +116,8 @@ class BridgeSettings:
     # Hosts a client-chosen destination may be, with an account pool.
     trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    first_event_timeout_s: float | None = DEFAULT_FIRST_EVENT_TIMEOUT_S
+    hold_created_s: float | None = DEFAULT_HOLD_CREATED_S
 
     @property
     def engine(self) -> EngineSettings:
@@ -119,6 +127,8 @@ class BridgeSettings:
             keepalive_s=self.sse_keepalive_s,
             idle_timeout_s=self.stream_idle_timeout_s,
             trusted_hosts=self.trusted_hosts,
+            first_event_timeout_s=self.first_event_timeout_s,
+            hold_created_s=self.hold_created_s,
         )
 
 
@@ -150,6 +160,10 @@ class BridgeService:
         self.sleep = sleep
         self.jitter = jitter
         self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
+        # Turn states issued by metadata events after the 101, per idle socket.
+        self.late_turn_states: weakref.WeakKeyDictionary[UpstreamSession, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
@@ -303,7 +317,13 @@ class _TurnRun:
         if session.tap is not None:
             session.tap.attach(self.turn, command.attempt)
         self.session = session
-        return SocketReady(session.response_headers)
+        headers = session.response_headers
+        late = self.service.late_turn_states.get(session)
+        if late is not None:
+            # A turn state a metadata event issued replaces the 101's for the session.
+            headers = [(k, v) for k, v in headers if k.lower() != TURN_STATE]
+            headers.append((TURN_STATE, late))
+        return SocketReady(headers)
 
     async def _open(self, command: Open) -> SocketReady | Broke:
         service = self.service
@@ -331,6 +351,8 @@ class _TurnRun:
         session, self.session = self._session(), None
         sessions, key = self.service.sessions, command.key
         if command.keep and key is not None and self.service.keeps_account(key[1]):
+            if command.turn_state is not None:
+                self.service.late_turn_states[session] = command.turn_state
             sessions.checkin(key, session)
         else:
             sessions.discard(
