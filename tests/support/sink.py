@@ -25,6 +25,8 @@ class RecordingSink:
         # "start", "write", "finish", "respond", in the order the service called them.
         self.calls: list[str] = []
         self._hang_up_after = hang_up_after
+        # A client too slow for writes at once: every write waits (`write`).
+        self.stall = False
 
     def hang_up(self) -> None:
         self.gone = True
@@ -38,9 +40,21 @@ class RecordingSink:
     async def write(self, data: bytes) -> None:
         self._call("write")
         assert self.started and not self.finished, "a body write outside a streamed response"
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
         self.chunks.append(data)
         if self._hang_up_after is not None and len(self.chunks) >= self._hang_up_after:
             self.gone = True
+
+    def write_now(self, data: bytes) -> bool:
+        """The upstream's data callback writes at once (`stall`: the client is slow)."""
+        if self.stall:
+            return False
+        self._call("write")
+        assert self.started and not self.finished, "a body write outside a streamed response"
+        self._take(data)
+        return True
 
     async def finish(self) -> None:
         self._call("finish")

@@ -55,10 +55,23 @@ SAME = RetrySame(ACCOUNT, 0.125)
 OTHER = RetryOther(ACCOUNT)
 OWNER_GONE = FailHttp(502, "owner_unavailable")
 CLOSED = FailHttp(502, "upstream_closed")
-TIMEOUT = FailHttp(502, "upstream_timeout")
+SILENT_TIMEOUT = FailHttp(502, "upstream_timeout")
 PASS_429_HS = FailHttp(429, "rate_limit_exceeded", 30.0, upstream_status=429)
 PASS_429_EV = FailHttp(429, "rate_limit_exceeded", 5.0)
 RELAY = Relay()
+OVERLOADED = UpstreamErrorEvent("server_is_overloaded", None, "server_error")
+AUTH = UpstreamErrorEvent("invalid_api_key", 401, "invalid_request_error")
+AUTH_GONE = UpstreamErrorEvent("token_expired", 401)
+BOUND = UpstreamErrorEvent("invalid_encrypted_content", 400, "invalid_request_error")
+H431 = HandshakeRejected(431)
+FIRST = UpstreamSilent(240.0, first_event=True)
+BUSY = FailHttp(503, "server_is_overloaded")
+# An account's credential refused in the stream, every account tried: the upstream's own code.
+AUTH_FAILED = FailHttp(502, "invalid_api_key")
+AUTH_GONE_FAILED = FailHttp(502, "token_expired")
+PASS_431 = FailHttp(431, "upstream_rejected", upstream_status=431)
+TIMEOUT = FailHttp(504, "upstream_timeout")
+NEW_ROWS = {OVERLOADED, AUTH, AUTH_GONE, BOUND, H431, FIRST}
 
 
 def owner_gone(status: int) -> FailHttp:
@@ -91,6 +104,12 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (HARD, SILENT, SAME, OWNER_GONE, incomplete(None), incomplete(None)),
     (HARD, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (HARD, RATE, PASS_429_EV, PASS_429_EV, RELAY, RELAY),
+    (HARD, OVERLOADED, SAME, BUSY, RELAY, RELAY),
+    (HARD, AUTH, OWNER_GONE, OWNER_GONE, RELAY, RELAY),
+    (HARD, AUTH_GONE, OWNER_GONE, OWNER_GONE, RELAY, RELAY),
+    (HARD, BOUND, RELAY, RELAY, RELAY, RELAY),
+    (HARD, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
+    (HARD, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
     # SOFT: 1011, handshake errors and rate limits move; other closes stay.
     (SOFT, C1000, SAME, CLOSED, incomplete(1000), incomplete(1000)),
     (SOFT, C1001, SAME, CLOSED, incomplete(1001), incomplete(1001)),
@@ -103,9 +122,15 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (SOFT, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
     (SOFT, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
     (SOFT, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
-    (SOFT, SILENT, SAME, TIMEOUT, incomplete(None), incomplete(None)),
+    (SOFT, SILENT, SAME, SILENT_TIMEOUT, incomplete(None), incomplete(None)),
     (SOFT, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (SOFT, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
+    (SOFT, OVERLOADED, OTHER, BUSY, RELAY, RELAY),
+    (SOFT, AUTH, OTHER, AUTH_FAILED, RELAY, RELAY),
+    (SOFT, AUTH_GONE, OTHER, AUTH_GONE_FAILED, RELAY, RELAY),
+    (SOFT, BOUND, RELAY, RELAY, RELAY, RELAY),
+    (SOFT, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
+    (SOFT, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
     # NONE: the same rules as SOFT.
     (NONE, C1000, SAME, CLOSED, incomplete(1000), incomplete(1000)),
     (NONE, C1001, SAME, CLOSED, incomplete(1001), incomplete(1001)),
@@ -118,9 +143,15 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (NONE, H403, OTHER, upstream(403), incomplete(None), incomplete(None)),
     (NONE, H429, OTHER, PASS_429_HS, incomplete(None), incomplete(None)),
     (NONE, H503, OTHER, upstream(503), incomplete(None), incomplete(None)),
-    (NONE, SILENT, SAME, TIMEOUT, incomplete(None), incomplete(None)),
+    (NONE, SILENT, SAME, SILENT_TIMEOUT, incomplete(None), incomplete(None)),
     (NONE, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (NONE, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
+    (NONE, OVERLOADED, OTHER, BUSY, RELAY, RELAY),
+    (NONE, AUTH, OTHER, AUTH_FAILED, RELAY, RELAY),
+    (NONE, AUTH_GONE, OTHER, AUTH_GONE_FAILED, RELAY, RELAY),
+    (NONE, BOUND, RELAY, RELAY, RELAY, RELAY),
+    (NONE, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
+    (NONE, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
 ]
 
 COLUMNS = [(False, False), (False, True), (True, False), (True, True)]  # (seen, spent)
@@ -149,7 +180,7 @@ def test_decision_table(affinity: AffinityKind, failure: Failure, expected: list
 
 def test_table_covers_every_cell() -> None:
     failures = {C1000, C1001, C1006, C1011, C1012, C1013, LOST, H401, H403, H429, H503, RATE}
-    failures |= {SILENT, GARBAGE}
+    failures |= {SILENT, GARBAGE} | NEW_ROWS
     assert {(a, f) for a, f, *_ in TABLE} == {(a, f) for a in AffinityKind for f in failures}
     assert len(TABLE) == 3 * len(failures)
 
@@ -545,12 +576,39 @@ def test_age_limit_after_an_event_is_relayed() -> None:
         (H403, False, False, True, None),
         (C1000, False, True, False, None),  # the client saw an event: nothing is free
         (AGE_LIMIT, True, True, False, None),
+        (AUTH, False, False, True, "token_refreshed"),
+        (AUTH, False, False, False, None),
+        (AUTH_GONE, False, False, True, None),  # a permanent code is never refreshed
     ],
 )
 def test_free_retries(
     failure: Failure, reused: bool, seen: bool, refreshed: bool, why: str | None
 ) -> None:
     got = free_retry(failure, reused=reused, client_has_seen_event=seen, token_refreshed=refreshed)
+    assert got == why
+
+
+@pytest.mark.parametrize(
+    ("failure", "seen", "why"),
+    [
+        (LOST, False, "prewarm_resend"),
+        (C1011, False, "prewarm_resend"),
+        (SILENT, False, "prewarm_resend"),
+        (LOST, True, None),  # the client saw its events: never sent again
+        (RATE, False, None),  # an error event follows the table
+        (OVERLOADED, False, None),
+    ],
+)
+def test_a_prewarm_that_failed_after_created_is_sent_once_more(
+    failure: Failure, seen: bool, why: str | None
+) -> None:
+    got = free_retry(
+        failure,
+        reused=False,
+        client_has_seen_event=seen,
+        token_refreshed=False,
+        prewarm_after_created=True,
+    )
     assert got == why
 
 
@@ -564,6 +622,8 @@ def test_free_retries(
         (H401, False),
         (H429, False),
         (RATE, False),
+        (OVERLOADED, True),
+        (AUTH, False),
     ],
 )
 def test_transient(failure: Failure, transient: bool) -> None:

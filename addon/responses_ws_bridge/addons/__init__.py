@@ -16,6 +16,7 @@ from responses_ws_bridge.addons.recording import Recording
 from responses_ws_bridge.addons.responses_bridge import ResponsesBridge
 from responses_ws_bridge.addons.state import BridgeStateAddon
 from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
+from responses_ws_bridge.addons.usage import PooledUsage
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turn_engine import Clocks
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
@@ -58,6 +59,7 @@ def bridge_addons() -> list[object]:
         store,
         metrics,
         UpstreamConnections(service),
+        PooledUsage(state, clocks.wall),
         bridge,
         recording,
     ]

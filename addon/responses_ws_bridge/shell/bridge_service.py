@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import upstream_trust
 from responses_ws_bridge.core.accounts import Account
+from responses_ws_bridge.core.answer_headers import TURN_STATE
 from responses_ws_bridge.core.failures import AttemptFailed
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
@@ -37,7 +39,6 @@ from responses_ws_bridge.core.turn_commands import (
     Failed,
     FindOwner,
     Finish,
-    Frames,
     GetToken,
     Hold,
     Log,
@@ -54,11 +55,12 @@ from responses_ws_bridge.core.turn_commands import (
     Sleep,
     SocketReady,
     StartStream,
-    TimedOut,
     Unhold,
     Write,
 )
 from responses_ws_bridge.core.turn_engine import (
+    DEFAULT_FIRST_EVENT_TIMEOUT_S,
+    DEFAULT_HOLD_CREATED_S,
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     Clocks,
@@ -68,6 +70,7 @@ from responses_ws_bridge.core.turn_engine import (
     TurnEngine,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell.frame_push import FramePush, Resume
 from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT, Preconnector
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
@@ -85,6 +88,8 @@ from responses_ws_bridge.shell.upstream_client import (
 )
 
 __all__ = [
+    "DEFAULT_FIRST_EVENT_TIMEOUT_S",
+    "DEFAULT_HOLD_CREATED_S",
     "DEFAULT_SSE_KEEPALIVE_S",
     "DEFAULT_STREAM_IDLE_TIMEOUT_S",
     "BridgeService",
@@ -111,6 +116,8 @@ class BridgeSettings:
     # Hosts a client-chosen destination may be, with an account pool.
     trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    first_event_timeout_s: float | None = DEFAULT_FIRST_EVENT_TIMEOUT_S
+    hold_created_s: float | None = DEFAULT_HOLD_CREATED_S
 
     @property
     def engine(self) -> EngineSettings:
@@ -120,6 +127,8 @@ class BridgeSettings:
             keepalive_s=self.sse_keepalive_s,
             idle_timeout_s=self.stream_idle_timeout_s,
             trusted_hosts=self.trusted_hosts,
+            first_event_timeout_s=self.first_event_timeout_s,
+            hold_created_s=self.hold_created_s,
         )
 
 
@@ -151,6 +160,10 @@ class BridgeService:
         self.sleep = sleep
         self.jitter = jitter
         self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
+        # Turn states issued by metadata events after the 101, per idle socket.
+        self.late_turn_states: weakref.WeakKeyDictionary[UpstreamSession, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
@@ -201,7 +214,8 @@ class BridgeService:
         await self.connector.close_all()
 
 
-Handler = Callable[[Any], Awaitable[Any]]
+# The engine ended inside the data callback.
+_ENDED = object()
 
 
 class _TurnRun:
@@ -213,48 +227,45 @@ class _TurnRun:
         self.sink = sink
         self.state = state
         self.session: UpstreamSession | None = None
-        self._handlers: dict[type[Command], Handler] = {
-            FindOwner: self._find_owner,
-            Choose: self._choose,
-            Bind: self._bind,
-            Hold: self._hold,
-            Unhold: self._unhold,
-            NoteFigures: self._figures,
-            Failed: self._failed,
-            Disable: self._disable,
-            PublishOwner: self._publish,
-            Served: self._served,
-            GetToken: self._token,
-            Refresh: self._refresh,
-            Checkout: self._checkout,
-            Open: self._open,
-            Send: self._send,
-            Receive: self._receive,
-            Release: self._release,
-            StartStream: self._start,
-            Write: self._write,
-            Finish: self._finish,
-            Respond: self._respond,
-            Sleep: self._sleep,
-            Log: self._log,
-        }
+        self._push: FramePush
+        # What made the client leave (or the proxy stop), raised once the engine let go.
+        self._left: BaseException | None = None
 
     async def drive(self, engine: EngineRun) -> None:
         """Runs the engine to its end; re-raises what made the client leave."""
+        self._push = FramePush(engine, self.sink)
         reply: object = None
-        left: BaseException | None = None
         while True:
             try:
                 command = engine.send(reply)
             except StopIteration:
                 break
-            try:
-                reply = await self._handlers[type(command)](command)
-            except BaseException as exc:  # the client left, the proxy stops, or a bug
-                left = left or exc
-                reply = ClientLeft()
-        if left is not None:
-            raise left
+            reply = await self._resumed(await self._carry_out(command))
+            if reply is _ENDED:
+                break
+        if self._left is not None:
+            raise self._left
+
+    async def _resumed(self, reply: object) -> object:
+        """Follows where the data callback left the engine: the reply to its pending
+        command, or _ENDED."""
+        while isinstance(reply, Resume):
+            if reply.command is None:
+                return _ENDED
+            if reply.error is not None:
+                return self._left_with(reply.error)
+            reply = await self._carry_out(reply.command)
+        return reply
+
+    async def _carry_out(self, command: Command) -> object:
+        try:
+            return await _HANDLERS[type(command)](self, command)
+        except BaseException as exc:  # the client left, the proxy stops, or a bug
+            return self._left_with(exc)
+
+    def _left_with(self, exc: BaseException) -> ClientLeft:
+        self._left = self._left or exc
+        return ClientLeft()
 
     # -- the turn state ---------------------------------------------------------------------
 
@@ -306,7 +317,13 @@ class _TurnRun:
         if session.tap is not None:
             session.tap.attach(self.turn, command.attempt)
         self.session = session
-        return SocketReady(session.response_headers)
+        headers = session.response_headers
+        late = self.service.late_turn_states.get(session)
+        if late is not None:
+            # A turn state a metadata event issued replaces the 101's for the session.
+            headers = [(k, v) for k, v in headers if k.lower() != TURN_STATE]
+            headers.append((TURN_STATE, late))
+        return SocketReady(headers)
 
     async def _open(self, command: Open) -> SocketReady | Broke:
         service = self.service
@@ -327,18 +344,15 @@ class _TurnRun:
             return Broke(exc.failure)
         return None
 
-    async def _receive(self, command: Receive) -> Frames | TimedOut | Broke:
-        try:
-            return Frames(await self._session().next_batch(command.timeout_s))
-        except TimeoutError:
-            return TimedOut()
-        except AttemptFailed as exc:
-            return Broke(exc.failure)
+    async def _receive(self, command: Receive) -> object:
+        return await self._push.wait(self._session(), command.timeout_s)
 
     async def _release(self, command: Release) -> None:
         session, self.session = self._session(), None
         sessions, key = self.service.sessions, command.key
         if command.keep and key is not None and self.service.keeps_account(key[1]):
+            if command.turn_state is not None:
+                self.service.late_turn_states[session] = command.turn_state
             sessions.checkin(key, session)
         else:
             sessions.discard(
@@ -372,6 +386,35 @@ class _TurnRun:
     async def _log(self, command: Log) -> None:
         # Details of one attempt: the request's own line (the addon's) says how it ended.
         logger.debug("%s", command.message)
+
+
+# Which method carries out which command: a table on the class, not bound methods on
+# each run (those would tie every run into a cycle only the cyclic GC frees).
+_HANDLERS: dict[type[Command], Callable[[_TurnRun, Any], Awaitable[Any]]] = {
+    FindOwner: _TurnRun._find_owner,
+    Choose: _TurnRun._choose,
+    Bind: _TurnRun._bind,
+    Hold: _TurnRun._hold,
+    Unhold: _TurnRun._unhold,
+    NoteFigures: _TurnRun._figures,
+    Failed: _TurnRun._failed,
+    Disable: _TurnRun._disable,
+    PublishOwner: _TurnRun._publish,
+    Served: _TurnRun._served,
+    GetToken: _TurnRun._token,
+    Refresh: _TurnRun._refresh,
+    Checkout: _TurnRun._checkout,
+    Open: _TurnRun._open,
+    Send: _TurnRun._send,
+    Receive: _TurnRun._receive,
+    Release: _TurnRun._release,
+    StartStream: _TurnRun._start,
+    Write: _TurnRun._write,
+    Finish: _TurnRun._finish,
+    Respond: _TurnRun._respond,
+    Sleep: _TurnRun._sleep,
+    Log: _TurnRun._log,
+}
 
 
 async def _refusal_or[T](call: Awaitable[T]) -> T | RefreshRefused:

@@ -16,6 +16,11 @@ class ClientSink(Protocol):
     `start` sends the status and headers of a streamed response, `write` a body
     chunk, `finish` ends it; `respond` sends a whole response with a known
     length. Each raises `ClientGone` once the client has left.
+
+    `write_now` is `write` for a caller that cannot wait (an upstream socket's
+    data callback): it writes at once and says True when nothing has to wait
+    for the client, else writes nothing and says False (then `write`, which
+    waits as it must).
     """
 
     started: bool
@@ -24,6 +29,8 @@ class ClientSink(Protocol):
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
+
+    def write_now(self, data: bytes) -> bool: ...
 
     async def finish(self) -> None: ...
 
