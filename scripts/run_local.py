@@ -39,6 +39,8 @@ ACCOUNTS = ROOT / "flows" / "accounts.json"
 RUN_LOG = ROOT / "addon" / "responses_ws_bridge" / "local" / "run_log.py"
 # What the bridge logs once it serves (addons/responses_bridge.READY_LINE).
 READY_LINE = "Responses bridge ready"
+# mitmweb's UI, away from the proxy ports make run uses (8080, 8081, ...).
+WEB_PORT = 8180
 CURL_BODY = '{"model": "gpt-5-codex", "input": "Say hello", "stream": true}'
 
 
@@ -135,6 +137,12 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--metrics-port", type=int, default=9464, help="Prometheus metrics of instance 1"
     )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=WEB_PORT,
+        help="with --tool mitmweb: its web UI (instance N: --web-port + N - 1)",
+    )
     args, extra = parser.parse_known_args(argv)
     if args.instances < 1:
         parser.error("--instances must be at least 1")
@@ -170,7 +178,11 @@ def _upstream_command(args: argparse.Namespace, port: int) -> list[str]:
 def _bridge_command(
     args: argparse.Namespace, port: int, upstream_port: int, options: list[str], extra: list[str]
 ) -> list[str]:
+    # mitmweb's UI defaults to 8081, which is the second instance's proxy port.
+    web_port = args.web_port + port - args.port
     quiet = ["--set", "flow_detail=0"] if args.tool == "mitmdump" else []
+    if args.tool == "mitmweb":
+        quiet = ["--set", f"web_port={web_port}"]
     return [
         str(BIN / args.tool),
         "-s",
@@ -270,6 +282,11 @@ def _run(args: argparse.Namespace, extra: list[str], children: _Children) -> int
     for port in ports:
         if _port_in_use(port):
             print(f"127.0.0.1:{port} is already in use; try: make run ARGS='--port 8090'")
+            return 1
+    web_ports = [args.web_port + i for i in range(args.instances)]
+    for port in web_ports if args.tool == "mitmweb" else []:
+        if _port_in_use(port):
+            print(f"127.0.0.1:{port} (mitmweb's UI) is already in use; try --web-port 8190")
             return 1
     if args.instances > 1 and _port_in_use(args.metrics_port):
         print(

@@ -8,43 +8,24 @@ the replay server must see exactly the recorded handshakes and messages.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from harness.oauth_server import FakeTokenEndpoint
+from harness import fixture_replay
+from harness.fixture_replay import FLOWS, client_flows
 from harness.proxy_process import ProxyProcess
 from mitmproxy import http
-from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
 from responses_ws_bridge.recording.replay import ThreadedReplayServer, load_sessions
 
 from tests.support.data import ROOT
 
-FLOWS = ROOT / "flows"
 ACCOUNTS = FLOWS / "accounts.json"
 FIXTURES = sorted(p.name for p in FLOWS.glob("*.mitm"))
 SEED_BUG = ROOT / "tests" / "support" / "seed_bug.py"
 # What each fixture needs to replay, written by scripts/make_fixtures.py.
-SPECS: dict[str, dict[str, Any]] = json.loads((FLOWS / "fixtures.json").read_text())
-
-
-def tokens(spec: dict[str, Any]) -> dict[str, str]:
-    config = json.loads((FLOWS / spec["accounts"]).read_text())
-    found = {a["access_token"]: a["id"] for a in config["accounts"] if "access_token" in a}
-    return {**found, **spec["tokens"]}
-
-
-def client_flows(path: Path) -> list[http.HTTPFlow]:
-    """The fixture's client requests, in the order they were sent."""
-    with path.open("rb") as f:
-        flows = [fl for fl in mitm_io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
-    found = [f for f in flows if f.metadata.get("responses_bridge", {}).get("role") == "client"]
-    return sorted(found, key=lambda f: f.request.timestamp_start)
+SPECS = fixture_replay.specs()
 
 
 def client_flow(path: Path) -> http.HTTPFlow:
@@ -55,48 +36,9 @@ def client_flow(path: Path) -> http.HTTPFlow:
 def replay(
     fixture: Path, *extra: str, speed: float | None = None
 ) -> tuple[list[httpx.Response], ThreadedReplayServer]:
-    spec = SPECS[fixture.name]
-    sessions = load_sessions([fixture])
-    with (
-        ThreadedReplayServer(
-            sessions, tokens=tokens(spec), message_timeout=5, speed=speed
-        ) as server,
-        FakeTokenEndpoint(spec["oauth"] or {}) as oauth,
-        tempfile.TemporaryDirectory() as scratch,
-    ):
-        # A copy: a refreshing bridge writes its token state file beside it.
-        accounts = Path(scratch) / spec["accounts"]
-        shutil.copy(FLOWS / spec["accounts"], accounts)
-        with ProxyProcess(
-            "--mode",
-            f"reverse:http://127.0.0.1:{server.port}",
-            *spec["args"],
-            "--set",
-            f"bridge_accounts={accounts}",
-            "--set",
-            f"bridge_oauth_token_url={oauth.url}",
-            *extra,
-        ) as proxy:
-            responses = []
-            with httpx.Client(trust_env=False, timeout=30) as client:
-                for recorded in client_flows(fixture):
-                    headers = [
-                        (k, v)
-                        for k, v in recorded.request.headers.items(multi=True)
-                        if k.lower() not in {"host", "content-length"}
-                    ]
-                    responses.append(
-                        client.request(
-                            recorded.request.method,
-                            f"{proxy.url}{recorded.request.path}",
-                            headers=headers,
-                            content=recorded.request.raw_content or None,
-                        )
-                    )
-            proxy.stop()  # idle sessions close, as they did when recorded
-        server.wait_served(len(sessions), 10)
-        assert oauth.reuses == 0
-    return responses, server
+    replayed = fixture_replay.replay(fixture, *extra, speed=speed)
+    assert replayed.refresh_reuses == 0
+    return replayed.responses, replayed.server
 
 
 def test_fixtures_exist() -> None:
@@ -138,63 +80,12 @@ def test_fixtures_exist() -> None:
     )
 
 
-# Upstream answer headers the client gets (`core.answer_headers`, `core.rate_limits`).
-_ANSWER_HEADERS = {"x-reasoning-included", "x-models-etag", "openai-model"}
-
-
-def answer_headers(headers: Any) -> list[tuple[str, str]]:
-    """Rate-limit families (any `x-…` but the request id) and the 101's passed headers."""
-    return sorted(
-        (k.lower(), v)
-        for k, v in headers.items()
-        if (k.lower().startswith("x-") and k.lower() != "x-request-id")
-        or k.lower() in _ANSWER_HEADERS
-    )
-
-
-def event_types(body: bytes) -> list[tuple[str | None, str]]:
-    """The stream's events; `codex.keepalive` depends on timing and is left out."""
-    found = [(t, json.loads(d)["type"]) for t, d in parse_sse(body)]
-    return [e for e in found if e[0] != "codex.keepalive"]
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_replays_with_no_deviation(name: str) -> None:
-    fixture = FLOWS / name
-    responses, server = replay(fixture)
-    assert [str(d) for d in server.deviations] == []
-    assert len(server.served) == len(server.server.sessions) > 0
-    recorded_flows = client_flows(fixture)
-    assert len(responses) == len(recorded_flows)
-    for response, recorded_flow in zip(responses, recorded_flows, strict=True):
-        recorded = recorded_flow.response
-        assert recorded is not None
-        assert response.status_code == recorded.status_code
-        assert answer_headers(response.headers) == answer_headers(recorded.headers)
-        same_answer(response, recorded.content or b"")
-
-
-def same_answer(response: httpx.Response, want_body: bytes) -> None:
-    """The replayed answer says what the recorded one said."""
-    if response.headers.get("content-type") == "text/event-stream":
-        assert event_types(response.content) == event_types(want_body)
-        return
-    want = json.loads(want_body)
-    if response.status_code != 200:
-        assert response.json()["error"]["code"] == want["error"]["code"]
-        assert response.json()["error"]["type"] == want["error"]["type"]
-        return
-    if "rate_limit" in want:  # the pooled usage answer (its reset times follow the clock)
-        got = response.json()
-        assert got["rate_limit"]["limit_reached"] == want["rate_limit"]["limit_reached"]
-        for window in ("primary_window", "secondary_window"):
-            assert (got["rate_limit"][window] or {}).get("used_percent") == (
-                want["rate_limit"][window] or {}
-            ).get("used_percent")
-        return
-    got_output = [item["content"] for item in response.json()["output"]]
-    assert got_output == [item["content"] for item in want["output"]]
-    assert got_output
+    """What `scripts/replay_flows.py NAME` checks (`harness.fixture_replay`)."""
+    replayed = fixture_replay.replay(FLOWS / name)
+    assert fixture_replay.differences(replayed) == []
+    assert len(replayed.responses) == len(replayed.recorded) > 0
 
 
 def test_fixture_catches_the_seed_bug() -> None:
