@@ -126,7 +126,11 @@ def test_an_idle_socket_holds_its_last_turn_only_and_every_turn_is_saved() -> No
     assert [len(f.websocket.messages) for f in ended if f.websocket] == per_turn
     assert [f.metadata["responses_bridge"]["segment"] for f in ended] == list(range(TURNS))
     assert {f.metadata["responses_bridge"]["socket"] for f in ended} == {ended[0].id}
-    assert [f.websocket.close_code for f in ended if f.websocket] == [None] * (TURNS - 1) + [1001]
+    # A turn whose socket carried on ends as a labelled normal close, never an error.
+    assert [f.websocket.close_code for f in ended if f.websocket] == [1000] * (TURNS - 1) + [1001]
+    assert all(f.metadata["responses_bridge"]["socket_open"] for f in ended[:-1])
+    first_turn = ended[0].websocket
+    assert first_turn is not None and "carries on" in (first_turn.close_reason or "")
     assert ended[-1].websocket is not None and ended[-1].websocket.close_reason == (
         "proxy shutting down"
     )

@@ -36,9 +36,11 @@ from responses_ws_bridge.recording.replay import (
     diff_json,
     load_sessions,
     replay_steps,
+    session_from_flow,
 )
 from responses_ws_bridge.recording.session_flows import (
     UpstreamMeta,
+    end_segment,
     new_upstream_flow,
     record_client_attempt,
     record_close,
@@ -464,6 +466,17 @@ def test_a_live_recording_replays_cleanly(tmp_path: Path) -> None:
     assert srv.deviations == []
     assert [s.index for s in srv.served] == [0, 1]
     assert "server closed 1011" in str(srv.served[1])
+
+
+def test_a_turn_whose_socket_carried_on_replays_as_open() -> None:
+    """Its flow ends as a labelled normal close; the socket itself did not close there."""
+    flow = recorded_flow(turn(), close=None)
+    end_segment(flow, timestamp=T0 + 1)
+    assert flow.websocket is not None and flow.websocket.close_code == 1000
+    session = session_from_flow(flow, "mem")
+    assert session is not None
+    assert (session.close_code, session.closed_by_client) == (None, None)
+    assert replay_steps(session, None)[-1] == AwaitClose(None)
 
 
 def test_a_message_past_the_recording_ends_the_socket_at_once(tmp_path: Path) -> None:

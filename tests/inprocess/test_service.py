@@ -243,7 +243,8 @@ def test_the_recorder_builds_the_session_flow_through_mitmproxy_hooks() -> None:
         assert len(flows) == 2
         closing = flows[1].websocket
         assert closing is not None and closing.close_code == 1001 and closing.messages
-        assert flows[0].websocket is not None and flows[0].websocket.close_code is None
+        assert flows[0].websocket is not None and flows[0].websocket.close_code == 1000
+        assert flows[0].metadata[METADATA_KEY]["socket_open"]
         for flow, turn in zip(flows[:2], (first, second), strict=True):
             meta = flow.metadata[METADATA_KEY]
             assert meta["client_flow"] == turn.flow_id

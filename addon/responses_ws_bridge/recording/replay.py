@@ -182,6 +182,9 @@ def session_from_flow(flow: Flow, source: str) -> RecordedSession | None:
         for m in (ws.messages if ws is not None and response.status_code == 101 else ())
     )
     ended = ws.timestamp_end if ws is not None else None
+    # A turn's flow whose socket carried on: the socket did not close there.
+    carried_on = isinstance(meta, dict) and bool(meta.get("socket_open"))
+    closed = ws is not None and not carried_on
     return RecordedSession(
         source=source,
         flow_id=flow.id,
@@ -195,9 +198,9 @@ def session_from_flow(flow: Flow, source: str) -> RecordedSession | None:
         response_body=response.raw_content or b"",
         answered=response.timestamp_end or response.timestamp_start,
         messages=messages,
-        close_code=ws.close_code if ws is not None else None,
-        close_reason=(ws.close_reason or "") if ws is not None else "",
-        closed_by_client=ws.closed_by_client if ws is not None else None,
+        close_code=ws.close_code if closed and ws is not None else None,
+        close_reason=(ws.close_reason or "") if closed and ws is not None else "",
+        closed_by_client=ws.closed_by_client if closed and ws is not None else None,
         ended=ended,
         error=session.error,
         socket=str(meta["socket"]) if isinstance(meta, dict) and meta.get("socket") else None,

@@ -34,6 +34,8 @@ from wsproto.frame_protocol import Opcode
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, redact_headers, redact_text
 
 METADATA_KEY = "responses_bridge"
+# How a turn's flow ends when its socket carries on to the next turn.
+SEGMENT_END_REASON = "turn over; the socket carries on in the next flow"
 # What mitmproxy records for a connection that ended without a close frame.
 
 Affinity = Literal["hard", "soft", "none"]
@@ -204,9 +206,18 @@ def next_segment(
 
 
 def end_segment(f: http.HTTPFlow, *, timestamp: float) -> None:
-    """The turn is over and the socket stays open for the next: this segment ends here."""
+    """The turn is over and the socket carried on to the next: this segment ends here.
+
+    The flow ends as a normal close by the bridge whose reason says what it is
+    (mitmproxy reads a WebSocket flow without a close code as an error); the
+    metadata's `socket_open` says the socket itself did not close, and replay
+    reads the segment so. The socket's real close is its last turn's flow.
+    """
     assert f.websocket is not None, "not a WebSocket flow"
     f.websocket.timestamp_end = timestamp
+    f.websocket.close_code = CloseCode.NORMAL_CLOSURE
+    f.websocket.close_reason = SEGMENT_END_REASON
+    f.websocket.closed_by_client = True
     data = f.metadata[METADATA_KEY]
     data["socket_open"] = True
     data.setdefault("socket", f.id)
