@@ -234,9 +234,9 @@ class _Children:
         piped = prefix is not None
         # Own sessions: the terminal's Ctrl-C reaches only this script, which then
         # stops each child exactly once.
+        # The caller's directory: a relative path in ARGS (`-w session.mitm`) is theirs.
         proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
             start_new_session=True,
             stdout=subprocess.PIPE if piped else None,
             stderr=subprocess.STDOUT if piped else None,
