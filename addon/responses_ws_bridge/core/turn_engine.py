@@ -44,7 +44,6 @@ from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
 from responses_ws_bridge.core.event_relay import JsonRelay, SseRelay, Step
 from responses_ws_bridge.core.failures import (
     BAD_URL,
-    REFRESH_FAILED,
     ConnectFailed,
     Failure,
     HandshakeRejected,
@@ -56,6 +55,7 @@ from responses_ws_bridge.core.failures import (
     detail,
     is_connection_limit,
     outcome,
+    refresh_failure,
 )
 from responses_ws_bridge.core.handshake_headers import (
     UpstreamCredential,
@@ -351,7 +351,7 @@ class TurnEngine:
             token = yield from self._ask(GetToken(account))
             if isinstance(token, RefreshRefused):
                 yield from self._refresh_refused(account, token)
-                return ConnectFailed(token.reason, cause=REFRESH_FAILED)
+                return _refresh_failure(token)
             credential = UpstreamCredential(token, account.chatgpt_account_id)
         attempt.credential_tag = fingerprint(credential.bearer) if credential is not None else None
         headers = upstream_handshake_headers(
@@ -505,7 +505,9 @@ class TurnEngine:
             yield from self._note(attempt, limits)
         refreshed = False
         if account is not None and not seen and _is_401(failure):
-            refreshed = yield from self._refresh(account, attempt)
+            got = yield from self._refresh(account, attempt)
+            # No new token: the request fails as what it is, a refresh failure.
+            failure, refreshed = (got, False) if isinstance(got, ConnectFailed) else (failure, got)
         # A reused socket, or a spare, that turns out dead is not the account's fault.
         why = plan.retry_for_free(
             failure,
@@ -557,15 +559,17 @@ class TurnEngine:
         return False
 
     def _refresh(self, account: Account, attempt: Attempt) -> _Ask:
-        """A handshake 401: True when a refreshed token is there for one more try."""
+        """A handshake 401: True when a refreshed token is there for one more try, the
+        refresh failure when there is none."""
         if not account.refreshable or attempt.credential_tag is None:
             return False
         got = yield from self._ask(Refresh(account, attempt.credential_tag))
         if isinstance(got, RefreshRefused):
-            attempt.outcome = outcome(ConnectFailed(got.reason, cause=REFRESH_FAILED))
+            failure = _refresh_failure(got)
+            attempt.outcome = outcome(failure)
             attempt.detail = self._scrub(got.reason)
             yield from self._refresh_refused(account, got)
-            return False
+            return failure
         return bool(got)
 
     def _refresh_refused(self, account: Account, refused: RefreshRefused) -> _Ask:
@@ -616,6 +620,12 @@ class TurnEngine:
         if isinstance(reply, ClientLeft):
             raise _Left
         return reply
+
+
+def _refresh_failure(refused: RefreshRefused) -> ConnectFailed:
+    return refresh_failure(
+        refused.reason, permanent=refused.permanent, retry_after_s=refused.retry_after_s
+    )
 
 
 def _is_401(failure: Failure) -> bool:

@@ -213,6 +213,10 @@ class SharedState:
                 account_id, health_record.on_pool_clock(health, self._wall(), self.state.clock())
             )
 
+    async def disable(self, account_id: str, reason: str) -> None:
+        """Out of service on every instance until an accounts file changes."""
+        await self._run("disable", lambda s: s.disable(account_id, reason))
+
     async def _cool_down(self, account_id: str, until: float, reason: str) -> Health | None:
         got = await self._run("cool_down", lambda s: s.cool_down(account_id, until, reason))
         if isinstance(got, StateUnavailable):

@@ -8,7 +8,12 @@ Keys, all under the namespace `ns`:
   `rate_limits` (JSON);
 - `ns:leases:<account>`: sorted set of lease ids scored by expiry; expired ones are
   pruned whenever the set is read or written, so a dead instance's requests stop
-  counting when their leases run out.
+  counting when their leases run out;
+- `ns:tokens:<account>`: hash of an account's token chain: `gen`, `fence`, `sealed`
+  (the tokens, AES-GCM under `bridge_state_secret`: never in clear), `retry_at`,
+  `failures`, `last_failure`;
+- `ns:refresh-lock:<account>`: the refresh lock, the holder's fencing number, with
+  a lease (PX); `ns:refresh-fence:<account>`: the counter fencing numbers come from.
 
 `<fp>` is `fingerprint(salt, key)`: no session id, turn state or response id is
 ever stored. Every read-modify-write is one Lua script, so two instances racing
@@ -38,6 +43,9 @@ from responses_ws_bridge.state.store import (
     BindingLimits,
     Lease,
     Lookup,
+    RefreshLock,
+    TokenRecord,
+    TokenView,
     ttl_ms,
 )
 
@@ -131,6 +139,45 @@ return 1
 """
 
 
+# KEYS: lock, fence counter, tokens hash; ARGV[1]: lease ms. Returns {fence, 0} when taken,
+# {0, remaining ms} when held. A fence is above the counter and above the record's writer,
+# so a counter lost with the store never hands out a number a record has already seen.
+_TAKE_LOCK = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl ~= -2 then return {0, ttl} end
+local fence = redis.call('INCR', KEYS[2])
+local last = tonumber(redis.call('HGET', KEYS[3], 'fence') or '0')
+if fence <= last then
+  fence = last + 1
+  redis.call('SET', KEYS[2], fence)
+end
+redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
+return {fence, 0}
+"""
+
+# KEYS[1]: lock; ARGV[1]: fence. Deletes the lock only if it is still that holder's.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS[1]: tokens hash; ARGV: base generation ('' for none), fence ('' for a publish),
+# then the record: gen, fence, sealed, retry_at, failures, last_failure.
+# `token_chain.may_write`, atomically.
+_WRITE_TOKENS = """
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if gen then
+  if ARGV[1] ~= gen then return 0 end
+  local last = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+  if ARGV[2] ~= '' and tonumber(ARGV[2]) < last then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'gen', ARGV[3], 'fence', ARGV[4], 'sealed', ARGV[5],
+  'retry_at', ARGV[6], 'failures', ARGV[7], 'last_failure', ARGV[8])
+return 1
+"""
+
+
 def connect(url: str, *, timeout_s: float = 0.5) -> Redis:
     """One client (one connection pool) for the process.
 
@@ -171,6 +218,9 @@ class RedisStateStore:
         self._cool_down = client.register_script(_COOL_DOWN)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
+        self._take_lock = client.register_script(_TAKE_LOCK)
+        self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._write_tokens = client.register_script(_WRITE_TOKENS)
 
     # keys
 
@@ -373,5 +423,64 @@ class RedisStateStore:
     def _lease_args(lease: Lease, now: float, ttl_s: float) -> list[str | int]:
         return [_number(now), _number(lease.expires_at), lease.id, ttl_ms(ttl_s)]
 
+    # token chains
+
+    async def token_view(self, account_id: str) -> TokenView:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self._account_key("tokens", account_id))
+        pipe.exists(self._account_key("refresh-lock", account_id))
+        fields, locked = await self._call(pipe.execute())
+        return TokenView(_token_record(cast(dict[str, str], fields)), bool(locked))
+
+    async def write_tokens(
+        self,
+        account_id: str,
+        record: TokenRecord,
+        *,
+        base_generation: int | None,
+        fence: int | None,
+    ) -> bool:
+        args: list[str | int] = [
+            "" if base_generation is None else str(base_generation),
+            "" if fence is None else str(fence),
+            str(record.generation),
+            str(record.fence),
+            record.sealed,
+            "" if record.retry_at is None else _number(record.retry_at),
+            str(record.failures),
+            record.last_failure or "",
+        ]
+        keys = [self._account_key("tokens", account_id)]
+        return bool(await self._call(self._write_tokens(keys=keys, args=args)))
+
+    async def take_refresh_lock(self, account_id: str, lease_s: float) -> RefreshLock:
+        keys = [
+            self._account_key("refresh-lock", account_id),
+            self._account_key("refresh-fence", account_id),
+            self._account_key("tokens", account_id),
+        ]
+        fence, ttl = await self._call(self._take_lock(keys=keys, args=[ttl_ms(lease_s)]))
+        if int(fence):
+            return RefreshLock(int(fence))
+        return RefreshLock(None, max(0.0, int(ttl) / 1000))
+
+    async def release_refresh_lock(self, account_id: str, fence: int) -> None:
+        keys = [self._account_key("refresh-lock", account_id)]
+        await self._call(self._release_lock(keys=keys, args=[str(fence)]))
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _token_record(fields: Mapping[str, str]) -> TokenRecord | None:
+    if "gen" not in fields:
+        return None
+    retry_at = fields.get("retry_at") or None
+    return TokenRecord(
+        generation=int(fields["gen"]),
+        fence=int(fields.get("fence") or 0),
+        sealed=fields.get("sealed", ""),
+        retry_at=float(retry_at) if retry_at is not None else None,
+        failures=int(fields.get("failures") or 0),
+        last_failure=fields.get("last_failure") or None,
+    )
