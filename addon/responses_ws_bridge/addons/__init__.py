@@ -37,6 +37,12 @@ def bridge_addons() -> list[object]:
     chains = SharedTokens(store.shared_store, store.seal, wall_clock=clocks.wall)
     tokens = TokenRefresher(wall_clock=clocks.wall, shared=chains)
     state.live_secrets = tokens.secrets
+
+    async def reoffer() -> None:
+        await tokens.sync_all()
+        await shared.reoffer()
+
+    store.on_lost = reoffer
     sessions = SessionPool(clock=clocks.monotonic)
     settings = BridgeSettings()
     service = BridgeService(

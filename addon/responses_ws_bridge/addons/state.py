@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from responses_ws_bridge.addons.option_values import positive, seconds
 from responses_ws_bridge.core.accounts import AccountsConfig
+from responses_ws_bridge.shell.store_watch import StoreWatch
 from responses_ws_bridge.state.config import StateConfig, parse_state_config
 from responses_ws_bridge.state.guarded import GuardedStore
 from responses_ws_bridge.state.memory import MemoryStateStore
@@ -53,6 +54,9 @@ class BridgeStateAddon:
         self._seal: TokenSeal | None = None
         self.store = self._open(self.config, self.limits)
         self._closing: set[asyncio.Future[None]] = set()
+        # What re-offers this instance's owners and token chains to a store that lost them.
+        self.on_lost: Callable[[], Awaitable[None]] = _nothing
+        self.watch = StoreWatch(self.shared_store, lambda: self.on_lost())
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -156,7 +160,11 @@ class BridgeStateAddon:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def running(self) -> None:
+        self.watch.start()
+
     async def done(self) -> None:
+        await self.watch.stop()
         await self.store.close()
         for task in list(self._closing):
             with contextlib.suppress(Exception):
@@ -174,3 +182,7 @@ def check_secret(
             "a secret file (the same on every instance) to seal their rotated tokens in the "
             "store, e.g. `openssl rand -base64 32 > state.secret; chmod 600 state.secret`"
         )
+
+
+async def _nothing() -> None:
+    return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -51,6 +52,8 @@ from responses_ws_bridge.state.leases import DEFAULT_LEASE_TTL_S, held_lease
 from responses_ws_bridge.state.store import AccountHealthRecord, StateStore
 
 logger = logging.getLogger(__name__)
+
+RECOVERING = "the state store lost its data and is recovering: instances re-offer what they know"
 
 
 class SharedState:
@@ -120,7 +123,7 @@ class SharedState:
         choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer, load=load)
         if not (claim and affinity.kind is AffinityKind.HARD and isinstance(choice, Chosen)):
             return choice
-        claimed = await self.claim(affinity, choice.account.id)
+        claimed = await self.claim(affinity, choice.account.id, new=True)
         if isinstance(claimed, FailClosed):
             return claimed
         if claimed.account_id != choice.account.id:
@@ -128,11 +131,22 @@ class SharedState:
             return pool.choose_owner(claimed.account_id)
         return choice
 
-    async def claim(self, affinity: Affinity, account_id: str) -> Owned | FailClosed:
-        """Bind the primary key to `account_id` unless it is bound: the first writer wins."""
+    async def claim(
+        self, affinity: Affinity, account_id: str, *, new: bool = False
+    ) -> Owned | FailClosed:
+        """Bind the primary key to `account_id` unless it is bound: the first writer wins.
+
+        `new`: an owner nobody knew before (not one this instance re-offers), which a
+        store recovering from the loss of its data does not take yet.
+        """
         assert affinity.key is not None
-        binding = Binding(account_id, affinity.kind)
-        got = await self._run("bind", lambda s: s.bind(affinity.key or "", binding))
+        key, binding = affinity.key, Binding(account_id, affinity.kind)
+        if new:
+            got = await self._run("bind", lambda s: s.bind_new(key, binding))
+        else:
+            got = await self._run("bind", lambda s: s.bind(key, binding))
+        if got is None:
+            got = StateUnavailable("bind", RECOVERING)
         stored = got if isinstance(got, StateUnavailable) else got.account_id
         return bind_decision(affinity.kind, stored, account_id)
 
@@ -229,6 +243,27 @@ class SharedState:
         (`{"primary.used_percent": 42.0}`), for every instance and the metrics."""
         await self._run("set_rate_limits", lambda s: s.set_rate_limits(account_id, figures))
 
+    # -- a store that lost its data ---------------------------------------------------------
+
+    async def reoffer(self) -> int:
+        """Offer every owner this instance knows to a store that lost its data (first writer
+        wins, as always); returns how many. Runs while the store recovers, when new hard
+        bindings wait, so that what was bound before comes back before anything new."""
+        calls: list[Callable[[StateStore], Awaitable[object]]] = [
+            *(
+                functools.partial(_bind_row, row.key, row.binding)
+                for row in self.state.bindings.items()
+            ),
+            *(
+                functools.partial(_owner_row, row.key, row.binding.account_id)
+                for row in self.state.response_owners.items()
+            ),
+        ]
+        for offered, call in enumerate(calls):
+            if isinstance(await self._run("reoffer", call), StateUnavailable):
+                return offered
+        return len(calls)
+
     # -- the accounts file ------------------------------------------------------------------
 
     def accounts_changed(
@@ -263,3 +298,12 @@ class SharedState:
         """Wait for background writes (accounts changes) to finish."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _bind_row(key: str, binding: Binding, store: StateStore) -> object:
+    return await store.bind(key, binding)
+
+
+async def _owner_row(response_id: str, account_id: str, store: StateStore) -> object:
+    await store.set_response_owner(response_id, account_id)
+    return None

@@ -63,6 +63,9 @@ class MemoryStateStore:
         self._table(binding.kind).set(key, binding)
         return binding
 
+    async def bind_new(self, key: str, binding: Binding) -> Binding | None:
+        return await self.bind(key, binding)
+
     async def binding(self, key: str) -> Binding | None:
         return self._lookup(key)
 
@@ -193,6 +196,9 @@ class MemoryStateStore:
         held = self._lock(account_id)
         if held is not None and held[0] == fence:
             del self._locks[account_id]
+
+    async def check_epoch(self) -> bool:
+        return False  # this process's memory is lost only with the process
 
     async def close(self) -> None:
         return None

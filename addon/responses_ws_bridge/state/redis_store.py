@@ -2,6 +2,11 @@
 
 Keys, all under the namespace `ns`:
 - `ns:salt`: the namespace's HMAC salt, created once by whichever instance comes first;
+  it is also the store's epoch: a salt other than the one an instance knew means the
+  store lost its data (restarted empty);
+- `ns:recovering`: set for a grace period when an instance finds the store has lost its
+  data; meanwhile no new hard key is bound and no refresh lock is granted, so that the
+  instances that knew owners and token chains re-offer them first;
 - `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]`, idle TTL by kind;
 - `ns:resp:<fp>`: the account that produced a response;
 - `ns:health:<account>`: hash of `disabled`, `cooldown_until`, `cooldown_reason`,
@@ -60,6 +65,43 @@ if v then
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
   return v
 end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return ARGV[1]
+"""
+
+# KEYS: salt, recovering; ARGV: a new salt, the salt this instance knew ('' none), grace ms.
+# Returns the salt in force. A salt created, or found, other than the known one marks the
+# store as recovering (an instance that never knew one starts a fresh store: no grace).
+_SALT = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  if ARGV[2] ~= '' and v ~= ARGV[2] then
+    redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3])
+  end
+  return v
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
+return ARGV[1]
+"""
+
+# KEYS: binding, recovering, salt; ARGV: value, ttl ms, the salt the key's fingerprint was
+# made with. `_SET_IF_ABSENT` for a key nobody has offered an owner for: '' (refused) while
+# the store recovers, or when its salt is not the one this instance knew (it lost its data
+# and nobody noticed yet).
+_BIND_NEW = """
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return '' end
+local v = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if v then
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return v
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return '' end
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 else
@@ -139,11 +181,16 @@ return 1
 """
 
 
-# KEYS: lock, fence counter, tokens hash; ARGV[1]: lease ms. Returns {fence, 0} when taken,
-# {0, remaining ms} when held. A fence is above the counter and above the record's writer,
-# so a counter lost with the store never hands out a number a record has already seen.
+# KEYS: lock, fence counter, tokens hash, recovering, salt; ARGV: lease ms, the salt this
+# instance knows. Returns {fence, 0} when taken, {0, remaining ms} when held (or while the
+# store recovers), {0, -1} when the salt is not the known one (the store lost its data). A
+# fence is above the counter and above the record's writer, so a counter lost with the
+# store never hands out a number a record has already seen.
 _TAKE_LOCK = """
+if redis.call('GET', KEYS[5]) ~= ARGV[2] then return {0, -1} end
 local ttl = redis.call('PTTL', KEYS[1])
+if ttl ~= -2 then return {0, ttl} end
+ttl = redis.call('PTTL', KEYS[4])
 if ttl ~= -2 then return {0, ttl} end
 local fence = redis.call('INCR', KEYS[2])
 local last = tonumber(redis.call('HGET', KEYS[3], 'fence') or '0')
@@ -178,6 +225,9 @@ return 1
 """
 
 
+DEFAULT_RECOVERY_GRACE_S = 3.0
+
+
 def connect(url: str, *, timeout_s: float = 0.5) -> Redis:
     """One client (one connection pool) for the process.
 
@@ -206,12 +256,18 @@ class RedisStateStore:
         limits: BindingLimits | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        recovery_grace_s: float = DEFAULT_RECOVERY_GRACE_S,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.limits = limits or BindingLimits()
         self._clock = clock
+        self.recovery_grace_s = recovery_grace_s
         self._salt: str | None = None
+        # The salt this instance last saw, kept when `_salt` is forgotten: the epoch it knew.
+        self._known_salt: str | None = None
+        self._salt_script = client.register_script(_SALT)
+        self._bind_new = client.register_script(_BIND_NEW)
         self._set_if_absent = client.register_script(_SET_IF_ABSENT)
         self._lookup_script = client.register_script(_LOOKUP)
         self._forget_account = client.register_script(_FORGET_ACCOUNT)
@@ -226,9 +282,31 @@ class RedisStateStore:
 
     async def salt(self) -> str:
         if self._salt is None:
-            salt = await self._set_if_absent(keys=[f"{self.namespace}:salt"], args=[new_salt(), 0])
-            self._salt = str(salt)
+            keys = [self._salt_key, self._recovering_key]
+            args: list[str | int] = [
+                new_salt(),
+                self._known_salt or "",
+                ttl_ms(self.recovery_grace_s),
+            ]
+            salt = str(await self._salt_script(keys=keys, args=args))
+            self._salt = self._known_salt = salt
         return self._salt
+
+    @property
+    def _recovering_key(self) -> str:
+        return f"{self.namespace}:recovering"
+
+    @property
+    def _salt_key(self) -> str:
+        return f"{self.namespace}:salt"
+
+    async def check_epoch(self) -> bool:
+        known = self._known_salt
+        current = await self._call(self.client.get(self._salt_key))
+        if known is not None and current == known:
+            return False
+        self._salt = None
+        return known is not None and await self._call(self.salt()) != known
 
     def forget_salt(self) -> None:
         """Read the salt again on next use: a store that lost its data has a new one."""
@@ -271,6 +349,20 @@ class RedisStateStore:
             )
         )
         return self._decode(str(raw))
+
+    async def bind_new(self, key: str, binding: Binding) -> Binding | None:
+        redis_key = await self._call(self._binding_key(key))
+        salt = await self._call(self.salt())
+        raw = await self._call(
+            self._bind_new(
+                keys=[redis_key, self._recovering_key, self._salt_key],
+                args=[self._encode(binding), self._ttl(binding.kind), salt],
+            )
+        )
+        if raw:
+            return self._decode(str(raw))
+        await self._call(self.check_epoch())  # refused: if the salt changed, say so to all
+        return None
 
     async def binding(self, key: str) -> Binding | None:
         return (await self.lookup(None, [key])).bindings.get(key)
@@ -428,8 +520,9 @@ class RedisStateStore:
     async def token_view(self, account_id: str) -> TokenView:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self._account_key("tokens", account_id))
-        pipe.exists(self._account_key("refresh-lock", account_id))
+        pipe.exists(self._account_key("refresh-lock", account_id), self._recovering_key)
         fields, locked = await self._call(pipe.execute())
+        # While the store recovers, the lock counts as held: waiters wait for re-offers.
         return TokenView(_token_record(cast(dict[str, str], fields)), bool(locked))
 
     async def write_tokens(
@@ -454,14 +547,21 @@ class RedisStateStore:
         return bool(await self._call(self._write_tokens(keys=keys, args=args)))
 
     async def take_refresh_lock(self, account_id: str, lease_s: float) -> RefreshLock:
+        salt = await self._call(self.salt())
         keys = [
             self._account_key("refresh-lock", account_id),
             self._account_key("refresh-fence", account_id),
             self._account_key("tokens", account_id),
+            self._recovering_key,
+            self._salt_key,
         ]
-        fence, ttl = await self._call(self._take_lock(keys=keys, args=[ttl_ms(lease_s)]))
+        args: list[str | int] = [ttl_ms(lease_s), salt]
+        fence, ttl = await self._call(self._take_lock(keys=keys, args=args))
         if int(fence):
             return RefreshLock(int(fence))
+        if int(ttl) == -1:
+            await self._call(self.check_epoch())  # the store lost its data: recovering now
+            return RefreshLock(None, self.recovery_grace_s)
         return RefreshLock(None, max(0.0, int(ttl) / 1000))
 
     async def release_refresh_lock(self, account_id: str, fence: int) -> None:

@@ -135,6 +135,12 @@ class StateStore(Protocol):
         """Bind `key` unless it is bound; returns the binding in force (first writer wins)."""
         ...
 
+    async def bind_new(self, key: str, binding: Binding) -> Binding | None:
+        """`bind` for a key no instance has offered an owner for: None (nothing bound) while
+        the store recovers from losing its data, so that instances that knew the key's
+        owner re-offer it first."""
+        ...
+
     async def binding(self, key: str) -> Binding | None: ...
 
     async def rebind(self, key: str, binding: Binding) -> None:
@@ -212,6 +218,12 @@ class StateStore(Protocol):
 
     async def release_refresh_lock(self, account_id: str, fence: int) -> None:
         """Release the lock if it is still ours (an expired one may be another's now)."""
+        ...
+
+    async def check_epoch(self) -> bool:
+        """True when the store lost its data since this instance last looked (a shared store
+        restarted empty); the store then recovers for a grace period (`bind_new`, and no
+        refresh lock is granted) while instances re-offer what they know."""
         ...
 
     async def close(self) -> None: ...
