@@ -52,7 +52,8 @@ class StoreWatch:
         store = self._store()
         if store is None:
             return False
-        lost = await store.run("check_epoch", lambda s: s.check_epoch())
+        # Past the requests' backoff: a store back from a restart is noticed within one look.
+        lost = await store.probe("check_epoch", lambda s: s.check_epoch())
         if isinstance(lost, StateUnavailable) or not lost:
             return False
         logger.warning(

@@ -71,6 +71,12 @@ class GuardedStore:
         if not store_health.may_try(self.health, self._clock()):
             assert isinstance(self.health, store_health.Failing)
             return StateUnavailable(operation, self.health.reason)
+        return await self.probe(operation, call)
+
+    async def probe[T](
+        self, operation: str, call: Callable[[StateStore], Awaitable[T]]
+    ) -> T | StateUnavailable:
+        """`run` without waiting for the backoff: one watcher looking often, not every request."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call(self.store)
