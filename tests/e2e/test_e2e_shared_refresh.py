@@ -261,6 +261,35 @@ def test_the_store_killed_during_a_refresh(
     assert oauth.refresh_tokens() == ["rt-team-c-0", "rt-team-c-1"]
 
 
+def test_a_refusal_is_shared_until_a_file_gives_a_new_login(
+    tmp_path: Path, upstream: ThreadedUpstream, store: StateServer
+) -> None:
+    # The endpoint knows only the second login: the files' rt-team-c-0 is invalid_grant.
+    with FakeTokenEndpoint({"rt-login-2": "login-2"}, on_issue=upstream.add_token) as oauth:
+        alpha_dir = Machine(tmp_path, "alpha", TEAM_C)
+        bravo_dir = Machine(tmp_path, "bravo", TEAM_C)
+        alpha = alpha_dir.proxy(upstream, store.url, oauth.url)
+        bravo = bravo_dir.proxy(upstream, store.url, oauth.url)
+        with running(alpha, bravo):
+            refused = post(alpha)
+            assert refused.status_code == 502 and code(refused) == "token_refresh_failed"
+            assert "invalid_grant" in refused.text
+            # Disabled on every instance: bravo never sends the refused token.
+            other = post(bravo)
+            assert other.status_code == 503 and code(other) == "no_account"
+            assert oauth.refreshes == 1
+            # A fresh login in bravo's file replaces the chain on both instances.
+            login = access_token_for("login-2", 0)
+            upstream.add_token(login, "team-c")
+            fresh = {"id": "team-c", "refresh_token": "rt-login-2", "access_token": login}
+            bravo_dir.accounts.write_text(json.dumps({"accounts": [fresh]}))
+            assert eventually(lambda: post(alpha).status_code == 200)
+            assert post(bravo).status_code == 200
+            assert oauth.refreshes == 1
+            assert alpha_dir.tokens()["access_token"] == login
+        assert oauth.reuses == 0
+
+
 def test_a_lock_holder_killed_mid_refresh_is_taken_over_without_a_spent_token(
     tmp_path: Path, upstream: ThreadedUpstream, store: StateServer, oauth: FakeTokenEndpoint
 ) -> None:

@@ -73,6 +73,8 @@ def test_known_tags_are_bounded() -> None:
         # A new login in this machine's file replaces the chain, above the stored generation.
         (NEW_FILE, GEN2, GEN2, Publish(NEW_LOGIN)),
         (NEW_FILE, None, GEN2, Publish(NEW_LOGIN)),
+        # A fresh machine whose file has the new login, the store the old chain: the file wins.
+        (NEW_FILE, file_chain(NEW_FILE), GEN2, Publish(NEW_LOGIN)),
         # Another machine's old file meets the new login in the store: the store wins.
         (FILE, GEN2, NEW_LOGIN, UseChain(NEW_LOGIN)),
         (FILE, None, NEW_LOGIN, UseChain(NEW_LOGIN)),

@@ -13,15 +13,20 @@ Which chain an instance uses (`choose_chain`), from its accounts file's
 refresh token, its own durable copy (`local`, the tokens file) and the
 store's (`stored`):
 
-| the file's token | stored / local               | decision                                 |
-|------------------|------------------------------|------------------------------------------|
-| known to neither | anything                     | Publish a new chain from the file        |
-|                  |                              | (generation above both)                  |
-| known (history)  | nothing stored               | Publish local (or the file's)            |
-| known            | stored superseded by local   | Publish local                            |
-| known            | local superseded by stored   | UseChain(stored)                         |
-| known            | same origin, local newer     | Publish local (the store lost it)        |
-| known            | otherwise                    | UseChain(stored)                         |
+| the file's token                     | stored                      | decision                   |
+|--------------------------------------|-----------------------------|----------------------------|
+| not in local's chain, known to store | any                         | UseChain(stored): an older |
+|                                      |                             | file                       |
+| not in local's chain, not in store's | any or nothing              | Publish a new chain from   |
+|                                      |                             | the file, generation above |
+| in local's chain                     | nothing                     | Publish local              |
+| in local's chain, not in store's     | any                         | Publish local (above the   |
+|                                      |                             | store's generation)        |
+| in local's chain                     | superseded by local         | Publish local              |
+| in local's chain                     | supersedes local            | UseChain(stored)           |
+| in local's chain                     | same origin, local newer    | Publish local (the store   |
+|                                      |                             | lost a generation)         |
+| in local's chain                     | otherwise                   | UseChain(stored)           |
 
 A store write is accepted (`may_write`) only on top of the generation it was
 based on, and only from a lock holder whose fencing number is not older than
@@ -134,14 +139,18 @@ def _supersedes(newer: Chain, older: Chain) -> bool:
 def choose_chain(file_tokens: Tokens, local: Chain | None, stored: Chain | None) -> ChainChoice:
     """The chain to use (see the module table)."""
     tag = fingerprint(file_tokens.refresh_token)
-    history = [*(local.known if local else ()), *(stored.known if stored else ())]
-    if tag not in history:
+    mine = local if local is not None and tag in local.known else None
+    if mine is None:
+        if stored is not None and tag in stored.known:
+            return UseChain(stored)  # an older file: the store has moved past it
+        # A login this machine's copy never held: the file changed, and it wins.
+        history = [*(local.known if local else ()), *(stored.known if stored else ())]
         top = max((c.generation for c in (local, stored) if c is not None), default=-1)
         return Publish(file_chain(file_tokens, generation=top + 1, history=history))
-    mine = local if local is not None and tag in local.known else file_chain(file_tokens)
     if stored is None:
         return Publish(mine)
-    if _supersedes(mine, stored):
+    if tag not in stored.known or _supersedes(mine, stored):
+        # The store never saw this machine's login (it lost its data, or the login is newer).
         generation = max(mine.generation, stored.generation + 1)
         return Publish(replace(mine, generation=generation, known=_merge(mine.known, stored.known)))
     if _supersedes(stored, mine):

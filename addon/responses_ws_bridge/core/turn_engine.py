@@ -220,7 +220,11 @@ class TurnEngine:
             if isinstance(account, _Stop):
                 return
             last = yield from self._attempt_on(plan, account)
-            if last is None or not (yield from self._after(plan, account, last)):
+            if last is None:
+                return
+            # The failure that counted (a 401 whose refresh failed is that refresh failure).
+            last = yield from self._after(plan, account, last)
+            if last is None:
                 return
 
     def _refusal(self) -> tuple[openai_errors.HttpError, str] | None:
@@ -496,7 +500,8 @@ class TurnEngine:
     # -- after a failure --------------------------------------------------------------------
 
     def _after(self, plan: AttemptPlan, account: Account | None, failure: Failure) -> _Ask:
-        """Judges a failed attempt; True when another attempt follows."""
+        """Judges a failed attempt; the failure as judged when another attempt follows,
+        None when the turn ends here."""
         attempt = self._attempt
         assert attempt is not None
         self._judge(attempt, failure)
@@ -518,7 +523,7 @@ class TurnEngine:
         )
         if why is not None:
             yield from self._log_attempt(attempt, failure, f"free retry ({why})")
-            return True
+            return failure
         usable = True
         if self.facts.pooled and attempt.account is not None:
             usable = yield from self._ask(Failed(attempt.account, failure))
@@ -530,7 +535,8 @@ class TurnEngine:
             jitter=self._jitter(),
         )
         yield from self._log_attempt(attempt, failure, type(decision).__name__)
-        return (yield from self._follow(decision, failure))
+        again = yield from self._follow(decision, failure)
+        return failure if again else None
 
     def _judge(self, attempt: Attempt, failure: Failure) -> None:
         if attempt.outcome == PENDING:

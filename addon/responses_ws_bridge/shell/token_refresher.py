@@ -173,11 +173,10 @@ class TokenRefresher:
             file_tokens = files[account.id] = Tokens(account.bearer, account.refresh_token)
             local = chain_from_json(stored.get(account.id), file_tokens)
             current = self._chains.get(account.id)
-            if current is not None and current.knows(account.refresh_token):
-                # A refresh since the file was read keeps its result: it is newer than the disk.
-                local = (
-                    current if local is None or current.generation >= local.generation else local
-                )
+            if current is not None and (local is None or current.generation >= local.generation):
+                # What this process holds (a refresh since the disk was read, or a chain
+                # adopted from the store) is at least as new as the disk.
+                local = current
             choice = choose_chain(file_tokens, local, None)
             chains[account.id] = choice.chain
         self._files, self._chains = files, chains
