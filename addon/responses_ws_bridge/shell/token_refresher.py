@@ -370,8 +370,8 @@ class TokenRefresher:
     ) -> Tokens:
         # Between the read and the lock another holder may have finished: read again.
         view = await shared.read(account.id)
-        if not isinstance(view, SharedView) or view.generation != seen.generation:
-            raise _Again
+        if not isinstance(view, SharedView) or view.record != seen.record:
+            raise _Again  # any write (a refusal, a failure's backoff) changes the record
         chain = self._chain(account)
         outcome = await self._call_endpoint(account, chain)
         record = view.record
