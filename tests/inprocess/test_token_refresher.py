@@ -19,6 +19,7 @@ from responses_ws_bridge.shell.token_refresher import RefreshFailed, TokenRefres
 from responses_ws_bridge.state.guarded import GuardedStore
 from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.sealing import TokenSeal
+from responses_ws_bridge.state.store import TokenRecord
 
 NOW = 1_800_000_000.0
 EXPIRED = unsigned_jwt({"sub": "r", "exp": NOW - 10})
@@ -304,3 +305,42 @@ async def test_a_refusal_does_not_overwrite_a_newer_token_on_disk(tmp_path: Path
     assert entry["refresh_token"] == "rt-1" and "refused" not in entry
     restarted = refresher(endpoint, clock, tmp_path, name="shared")
     assert await restarted.access_token(ACCOUNT) == access(1)
+
+
+class FlakyStore(MemoryStateStore):
+    """Writes fail while `down`, as a store that went away mid-refresh."""
+
+    down = False
+
+    async def write_tokens(
+        self,
+        account_id: str,
+        record: TokenRecord,
+        *,
+        base_generation: int | None,
+        fence: int | None,
+    ) -> bool:
+        if self.down:
+            raise OSError("connection refused")
+        return await super().write_tokens(
+            account_id, record, base_generation=base_generation, fence=fence
+        )
+
+
+@run_async
+async def test_a_refresh_the_store_missed_is_published_when_it_answers(tmp_path: Path) -> None:
+    endpoint, clock = Endpoint(), Clock()
+    inner = FlakyStore(clock=clock)
+    store = GuardedStore(inner, clock=clock)
+    alpha = refresher(endpoint, clock, tmp_path, store=store, name="alpha")
+    bravo = refresher(endpoint, clock, tmp_path, store=store, name="bravo")
+    await alpha.sync_all()
+    inner.down = True
+    assert await alpha.access_token(ACCOUNT) == access(1)  # kept here, not in the store
+    inner.down = False
+    clock.now += 60  # past the store's backoff (and the lock's lease)
+    await alpha.publish_pending()
+    record = (await inner.token_view("r")).record
+    assert record is not None and record.generation == 1
+    assert await bravo.access_token(ACCOUNT) == access(1)
+    assert endpoint.seen == ["rt-0"]

@@ -43,6 +43,7 @@ def bridge_addons() -> list[object]:
         await shared.reoffer()
 
     store.on_lost = reoffer
+    store.on_tick = tokens.publish_pending
     sessions = SessionPool(clock=clocks.monotonic)
     settings = BridgeSettings()
     service = BridgeService(

@@ -56,7 +56,11 @@ class BridgeStateAddon:
         self._closing: set[asyncio.Future[None]] = set()
         # What re-offers this instance's owners and token chains to a store that lost them.
         self.on_lost: Callable[[], Awaitable[None]] = _nothing
-        self.watch = StoreWatch(self.shared_store, lambda: self.on_lost())
+        # What goes out whenever the store answers (writes that found it out of reach).
+        self.on_tick: Callable[[], Awaitable[None]] = _nothing
+        self.watch = StoreWatch(
+            self.shared_store, lambda: self.on_lost(), on_tick=lambda: self.on_tick()
+        )
 
     def load(self, loader: Loader) -> None:
         loader.add_option(

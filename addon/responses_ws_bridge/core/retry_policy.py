@@ -298,7 +298,13 @@ def _moves_soft(failure: Failure) -> bool:
 
 
 def is_transient(failure: Failure) -> bool:
-    """A failure that may well pass if the same account is tried again later."""
+    """A failure that may well pass if the same account is tried again later.
+
+    Not a refresh failure: the refresher's own backoff says when to try again, and a
+    request starting over on the account would only meet it (or cost another refresh).
+    """
+    if is_refresh_failure(failure):
+        return False
     if isinstance(failure, HandshakeRejected):
         return failure.status >= 500
     if isinstance(failure, UpstreamClosed):

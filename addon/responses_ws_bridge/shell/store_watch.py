@@ -29,10 +29,13 @@ class StoreWatch:
         store: Callable[[], GuardedStore | None],
         on_lost: Callable[[], Awaitable[None]],
         *,
+        on_tick: Callable[[], Awaitable[None]] | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         self._store = store
         self._on_lost = on_lost
+        # Called after every look that found the store answering (pending writes go out).
+        self._on_tick = on_tick
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
@@ -54,7 +57,11 @@ class StoreWatch:
             return False
         # Past the requests' backoff: a store back from a restart is noticed within one look.
         lost = await store.probe("check_epoch", lambda s: s.check_epoch())
-        if isinstance(lost, StateUnavailable) or not lost:
+        if isinstance(lost, StateUnavailable):
+            return False
+        if not lost:
+            if self._on_tick is not None:
+                await self._on_tick()
             return False
         logger.warning(
             "state store came back without its data: re-offering the owners and token "

@@ -147,6 +147,8 @@ class TokenRefresher:
         self._synced_at: dict[str, float] = {}
         self._store_down_said: set[str] = set()
         self._unreadable_said: set[str] = set()
+        # Accounts refreshed while the store was out of reach: published as soon as it is back.
+        self._unpublished: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self.refreshes = 0
 
@@ -237,6 +239,21 @@ class TokenRefresher:
             async with self._lock(account_id):
                 if account_id in self._files:
                     await self._sync(account_id, shared)
+
+    async def publish_pending(self) -> None:
+        """Publish the chains refreshed while the store was out of reach (the store watch
+        calls this while the store answers): before the lock's lease runs out, so that no
+        other instance refreshes the token this one already spent."""
+        shared = self._sharing()
+        if shared is None:
+            return
+        for account_id in list(self._unpublished):
+            async with self._lock(account_id):
+                view = await self._sync(account_id, shared)
+                chain = self._chains.get(account_id)
+                generation = view.generation if isinstance(view, SharedView) else None
+                if chain is None or (generation is not None and generation >= chain.generation):
+                    self._unpublished.discard(account_id)
 
     async def _obtain(self, account: Account, *, rejected_tag: str | None) -> Tokens:
         shared = self._sharing()
@@ -395,6 +412,8 @@ class TokenRefresher:
                     "this refresh's result is used for this request only",
                     account.id,
                 )
+            elif isinstance(written, StateUnavailable):
+                self._unpublished.add(account.id)
             return fresh.tokens
         if outcome.permanent:
             refused = chain.refusing(outcome.reason)
