@@ -11,7 +11,7 @@ import pytest
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.bindings import Binding
 from responses_ws_bridge.local.state_server import StateServer
-from responses_ws_bridge.state.guarded import GuardedStore
+from responses_ws_bridge.state.guarded import GuardedStore, StateUnavailable
 from responses_ws_bridge.state.leases import held_lease
 from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
@@ -258,3 +258,33 @@ def test_the_refresh_lock_is_set_if_absent_fenced_and_leased(open_store: Opener)
         assert (await store.token_view("other")).record is None
 
     check(open_store, body)
+
+
+class _Down(MemoryStateStore):
+    down = True
+
+    async def check_epoch(self) -> bool:
+        if self.down:
+            raise OSError("connection refused")
+        return False
+
+
+def test_a_watchers_probe_ends_an_outage_but_never_prolongs_it() -> None:
+    async def main() -> None:
+        clock = Clock()
+        store = _Down(clock=clock)
+        errors: list[tuple[str, str]] = []
+        guarded = GuardedStore(store, clock=clock, on_error=lambda *e: errors.append(e))
+        await guarded.run("check_epoch", lambda s: s.check_epoch())
+        assert not guarded.available and len(errors) == 1
+        before = guarded.health
+        for _ in range(5):
+            assert isinstance(
+                await guarded.probe("check_epoch", lambda s: s.check_epoch()), StateUnavailable
+            )
+        assert guarded.health == before and len(errors) == 1
+        store.down = False
+        assert await guarded.probe("check_epoch", lambda s: s.check_epoch()) is False
+        assert guarded.available
+
+    run(main)

@@ -72,8 +72,8 @@ class StoreWatch:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
             try:
-                await self.check()
+                await self.check()  # first at once: the epoch this instance knows
             except Exception:  # a bug here must not end the watch
                 logger.exception("state store watch")
+            await asyncio.sleep(self.interval_s)

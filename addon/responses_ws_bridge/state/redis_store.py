@@ -302,11 +302,17 @@ class RedisStateStore:
 
     async def check_epoch(self) -> bool:
         known = self._known_salt
+        if known is None:
+            # Learn the epoch at once: an instance that never read it could not tell a store
+            # that lost its data from a fresh one.
+            await self._call(self.salt())
+            return False
         current = await self._call(self.client.get(self._salt_key))
-        if known is not None and current == known:
+        if current == known:
             return False
         self._salt = None
-        return known is not None and await self._call(self.salt()) != known
+        salt: str = await self._call(self.salt())
+        return salt != known
 
     def forget_salt(self) -> None:
         """Read the salt again on next use: a store that lost its data has a new one."""
