@@ -29,6 +29,7 @@ fraction of a lease TTL); binding TTLs are the server's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -38,6 +39,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from responses_ws_bridge.core.affinity import AffinityKind
@@ -75,12 +77,14 @@ return ARGV[1]
 
 # KEYS: salt, recovering; ARGV: a new salt, the salt this instance knew ('' none), grace ms.
 # Returns the salt in force. A salt created, or found, other than the known one marks the
-# store as recovering (an instance that never knew one starts a fresh store: no grace).
+# store as recovering (an instance that never knew one starts a fresh store: no grace);
+# each instance that notices restarts the grace, so the last to notice has all of it to
+# re-offer what it knows.
 _SALT = """
 local v = redis.call('GET', KEYS[1])
 if v then
   if ARGV[2] ~= '' and v ~= ARGV[2] then
-    redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3])
+    redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
   end
   return v
 end
@@ -225,7 +229,7 @@ return 1
 """
 
 
-DEFAULT_RECOVERY_GRACE_S = 3.0
+DEFAULT_RECOVERY_GRACE_S = 5.0
 
 
 def connect(url: str, *, timeout_s: float = 0.5) -> Redis:
@@ -330,8 +334,13 @@ class RedisStateStore:
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:
             return await awaitable
-        except CLIENT_ERRORS:
+        except CLIENT_ERRORS as exc:
             self.forget_salt()
+            if isinstance(exc, RedisConnectionError | OSError):
+                # The server went away: every idle connection to it is dead too. Dropped
+                # at once, the next call reconnects instead of meeting them one by one.
+                with contextlib.suppress(*CLIENT_ERRORS):
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
             raise
 
     # affinity bindings
