@@ -310,7 +310,7 @@ def test_a_lock_holder_killed_mid_refresh_is_taken_over_without_a_spent_token(
         response = post(bravo)
         # Bravo waited for the dead holder's lease (bridge_oauth_timeout 2 s: 4 s), then took over.
         assert response.status_code == 200
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 15
     assert oauth.refresh_tokens() == ["rt-team-c-0"]
 
 
@@ -388,7 +388,7 @@ def test_a_hung_slow_or_garbled_endpoint_costs_one_deadline_and_backs_off(
             before = oauth.refreshes + oauth.abandoned
             started = time.monotonic()
             failed = post(proxy)
-            assert time.monotonic() - started < 4, mode
+            assert time.monotonic() - started < 6, mode  # one 1 s deadline, not 3 x 30 s
             assert failed.status_code == 503, mode
             assert code(failed) == "token_refresh_failed"
             assert "could not connect" not in failed.text
