@@ -231,9 +231,7 @@ def test_the_store_killed_during_a_refresh(
         # New sessions spread: one on team-a first, so that s-bravo is team-c's too.
         assert post(bravo, "s-other").status_code == 200
         assert post(bravo, "s-bravo").status_code == 200
-        opened = {
-            r.header("session-id"): r.account for r in upstream.records() if r.status == 101
-        }
+        opened = {r.header("session-id"): r.account for r in upstream.records() if r.status == 101}
         assert opened == {"s-alpha": "team-c", "s-other": "team-a", "s-bravo": "team-c"}
         # Alpha's refresh hangs at the endpoint, holding the store's lock; the store dies.
         oauth.hold()
