@@ -18,6 +18,7 @@ from responses_ws_bridge.core.failures import (
     UpstreamClosed,
     UpstreamErrorEvent,
     UpstreamSilent,
+    refresh_failure,
 )
 from responses_ws_bridge.core.retry_policy import (
     Decision,
@@ -49,6 +50,13 @@ RATE = UpstreamErrorEvent("rate_limit_exceeded", 429, retry_after_s=5.0)
 SILENT = UpstreamSilent(300.0)
 GARBAGE = InvalidUpstreamEvent("a binary frame")
 INVALID = FailHttp(502, "invalid_upstream_event")
+# No token: the refresh failed for now, was refused for good, or had no store lock to run under.
+REFRESH = refresh_failure("token_refresh_timeout", permanent=False, retry_after_s=7.0)
+REFUSED = refresh_failure("invalid_grant", permanent=True, retry_after_s=None)
+NO_LOCK = refresh_failure("state_store_unavailable", permanent=False, retry_after_s=1.0)
+REFRESH_503 = FailHttp(503, "token_refresh_failed", 7.0)
+REFUSED_502 = FailHttp(502, "token_refresh_failed")
+NO_LOCK_503 = FailHttp(503, "state_store_unavailable", 1.0)
 
 # First retry with jitter 0, base 0.25 s: half of one step.
 SAME = RetrySame(ACCOUNT, 0.125)
@@ -110,6 +118,10 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (HARD, BOUND, RELAY, RELAY, RELAY, RELAY),
     (HARD, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
     (HARD, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
+    # A refresh failure is told as what it is, at once: never a retry on the owner.
+    (HARD, REFRESH, REFRESH_503, REFRESH_503, incomplete(None), incomplete(None)),
+    (HARD, REFUSED, REFUSED_502, REFUSED_502, incomplete(None), incomplete(None)),
+    (HARD, NO_LOCK, NO_LOCK_503, NO_LOCK_503, incomplete(None), incomplete(None)),
     # SOFT: 1011, handshake errors and rate limits move; other closes stay.
     (SOFT, C1000, SAME, CLOSED, incomplete(1000), incomplete(1000)),
     (SOFT, C1001, SAME, CLOSED, incomplete(1001), incomplete(1001)),
@@ -131,6 +143,9 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (SOFT, BOUND, RELAY, RELAY, RELAY, RELAY),
     (SOFT, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
     (SOFT, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
+    (SOFT, REFRESH, OTHER, REFRESH_503, incomplete(None), incomplete(None)),
+    (SOFT, REFUSED, OTHER, REFUSED_502, incomplete(None), incomplete(None)),
+    (SOFT, NO_LOCK, OTHER, NO_LOCK_503, incomplete(None), incomplete(None)),
     # NONE: the same rules as SOFT.
     (NONE, C1000, SAME, CLOSED, incomplete(1000), incomplete(1000)),
     (NONE, C1001, SAME, CLOSED, incomplete(1001), incomplete(1001)),
@@ -152,6 +167,9 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (NONE, BOUND, RELAY, RELAY, RELAY, RELAY),
     (NONE, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
     (NONE, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
+    (NONE, REFRESH, OTHER, REFRESH_503, incomplete(None), incomplete(None)),
+    (NONE, REFUSED, OTHER, REFUSED_502, incomplete(None), incomplete(None)),
+    (NONE, NO_LOCK, OTHER, NO_LOCK_503, incomplete(None), incomplete(None)),
 ]
 
 COLUMNS = [(False, False), (False, True), (True, False), (True, True)]  # (seen, spent)
@@ -180,7 +198,7 @@ def test_decision_table(affinity: AffinityKind, failure: Failure, expected: list
 
 def test_table_covers_every_cell() -> None:
     failures = {C1000, C1001, C1006, C1011, C1012, C1013, LOST, H401, H403, H429, H503, RATE}
-    failures |= {SILENT, GARBAGE} | NEW_ROWS
+    failures |= {SILENT, GARBAGE, REFRESH, REFUSED, NO_LOCK} | NEW_ROWS
     assert {(a, f) for a, f, *_ in TABLE} == {(a, f) for a in AffinityKind for f in failures}
     assert len(TABLE) == 3 * len(failures)
 
@@ -624,6 +642,9 @@ def test_a_prewarm_that_failed_after_created_is_sent_once_more(
         (RATE, False),
         (OVERLOADED, True),
         (AUTH, False),
+        # The refresher's backoff decides when to try again, not the request's start-over.
+        (REFRESH, False),
+        (NO_LOCK, False),
     ],
 )
 def test_transient(failure: Failure, transient: bool) -> None:

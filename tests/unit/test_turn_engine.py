@@ -416,7 +416,58 @@ def test_a_refused_refresh_disables_the_account_when_permanent() -> None:
     pb << GetToken(REFRESHABLE) >> RefreshRefused("invalid_grant", permanent=True)
     pb << Disable("r", "token refresh refused: invalid_grant") >> None
     pb.skip_until(Failed)
-    assert turn.report.attempts[0].outcome == "refresh_failed"
+    assert turn.report.attempts[0].outcome == "refresh_refused"
+
+
+def _refused_answer(turn: Turn, refused: RefreshRefused) -> Respond:
+    pb = play(turn)
+    pb << FindOwner() >> (Owned("r") if turn.affinity.kind.value == "hard" else Unbound())
+    pb.skip_until(Choose)
+    pb >> Chosen(REFRESHABLE)
+    pb.skip_until(GetToken)
+    pb << GetToken(REFRESHABLE) >> refused
+    failed = pb.skip_until(Failed)
+    assert failed.failure.cause == "refresh_failed"
+    pb >> True
+    answer: Respond = pb.skip_until(Respond, answer=True)
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "code", "retry_after"),
+    [
+        ("token_refresh_timeout", 503, "token_refresh_failed", "7"),
+        ("state_store_unavailable", 503, "state_store_unavailable", "7"),
+    ],
+)
+def test_a_hard_session_whose_token_cannot_be_refreshed_is_told_so_at_once(
+    reason: str, status: int, code: str, retry_after: str
+) -> None:
+    answer = _refused_answer(
+        make_turn(headers=SESSION), RefreshRefused(reason, permanent=False, retry_after_s=7.0)
+    )
+    assert answer.status == status
+    error = json.loads(answer.body)["error"]
+    assert error["code"] == code
+    assert reason in error["message"] and "could not connect" not in error["message"]
+    assert ("retry-after", retry_after) in answer.headers
+
+
+def test_a_401_whose_refresh_fails_is_a_refresh_failure_not_an_owner_failure() -> None:
+    pb = play(make_turn(headers=SESSION))
+    pb << FindOwner() >> Owned("r")
+    pb.skip_until(Choose)
+    pb >> Chosen(REFRESHABLE)
+    pb.skip_until(GetToken)
+    pb << GetToken(REFRESHABLE) >> "old"
+    pb << Open >> Broke(HandshakeRejected(401))
+    pb.skip_until(Refresh)
+    pb >> RefreshRefused("unrecognized_error", permanent=False, retry_after_s=3.0)
+    pb.skip_until(Failed)
+    pb >> True
+    answer = pb.skip_until(Respond, answer=True)
+    assert answer.status == 503
+    assert json.loads(answer.body)["error"]["code"] == "token_refresh_failed"
 
 
 def test_an_error_event_before_any_output_is_the_clients_answer() -> None:

@@ -36,6 +36,7 @@ from responses_ws_bridge.core.failures import (
     is_account_neutral,
     is_auth_rejection,
     is_rate_limit,
+    is_refresh_failure,
     is_upstream_fault,
     is_usage_limit,
     retry_after_of,
@@ -182,8 +183,10 @@ def fail_http_for_choice(
     a `usage_limit_reached`): 429 `usage_limit_reached` with the earliest reset,
     which Codex CLI shows as its usage message rather than retrying. Every
     account cooling otherwise: 429 with Retry-After. When the accounts left
-    were all tried and failed for this request, the last failure speaks (its
-    429 or a 502). A missing hard owner: 502 owner_unavailable. Otherwise 503.
+    were all tried and failed for this request, or the last one was disabled by
+    this request's refused token refresh, the last failure speaks (its 429, its
+    `token_refresh_failed`, or a 502). A missing hard owner: 502
+    owner_unavailable. Otherwise 503.
     """
     if isinstance(choice, AllCoolingDown) and choice.usage_limited:
         whose = f"this session's account ({choice.owner})" if choice.owner else "every account"
@@ -208,7 +211,9 @@ def fail_http_for_choice(
             retry_after_s=float(choice.retry_after_s),
             message="every upstream account is cooling down",
         )
-    if last_failure is not None and (choice.owner is not None or choice.reason == "excluded"):
+    if last_failure is not None and (
+        choice.owner is not None or choice.reason == "excluded" or is_refresh_failure(last_failure)
+    ):
         return fail_http_for(affinity, last_failure)
     if choice.owner is not None:
         return FailHttp(

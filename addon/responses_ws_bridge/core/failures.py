@@ -32,8 +32,13 @@ PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
 CONNECT_FAILED = "connect_failed"
 # The upstream URL is unusable (malformed, or this proxy itself).
 BAD_URL = "bad_url"
-# The account's access token could not be refreshed.
+# The account's access token could not be refreshed: not now (the endpoint down, slow or
+# garbled, a backoff running, no lock to refresh under), or never (the endpoint refused the
+# login for good).
 REFRESH_FAILED = "refresh_failed"
+REFRESH_REFUSED = "refresh_refused"
+# A refresh needs the shared store's lock, and the store is unavailable.
+STATE_STORE_UNAVAILABLE = "state_store_unavailable"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,18 @@ class ConnectFailed:
     detail: str = ""
     timed_out: bool = False
     cause: str = CONNECT_FAILED
+    # When a refresh may be tried again (a refresh failure's backoff).
+    retry_after_s: float | None = None
+
+
+def refresh_failure(reason: str, *, permanent: bool, retry_after_s: float | None) -> ConnectFailed:
+    """No token to open the socket with: `reason` is the refresher's code (never a secret)."""
+    cause = REFRESH_REFUSED if permanent else REFRESH_FAILED
+    return ConnectFailed(reason, cause=cause, retry_after_s=retry_after_s)
+
+
+def is_refresh_failure(failure: Failure) -> bool:
+    return isinstance(failure, ConnectFailed) and failure.cause in (REFRESH_FAILED, REFRESH_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -261,7 +278,7 @@ def is_upstream_fault(failure: Failure) -> bool:
 
 
 def retry_after_of(failure: Failure) -> float | None:
-    if isinstance(failure, HandshakeRejected | UpstreamErrorEvent):
+    if isinstance(failure, HandshakeRejected | UpstreamErrorEvent | ConnectFailed):
         return failure.retry_after_s
     return None
 
@@ -279,6 +296,11 @@ def describe(failure: Failure) -> str:
             return "upstream connection lost without a close frame"
         case HandshakeRejected(status=status):
             return f"upstream rejected the WebSocket handshake with HTTP {status}"
+        case ConnectFailed(cause=cause, detail=reason) if cause in (
+            REFRESH_FAILED,
+            REFRESH_REFUSED,
+        ):
+            return f"the account's access token could not be refreshed ({reason})"
         case ConnectFailed(timed_out=True):
             return "upstream connection timed out"
         case ConnectFailed():

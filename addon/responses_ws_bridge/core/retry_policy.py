@@ -31,6 +31,16 @@ The table, while the client has seen no event and retries remain:
 | not JSON, 1e999, a type with a line break)  | upstream_event              |             |
 | no first event within the request's         | FailHttp 504 upstream_      | same        |
 | `bridge_first_event_timeout`                | timeout, no retry           |             |
+| no token: the refresh failed (not now)      | FailHttp 503 token_refresh_ | RetryOther  |
+|                                             | failed (+ Retry-After)      |             |
+| no token: the refresh was refused for good  | FailHttp 502 token_refresh_ | RetryOther  |
+|                                             | failed                      |             |
+| no token: the store's refresh lock is out   | FailHttp 503 state_store_   | RetryOther  |
+| of reach                                    | unavailable                 |             |
+
+A refresh failure is never retried on the same account within the request:
+the refresher has its own backoff, and another try would only be another
+refresh (or another wait for one).
 
 A 1011 the bridge's own client sent (its keepalive gave up: `by_bridge`) is a
 lost connection, like 1006: RetrySame, never a move, never a strike.
@@ -71,6 +81,8 @@ from websockets.frames import CloseCode
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.error_classes import AUTH_CLASSES, RETRYABLE, ErrorClass
 from responses_ws_bridge.core.failures import (
+    REFRESH_REFUSED,
+    STATE_STORE_UNAVAILABLE,
     ConnectFailed,
     ConnectionLost,
     Failure,
@@ -87,6 +99,7 @@ from responses_ws_bridge.core.failures import (
     is_connection_limit,
     is_handoff,
     is_rate_limit,
+    is_refresh_failure,
     retry_after_of,
 )
 
@@ -276,6 +289,8 @@ def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
     """The client's HTTP error when `failure` is the last word on a request."""
     message = describe(failure)
     upstream_status = failure.status if isinstance(failure, HandshakeRejected) else None
+    if isinstance(failure, ConnectFailed) and is_refresh_failure(failure):
+        return _refresh_failed(failure, message)
     if error_class(failure) is ErrorClass.OVERLOADED:
         # 503 with the upstream's own code: what Codex CLI shows as "servers overloaded".
         return FailHttp(503, "server_is_overloaded", message=message)
@@ -300,9 +315,17 @@ def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
     return FailHttp(502, error_code(failure), upstream_status=upstream_status, message=message)
 
 
+def _refresh_failed(failure: ConnectFailed, message: str) -> FailHttp:
+    if failure.detail == STATE_STORE_UNAVAILABLE:
+        return FailHttp(503, STATE_STORE_UNAVAILABLE, failure.retry_after_s or 1.0, message=message)
+    if failure.cause == REFRESH_REFUSED:
+        return FailHttp(502, "token_refresh_failed", message=message)
+    return FailHttp(503, "token_refresh_failed", failure.retry_after_s or 1.0, message=message)
+
+
 def _moves_soft(failure: Failure) -> bool:
     """Whether a SOFT/NONE request leaves the failed account (see the module table)."""
-    if isinstance(failure, HandshakeRejected):
+    if isinstance(failure, HandshakeRejected) or is_refresh_failure(failure):
         return True
     if isinstance(failure, UpstreamErrorEvent):
         return failure.kind in RETRYABLE and not is_connection_limit(failure)
@@ -314,7 +337,13 @@ def _moves_soft(failure: Failure) -> bool:
 
 
 def is_transient(failure: Failure) -> bool:
-    """A failure that may well pass if the same account is tried again later."""
+    """A failure that may well pass if the same account is tried again later.
+
+    Not a refresh failure: the refresher's own backoff says when to try again, and a
+    request starting over on the account would only meet it (or cost another refresh).
+    """
+    if is_refresh_failure(failure):
+        return False
     if isinstance(failure, HandshakeRejected):
         return failure.status >= 500
     if isinstance(failure, UpstreamClosed):
@@ -438,7 +467,7 @@ def decide(
     if affinity is AffinityKind.HARD:
         # A 1011 from the owner is just another close. The owner keeps
         # the request; no other account is ever chosen.
-        if _owner_cannot_serve(failure):
+        if _owner_cannot_serve(failure) or is_refresh_failure(failure):
             return fail_http_for(affinity, failure)
         if budget_left and owner_usable:
             delay = backoff_delay(

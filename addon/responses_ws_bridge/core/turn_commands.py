@@ -157,6 +157,7 @@ class Refresh:
 class RefreshRefused:
     reason: str
     permanent: bool
+    retry_after_s: float | None = None
 
 
 # --- the upstream socket ---------------------------------------------------------------------

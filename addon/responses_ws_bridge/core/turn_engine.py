@@ -59,7 +59,6 @@ from responses_ws_bridge.core.error_classes import ErrorClass
 from responses_ws_bridge.core.event_relay import JsonRelay, SseRelay, Step
 from responses_ws_bridge.core.failures import (
     BAD_URL,
-    REFRESH_FAILED,
     ConnectFailed,
     Failure,
     HandshakeRejected,
@@ -70,6 +69,7 @@ from responses_ws_bridge.core.failures import (
     describe,
     detail,
     outcome,
+    refresh_failure,
 )
 from responses_ws_bridge.core.handshake_headers import (
     UpstreamCredential,
@@ -263,7 +263,11 @@ class TurnEngine:
             if isinstance(account, _Stop):
                 return
             last = yield from self._attempt_on(plan, account)
-            if last is None or not (yield from self._after(plan, account, last)):
+            if last is None:
+                return
+            # The failure that counted (a 401 whose refresh failed is that refresh failure).
+            last = yield from self._after(plan, account, last)
+            if last is None:
                 return
 
     def _refusal(self) -> tuple[openai_errors.HttpError, str] | None:
@@ -395,7 +399,7 @@ class TurnEngine:
             token = yield from self._ask(GetToken(account))
             if isinstance(token, RefreshRefused):
                 yield from self._refresh_refused(account, token)
-                return ConnectFailed(token.reason, cause=REFRESH_FAILED)
+                return _refresh_failure(token)
             credential = UpstreamCredential(token, account.chatgpt_account_id)
         attempt.credential_tag = fingerprint(credential.bearer) if credential is not None else None
         headers = upstream_handshake_headers(
@@ -624,7 +628,8 @@ class TurnEngine:
     # -- after a failure --------------------------------------------------------------------
 
     def _after(self, plan: AttemptPlan, account: Account | None, failure: Failure) -> _Ask:
-        """Judges a failed attempt; True when another attempt follows."""
+        """Judges a failed attempt; the failure as judged when another attempt follows,
+        None when the turn ends here."""
         attempt = self._attempt
         assert attempt is not None
         self._judge(attempt, failure)
@@ -633,7 +638,9 @@ class TurnEngine:
             yield from self._note(attempt, limits)
         refreshed = False
         if account is not None and not seen and wants_refresh(failure):
-            refreshed = yield from self._refresh(account, attempt)
+            got = yield from self._refresh(account, attempt)
+            # No new token: the request fails as what it is, a refresh failure.
+            failure, refreshed = (got, False) if isinstance(got, ConnectFailed) else (failure, got)
         # A reused socket, or one made ahead, that turns out dead is not the account's fault.
         why = plan.retry_for_free(
             failure,
@@ -648,7 +655,7 @@ class TurnEngine:
                 # Its own word: a socket kept for the session died while idle, no upstream fault.
                 attempt.outcome = why
             yield from self._log_attempt(attempt, failure, f"retrying at once ({why}, free)")
-            return True
+            return failure
         usable = True
         if self.facts.pooled and attempt.account is not None:
             usable = yield from self._ask(Failed(attempt.account, failure))
@@ -660,7 +667,8 @@ class TurnEngine:
             jitter=self._jitter(),
         )
         yield from self._log_attempt(attempt, failure, in_words(decision))
-        return (yield from self._follow(decision, failure))
+        again = yield from self._follow(decision, failure)
+        return failure if again else None
 
     def _judge(self, attempt: Attempt, failure: Failure) -> None:
         if attempt.outcome == PENDING:
@@ -690,7 +698,7 @@ class TurnEngine:
 
     def _refresh(self, account: Account, attempt: Attempt) -> _Ask:
         """A handshake 401 or an auth error event: True when a refreshed token is there
-        for one more try."""
+        for one more try, the refresh failure when there is none."""
         if not account.refreshable:
             return False
         used = attempt.credential_tag
@@ -703,10 +711,11 @@ class TurnEngine:
             used = fingerprint(token)
         got = yield from self._ask(Refresh(account, used))
         if isinstance(got, RefreshRefused):
-            attempt.outcome = outcome(ConnectFailed(got.reason, cause=REFRESH_FAILED))
+            failure = _refresh_failure(got)
+            attempt.outcome = outcome(failure)
             attempt.detail = self._scrub(got.reason)
             yield from self._refresh_refused(account, got)
-            return False
+            return failure
         return bool(got)
 
     def _refresh_refused(self, account: Account, refused: RefreshRefused) -> _Ask:
@@ -766,6 +775,12 @@ class TurnEngine:
         if isinstance(reply, ClientLeft):
             raise _Left
         return reply
+
+
+def _refresh_failure(refused: RefreshRefused) -> ConnectFailed:
+    return refresh_failure(
+        refused.reason, permanent=refused.permanent, retry_after_s=refused.retry_after_s
+    )
 
 
 def _failure_figures(failure: Failure) -> Iterable[RateLimits]:

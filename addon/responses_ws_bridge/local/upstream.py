@@ -714,6 +714,12 @@ class LocalUpstream(WebSocketServerContext):
                 self.tokens = {}
             self.tokens[token] = account
 
+    def revoke_token(self, token: str) -> None:
+        """Refuses `token` with 401 from now on (an access token the upstream no longer takes)."""
+        with self._lock:
+            if self.tokens is not None:
+                self.tokens.pop(token, None)
+
     async def _send(
         self, ws: ServerConnection, live: _Live, event: dict[str, Any], *, stamp: bool = False
     ) -> None:
@@ -794,6 +800,9 @@ class ThreadedUpstream(LoopThread[LocalUpstream]):
 
     def add_token(self, token: str, account: str) -> None:
         self.upstream.add_token(token, account)
+
+    def revoke_token(self, token: str) -> None:
+        self.upstream.revoke_token(token)
 
     def wait_for(
         self, predicate: Callable[[list[ConnectionRecord]], bool], timeout: float

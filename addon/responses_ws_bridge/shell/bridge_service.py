@@ -291,7 +291,7 @@ class _TurnRun:
         return await self.state.failed(command.account_id, command.failure)
 
     async def _disable(self, command: Disable) -> None:
-        self.state.disable(command.account_id, command.reason)
+        await self.state.disable(command.account_id, command.reason)
 
     async def _publish(self, command: PublishOwner) -> None:
         await self.state.publish_owner(command.account_id, command.response_id)
@@ -421,7 +421,7 @@ async def _refusal_or[T](call: Awaitable[T]) -> T | RefreshRefused:
     try:
         return await call
     except RefreshFailed as exc:
-        return RefreshRefused(exc.reason, exc.permanent)
+        return RefreshRefused(exc.reason, exc.permanent, exc.retry_after_s)
 
 
 def _own_upstream(account: Account | None) -> bool:
