@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -34,13 +35,18 @@ from responses_ws_bridge.addons.option_values import (
 )
 from responses_ws_bridge.core import openai_errors, request_checks, routing, upstream_trust
 from responses_ws_bridge.core.accounts import client_key_ok
-from responses_ws_bridge.core.affinity import classify
+from responses_ws_bridge.core.affinity import NO_AFFINITY, Affinity, AffinityKind, classify
 from responses_ws_bridge.core.body_decoding import BodyDecodingError, StreamDecoder
-from responses_ws_bridge.core.create_request import BadRequest, parse_create_request
+from responses_ws_bridge.core.create_request import (
+    BadRequest,
+    CreateRequest,
+    parse_create_request,
+)
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
 from responses_ws_bridge.core.http_fields import bearer_token
+from responses_ws_bridge.core.pool_routes import Route, RouteKind, route
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
-from responses_ws_bridge.core.turns import Destination, Turn
+from responses_ws_bridge.core.turns import Destination, ForwardedHttp, Turn
 from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
@@ -222,7 +228,8 @@ class ResponsesBridge:
         body is decoded and capped chunk by chunk (`BodyCollector`): a gzip bomb
         stops at the cap of decoded bytes.
         """
-        if not self._wants(flow):
+        served = self._route(flow)
+        if served is None:
             return
         headers = list(flow.request.headers.items(multi=True))
         early = request_checks.early_answer(
@@ -236,14 +243,18 @@ class ResponsesBridge:
             return
         if request_checks.body_may_follow(headers):
             collector = BodyCollector(
-                flow.request.headers.get("content-encoding"), limit=self.max_body
+                flow.request.headers.get("content-encoding"),
+                limit=self.max_body,
+                # A forwarded request goes upstream as it came.
+                keep_wire=served.kind is not RouteKind.BRIDGED,
             )
             flow_streaming.consume_body(flow, collector)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not self._wants(flow) or flow.response is not None:
+        served = self._route(flow)
+        if served is None or flow.response is not None:
             return
-        turn = self._turn_for(flow)
+        turn = self._turn_for(flow, served)
         if turn is None:
             return
         flow.metadata[METADATA_KEY] = {
@@ -254,24 +265,43 @@ class ResponsesBridge:
         }
         await self._stream(flow, turn)
 
-    def _turn_for(self, flow: http.HTTPFlow) -> Turn | None:
+    def _turn_for(self, flow: http.HTTPFlow, served: Route) -> Turn | None:
         """The checked request as a turn, or None when it was answered with an error."""
         if not flow_streaming.installed():
             self._answer(flow, openai_errors.bridge_not_ready())
             return None
-        state = self.service.state
         if not self._client_key_ok(flow):
             self._answer(flow, openai_errors.unauthorized_client_key())
             return None
+        if served.kind is RouteKind.WEBSOCKET:
+            # Not served by the pool yet: never passed on with the client's credential.
+            self._answer(flow, openai_errors.websocket_not_served())
+            return None
+        wire = _wire_body(flow)
         body = self._body(flow)
         if isinstance(body, openai_errors.HttpError):
             self._answer(flow, body)
             return None
-        try:
-            create = parse_create_request(body, max_body=self.max_body)
-        except BadRequest as exc:
-            self._answer(flow, openai_errors.bad_request(exc))
-            return None
+        forwarded: ForwardedHttp | None = None
+        if served.kind is RouteKind.BRIDGED:
+            try:
+                create = parse_create_request(body, max_body=self.max_body)
+            except BadRequest as exc:
+                self._answer(flow, openai_errors.bad_request(exc))
+                return None
+        else:
+            create = CreateRequest(stream=False, message=b"", body=_json_object(body))
+            forwarded = ForwardedHttp(served, flow.request.method, wire)
+        return self._turn(flow, served, create, forwarded)
+
+    def _turn(
+        self,
+        flow: http.HTTPFlow,
+        served: Route,
+        create: CreateRequest,
+        forwarded: ForwardedHttp | None,
+    ) -> Turn:
+        state = self.service.state
         headers = tuple(flow.request.headers.items(multi=True))
         request_id = client_request_id(headers) or f"req_{uuid.uuid4().hex}"
         destination = Destination(
@@ -283,10 +313,11 @@ class ResponsesBridge:
             client_headers=headers,
             request_id=request_id,
             destination=destination,
-            affinity=classify(headers, create.body),
+            affinity=_affinity(served, headers, create),
             client_credential=(None if state.pooled else _client_credential(flow.request.headers)),
             reverse_target=_reverse_target(flow),
             own_endpoints=self._own_endpoints(flow),
+            http=forwarded,
         )
 
     def _own_endpoints(self, flow: http.HTTPFlow) -> tuple[upstream_trust.Endpoint, ...]:
@@ -346,7 +377,11 @@ class ResponsesBridge:
         head = sink.head.result()
         headers = http.Headers([(k.encode(), v.encode()) for k, v in head.headers])
         if head.body is not None:
-            flow.response = http.Response.make(head.status, head.body, headers)
+            # Bytes as they are: a forwarded answer may be content-encoded already.
+            response = http.Response.make(head.status, b"", headers)
+            response.raw_content = head.body
+            response.headers["content-length"] = str(len(head.body))
+            flow.response = response
             return
         # No length: mitmproxy frames it (chunked, or h2 DATA frames).
         headers["transfer-encoding"] = "chunked"
@@ -354,8 +389,9 @@ class ResponsesBridge:
         routed.streamed = True
 
     async def _serve(self, turn: Turn, sink: flow_streaming.FlowSink) -> None:
+        serve = self.service.forward if turn.http is not None else self._serving()
         try:
-            await self._serving()(turn, sink)
+            await serve(turn, sink)
         except ClientGone:
             pass
         except Exception:
@@ -388,7 +424,7 @@ class ResponsesBridge:
         if routed is None or flow.response is None:
             return
         if routed.streamed:
-            flow.response.content = bytes(routed.body)
+            flow.response.raw_content = bytes(routed.body)
         self._annotate(flow, routed)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -399,7 +435,7 @@ class ResponsesBridge:
         # The client left: end the upstream turn promptly.
         routed.task.cancel()
         if routed.streamed and flow.response is not None:
-            flow.response.content = bytes(routed.body)
+            flow.response.raw_content = bytes(routed.body)
         self._annotate(flow, routed)
 
     # -- commands ----------------------------------------------------------------
@@ -427,9 +463,20 @@ class ResponsesBridge:
 
     # -- helpers -----------------------------------------------------------
 
-    @staticmethod
-    def _wants(flow: http.HTTPFlow) -> bool:
-        return routing.is_bridged(flow.request.method, flow.request.path)
+    def _route(self, flow: http.HTTPFlow) -> Route | None:
+        """What the bridge does with the flow: its route, or None when it passes untouched.
+
+        Without a pool only `POST …/responses` is the bridge's; with one, every
+        request is (the pool is the client's whole base URL).
+        """
+        if flow.metadata.get(METADATA_KEY, {}).get("role") == "upstream":
+            return None  # the bridge's own recorded upstream session, shown through the hooks
+        request = flow.request
+        upgrade = "websocket" in request.headers.get("upgrade", "").lower()
+        served = route(request.method, request.path, websocket=upgrade)
+        if served.kind is RouteKind.BRIDGED or self.service.state.pooled:
+            return served
+        return None
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, error: openai_errors.HttpError) -> None:
@@ -451,6 +498,37 @@ class ResponsesBridge:
             held_up_writes=routed.sink.held_up_writes,
         )
         flow.comment = report.describe()
+
+
+def _wire_body(flow: http.HTTPFlow) -> bytes:
+    """The request body as the client sent it (before `_body` keeps it decoded)."""
+    collector = flow.request.stream
+    if isinstance(collector, BodyCollector):
+        return collector.wire
+    return flow.request.raw_content or b""
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A forwarded body's JSON object, for its affinity ({} for anything else)."""
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _affinity(
+    served: Route, headers: tuple[tuple[str, str], ...], create: CreateRequest
+) -> Affinity:
+    """Whose account serves the request: `affinity.classify` of what it carries, except
+    that one response belongs to whoever produced it, and models to anyone."""
+    if served.kind is RouteKind.ONE_RESPONSE:
+        return Affinity(AffinityKind.SOFT, source="path:response_id", owner_hint=served.response_id)
+    if served.kind is RouteKind.MODELS:
+        return NO_AFFINITY
+    return classify(headers, create.body)
 
 
 def _reverse_target(flow: http.HTTPFlow) -> upstream_trust.Endpoint | None:

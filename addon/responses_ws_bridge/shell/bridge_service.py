@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,20 @@ from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import upstream_trust
 from responses_ws_bridge.core.accounts import Account
+from responses_ws_bridge.core.answer_cache import AnswerCache
 from responses_ws_bridge.core.failures import AttemptFailed
+from responses_ws_bridge.core.forward_commands import (
+    Abort,
+    BodyChunk,
+    CacheLookup,
+    CacheStore,
+    DropFetch,
+    Fetch,
+    Fetched,
+    ReadBody,
+)
+from responses_ws_bridge.core.forward_engine import ForwardEngine
+from responses_ws_bridge.core.forward_policy import CachedAnswer
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turn_commands import (
@@ -32,7 +45,6 @@ from responses_ws_bridge.core.turn_commands import (
     Checkout,
     Choose,
     ClientLeft,
-    Command,
     Disable,
     Failed,
     FindOwner,
@@ -68,6 +80,9 @@ from responses_ws_bridge.core.turn_engine import (
     TurnEngine,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell import http_forward
+from responses_ws_bridge.shell.answer_flights import AnswerFlights
+from responses_ws_bridge.shell.http_forward import ExchangeTap, HttpExchange
 from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT, Preconnector
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
@@ -96,6 +111,8 @@ logger = logging.getLogger(__name__)
 
 # Gives the recorder a tap for each new upstream connection (None: not recorded).
 TapFactory = Callable[[Turn, Attempt], SessionTap | None]
+# The same for each forwarded HTTP exchange: (turn, attempt, the Fetch) -> tap.
+ExchangeTapFactory = Callable[[Turn, Attempt, Fetch], ExchangeTap | None]
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,7 @@ class BridgeService:
         sessions: SessionPool,
         connector: Preconnector | None = None,
         taps: TapFactory | None = None,
+        exchange_taps: ExchangeTapFactory | None = None,
         tokens: TokenRefresher | None = None,
         shared: SharedState | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -141,16 +159,19 @@ class BridgeService:
         self.settings = settings
         self.state = state
         self.sessions = sessions
+        self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
         self.connector = (
             connector if connector is not None else Preconnector(per_host=settings.preconnect)
         )
         self.tokens = tokens if tokens is not None else TokenRefresher()
         self.taps = taps
+        self.exchange_taps = exchange_taps
+        # Answers of forwarded requests shared by every client asking the same (models).
+        self.answers = AnswerFlights(AnswerCache(self.clocks.monotonic))
         # Affinity, health and load shared with other instances (when `bridge_state` is set).
         self.shared = shared
         self.sleep = sleep
         self.jitter = jitter
-        self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
 
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
@@ -173,6 +194,18 @@ class BridgeService:
             self.settings.engine,
             self._facts(),
             scrub=scrub,
+            clocks=self.clocks,
+            jitter=self.jitter,
+        )
+        await _TurnRun(self, turn, sink, self._turn_state()).drive(engine.run())
+
+    async def forward(self, turn: Turn, sink: ClientSink) -> None:
+        """Answers a request the pool forwards over HTTP (`turn.http`), through `sink`."""
+        engine = ForwardEngine(
+            turn,
+            self.settings.engine,
+            accounts_own_upstreams=self._facts().accounts_own_upstreams,
+            scrub=self.state.scrubber(),
             clocks=self.clocks,
             jitter=self.jitter,
         )
@@ -202,6 +235,8 @@ class BridgeService:
 
 
 Handler = Callable[[Any], Awaitable[Any]]
+# A turn engine's run, or a forwarded request's: commands out, events in.
+AnyRun = Generator[Any, Any, None]
 
 
 class _TurnRun:
@@ -213,7 +248,8 @@ class _TurnRun:
         self.sink = sink
         self.state = state
         self.session: UpstreamSession | None = None
-        self._handlers: dict[type[Command], Handler] = {
+        self.exchange: HttpExchange | None = None
+        self._handlers: dict[type, Handler] = {
             FindOwner: self._find_owner,
             Choose: self._choose,
             Bind: self._bind,
@@ -237,9 +273,15 @@ class _TurnRun:
             Respond: self._respond,
             Sleep: self._sleep,
             Log: self._log,
+            Fetch: self._fetch,
+            ReadBody: self._read_body,
+            DropFetch: self._drop_fetch,
+            CacheLookup: self._cache_lookup,
+            CacheStore: self._cache_store,
+            Abort: self._abort,
         }
 
-    async def drive(self, engine: EngineRun) -> None:
+    async def drive(self, engine: EngineRun | AnyRun) -> None:
         """Runs the engine to its end; re-raises what made the client leave."""
         reply: object = None
         left: BaseException | None = None
@@ -349,6 +391,55 @@ class _TurnRun:
         if self.session is None:
             raise RuntimeError("the turn engine used a socket it had not opened")
         return self.session
+
+    # -- a forwarded HTTP exchange ----------------------------------------------------------
+
+    async def _fetch(self, command: Fetch) -> Fetched | Broke:
+        service = self.service
+        taps = service.exchange_taps
+        tap = taps(self.turn, command.attempt, command) if taps is not None else None
+        try:
+            self.exchange = await http_forward.exchange(
+                command.url,
+                command.method,
+                command.headers,
+                command.body,
+                service.settings.upstream,
+                head_timeout=command.timeout_s,
+                tap=tap,
+            )
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+        return Fetched(self.exchange.status, self.exchange.reason, self.exchange.headers)
+
+    async def _read_body(self, command: ReadBody) -> BodyChunk | TimedOut | Broke:
+        exchange = self.exchange
+        if exchange is None:
+            raise RuntimeError("the engine read an answer it had not fetched")
+        try:
+            if command.whole is not None:
+                data, end = await exchange.read_whole(command.whole, command.timeout_s)
+            else:
+                data, end = await exchange.read(command.timeout_s)
+        except TimeoutError:
+            return TimedOut()
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+        return BodyChunk(data, end)
+
+    async def _drop_fetch(self, _: DropFetch) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.close()
+
+    async def _cache_lookup(self, command: CacheLookup) -> CachedAnswer | None:
+        return await self.service.answers.lookup(command.key)
+
+    async def _cache_store(self, command: CacheStore) -> None:
+        self.service.answers.store(command.key, command.answer)
+
+    async def _abort(self, command: Abort) -> None:
+        await self.sink.abort(command.reason)
 
     # -- the client -------------------------------------------------------------------------
 
