@@ -18,6 +18,7 @@ import openai
 import pytest
 from harness.proxy_process import ProxyProcess
 from responses_ws_bridge.core.sse import parse_sse
+from responses_ws_bridge.local.response_events import TurnSpec
 from responses_ws_bridge.local.upstream import ConnectionRecord, HttpPlan, Plan, ThreadedUpstream
 
 from tests.support.data import load_capture
@@ -294,6 +295,40 @@ def test_a_destination_outside_the_trusted_hosts_gets_403_and_nothing_is_sent(
     assert got.status_code == 403
     assert got.json()["error"]["code"] == "untrusted_upstream"
     assert upstream.records() == []
+
+
+def test_a_token_the_upstream_echoes_in_an_event_reaches_no_client_flow_or_log(
+    upstream: ThreadedUpstream, accounts_file: Path, tmp_path: Path
+) -> None:
+    secrets = ("tok-team-a", "tok-team-b", CLIENT_KEY)
+    upstream.default_plan = Plan(turn=TurnSpec(text=f"echo {' '.join(secrets)} done"))
+    saved = tmp_path / "flows.mitm"
+    try:
+        with ProxyProcess(
+            "--mode",
+            f"reverse:http://127.0.0.1:{upstream.port}",
+            "--set",
+            f"bridge_accounts={accounts_file}",
+            "--set",
+            "flow_detail=4",
+            "-w",
+            str(saved),
+        ) as proxy:
+            api = sdk(proxy)
+            streamed = b"".join(
+                e.model_dump_json().encode()
+                for e in api.responses.create(model="m", input="x", stream=True)
+            )
+            whole = api.responses.create(model="m", input="x").model_dump_json().encode()
+            proxy.stop()  # flushes the -w file
+            log = proxy.log()
+    finally:
+        upstream.default_plan = Plan()
+    assert b"echo <redacted> <redacted> <redacted> done" in whole
+    for secret in secrets:
+        for where, text in (("stream", streamed), ("json", whole), ("flows", saved.read_bytes())):
+            assert secret.encode() not in text, (secret, where)
+        assert secret not in log
 
 
 def records_of(upstream: ThreadedUpstream, method: str) -> list[ConnectionRecord]:

@@ -45,7 +45,8 @@ from responses_ws_bridge.core.upstream_events import (
     with_output,
 )
 
-# Upstream frames whose text is the upstream's own error message: scrubbed before relaying.
+# Upstream frames whose text is the upstream's own error message: scrubbed of anything
+# key-shaped too. Every other frame loses the known secrets only.
 SCRUBBED_TYPES = frozenset({"error", "response.failed"})
 _NOT_JSON = "not a JSON object of finite numbers"
 
@@ -88,7 +89,9 @@ class _Seen:
         return parse_error_event(frame, wall_now=self.wall())
 
     def scrubbed(self, frame: str, info: EventInfo) -> str:
-        return self.scrub(frame) if info.type in SCRUBBED_TYPES else frame
+        # Every frame loses the known secrets (one scan); the upstream's own error texts
+        # also lose anything key-shaped.
+        return self.scrub(frame) if info.type in SCRUBBED_TYPES else self.scrub.known(frame)
 
 
 class SseRelay(_Seen):
@@ -185,7 +188,7 @@ class JsonRelay(_Seen):
             _figures(frame, step)
             return True
         if info.type == OUTPUT_ITEM_DONE:
-            found = output_item(frame)
+            found = output_item(self.scrub.known(frame))
             if found is not None:
                 self._items.append(found)
             return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 from responses_ws_bridge.core.handshake_headers import redact_secrets
 from responses_ws_bridge.core.openai_errors import HttpError
@@ -88,8 +89,32 @@ def redact_headers(
     return out
 
 
+def trie_pattern(words: Iterable[str]) -> str:
+    """A regular expression matching any of `words`, shared prefixes factored out.
+
+    `re` tries the alternatives of `a|b|c` one by one at every position of a
+    text; as a trie (`eyJ(?:abc|def)|sk-…`) it follows one branch per position,
+    so a search costs about the same for three secrets as for a hundred.
+    """
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a word ends here
+
+    def build(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + build(child) for char, child in node.items() if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(root)
+
+
 class SecretScrubber:
-    """Cuts every known secret out of text an upstream chose (close reasons, error bodies).
+    """Cuts every known secret out of text an upstream chose: events, close reasons, error bodies.
 
     Built once per accounts file from all its secrets (account tokens, client
     keys; refresh tokens too when there are any) and reused for every text:
@@ -108,13 +133,12 @@ class SecretScrubber:
                 forms.add(json.dumps(secret)[1:-1])
                 forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
         self._secrets = frozenset(s for s in secrets if s) if forms else frozenset()
-        alternatives = sorted(forms, key=len, reverse=True)
-        # A lookahead finds a match at every position, overlapping ones included.
-        self._pattern = (
-            re.compile("(?=(" + "|".join(map(re.escape, alternatives)) + "))")
-            if alternatives
-            else None
-        )
+        # One scan per text says whether anything needs replacing: every form in one
+        # pattern shaped as a trie, so its cost grows with the text, not the secrets.
+        self._any = re.compile(trie_pattern(forms)) if forms else None
+        # Only on a hit: a lookahead finds a match at every position, overlapping ones included.
+        alternatives = "|".join(map(re.escape, sorted(forms, key=len, reverse=True)))
+        self._pattern = re.compile(f"(?=({alternatives}))") if forms else None
 
     def __repr__(self) -> str:
         return f"SecretScrubber(<{len(self._secrets)} secrets>)"
@@ -125,24 +149,45 @@ class SecretScrubber:
         return SecretScrubber([*self._secrets, *more]) if more else self
 
     def __call__(self, text: str) -> str:
-        pattern = self._pattern
-        if pattern is not None and pattern.search(text) is not None:
-            spans: list[list[int]] = []
-            for match in pattern.finditer(text):
-                start, end = match.start(1), match.end(1)
-                if spans and start <= spans[-1][1]:
-                    spans[-1][1] = max(spans[-1][1], end)
-                else:
-                    spans.append([start, end])
-            pieces: list[str] = []
-            at = 0
-            for start, end in spans:
-                pieces.append(text[at:start])
-                pieces.append(REDACTED)
-                at = end
-            pieces.append(text[at:])
-            text = "".join(pieces)
-        return redact_secrets(text)
+        """`text` without any known secret, API key or JWT-looking token (for error texts)."""
+        return redact_secrets(self.known(text))
+
+    def known(self, text: str) -> str:
+        """`text` without the known secrets only: for any upstream text, events included.
+
+        One C-level scan of the text (a compiled alternation of every secret
+        and its JSON-escaped forms); the text is rebuilt only when it holds
+        one. Unknown key-shaped words are left alone here: an event's text is
+        the model's, and may rightly talk about `sk-…`.
+        """
+        found = self._any
+        if found is None or found.search(text) is None:
+            return text
+        assert self._pattern is not None
+        # Overlapping occurrences are cut out as their union: no piece of either survives.
+        spans: list[list[int]] = []
+        for match in self._pattern.finditer(text):
+            start, end = match.start(1), match.end(1)
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        pieces: list[str] = []
+        at = 0
+        for start, end in spans:
+            pieces.append(text[at:start])
+            pieces.append(REDACTED)
+            at = end
+        pieces.append(text[at:])
+        return "".join(pieces)
+
+    def known_data(self, data: bytes) -> bytes:
+        """`known` for bytes (undecodable bytes kept as they are)."""
+        if self._any is None:
+            return data
+        return self.known(data.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape"
+        )
 
     def data(self, data: bytes) -> bytes:
         """Bytes as text (undecodable bytes kept as they are), scrubbed."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -68,10 +67,8 @@ class SessionFlowTap:
         self._emit = emit
         self._redact = redact
         self._secrets = secrets if redact else ()
-        # One C-level scan per message tells whether any secret needs replacing.
-        alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
-        self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
-        # The close reason is the upstream's text: it may echo a credential.
+        # Messages, close reasons: the upstream's text may echo a credential. One C-level
+        # scan per message tells whether anything needs replacing.
         self._scrub = SecretScrubber(self._secrets) if redact else None
         # The segment being recorded (None: the socket is idle between turns).
         self.flow: http.HTTPFlow | None = None
@@ -137,15 +134,12 @@ class SessionFlowTap:
         if self.flow is None or self.flow.websocket is None:
             return
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-        pattern = self._secret_pattern
-        secrets = self._secrets if pattern is not None and pattern.search(text) else ()
         session_flows.record_message(
             self.flow,
             from_client=from_client,
-            content=text,
+            content=self._scrub.known(text) if self._scrub is not None else text,
             timestamp=timestamp,
             text=True,
-            secrets=secrets,
         )
         self._emit.touch(self.flow)
 
