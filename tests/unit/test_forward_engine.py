@@ -128,7 +128,6 @@ def fetch_on(pb: Playbook, account: Account, pick: Any, *, owner: object = None)
     pb << Choose(pick, claim=owner is None or isinstance(owner, Unbound)) >> Chosen(account)
     if isinstance(pb.next_command(), Bind):
         pb << Bind(account.id) >> None
-    pb << NoteFigures(account.id, None) >> None
     pb << Hold(account.id) >> None
     pb << GetToken(account) >> account.bearer
     pb << Fetch
@@ -138,7 +137,6 @@ def fetch_on(pb: Playbook, account: Account, pick: Any, *, owner: object = None)
 def again_on(pb: Playbook, account: Account, pick: Any) -> Fetch:
     """A retry, from the next Choose to its exchange's request."""
     pb << Choose(pick, claim=isinstance(pick, PickAny)) >> Chosen(account)
-    pb << NoteFigures(account.id, None) >> None
     pb << Hold(account.id) >> None
     pb << GetToken(account) >> account.bearer
     pb << Fetch

@@ -42,12 +42,7 @@ from responses_ws_bridge.core.failures import (
     REFRESH_FAILED,
     ConnectFailed,
     Failure,
-    HandshakeRejected,
     UpstreamSilent,
-    close_code_seen,
-    describe,
-    detail,
-    outcome,
 )
 from responses_ws_bridge.core.forward_commands import (
     Abort,
@@ -62,12 +57,10 @@ from responses_ws_bridge.core.forward_commands import (
 from responses_ws_bridge.core.forward_policy import CachedAnswer, Verdict
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_routes import RouteKind
-from responses_ws_bridge.core.rate_limits import RateLimits, from_headers, merge
+from responses_ws_bridge.core.pool_steps import Ask, Left, PoolSteps
+from responses_ws_bridge.core.rate_limits import from_headers
 from responses_ws_bridge.core.redaction import SecretScrubber
 from responses_ws_bridge.core.retry_policy import (
-    FailHttp,
-    RetryOther,
-    RetrySame,
     handshake_rejected,
 )
 from responses_ws_bridge.core.token_refresh import fingerprint
@@ -75,19 +68,13 @@ from responses_ws_bridge.core.turn_commands import (
     Bind,
     Broke,
     Choose,
-    ClientLeft,
-    Disable,
     FailClosed,
-    Failed,
     FindOwner,
     Finish,
     GetToken,
     Hold,
-    Log,
-    NoteFigures,
     Owned,
     PublishOwner,
-    Refresh,
     RefreshRefused,
     Respond,
     Served,
@@ -99,19 +86,15 @@ from responses_ws_bridge.core.turn_commands import (
     Write,
 )
 from responses_ws_bridge.core.turn_engine import Clocks, EngineSettings
-from responses_ws_bridge.core.turns import CLIENT_GONE, ERROR, PENDING, Attempt, Turn
+from responses_ws_bridge.core.turns import CLIENT_GONE, ERROR, Attempt, Turn
 
 ForwardRun = Generator[Any, Any, None]
-_Ask = Generator[Any, Any, Any]
+_Ask = Ask
 
 # An error answer is read whole to judge it (a 429's reset time); more is not kept.
 ERROR_BODY_LIMIT = 64 * 1024
 # A cacheable answer larger than this is streamed and not kept.
 CACHE_BODY_LIMIT = 1024 * 1024
-
-
-class _Left(Exception):
-    """The client went away."""
 
 
 class _Stop:
@@ -128,7 +111,7 @@ class _NotHere:
 _NOT_HERE = _NotHere()
 
 
-class ForwardEngine:
+class ForwardEngine(PoolSteps):
     def __init__(
         self,
         turn: Turn,
@@ -140,14 +123,12 @@ class ForwardEngine:
         jitter: Callable[[], float],
     ) -> None:
         assert turn.http is not None, "not a forwarded request"
+        super().__init__(request_id=turn.request_id, scrub=scrub, clocks=clocks, jitter=jitter)
         self.turn = turn
         self.http = turn.http
         self.report = turn.report
         self.settings = settings
         self._own_upstreams = accounts_own_upstreams
-        self._scrub = scrub
-        self._clocks = clocks
-        self._jitter = jitter
         self._attempt: Attempt | None = None
         self._held: str | None = None
         self._fetching = False
@@ -157,7 +138,6 @@ class ForwardEngine:
         self._probing = False
         # The last probe's 404, given to the client when no account had the response.
         self._missing: CachedAnswer | None = None
-        self._figures: RateLimits | None = None
 
     # -- the whole request ------------------------------------------------------------------
 
@@ -165,7 +145,7 @@ class ForwardEngine:
         try:
             yield from self._serve()
             yield from self._unlead(None)
-        except _Left:
+        except Left:
             yield from self._let_go()
 
     def _serve(self) -> ForwardRun:
@@ -277,7 +257,6 @@ class ForwardEngine:
         attempt = self._attempt = Attempt(plan.attempts, account.id, "")
         self.report.account = account.id
         self.report.attempts.append(attempt)
-        self._figures = yield from self._ask(NoteFigures(account.id, None))
         yield from self._ask(Hold(account.id))
         self._held = account.id
         result = yield from self._try(account, attempt)
@@ -311,7 +290,7 @@ class ForwardEngine:
         if isinstance(got, Broke):
             return got.failure
         self._fetching = True
-        yield from self._note(attempt, from_headers(got.headers))
+        yield from self._note(attempt.account, from_headers(got.headers))
         verdict = forward_policy.judge(self.http.route.kind, got.status, probing=self._probing)
         if verdict is Verdict.RELAY:
             yield from self._relay(got, attempt)
@@ -414,64 +393,12 @@ class ForwardEngine:
 
     def _after(self, plan: AttemptPlan, account: Account, failure: Failure) -> _Ask:
         """Judges a failed attempt; True when another attempt follows."""
-        attempt = self._attempt
-        assert attempt is not None
-        if attempt.outcome == PENDING:
-            attempt.outcome = self._scrub(outcome(failure))
-        attempt.close_code = close_code_seen(failure)
-        attempt.detail = self._scrub(attempt.detail or detail(failure))
-        refreshed = False
-        if isinstance(failure, HandshakeRejected) and failure.status == 401:
-            refreshed = yield from self._refresh(account, attempt)
-        why = plan.retry_for_free(
-            failure,
-            account=account.id,
-            reused=False,
-            client_has_seen_event=False,
-            token_refreshed=refreshed,
-        )
-        if why is not None:
-            yield from self._log_attempt(attempt, failure, f"free retry ({why})")
+        assert self._attempt is not None
+        verdict = yield from self._judge(plan, account, self._attempt, failure)
+        if verdict is True:
             return True
-        usable = yield from self._ask(Failed(account.id, failure))
-        decision = plan.decide(
-            failure,
-            account=account.id,
-            client_has_seen_event=False,
-            owner_usable=usable,
-            jitter=self._jitter(),
-        )
-        yield from self._log_attempt(attempt, failure, type(decision).__name__)
-        if isinstance(decision, RetrySame):
-            yield from self._ask(Sleep(decision.delay_s))
-            return True
-        if isinstance(decision, RetryOther):
-            return True
-        fail = decision if isinstance(decision, FailHttp) else None
-        yield from self._fail(openai_errors.for_failure(failure, fail, passthrough=False))
+        yield from self._fail(verdict)
         return False
-
-    def _refresh(self, account: Account, attempt: Attempt) -> _Ask:
-        """An answer 401: True when a refreshed token is there for one more try."""
-        if not account.refreshable or attempt.credential_tag is None:
-            return False
-        got = yield from self._ask(Refresh(account, attempt.credential_tag))
-        if isinstance(got, RefreshRefused):
-            attempt.outcome = outcome(ConnectFailed(got.reason, cause=REFRESH_FAILED))
-            attempt.detail = self._scrub(got.reason)
-            yield from self._refresh_refused(account, got)
-            return False
-        return bool(got)
-
-    def _refresh_refused(self, account: Account, refused: RefreshRefused) -> _Ask:
-        if refused.permanent:
-            yield from self._ask(Disable(account.id, f"token refresh refused: {refused.reason}"))
-
-    def _note(self, attempt: Attempt, limits: RateLimits | None) -> _Ask:
-        if limits is None or attempt.account is None:
-            return
-        known = yield from self._ask(NoteFigures(attempt.account, limits))
-        self._figures = known if known is not None else merge(self._figures, limits)
 
     # -- answering and letting go -----------------------------------------------------------
 
@@ -495,19 +422,3 @@ class ForwardEngine:
         if self._leading is not None:
             key, self._leading = self._leading, None
             yield CacheStore(key, None)
-
-    def _log(self, message: str) -> _Ask:
-        yield from self._ask(Log(f"bridge {self.turn.request_id}: {message}"))
-
-    def _log_attempt(self, attempt: Attempt, failure: Failure, then: str) -> _Ask:
-        yield from self._log(
-            f"forwarded attempt {attempt.number} on {attempt.account}: "
-            f"{self._scrub(describe(failure))} -> {then}"
-        )
-
-    @staticmethod
-    def _ask(command: object) -> _Ask:
-        reply = yield command
-        if isinstance(reply, ClientLeft):
-            raise _Left
-        return reply
