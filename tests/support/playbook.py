@@ -12,8 +12,9 @@ from typing import Any
 
 from responses_ws_bridge.core.forward_commands import ForwardCommand
 from responses_ws_bridge.core.turn_commands import Command
+from responses_ws_bridge.core.ws_client_commands import WsClientCommand
 
-AnyCommand = Command | ForwardCommand
+AnyCommand = Command | ForwardCommand | WsClientCommand
 
 
 class Playbook:

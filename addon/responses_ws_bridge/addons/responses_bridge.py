@@ -25,7 +25,7 @@ from mitmproxy import command, connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from responses_ws_bridge.addons import flow_streaming
+from responses_ws_bridge.addons import flow_streaming, ws_streaming
 from responses_ws_bridge.addons.option_values import (
     MiB,
     not_negative,
@@ -47,6 +47,7 @@ from responses_ws_bridge.core.http_fields import bearer_token
 from responses_ws_bridge.core.pool_routes import Route, RouteKind, route
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turns import Destination, ForwardedHttp, Turn
+from responses_ws_bridge.core.ws_client_engine import WsClientRequest
 from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
@@ -56,6 +57,7 @@ from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
 from responses_ws_bridge.shell.sink import ClientGone, ClientSink
 from responses_ws_bridge.shell.turn_metrics import TurnMetrics, observe
+from responses_ws_bridge.shell.ws_client_run import serve_websocket
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ class ResponsesBridge:
         self.service = service
         self.max_body = DEFAULT_MAX_BODY
         self._routed: dict[str, _Routed] = {}
+        # Client WebSockets the pool serves, by flow id.
+        self._sockets: dict[str, ws_streaming.ClientSocket] = {}
         # Where finished turns are counted (the metrics addon, when `bridge_metrics` is on).
         self.metrics: Callable[[], TurnMetrics | None] = lambda: None
 
@@ -254,6 +258,9 @@ class ResponsesBridge:
         served = self._route(flow)
         if served is None or flow.response is not None:
             return
+        if served.kind is RouteKind.WEBSOCKET and self._client_key_ok(flow):
+            await self._websocket(flow)
+            return
         turn = self._turn_for(flow, served)
         if turn is None:
             return
@@ -272,10 +279,6 @@ class ResponsesBridge:
             return None
         if not self._client_key_ok(flow):
             self._answer(flow, openai_errors.unauthorized_client_key())
-            return None
-        if served.kind is RouteKind.WEBSOCKET:
-            # Not served by the pool yet: never passed on with the client's credential.
-            self._answer(flow, openai_errors.websocket_not_served())
             return None
         wire = _wire_body(flow)
         body = self._body(flow)
@@ -319,6 +322,75 @@ class ResponsesBridge:
             own_endpoints=self._own_endpoints(flow),
             http=forwarded,
         )
+
+    async def _websocket(self, flow: http.HTTPFlow) -> None:
+        """Serves a client's WebSocket upgrade through the pool (`ws_client_engine`).
+
+        The upgrade is answered once the engine says how: a 101 (the client's
+        socket is then held by `ws_streaming.PoolWebsocketLayer`), or the HTTP
+        error a bridged request would get.
+        """
+        if not flow_streaming.installed():
+            self._answer(flow, openai_errors.bridge_not_ready())
+            return
+        headers = tuple(flow.request.headers.items(multi=True))
+        request = WsClientRequest(
+            flow_id=flow.id,
+            headers=headers,
+            destination=Destination(
+                flow.request.scheme, flow.request.host, flow.request.port, flow.request.path
+            ),
+            request_id=client_request_id(headers) or f"req_{uuid.uuid4().hex}",
+            reverse_target=_reverse_target(flow),
+            own_endpoints=self._own_endpoints(flow),
+        )
+        client = self._sockets[flow.id] = ws_streaming.ClientSocket(flow)
+        flow_streaming.serve_websocket(
+            flow, lambda context, f: ws_streaming.PoolWebsocketLayer(context, f, client)
+        )
+        flow.metadata[METADATA_KEY] = {"role": "client", "request_id": request.request_id}
+        task = asyncio.ensure_future(self._serve_socket(flow, request, client))
+        waiting: list[asyncio.Future[Any]] = [client.head, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not client.head.done():
+            self._answer(flow, openai_errors.bridge_internal_error())
+            return
+        head = client.head.result()
+        if head.status != 101:
+            self._answer(flow, openai_errors.HttpError(head.status, head.body, head.headers))
+            return
+        key = flow.request.headers.get("sec-websocket-key", "")
+        fields = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", ws_streaming.accept_key(key)),
+            *head.headers,
+        ]
+        response = http.Response.make(
+            101, b"", http.Headers([(k.encode(), v.encode()) for k, v in fields])
+        )
+        response.headers.pop("content-length", None)
+        flow.response = response
+
+    async def _serve_socket(
+        self, flow: http.HTTPFlow, request: WsClientRequest, client: ws_streaming.ClientSocket
+    ) -> None:
+        turns: list[Turn] = []
+        try:
+            turns = await serve_websocket(self.service, request, client)
+        except ClientGone:
+            pass
+        except Exception:
+            # A bug must not take the proxy down: end this client's socket, serve the rest.
+            logger.exception("bridge WebSocket client %s failed", request.request_id)
+            if not client.head.done():
+                error = openai_errors.bridge_internal_error()
+                client.refuse(error.status, error.headers, error.body)
+            with contextlib.suppress(ClientGone):
+                await client.close(1011, "the bridge failed to serve this session")
+        finally:
+            self._sockets.pop(flow.id, None)
+            _annotate_socket(flow, turns)
 
     def _own_endpoints(self, flow: http.HTTPFlow) -> tuple[upstream_trust.Endpoint, ...]:
         """The proxy's listen addresses and the address this client reached."""
@@ -428,6 +500,11 @@ class ResponsesBridge:
         self._annotate(flow, routed)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        socket = self._sockets.get(flow.id)
+        if socket is not None:
+            # The client left before (or while) its 101 went out.
+            flow_streaming.forget(flow)
+            socket.ended(None, "")
         routed = self._routed.pop(flow.id, None)
         if routed is None:
             return
@@ -498,6 +575,28 @@ class ResponsesBridge:
             held_up_writes=routed.sink.held_up_writes,
         )
         flow.comment = report.describe()
+
+
+def _annotate_socket(flow: http.HTTPFlow, turns: list[Turn]) -> None:
+    """A served WebSocket's flow: the account and every turn, as a bridged flow's report."""
+    meta: dict[str, Any] = flow.metadata.setdefault(METADATA_KEY, {"role": "client"})
+    reports = [turn.report for turn in turns]
+    meta.update(
+        account=next((r.account for r in reversed(reports) if r.account), None),
+        turns=[
+            {
+                "affinity": r.affinity.kind.value,
+                "key": r.affinity.key,
+                "outcome": r.outcome,
+                "attempts": [a.as_dict() for a in r.attempts],
+            }
+            for r in reports
+        ],
+        upstream_flows=list(
+            dict.fromkeys(a.upstream_flow for r in reports for a in r.attempts if a.upstream_flow)
+        ),
+    )
+    flow.comment = "\n".join(r.describe() for r in reports if r.attempts or r.outcome != "pending")
 
 
 def _wire_body(flow: http.HTTPFlow) -> bytes:

@@ -105,16 +105,6 @@ def bridge_internal_error() -> HttpError:
     )
 
 
-def websocket_not_served() -> HttpError:
-    """A client's WebSocket upgrade that the account pool does not serve."""
-    return _error(
-        426,
-        "this bridge serves Responses over HTTP; send the request as an HTTP POST",
-        type_="invalid_request_error",
-        code="websocket_not_served",
-    )
-
-
 def unauthorized_client_key() -> HttpError:
     # Never echo what the client sent: it may be a real key sent to the wrong place.
     return _error(

@@ -96,7 +96,8 @@ class PoolSteps:
         why = plan.retry_for_free(
             failure,
             account=account.id,
-            reused=attempt.reused,
+            # A reused socket, or one made ahead, found dead is not the account's fault.
+            reused=attempt.reused or attempt.preconnected,
             client_has_seen_event=seen,
             token_refreshed=refreshed,
         )

@@ -204,12 +204,16 @@ class BridgeService:
         engine = ForwardEngine(
             turn,
             self.settings.engine,
-            accounts_own_upstreams=self._facts().accounts_own_upstreams,
+            accounts_own_upstreams=self.accounts_own_upstreams(),
             scrub=self.state.scrubber(),
             clocks=self.clocks,
             jitter=self.jitter,
         )
-        await _TurnRun(self, turn, sink, self._turn_state()).drive(engine.run())
+        await _TurnRun(self, turn, sink, self.turn_state()).drive(engine.run())
+
+    def accounts_own_upstreams(self) -> bool:
+        """Every account names its own upstream: a client-chosen destination is never used."""
+        return self._facts().accounts_own_upstreams
 
     def _facts(self) -> PoolFacts:
         pool = self.state.pool
@@ -217,6 +221,10 @@ class BridgeService:
             return PoolFacts(pooled=False)
         own = all(_own_upstream(pool.account(i)) for i in pool.ids)
         return PoolFacts(pooled=True, accounts_own_upstreams=own)
+
+    def turn_state(self) -> TurnState:
+        """The turn state one request (or one client WebSocket) is served with."""
+        return self._turn_state()
 
     def _turn_state(self) -> TurnState:
         shared = self.shared
