@@ -33,6 +33,7 @@ from responses_ws_bridge.local.response_events import (
     rate_limits_event,
 )
 from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
+from websockets.sync.client import connect as ws_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,7 @@ TOKENS = {"fixture-token-team-a": "team-a", "fixture-token-team-b": "team-b"}
 FIXED = [("user-agent", "fixture-client/1.0"), ("x-request-id", "req_fixture")]
 BODY = {"model": "gpt-5-codex", "input": "Say hello", "stream": True, "store": False}
 FAIL_1011 = Plan(close_code=1011, close_after_events=0)
+WS_TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 
 
 Request = tuple[list[tuple[str, str]], dict[str, object]]
@@ -71,6 +73,10 @@ class Scenario:
     accounts: Path = ACCOUNTS
     oauth: dict[str, str] | None = None
     default_plan: Plan | None = None
+    # Each request's path, in order (None: all `/v1/responses`).
+    paths: list[str] | None = None
+    # The first request is a WebSocket client sending the body as `response.create`.
+    websocket: bool = False
 
     def spec(self) -> dict[str, object]:
         tokens = {access_token_for(a, 1): a for a in (self.oauth or {}).values()}
@@ -130,6 +136,35 @@ def scenarios() -> list[Scenario]:
             codex_body,
         ),
         *codex_upstream_scenarios(),
+        *pool_surface_scenarios(),
+    ]
+
+
+def pool_surface_scenarios() -> list[Scenario]:
+    """The pool as a client's whole base URL: compaction and WebSocket clients."""
+    compact = [*FIXED, ("session-id", "fixture-session-compact")]
+    return [
+        Scenario(
+            "compact-owner-after-1011",
+            "hard affinity: close 1011 before response.created, retried on the owner; the "
+            "session's compaction (POST /v1/responses/compact) then goes to that owner, over "
+            "HTTP, with its credential",
+            compact,
+            BODY,
+            {"team-a": [FAIL_1011]},
+            more=[(compact, {"model": "gpt-5-codex", "input": "Say hello"})],
+            paths=["/v1/responses", "/v1/responses/compact"],
+        ),
+        Scenario(
+            "websocket-client-1011-before-created",
+            "a WebSocket client with hard affinity: its first upstream socket closes 1011 "
+            "before response.created, a new socket on the owner serves the message; the "
+            "client sees one clean turn",
+            [*FIXED, ("session-id", "fixture-session-ws")],
+            BODY,
+            {"team-a": [FAIL_1011]},
+            websocket=True,
+        ),
     ]
 
 
@@ -272,12 +307,33 @@ def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
             str(out),
         ) as proxy:
             statuses = []
+            requests = [(scenario.headers, scenario.body), *scenario.more]
+            paths = scenario.paths or ["/v1/responses"] * len(requests)
             with httpx.Client(trust_env=False, timeout=30) as client:
-                for headers, body in [(scenario.headers, scenario.body), *scenario.more]:
-                    response = client.post(f"{proxy.url}/v1/responses", headers=headers, json=body)
+                for index, ((headers, body), path) in enumerate(zip(requests, paths, strict=True)):
+                    if index == 0 and scenario.websocket:
+                        statuses.append(websocket_turn(proxy.url + path, headers, body))
+                        continue
+                    response = client.post(f"{proxy.url}{path}", headers=headers, json=body)
                     statuses.append(response.status_code)
             proxy.stop()
     log(f"{out.name}: HTTP {statuses}, {len(upstream.records())} upstream sessions")
+
+
+def websocket_turn(url: str, headers: list[tuple[str, str]], body: dict[str, object]) -> int:
+    """One `response.create` over a WebSocket client, read to its terminal event; 101."""
+    message = {"type": "response.create", **body}
+    with ws_connect(
+        url.replace("http://", "ws://", 1),
+        additional_headers=headers,
+        user_agent_header=None,
+        compression=None,
+        open_timeout=30,
+    ) as ws:
+        ws.send(json.dumps(message))
+        while json.loads(ws.recv(timeout=30))["type"] not in WS_TERMINAL:
+            pass
+    return 101
 
 
 def main(argv: list[str] | None = None) -> int:

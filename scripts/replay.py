@@ -1,4 +1,8 @@
-"""Serve recorded upstream WebSocket sessions as a fake upstream, reporting deviations.
+"""Serve recorded upstream sessions as a fake upstream, reporting deviations.
+
+WebSocket sessions answer handshakes in recorded order; requests the pool
+forwarded over HTTP (compaction, models, …) answer plain requests on the same
+port, in recorded order too.
 
     scripts/replay.py --flows flows/hard-1011.mitm --port 8765 [--speed 1]
                       [--accounts accounts.json] [--exit-after-all]
@@ -23,6 +27,7 @@ from responses_ws_bridge.recording.replay import (
     FlowFileError,
     ReplayServer,
     ServedSession,
+    load_exchanges,
     load_sessions,
 )
 
@@ -75,7 +80,10 @@ def _report(item: ServedSession | Deviation) -> None:
 
 async def _serve(args: argparse.Namespace, server: ReplayServer) -> None:
     def ready() -> None:
-        _print(f"replaying {len(server.sessions)} sessions on {server.url}")
+        _print(
+            f"replaying {len(server.sessions)} sessions and {len(server.exchanges)} forwarded "
+            f"HTTP exchanges on {server.url}"
+        )
         for note in server.notes:
             _print(f"note: {note}")
 
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         sessions = load_sessions(args.flows)
+        exchanges = load_exchanges(args.flows)
         tokens = _tokens(args.accounts) if args.accounts else None
     except (FlowFileError, AccountsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         message_timeout=args.message_timeout,
         observer=_report,
         cycle=args.cycle,
+        exchanges=exchanges,
     )
     try:
         asyncio.run(_serve(args, server))
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
         return 2
     _print(
-        f"{len(server.served)} of {len(server.sessions)} sessions served, "
+        f"{len(server.served)} of {len(server.sessions)} sessions and "
+        f"{server.exchanges_served} of {len(server.exchanges)} exchanges served, "
         f"{len(server.deviations)} deviations"
     )
     return 1 if server.deviations else 0

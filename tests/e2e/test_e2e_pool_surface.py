@@ -320,11 +320,15 @@ def test_a_token_the_upstream_echoes_in_an_event_reaches_no_client_flow_or_log(
                 for e in api.responses.create(model="m", input="x", stream=True)
             )
             whole = api.responses.create(model="m", input="x").model_dump_json().encode()
+            compacted = api.responses.compact(model="m", input="x")  # a forwarded exchange
             proxy.stop()  # flushes the -w file
             log = proxy.log()
     finally:
         upstream.default_plan = Plan()
     assert b"echo <redacted> <redacted> <redacted> done" in whole
+    assert compacted.object == "response.compaction"
+    recorded = saved.read_bytes()
+    assert b"/v1/responses/compact" in recorded  # the exchange is in the -w file too
     for secret in secrets:
         for where, text in (("stream", streamed), ("json", whole), ("flows", saved.read_bytes())):
             assert secret.encode() not in text, (secret, where)

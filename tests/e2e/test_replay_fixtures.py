@@ -21,7 +21,13 @@ from harness.proxy_process import ProxyProcess
 from mitmproxy import http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.recording.replay import ThreadedReplayServer, load_sessions
+from responses_ws_bridge.recording.replay import (
+    ThreadedReplayServer,
+    load_exchanges,
+    load_sessions,
+)
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from tests.support.data import ROOT
 
@@ -52,11 +58,52 @@ def client_flow(path: Path) -> http.HTTPFlow:
     return flow
 
 
+# What the WebSocket library writes itself on a client's upgrade.
+WS_OWN = {"host", "connection", "upgrade", "sec-websocket-key", "sec-websocket-version"}
+TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
+
+
+def replay_websocket(proxy: ProxyProcess, recorded: http.HTTPFlow) -> httpx.Response:
+    """A recorded WebSocket client again: its upgrade, its messages; what came back, as one
+    answer whose body is the server's messages, one JSON per line."""
+    headers = [
+        (k, v)
+        for k, v in recorded.request.headers.items(multi=True)
+        if k.lower() not in WS_OWN and not k.lower().startswith("sec-websocket-")
+    ]
+    assert recorded.websocket is not None
+    sent = [m for m in recorded.websocket.messages if m.from_client]
+    got: list[bytes] = []
+    url = f"{proxy.url.replace('http://', 'ws://')}{recorded.request.path}"
+    with ws_connect(
+        url, additional_headers=headers, user_agent_header=None, compression=None
+    ) as ws:
+        for message in sent:
+            ws.send(message.text)
+            try:
+                while True:
+                    frame = ws.recv(timeout=10)
+                    got.append(frame.encode() if isinstance(frame, str) else frame)
+                    if json.loads(frame)["type"] in TERMINAL:
+                        break
+            except ConnectionClosed:
+                break
+    return httpx.Response(101, content=b"\n".join(got))
+
+
+def server_messages(recorded: http.HTTPFlow) -> list[str]:
+    assert recorded.websocket is not None
+    return [json.loads(m.content)["type"] for m in recorded.websocket.messages if not m.from_client]
+
+
 def replay(fixture: Path, *extra: str) -> tuple[list[httpx.Response], ThreadedReplayServer]:
     spec = SPECS[fixture.name]
     sessions = load_sessions([fixture])
+    exchanges = load_exchanges([fixture])
     with (
-        ThreadedReplayServer(sessions, tokens=tokens(spec), message_timeout=5) as server,
+        ThreadedReplayServer(
+            sessions, tokens=tokens(spec), message_timeout=5, exchanges=exchanges
+        ) as server,
         FakeTokenEndpoint(spec["oauth"] or {}) as oauth,
         tempfile.TemporaryDirectory() as scratch,
     ):
@@ -76,13 +123,17 @@ def replay(fixture: Path, *extra: str) -> tuple[list[httpx.Response], ThreadedRe
             responses = []
             with httpx.Client(trust_env=False, timeout=30) as client:
                 for recorded in client_flows(fixture):
+                    if recorded.websocket is not None:
+                        responses.append(replay_websocket(proxy, recorded))
+                        continue
                     headers = [
                         (k, v)
                         for k, v in recorded.request.headers.items(multi=True)
                         if k.lower() not in {"host", "content-length"}
                     ]
                     responses.append(
-                        client.post(
+                        client.request(
+                            recorded.request.method,
                             f"{proxy.url}{recorded.request.path}",
                             headers=headers,
                             content=recorded.request.raw_content,
@@ -115,6 +166,8 @@ def test_fixtures_exist() -> None:
             "token-refresh.mitm",
             "reverse-default-strategy.mitm",
             "codex-session-one-socket.mitm",
+            "compact-owner-after-1011.mitm",
+            "websocket-client-1011-before-created.mitm",
         }
     )
 
@@ -129,6 +182,7 @@ def test_fixture_replays_with_no_deviation(name: str) -> None:
     responses, server = replay(fixture)
     assert [str(d) for d in server.deviations] == []
     assert len(server.served) == len(server.server.sessions) > 0
+    assert server.exchanges_served == len(server.server.exchanges)
     recorded_flows = client_flows(fixture)
     assert len(responses) == len(recorded_flows)
     for response, recorded_flow in zip(responses, recorded_flows, strict=True):
@@ -137,7 +191,13 @@ def test_fixture_replays_with_no_deviation(name: str) -> None:
         assert response.status_code == recorded.status_code
         assert rate_limit_headers(response.headers) == rate_limit_headers(recorded.headers)
         want_body = recorded.content or b""
-        if response.headers.get("content-type") == "text/event-stream":
+        if recorded_flow.websocket is not None:
+            got_types = [json.loads(line)["type"] for line in response.content.splitlines()]
+            assert got_types == server_messages(recorded_flow)
+        elif recorded_flow.request.path.endswith("/compact"):
+            # A forwarded answer is the upstream's, as it was.
+            assert response.json() == json.loads(want_body)
+        elif response.headers.get("content-type") == "text/event-stream":
             got = [(t, json.loads(d)["type"]) for t, d in parse_sse(response.content)]
             want = [(t, json.loads(d)["type"]) for t, d in parse_sse(want_body)]
             assert got == want

@@ -108,8 +108,8 @@ class ResponsesBridge:
         self.service = service
         self.max_body = DEFAULT_MAX_BODY
         self._routed: dict[str, _Routed] = {}
-        # Client WebSockets the pool serves, by flow id.
-        self._sockets: dict[str, ws_streaming.ClientSocket] = {}
+        # Client WebSockets the pool serves, by flow id, and their turns so far.
+        self._sockets: dict[str, tuple[ws_streaming.ClientSocket, list[Turn]]] = {}
         # Where finished turns are counted (the metrics addon, when `bridge_metrics` is on).
         self.metrics: Callable[[], TurnMetrics | None] = lambda: None
 
@@ -344,12 +344,14 @@ class ResponsesBridge:
             reverse_target=_reverse_target(flow),
             own_endpoints=self._own_endpoints(flow),
         )
-        client = self._sockets[flow.id] = ws_streaming.ClientSocket(flow)
+        client = ws_streaming.ClientSocket(flow)
+        turns: list[Turn] = []
+        self._sockets[flow.id] = (client, turns)
         flow_streaming.serve_websocket(
             flow, lambda context, f: ws_streaming.PoolWebsocketLayer(context, f, client)
         )
         flow.metadata[METADATA_KEY] = {"role": "client", "request_id": request.request_id}
-        task = asyncio.ensure_future(self._serve_socket(flow, request, client))
+        task = asyncio.ensure_future(self._serve_socket(flow, request, client, turns))
         waiting: list[asyncio.Future[Any]] = [client.head, task]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not client.head.done():
@@ -373,11 +375,14 @@ class ResponsesBridge:
         flow.response = response
 
     async def _serve_socket(
-        self, flow: http.HTTPFlow, request: WsClientRequest, client: ws_streaming.ClientSocket
+        self,
+        flow: http.HTTPFlow,
+        request: WsClientRequest,
+        client: ws_streaming.ClientSocket,
+        turns: list[Turn],
     ) -> None:
-        turns: list[Turn] = []
         try:
-            turns = await serve_websocket(self.service, request, client)
+            await serve_websocket(self.service, request, client, turns)
         except ClientGone:
             pass
         except Exception:
@@ -499,12 +504,18 @@ class ResponsesBridge:
             flow.response.raw_content = bytes(routed.body)
         self._annotate(flow, routed)
 
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        served = self._sockets.get(flow.id)
+        if served is not None:
+            # Before mitmproxy's save addon writes the flow.
+            _annotate_socket(flow, served[1])
+
     def error(self, flow: http.HTTPFlow) -> None:
-        socket = self._sockets.get(flow.id)
-        if socket is not None:
+        served = self._sockets.get(flow.id)
+        if served is not None:
             # The client left before (or while) its 101 went out.
             flow_streaming.forget(flow)
-            socket.ended(None, "")
+            served[0].ended(None, "")
         routed = self._routed.pop(flow.id, None)
         if routed is None:
             return

@@ -189,13 +189,15 @@ class WsClientEngine(PoolSteps):
         scrub: SecretScrubber,
         clocks: Clocks,
         jitter: Callable[[], float],
+        turns: list[Turn] | None = None,
     ) -> None:
         super().__init__(request_id=request.request_id, scrub=scrub, clocks=clocks, jitter=jitter)
         self.request = request
         self.settings = settings
         self._own_upstreams = accounts_own_upstreams
-        # Every turn of the session, the handshake's first: their reports.
-        self.turns: list[Turn] = []
+        # Every turn of the session, the handshake's first: their reports (`turns`: a list
+        # the caller reads as the session goes).
+        self.turns: list[Turn] = turns if turns is not None else []
         self._turn: Turn | None = None
         self._first = self._new_turn(None)
         self._attempt: Attempt | None = None
@@ -203,6 +205,7 @@ class WsClientEngine(PoolSteps):
         self._account: Account | None = None
         # The held socket has served no turn yet (opened for this one, or the handshake).
         self._fresh = False
+        self._url_held = ""
         self._held: str | None = None
         # The client's socket was answered 101 (False: its upgrade is still waiting).
         self._accepted = False
@@ -234,6 +237,7 @@ class WsClientEngine(PoolSteps):
                 return
             headers = client_101_headers(opened.response_headers)
             first.report.outcome, first.report.status = "101", 101
+            self._turn_attempt().outcome = "opened"
         yield from self._ask(AcceptClient(headers))
         self._accepted = True
         while True:
@@ -331,7 +335,7 @@ class WsClientEngine(PoolSteps):
         turn.report.attempts.append(attempt)
         opened = yield from self._open(account, attempt, turn)
         if isinstance(opened, SocketReady):
-            self._account, self._fresh = account, True
+            self._account, self._fresh, self._url_held = account, True, attempt.url
             return opened
         return account, opened
 
@@ -429,7 +433,9 @@ class WsClientEngine(PoolSteps):
             plan.picked(account.id)
             # A socket that already served a turn is a reused one (found dead: no strike).
             reused = not self._fresh
-            attempt = self._attempt = Attempt(plan.attempts, account.id, "", reused=reused)
+            attempt = self._attempt = Attempt(
+                plan.attempts, account.id, self._url_held, reused=reused
+            )
             turn.report.account = account.id
             turn.report.attempts.append(attempt)
             yield from self._ask(AttachTurn(attempt))

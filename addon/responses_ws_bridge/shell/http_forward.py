@@ -21,7 +21,12 @@ from urllib.parse import urlsplit
 
 import h11
 
-from responses_ws_bridge.core.failures import AttemptFailed, ConnectFailed, ConnectionLost
+from responses_ws_bridge.core.failures import (
+    AttemptFailed,
+    ConnectFailed,
+    ConnectionLost,
+    Failure,
+)
 from responses_ws_bridge.shell.upstream_client import UpstreamSettings, client_tls_context
 
 READ_SIZE = 64 * 1024
@@ -54,8 +59,14 @@ class HttpExchange:
         """The next body bytes and whether the body ended; TimeoutError after `timeout`."""
         if self.done:
             return b"", True
-        async with asyncio.timeout(timeout):
-            event = await _next_event(self._conn, self._reader)
+        try:
+            async with asyncio.timeout(timeout):
+                event = await _next_event(self._conn, self._reader)
+        except AttemptFailed as exc:
+            self.done = True
+            if self.tap is not None:
+                self.tap.ended(str(exc))
+            raise
         if isinstance(event, h11.Data):
             data = bytes(event.data)
             if self.tap is not None:
@@ -112,9 +123,9 @@ async def exchange(
             )
     except TimeoutError as exc:
         detail = f"timed out after {settings.connect_timeout:g} s connecting to {url}"
-        raise AttemptFailed(ConnectFailed(detail, timed_out=True)) from exc
+        raise _failed(tap, ConnectFailed(detail, timed_out=True)) from exc
     except (OSError, ssl.SSLError) as exc:
-        raise AttemptFailed(ConnectFailed(f"cannot connect to {url}: {exc}")) from exc
+        raise _failed(tap, ConnectFailed(f"cannot connect to {url}: {exc}")) from exc
     conn = h11.Connection(h11.CLIENT)
     target = parts.path or "/"
     if parts.query:
@@ -135,11 +146,13 @@ async def exchange(
     except BaseException as exc:
         writer.close()
         if isinstance(exc, TimeoutError):
-            raise AttemptFailed(ConnectFailed(f"no answer from {url}", timed_out=True)) from exc
+            raise _failed(tap, ConnectFailed(f"no answer from {url}", timed_out=True)) from exc
         if isinstance(exc, AttemptFailed):
-            raise
+            raise _failed(tap, exc.failure) from exc
         if isinstance(exc, OSError | h11.LocalProtocolError):
-            raise AttemptFailed(ConnectionLost(f"sending to {url}: {exc}")) from exc
+            raise _failed(tap, ConnectionLost(f"sending to {url}: {exc}")) from exc
+        if tap is not None:
+            tap.ended("the exchange was cancelled")
         raise
     assert isinstance(event, h11.Response)
     answer_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
@@ -147,6 +160,16 @@ async def exchange(
     if tap is not None:
         tap.answered(event.status_code, reason, answer_headers)
     return HttpExchange(event.status_code, reason, answer_headers, reader, writer, conn, tap=tap)
+
+
+def _failed(
+    tap: ExchangeTap | None, failure: ConnectFailed | ConnectionLost | Failure
+) -> AttemptFailed:
+    """The exchange got no answer: the tap records why, the caller raises it."""
+    error = AttemptFailed(failure)
+    if tap is not None:
+        tap.ended(str(error))
+    return error
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Event:

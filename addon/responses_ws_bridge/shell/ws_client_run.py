@@ -55,9 +55,13 @@ class ClientSide(Protocol):
 
 
 async def serve_websocket(
-    service: BridgeService, request: WsClientRequest, client: ClientSide
+    service: BridgeService,
+    request: WsClientRequest,
+    client: ClientSide,
+    turns: list[Turn] | None = None,
 ) -> list[Turn]:
-    """Serves one client WebSocket through the pool; returns its turns (their reports).
+    """Serves one client WebSocket through the pool; returns its turns (their reports),
+    kept in `turns` as they start when given.
 
     Raises what made the client leave (`ClientGone`), as `BridgeService.serve` does.
     """
@@ -68,6 +72,7 @@ async def serve_websocket(
         scrub=service.state.scrubber(),
         clocks=service.clocks,
         jitter=service.jitter,
+        turns=turns,
     )
     run = WsClientRun(service, engine.turns[0], client, service.turn_state())
     try:
