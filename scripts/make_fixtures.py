@@ -29,6 +29,7 @@ from harness.proxy_process import ProxyProcess
 from responses_ws_bridge.local.response_events import (
     TurnSpec,
     connection_limit_event,
+    http_error_body,
     invalid_previous_response_event,
     rate_limits_event,
 )
@@ -58,6 +59,18 @@ WS_TERMINAL = {"response.completed", "response.failed", "response.incomplete", "
 
 
 Request = tuple[list[tuple[str, str]], dict[str, object]]
+V1 = "/v1/responses"
+COMPACT = "/v1/responses/compact"
+CODEX_PATH = "/backend-api/codex/responses"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One more client request: a POST of `body` to `path`, or a GET when `body` is None."""
+
+    headers: list[tuple[str, str]]
+    body: dict[str, object] | None
+    path: str = V1
 
 
 @dataclass(frozen=True)
@@ -68,18 +81,23 @@ class Scenario:
     body: dict[str, object]
     plans: dict[str, list[Plan]] = field(default_factory=dict)
     # Requests after the first, in order, on the same bridge.
-    more: list[Request] = field(default_factory=list)
+    more: list[Request | Call] = field(default_factory=list)
+    path: str = V1
     args: list[str] = field(default_factory=lambda: list(LAZY))
     accounts: Path = ACCOUNTS
     oauth: dict[str, str] | None = None
     default_plan: Plan | None = None
-    # Each request's path, in order (None: all `/v1/responses`).
-    paths: list[str] | None = None
     # The first request is a WebSocket client sending the body as `response.create`.
     websocket: bool = False
 
+    def calls(self) -> list[Call]:
+        first = Call(self.headers, self.body, self.path)
+        return [first, *(c if isinstance(c, Call) else Call(*c) for c in self.more)]
+
     def spec(self) -> dict[str, object]:
-        tokens = {access_token_for(a, 1): a for a in (self.oauth or {}).values()}
+        # Every access token the fake endpoint may issue in a fixture's few refreshes.
+        logins = (self.oauth or {}).values()
+        tokens = {access_token_for(a, n): a for a in logins for n in (1, 2, 3)}
         return {
             "args": self.args,
             "accounts": self.accounts.name,
@@ -115,11 +133,11 @@ def scenarios() -> list[Scenario]:
         ),
         Scenario(
             "1011-after-created",
-            "close 1011 after response.created: the client gets response.failed / "
-            "stream_incomplete, no replay",
+            "close 1011 after response.created and the first output event: the client gets "
+            "response.failed / stream_incomplete, no replay",
             [*FIXED, ("session-id", "fixture-session-3")],
             BODY,
-            {"team-a": [Plan(close_code=1011, close_after_events=2)]},
+            {"team-a": [Plan(close_code=1011, close_after_events=3)]},
         ),
         Scenario(
             "hard-owner-keeps-failing",
@@ -136,6 +154,7 @@ def scenarios() -> list[Scenario]:
             codex_body,
         ),
         *codex_upstream_scenarios(),
+        *round_two_scenarios(),
         *pool_surface_scenarios(),
     ]
 
@@ -152,8 +171,7 @@ def pool_surface_scenarios() -> list[Scenario]:
             compact,
             BODY,
             {"team-a": [FAIL_1011]},
-            more=[(compact, {"model": "gpt-5-codex", "input": "Say hello"})],
-            paths=["/v1/responses", "/v1/responses/compact"],
+            more=[Call(compact, {"model": "gpt-5-codex", "input": "Say hello"}, COMPACT)],
         ),
         Scenario(
             "websocket-client-1011-before-created",
@@ -271,6 +289,225 @@ def codex_upstream_scenarios() -> list[Scenario]:
     ]
 
 
+# -- round two: what the Codex backend and client do (issue #19) ------------------------------
+
+
+def error_frame(code: str | None, status: int, type_: str, message: str) -> dict[str, object]:
+    return {
+        "type": "error",
+        "status": status,
+        "error": {"type": type_, "code": code, "message": message, "param": None},
+    }
+
+
+OVERLOADED = error_frame(
+    "server_is_overloaded", 500, "server_error", "Our servers are currently overloaded."
+)
+INVALID_API_KEY = error_frame(
+    "invalid_api_key", 401, "invalid_request_error", "Your authentication token is not valid."
+)
+SESSION_ENDED = error_frame(None, 401, "authentication_error", "Your session has ended.")
+ENCRYPTED = error_frame(
+    "invalid_encrypted_content",
+    400,
+    "invalid_request_error",
+    "The encrypted content for item rs_fixture could not be verified.",
+)
+# The second shape of an error frame: `status_code`, the error under `body.error`, and a
+# `headers` map carrying every rate-limit family Codex CLI reads.
+USAGE_LIMIT_FRAME: dict[str, object] = {
+    "type": "error",
+    "status_code": 429,
+    "body": {
+        "error": {
+            "type": "usage_limit_reached",
+            "code": "usage_limit_reached",
+            "message": "The usage limit has been reached",
+            "resets_at": RESET_AT,
+        }
+    },
+    "headers": {
+        "retry-after": 30,
+        "x-codex-primary-used-percent": 100,
+        "x-codex-primary-window-minutes": 300,
+        "x-codex-primary-reset-at": RESET_AT,
+        "x-codex-bengalfox-primary-used-percent": 40,
+        "x-codex-bengalfox-limit-name": "gpt-5.2-codex-sonic",
+        "x-codex-credits-has-credits": False,
+        "x-codex-credits-unlimited": False,
+        "x-codex-promo-message": "Upgrade for higher limits",
+    },
+}
+CONNECTION_LIMIT_429 = {**connection_limit_event(), "status": 429}
+VENDOR_EVENTS: tuple[tuple[int, dict[str, object]], ...] = (
+    (
+        1,
+        {
+            "type": "response.metadata",
+            "headers": {"x-codex-turn-state": "ts-fixture-metadata"},
+            "metadata": {"openai_verification_recommendation": []},
+        },
+    ),
+    (1, {"type": "codex.response.metadata", "server_model": "gpt-5-codex"}),
+    (2, {"type": "responsesapi.websocket_timing", "timing_metrics": {"queue_ms": 3}}),
+)
+ANSWER_HEADERS = {
+    "x-reasoning-included": "true",
+    "x-models-etag": 'W/"fixture-models-1"',
+    "openai-model": "gpt-5-codex-2026-02-06",
+}
+PREWARM = {**BODY, "input": [], "generate": False}
+
+
+def round_two_scenarios() -> list[Scenario]:
+    session = [*FIXED, ("session-id", "fixture-session-r2")]
+    soft = {**BODY, "prompt_cache_key": "fixture-cache-r2"}
+    return [
+        Scenario(
+            "prewarm-resend-same-account",
+            "a prewarm (generate: false) whose socket drops right after response.created, "
+            "with no retry budget: sent once more on the same account, free; the next turn "
+            "reuses the socket",
+            session,
+            PREWARM,
+            {"team-a": [Plan(drop_after_events=1)]},
+            more=[(session, BODY)],
+            args=[*LAZY, "--set", "bridge_retry_budget=0"],
+        ),
+        Scenario(
+            "vendor-events-by-path",
+            "response.metadata, codex.response.metadata and responsesapi.websocket_timing "
+            "around response.created: /v1 gets none of them, Codex's path gets the metadata; "
+            "the metadata's x-codex-turn-state reaches both as a header",
+            session,
+            BODY,
+            more=[Call([*FIXED, ("session-id", "fixture-session-r2b")], BODY, CODEX_PATH)],
+            default_plan=Plan(extra_events=VENDOR_EVENTS),
+        ),
+        Scenario(
+            "handshake-answer-headers",
+            "the 101's x-reasoning-included, x-models-etag and openai-model reach the "
+            "client's HTTP response",
+            FIXED,
+            BODY,
+            default_plan=Plan(headers=ANSWER_HEADERS),
+        ),
+        Scenario(
+            "error-frame-shapes",
+            "an error frame with status_code, body.error and a headers map of several "
+            "rate-limit families: the hard session gets the 429 usage_limit_reached with "
+            "every family; websocket_connection_limit_reached with status 429 is a new "
+            "socket, not a rate limit",
+            session,
+            BODY,
+            {
+                "team-a": [Plan(error=USAGE_LIMIT_FRAME)],
+                "team-b": [Plan(error=CONNECTION_LIMIT_429, error_turn=2)],
+            },
+            more=[
+                ([*FIXED, ("session-id", "fixture-session-r2c")], BODY),
+                ([*FIXED, ("session-id", "fixture-session-r2c")], BODY),
+            ],
+        ),
+        Scenario(
+            "overload-after-created",
+            "soft affinity, server_is_overloaded right after response.created and "
+            "in_progress: they were held back, so the request is retried on the other "
+            "account and the client sees one clean stream",
+            FIXED,
+            soft,
+            {"team-a": [Plan(error=OVERLOADED, error_after_events=2)]},
+        ),
+        Scenario(
+            "codex-keepalive-before-created",
+            "a long upstream queue before response.created: Codex's path gets codex.keepalive "
+            "events (its idle timer ignores comments), /v1 gets nothing until the events",
+            [*FIXED, ("session-id", "fixture-session-r2d")],
+            BODY,
+            more=[Call([*FIXED, ("session-id", "fixture-session-r2e")], BODY, V1)],
+            path=CODEX_PATH,
+            default_plan=Plan(delay_s=1.2),
+            args=[*LAZY, "--set", "bridge_sse_keepalive=0.3"],
+        ),
+        Scenario(
+            "pool-exhausted-usage-limit",
+            "both accounts report a window at 100 %: the next request is answered 429 "
+            "usage_limit_reached (Retry-After: the earliest reset) without an upstream; the "
+            "pooled usage answer at /backend-api/wham/usage says the limit is reached",
+            FIXED,
+            BODY,
+            more=[
+                (FIXED, BODY),
+                (FIXED, BODY),
+                Call(FIXED, None, "/backend-api/wham/usage"),
+            ],
+            default_plan=Plan(rate_limits=rate_limits_event(100, reset_at=RESET_AT)),
+        ),
+        Scenario(
+            "auth-error-refresh",
+            "a ChatGPT account answered invalid_api_key in the stream: its token is "
+            "refreshed and the request sent again on it with the new token",
+            [*FIXED, ("session-id", "fixture-session-r2f")],
+            BODY,
+            {"team-c": [Plan(error=INVALID_API_KEY)]},
+            accounts=REFRESH_ACCOUNTS,
+            oauth=REFRESH_LOGINS,
+        ),
+        Scenario(
+            "auth-error-fail-over",
+            "soft affinity, authentication_error in the stream on an account without a "
+            "refresh token: that account is disabled and the other one serves",
+            FIXED,
+            soft,
+            {"team-a": [Plan(error=SESSION_ENDED)]},
+        ),
+        Scenario(
+            "encrypted-content-not-moved",
+            "soft affinity, invalid_encrypted_content: reported with its code, never moved "
+            "to the other account (only the producing account can read the content)",
+            FIXED,
+            soft,
+            {"team-a": [Plan(error=ENCRYPTED)]},
+        ),
+        Scenario(
+            "first-event-deadline",
+            "an upstream that accepts the request and never answers: after "
+            "bridge_first_event_timeout (1 s here) the client gets 504 upstream_timeout, "
+            "no retry",
+            [*FIXED, ("session-id", "fixture-session-r2g")],
+            BODY,
+            {"team-a": [Plan(hang=True)]},
+            args=[*LAZY, "--set", "bridge_first_event_timeout=1"],
+        ),
+        Scenario(
+            "upstream-431-answered-once",
+            "the upstream refuses the handshake 431 (headers too large): the client gets the "
+            "upstream's 431 once, no retry, no other account",
+            [*FIXED, ("session-id", "fixture-session-r2h")],
+            BODY,
+            {
+                "team-a": [
+                    Plan(
+                        reject_status=431,
+                        reject_body=http_error_body(
+                            431, "Request header fields too large", code="headers_too_large"
+                        ),
+                    )
+                ]
+            },
+        ),
+        Scenario(
+            "oversized-request-400",
+            "a request over the upstream frame budget (4 KiB here) is answered 400 "
+            "payload_too_large before any upstream contact; the next one is served",
+            FIXED,
+            {**BODY, "input": "x" * 5000},
+            more=[(FIXED, BODY)],
+            args=[*LAZY, "--set", "bridge_upstream_frame_limit=4096"],
+        ),
+    ]
+
+
 def accounts_file() -> str:
     accounts = [{"id": account, "access_token": token} for token, account in TOKENS.items()]
     return json.dumps({"accounts": accounts}, indent=2) + "\n"
@@ -307,14 +544,16 @@ def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
             str(out),
         ) as proxy:
             statuses = []
-            requests = [(scenario.headers, scenario.body), *scenario.more]
-            paths = scenario.paths or ["/v1/responses"] * len(requests)
             with httpx.Client(trust_env=False, timeout=30) as client:
-                for index, ((headers, body), path) in enumerate(zip(requests, paths, strict=True)):
+                for index, call in enumerate(scenario.calls()):
+                    url = f"{proxy.url}{call.path}"
                     if index == 0 and scenario.websocket:
-                        statuses.append(websocket_turn(proxy.url + path, headers, body))
+                        statuses.append(websocket_turn(url, call.headers, call.body or {}))
                         continue
-                    response = client.post(f"{proxy.url}{path}", headers=headers, json=body)
+                    if call.body is None:
+                        response = client.get(url, headers=call.headers)
+                    else:
+                        response = client.post(url, headers=call.headers, json=call.body)
                     statuses.append(response.status_code)
             proxy.stop()
     log(f"{out.name}: HTTP {statuses}, {len(upstream.records())} upstream sessions")

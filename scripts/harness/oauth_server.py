@@ -8,12 +8,20 @@ in `reuses`: the tests assert it stays 0. Tokens are deterministic
 (`access_token_for`, `refresh_token_for`), so recorded fixtures replay with the
 same ones. `on_issue(access_token, account)` lets the local upstream accept
 each new access token.
+
+For refreshes that go wrong: `hold()` keeps every request waiting at a gate
+until `release()` (a request whose client leaves meanwhile is `abandoned`,
+never processed, as a server that never read it); `mode="garbage"` answers
+200 with a body that is not JSON; `mode="drip"` sends the answer's headers,
+then one body byte every `drip_s` seconds.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -64,13 +72,22 @@ class FakeTokenEndpoint:
         delay_s: float = 0.0,
         refuse: str | None = None,
         on_issue: Callable[[str, str], None] | None = None,
+        mode: str = "rotate",
+        drip_s: float = 1.0,
     ) -> None:
         self.exp = exp
         self.delay_s = delay_s
         self.refuse = refuse
         self.on_issue = on_issue
+        self.mode = mode
+        self.drip_s = drip_s
         self.requests: list[dict[str, Any]] = []
         self.reuses = 0
+        self.abandoned = 0
+        self.waiting = 0
+        self._gate = threading.Event()
+        self._gate.set()
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._current: dict[str, _Login] = {}
         for token, account in refresh_tokens.items():
@@ -87,6 +104,43 @@ class FakeTokenEndpoint:
     def refreshes(self) -> int:
         with self._lock:
             return len(self.requests)
+
+    def refresh_tokens(self) -> list[str]:
+        """Every refresh token the endpoint processed, in order."""
+        with self._lock:
+            return [str(r.get("refresh_token")) for r in self.requests]
+
+    def hold(self) -> None:
+        """Keep requests waiting from now on (a hung endpoint) until `release`."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def wait_for_waiting(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Until `count` requests wait at the gate."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.waiting >= count:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def _through_gate(self, conn: socket.socket) -> bool:
+        """False when the client left while the request waited (it is then never processed)."""
+        with self._lock:
+            self.waiting += 1
+        try:
+            while not self._gate.wait(0.05):
+                if self._stopping.is_set() or _client_left(conn):
+                    with self._lock:
+                        self.abandoned += 1
+                    return False
+            return True
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
     def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """The endpoint's answer to one request body."""
@@ -136,16 +190,33 @@ class FakeTokenEndpoint:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(min(length, 1024 * 1024))
+                if not endpoint._through_gate(self.connection):
+                    self.close_connection = True
+                    return
                 if endpoint.delay_s:
                     # Slow on purpose: concurrent refreshes would overlap here.
                     time.sleep(endpoint.delay_s)
+                if endpoint.mode == "garbage":
+                    with endpoint._lock:
+                        endpoint.requests.append({"garbage": True})
+                    self._send(200, b"<html>not json</html>")
+                    return
                 status, answer = endpoint.answer(body)
-                data = json.dumps(answer).encode()
+                self._send(status, json.dumps(answer).encode())
+
+            def _send(self, status: int, data: bytes) -> None:
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if endpoint.mode != "drip":
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):
+                    if endpoint._stopping.wait(endpoint.drip_s):
+                        return
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -158,6 +229,8 @@ class FakeTokenEndpoint:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._gate.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -176,3 +249,12 @@ class FakeTokenEndpoint:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _client_left(conn: socket.socket) -> bool:
+    """The client closed its side (readable, and nothing to read)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True

@@ -120,17 +120,30 @@ def test_soft_1011_moves_to_another_account(
     assert accounts_of(upstream) == ["team-a", "team-b"]
 
 
-def test_1011_after_created_is_stream_incomplete_without_replay(
+def test_1011_after_output_is_stream_incomplete_without_replay(
     bridge: ProxyProcess, upstream: ThreadedUpstream
 ) -> None:
-    upstream.script(Plan(close_code=1011, close_after_events=2), account="team-a")
-    upstream.script(Plan(close_code=1011, close_after_events=2), account="team-b")
+    # created, in_progress, then the first output event: the client has seen events.
+    upstream.script(Plan(close_code=1011, close_after_events=3), account="team-a")
+    upstream.script(Plan(close_code=1011, close_after_events=3), account="team-b")
     status, body = post(bridge, stream_body(), {"session-id": "hard-after"})
     assert status == 200
     last_type, last_data = parse_sse(body)[-1]
     assert last_type == "response.failed"
     assert json.loads(last_data)["response"]["error"]["code"] == "stream_incomplete"
     assert len(upstream.records()) == 1
+
+
+def test_1011_after_created_but_before_output_is_retried_unseen(
+    bridge: ProxyProcess, upstream: ThreadedUpstream
+) -> None:
+    # response.created and in_progress were held back: the client saw nothing.
+    upstream.script(Plan(close_code=1011, close_after_events=2), account="team-a")
+    status, body = post(bridge, stream_body(), {"session-id": "hard-held"})
+    assert status == 200
+    types = [t for t, _ in parse_sse(body)]
+    assert types.count("response.created") == 1 and types[-1] == "response.completed"
+    assert len(upstream.records()) == 2
 
 
 def test_sequential_turns_of_one_key_reuse_one_socket(

@@ -96,13 +96,19 @@ def server_messages(recorded: http.HTTPFlow) -> list[str]:
     return [json.loads(m.content)["type"] for m in recorded.websocket.messages if not m.from_client]
 
 
-def replay(fixture: Path, *extra: str) -> tuple[list[httpx.Response], ThreadedReplayServer]:
+def replay(
+    fixture: Path, *extra: str, speed: float | None = None
+) -> tuple[list[httpx.Response], ThreadedReplayServer]:
     spec = SPECS[fixture.name]
     sessions = load_sessions([fixture])
     exchanges = load_exchanges([fixture])
     with (
         ThreadedReplayServer(
-            sessions, tokens=tokens(spec), message_timeout=5, exchanges=exchanges
+            sessions,
+            tokens=tokens(spec),
+            message_timeout=5,
+            speed=speed,
+            exchanges=exchanges,
         ) as server,
         FakeTokenEndpoint(spec["oauth"] or {}) as oauth,
         tempfile.TemporaryDirectory() as scratch,
@@ -136,7 +142,7 @@ def replay(fixture: Path, *extra: str) -> tuple[list[httpx.Response], ThreadedRe
                             recorded.request.method,
                             f"{proxy.url}{recorded.request.path}",
                             headers=headers,
-                            content=recorded.request.raw_content,
+                            content=recorded.request.raw_content or None,
                         )
                     )
             proxy.stop()  # idle sessions close, as they did when recorded
@@ -166,14 +172,44 @@ def test_fixtures_exist() -> None:
             "token-refresh.mitm",
             "reverse-default-strategy.mitm",
             "codex-session-one-socket.mitm",
+            # Round two (issue #19): what the Codex backend and client do.
+            "prewarm-resend-same-account.mitm",
+            "vendor-events-by-path.mitm",
+            "handshake-answer-headers.mitm",
+            "error-frame-shapes.mitm",
+            "overload-after-created.mitm",
+            "codex-keepalive-before-created.mitm",
+            "pool-exhausted-usage-limit.mitm",
+            "auth-error-refresh.mitm",
+            "auth-error-fail-over.mitm",
+            "encrypted-content-not-moved.mitm",
+            "first-event-deadline.mitm",
+            "upstream-431-answered-once.mitm",
+            "oversized-request-400.mitm",
             "compact-owner-after-1011.mitm",
             "websocket-client-1011-before-created.mitm",
         }
     )
 
 
-def rate_limit_headers(headers: Any) -> list[tuple[str, str]]:
-    return sorted((k.lower(), v) for k, v in headers.items() if k.lower().startswith("x-codex-"))
+# Upstream answer headers the client gets (`core.answer_headers`, `core.rate_limits`).
+_ANSWER_HEADERS = {"x-reasoning-included", "x-models-etag", "openai-model"}
+
+
+def answer_headers(headers: Any) -> list[tuple[str, str]]:
+    """Rate-limit families (any `x-…` but the request id) and the 101's passed headers."""
+    return sorted(
+        (k.lower(), v)
+        for k, v in headers.items()
+        if (k.lower().startswith("x-") and k.lower() != "x-request-id")
+        or k.lower() in _ANSWER_HEADERS
+    )
+
+
+def event_types(body: bytes) -> list[tuple[str | None, str]]:
+    """The stream's events; `codex.keepalive` depends on timing and is left out."""
+    found = [(t, json.loads(d)["type"]) for t, d in parse_sse(body)]
+    return [e for e in found if e[0] != "codex.keepalive"]
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -189,24 +225,40 @@ def test_fixture_replays_with_no_deviation(name: str) -> None:
         recorded = recorded_flow.response
         assert recorded is not None
         assert response.status_code == recorded.status_code
-        assert rate_limit_headers(response.headers) == rate_limit_headers(recorded.headers)
-        want_body = recorded.content or b""
         if recorded_flow.websocket is not None:
+            # A WebSocket client: the messages it got, as the recorded client got them.
             got_types = [json.loads(line)["type"] for line in response.content.splitlines()]
             assert got_types == server_messages(recorded_flow)
-        elif recorded_flow.request.path.endswith("/compact"):
+            continue
+        assert answer_headers(response.headers) == answer_headers(recorded.headers)
+        if recorded_flow.request.path.endswith("/compact"):
             # A forwarded answer is the upstream's, as it was.
-            assert response.json() == json.loads(want_body)
-        elif response.headers.get("content-type") == "text/event-stream":
-            got = [(t, json.loads(d)["type"]) for t, d in parse_sse(response.content)]
-            want = [(t, json.loads(d)["type"]) for t, d in parse_sse(want_body)]
-            assert got == want
-        elif response.status_code == 200:
-            got_output = [item["content"] for item in response.json()["output"]]
-            assert got_output == [item["content"] for item in json.loads(want_body)["output"]]
-            assert got_output
-        else:
-            assert response.json()["error"]["code"] == json.loads(want_body)["error"]["code"]
+            assert response.json() == json.loads(recorded.content or b"")
+            continue
+        same_answer(response, recorded.content or b"")
+
+
+def same_answer(response: httpx.Response, want_body: bytes) -> None:
+    """The replayed answer says what the recorded one said."""
+    if response.headers.get("content-type") == "text/event-stream":
+        assert event_types(response.content) == event_types(want_body)
+        return
+    want = json.loads(want_body)
+    if response.status_code != 200:
+        assert response.json()["error"]["code"] == want["error"]["code"]
+        assert response.json()["error"]["type"] == want["error"]["type"]
+        return
+    if "rate_limit" in want:  # the pooled usage answer (its reset times follow the clock)
+        got = response.json()
+        assert got["rate_limit"]["limit_reached"] == want["rate_limit"]["limit_reached"]
+        for window in ("primary_window", "secondary_window"):
+            assert (got["rate_limit"][window] or {}).get("used_percent") == (
+                want["rate_limit"][window] or {}
+            ).get("used_percent")
+        return
+    got_output = [item["content"] for item in response.json()["output"]]
+    assert got_output == [item["content"] for item in want["output"]]
+    assert got_output
 
 
 def test_fixture_catches_the_seed_bug() -> None:
@@ -215,6 +267,27 @@ def test_fixture_catches_the_seed_bug() -> None:
     deviations = [str(d) for d in server.deviations]
     # Sessions count from 0: the retry (the second session) went to the wrong account.
     assert "session 1: account changed: expected 'team-a', got 'team-b'" in deviations
+
+
+def test_codex_clients_get_keepalive_events_before_created_and_v1_clients_none() -> None:
+    """Replayed with the recorded timing: the queue before response.created is there again."""
+    responses, server = replay(FLOWS / "codex-keepalive-before-created.mitm", speed=1.0)
+    assert [str(d) for d in server.deviations] == []
+    codex, public = ([t for t, _ in parse_sse(r.content)] for r in responses)
+    assert codex[0] == "codex.keepalive"
+    assert codex.index("response.created") > 0
+    assert public[0] == "response.created" and "codex.keepalive" not in public
+    assert b": keepalive" not in responses[1].content.split(b"event: response.created")[0]
+
+
+def test_a_pool_out_on_usage_limits_answers_as_codex_cli_reads_it() -> None:
+    responses, _ = replay(FLOWS / "pool-exhausted-usage-limit.mitm")
+    limited = responses[2]
+    assert limited.status_code == 429
+    error = limited.json()["error"]
+    assert error["type"] == "usage_limit_reached" and isinstance(error["resets_at"], int)
+    # The earliest reset: the exhausted windows' reset, at most 7 days ahead.
+    assert 7 * 86400 - 60 < int(limited.headers["retry-after"]) <= 7 * 86400
 
 
 def test_rate_limit_fixture_carries_the_headers() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 from responses_ws_bridge.core.affinity import AffinityKind
@@ -269,3 +270,68 @@ def test_stalled_store_times_out(state_server: StateServer) -> None:
             await guarded.close()
 
     run(main)
+
+
+async def _once_more[T](call: Callable[[], Awaitable[T]]) -> T:
+    """The first call after a restart meets the dead connection; the next one reconnects."""
+    try:
+        return await call()
+    except CLIENT_ERRORS:
+        return await call()
+
+
+def test_a_store_that_lost_its_data_takes_reoffers_before_new_bindings(
+    state_server: StateServer,
+) -> None:
+    async def main() -> None:
+        alpha = RedisStateStore(connect(state_server.url), "pool", recovery_grace_s=1.0)
+        bravo = RedisStateStore(connect(state_server.url), "pool", recovery_grace_s=1.0)
+        try:
+            assert await alpha.bind_new(SESSION, Binding("acct-1", HARD)) is not None
+            assert await bravo.check_epoch() is False  # a fresh store: no grace
+            assert await bravo.take_refresh_lock("acct-1", 5.0) is not None
+            state_server.kill()
+            state_server.start()
+            # Bravo never knew the session: a new binding waits while the store recovers.
+            refused = await _once_more(lambda: bravo.bind_new(SESSION, Binding("acct-2", HARD)))
+            assert refused is None
+            lock = await bravo.take_refresh_lock("acct-1", 5.0)
+            assert lock.fence is None
+            # Alpha notices and re-offers what it knows; bravo then finds alpha's owner.
+            assert await _once_more(alpha.check_epoch) is True
+            await alpha.bind(SESSION, Binding("acct-1", HARD))
+            found = await bravo.bind_new(SESSION, Binding("acct-2", HARD))
+            assert found is not None and found.account_id == "acct-1"
+            assert await bravo.bind_new("session:brand-new", Binding("acct-2", HARD)) is None
+            await asyncio.sleep(1.1)  # the grace period is over
+            fresh = await bravo.bind_new("session:brand-new", Binding("acct-2", HARD))
+            assert fresh is not None and fresh.account_id == "acct-2"
+            assert (await bravo.take_refresh_lock("acct-1", 5.0)).fence is not None
+        finally:
+            await alpha.close()
+            await bravo.close()
+
+    run(main)
+
+
+def test_an_instance_that_missed_the_restart_is_refused_a_new_binding(
+    state_server: StateServer,
+) -> None:
+    """Its cached salt is the old one: the script sees it and the store starts recovering."""
+
+    async def main() -> None:
+        alpha = RedisStateStore(connect(state_server.url), "pool", recovery_grace_s=1.0)
+        try:
+            await alpha.bind(SESSION, Binding("acct-1", HARD))
+            await state_server_flush(alpha)
+            assert await alpha.bind_new("session:other", Binding("acct-1", HARD)) is None
+            assert await alpha.client.exists("pool:recovering") == 1
+        finally:
+            await alpha.close()
+
+    run(main)
+
+
+async def state_server_flush(store: RedisStateStore) -> None:
+    """The store losing its data without the connection breaking (FLUSHALL)."""
+    await store.client.flushall()

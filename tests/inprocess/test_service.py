@@ -355,3 +355,89 @@ def test_a_client_that_hangs_up_mid_stream_ends_the_upstream_turn() -> None:
             assert [a.outcome for a in turn.report.attempts] == [CLIENT_GONE]
 
     run(main())
+
+
+def _events(body: bytes) -> list[str]:
+    return [
+        line[len("event: ") :] for line in body.decode().splitlines() if line.startswith("event: ")
+    ]
+
+
+def test_events_reach_a_client_in_the_upstreams_data_callback_and_in_order() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            sink = RecordingSink()
+            paced = {**STREAM, "metadata": {"local_deltas": "40", "local_pace_ms": "1"}}
+            turn, response = await post_turn(r.service, paced, SESSION, sink=sink)
+            assert response.status_code == 200
+            events = _events(response.content)
+            assert events[0] == "response.created" and events[-1] == "response.completed"
+            assert events.count("response.output_text.delta") == 40
+            # Paced events arrive one by one: each is its own write.
+            assert sink.calls.count("write") >= 40
+            assert turn.report.outcome == "response.completed"
+
+    run(main())
+
+
+def test_a_client_too_slow_for_writes_at_once_gets_every_event_by_waiting_writes() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            sink = RecordingSink()
+            sink.stall = True
+            paced = {**STREAM, "metadata": {"local_deltas": "20", "local_pace_ms": "1"}}
+            _, response = await post_turn(r.service, paced, SESSION, sink=sink)
+            assert response.status_code == 200
+            assert _events(response.content).count("response.output_text.delta") == 20
+            assert _events(response.content)[-1] == "response.completed"
+
+    run(main())
+
+
+def test_a_client_that_leaves_during_a_write_at_once_ends_the_upstream_turn() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            sink = RecordingSink(hang_up_after=3)
+            paced = {**STREAM, "metadata": {"local_deltas": "50", "local_pace_ms": "2"}}
+            turn, _ = await post_turn(r.service, paced, SESSION, sink=sink)
+            assert turn.report.attempts[-1].outcome == "client_gone"
+            # The socket closed (1001): nothing idles for the session.
+            assert r.service.sessions.idle_count == 0
+
+    run(main())
+
+
+def test_a_turn_state_issued_after_the_head_reaches_the_sessions_next_answer() -> None:
+    late = {"type": "response.metadata", "headers": {"x-codex-turn-state": "ts-late"}}
+
+    async def main() -> None:
+        async with rig() as r:
+            # After created, in_progress, output_item.added, content_part.added, paced: the
+            # head is out by then.
+            r.upstream.default_plan = Plan(extra_events=((4, late),), pace_s=0.05)
+            _, first = await r.post(STREAM, SESSION)
+            assert "x-codex-turn-state" not in first.headers
+            _, second = await r.post(STREAM, SESSION)
+            assert second.headers["x-codex-turn-state"] == "ts-late"
+            assert len(r.upstream.records()) == 1  # the same socket
+
+    run(main())
+
+
+def test_an_overload_after_created_is_retried_unseen_on_the_other_account() -> None:
+    overloaded = {
+        "type": "error",
+        "error": {"type": "server_error", "code": "server_is_overloaded", "message": "busy"},
+    }
+
+    async def main() -> None:
+        async with rig() as r:
+            r.upstream.script(Plan(error=overloaded, error_after_events=2))
+            turn, response = await r.post({**STREAM, "prompt_cache_key": "k"})
+            assert response.status_code == 200
+            assert sse_types(response.content).count("response.created") == 1
+            first, second = (a.account for a in turn.report.attempts)
+            assert first != second
+            assert turn.report.attempts[0].outcome == "error_event:server_is_overloaded"
+
+    run(main())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
@@ -66,3 +69,54 @@ def test_binding_limits_follow_the_accounts_options() -> None:
         tctx.configure(addon, bridge_binding_ttl="0")
         assert addon.limits.hard_ttl_s == float("inf")
         assert addon.shared_store() is None
+
+
+def refresh_accounts(path: Path) -> Path:
+    path.write_text(json.dumps({"accounts": [{"id": "c", "refresh_token": "rt-c-0"}]}))
+    return path
+
+
+def test_refresh_accounts_on_a_shared_store_need_the_secret(tmp_path: Path) -> None:
+    state = PoolState()
+    service = BridgeService(BridgeSettings(), state=state, sessions=SessionPool())
+    addon = BridgeStateAddon(accounts=lambda: state.config)
+    accounts = Accounts(state, service, require_secret=addon.require_secret)
+    secret = tmp_path / "state.secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    secret.chmod(0o600)
+    with taddons.context(accounts, addon) as tctx:
+        tctx.configure(accounts, bridge_accounts=str(refresh_accounts(tmp_path / "a.json")))
+        with pytest.raises(exceptions.OptionsError, match="bridge_state_secret: accounts with"):
+            tctx.configure(addon, bridge_state="redis://127.0.0.1:1")
+        tctx.configure(addon, bridge_state="redis://127.0.0.1:1", bridge_state_secret=str(secret))
+        assert addon.seal() is not None
+        assert "0123456789" not in repr(addon.seal())
+        with pytest.raises(exceptions.OptionsError, match="bridge_state_secret"):
+            tctx.configure(addon, bridge_state_secret="")
+        # In-memory state needs no secret.
+        tctx.configure(addon, bridge_state="", bridge_state_secret="")
+        assert addon.seal() is None
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        ("short", 0o600, "at least 16"),
+        ("0123456789abcdef0123456789abcdef", 0o644, "readable by others"),
+        (None, 0o600, "cannot read"),
+    ],
+)
+def test_an_unusable_secret_file_is_refused(
+    tmp_path: Path, content: str | None, mode: int, message: str
+) -> None:
+    secret = tmp_path / "state.secret"
+    if content is not None:
+        secret.write_text(content)
+        secret.chmod(mode)
+    addon = BridgeStateAddon()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=message) as raised:
+            tctx.configure(
+                addon, bridge_state="redis://127.0.0.1:1", bridge_state_secret=str(secret)
+            )
+        assert "0123456789abcdef" not in str(raised.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -10,11 +11,11 @@ import pytest
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.bindings import Binding
 from responses_ws_bridge.local.state_server import StateServer
-from responses_ws_bridge.state.guarded import GuardedStore
+from responses_ws_bridge.state.guarded import GuardedStore, StateUnavailable
 from responses_ws_bridge.state.leases import held_lease
 from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
-from responses_ws_bridge.state.store import BindingLimits, StateStore
+from responses_ws_bridge.state.store import BindingLimits, StateStore, TokenRecord
 
 from tests.support.state import Clock, run
 
@@ -262,5 +263,70 @@ def test_held_lease_goes_ahead_without_a_store(state_server: StateServer) -> Non
                 assert lease is None
         finally:
             await guarded.close()
+
+    run(main)
+
+
+def test_the_refresh_lock_is_set_if_absent_fenced_and_leased(open_store: Opener) -> None:
+    async def body(store: StateStore, clock: Clock) -> None:
+        first = await store.take_refresh_lock("r", 0.3)
+        assert first.fence is not None
+        held = await store.take_refresh_lock("r", 0.3)
+        assert held.fence is None and 0 < held.ttl_s <= 0.3
+        record = TokenRecord(1, first.fence, "sealed-1")
+        assert await store.write_tokens("r", record, base_generation=None, fence=first.fence)
+        view = await store.token_view("r")
+        assert view.locked and view.record == record
+        # "Nothing stored" is wrong now; another holder's release is not this one's.
+        assert not await store.write_tokens("r", record, base_generation=None, fence=first.fence)
+        await store.release_refresh_lock("r", first.fence + 100)
+        assert (await store.token_view("r")).locked
+        await store.release_refresh_lock("r", first.fence)
+        assert not (await store.token_view("r")).locked
+        second = await store.take_refresh_lock("r", 0.3)
+        assert second.fence is not None and second.fence > first.fence
+        newer = TokenRecord(2, second.fence, "sealed-2", retry_at=5.0, failures=1, last_failure="x")
+        assert await store.write_tokens("r", newer, base_generation=1, fence=second.fence)
+        # The first holder, stalled past its lease: fenced off, and on an old generation.
+        stale = TokenRecord(2, first.fence, "stale")
+        assert not await store.write_tokens("r", stale, base_generation=2, fence=first.fence)
+        assert not await store.write_tokens("r", stale, base_generation=1, fence=second.fence)
+        assert (await store.token_view("r")).record == newer
+        # An expired lease frees the lock (the holder died): the next fence is higher still.
+        clock.advance(1.0)
+        await asyncio.sleep(0.35)
+        third = await store.take_refresh_lock("r", 0.3)
+        assert third.fence is not None and third.fence > second.fence
+        assert (await store.token_view("other")).record is None
+
+    check(open_store, body)
+
+
+class _Down(MemoryStateStore):
+    down = True
+
+    async def check_epoch(self) -> bool:
+        if self.down:
+            raise OSError("connection refused")
+        return False
+
+
+def test_a_watchers_probe_ends_an_outage_but_never_prolongs_it() -> None:
+    async def main() -> None:
+        clock = Clock()
+        store = _Down(clock=clock)
+        errors: list[tuple[str, str]] = []
+        guarded = GuardedStore(store, clock=clock, on_error=lambda *e: errors.append(e))
+        await guarded.run("check_epoch", lambda s: s.check_epoch())
+        assert not guarded.available and len(errors) == 1
+        before = guarded.health
+        for _ in range(5):
+            assert isinstance(
+                await guarded.probe("check_epoch", lambda s: s.check_epoch()), StateUnavailable
+            )
+        assert guarded.health == before and len(errors) == 1
+        store.down = False
+        assert await guarded.probe("check_epoch", lambda s: s.check_epoch()) is False
+        assert guarded.available
 
     run(main)

@@ -27,6 +27,8 @@ class RecordingSink:
         self._hang_up_after = hang_up_after
         # Why the service cut a streamed response short (None: it did not).
         self.aborted: str | None = None
+        # A client too slow for writes at once: every write waits (`write`).
+        self.stall = False
 
     def hang_up(self) -> None:
         self.gone = True
@@ -40,9 +42,21 @@ class RecordingSink:
     async def write(self, data: bytes) -> None:
         self._call("write")
         assert self.started and not self.finished, "a body write outside a streamed response"
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
         self.chunks.append(data)
         if self._hang_up_after is not None and len(self.chunks) >= self._hang_up_after:
             self.gone = True
+
+    def write_now(self, data: bytes) -> bool:
+        """The upstream's data callback writes at once (`stall`: the client is slow)."""
+        if self.stall:
+            return False
+        self._call("write")
+        assert self.started and not self.finished, "a body write outside a streamed response"
+        self._take(data)
+        return True
 
     async def finish(self) -> None:
         self._call("finish")

@@ -516,7 +516,7 @@ def test_an_exhausted_window_keeps_the_account_out_until_its_reset() -> None:
     pool.record_rate_limits("team-a", figures(100, reset_in=600))
     assert pool.choose() == chosen_as(pool, "team-b")
     assert pool.choose(prefer="team-a") == chosen_as(pool, "team-b")
-    assert pool.choose(exclude={"team-b"}) == AllCoolingDown(600.0, 600)
+    assert pool.choose(exclude={"team-b"}) == AllCoolingDown(600.0, 600, usage_limited=True)
     assert pool.snapshot()[0].health == "exhausted: rate limit window at 100%"
     # A hard owner is still its owner: the upstream's own answer decides.
     assert pool.choose_owner("team-a") == chosen_as(pool, "team-a")
@@ -583,3 +583,54 @@ def test_owner_cooling_message_names_the_owner() -> None:
         AllCoolingDown(150.0, 7, owner="team-a"), affinity=AffinityKind.HARD
     )
     assert "team-a" in fail.message and "every" not in fail.message
+
+
+# (what took each account out, usage_limited): a pool is "out on usage" only when every
+# candidate is, so that Codex CLI shows its usage message and does not retry.
+USAGE_TABLE = [
+    (["exhausted", "exhausted"], True),
+    (["exhausted", "usage-limit"], True),
+    (["usage-limit", "usage-limit-429"], True),
+    (["exhausted", "throttled"], False),  # a short 429 throttle is no usage limit
+    (["exhausted", "fault"], False),
+    (["fault", "fault"], False),
+]
+USAGE_429 = b'{"error": {"type": "usage_limit_reached", "resets_in_seconds": 300}}'
+
+
+@pytest.mark.parametrize(("causes", "usage_limited"), USAGE_TABLE)
+def test_a_pool_out_on_usage_limits(causes: list[str], usage_limited: bool) -> None:
+    ids = [f"team-{i}" for i in range(len(causes))]
+    pool, _ = pool_with_wall(*ids)
+    pool.rules = HealthRules(fault_min_samples=1)
+    for account_id, cause in zip(ids, causes, strict=True):
+        if cause == "exhausted":
+            pool.record_rate_limits(account_id, figures(100, reset_in=600))
+        elif cause == "usage-limit":
+            usage = error_event(429, "usage_limit_reached", "The usage limit has been reached")
+            pool.record_failure(account_id, error_failure(usage))
+        elif cause == "usage-limit-429":
+            pool.record_failure(account_id, handshake_rejected(429, [], USAGE_429, wall_now=WALL))
+        elif cause == "throttled":
+            pool.record_failure(account_id, HandshakeRejected(429, retry_after_s=300.0))
+        else:
+            pool.record_failure(account_id, UpstreamClosed(1011))
+    choice = pool.choose()
+    assert isinstance(choice, AllCoolingDown)
+    assert choice.usage_limited is usage_limited
+    fail = fail_http_for_choice(choice, affinity=AffinityKind.NONE)
+    expected = "usage_limit_reached" if usage_limited else "all_accounts_cooling_down"
+    assert (fail.status, fail.code) == (429, expected)
+    # The earliest reset is the Retry-After.
+    assert fail.retry_after_s == float(choice.retry_after_s)
+
+
+def test_a_hard_owner_out_on_its_usage_limit_says_so() -> None:
+    p, _ = pool("a", "b")
+    usage = error_event(429, "usage_limit_reached", "The usage limit has been reached")
+    usage["headers"] = {"retry-after": "30"}
+    p.record_failure("a", error_failure(usage))
+    choice = p.choose_owner("a")
+    assert choice == AllCoolingDown(130.0, 30, owner="a", usage_limited=True)
+    fail = fail_http_for_choice(choice, affinity=AffinityKind.HARD)
+    assert fail.code == "usage_limit_reached" and "(a)" in fail.message

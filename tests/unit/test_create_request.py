@@ -171,3 +171,27 @@ def test_later_turn_keeps_previous_response_id_in_the_message() -> None:
         "previous_response_id": "resp_1",
         "input": [],
     }
+
+
+@pytest.mark.parametrize(("size", "refused"), [(1000, False), (5000, True)])
+def test_a_message_over_the_upstream_frame_budget_is_a_400_before_any_upstream(
+    size: int, refused: bool
+) -> None:
+    body = json.dumps({"model": "m", "input": "x" * size}).encode()
+    if not refused:
+        assert len(parse_create_request(body, max_body=1 << 20, max_frame=4096).message) < 4096
+        return
+    with pytest.raises(BadRequest) as caught:
+        parse_create_request(body, max_body=1 << 20, max_frame=4096)
+    # A 400, never a 413: Codex CLI retries a 413 five times, then drops WebSocket.
+    assert (caught.value.status, caught.value.code, caught.value.param) == (
+        400,
+        "payload_too_large",
+        "input",
+    )
+
+
+def test_no_frame_budget_means_no_limit() -> None:
+    body = json.dumps({"model": "m", "input": "x" * 10_000}).encode()
+    assert parse_create_request(body, max_body=1 << 20, max_frame=0).stream is False
+    assert parse_create_request(body, max_body=1 << 20).stream is False

@@ -266,7 +266,16 @@ def test_upstream_rejected_without_a_json_error_body(
     assert f"HTTP {status}" in error["message"]
 
 
-@pytest.mark.parametrize("status", [400, 404, 426, 500, 502, 503])
+@pytest.mark.parametrize("status", [400, 413, 414, 431])
+def test_a_request_refused_for_its_size_or_headers_keeps_the_upstreams_answer(status: int) -> None:
+    body = json.dumps(response_events.http_error_body(status, code="too_big")).encode()
+    err = openai_errors.upstream_rejected(status, body, {"Retry-After": "9", "x-a": "b"})
+    assert err.status == status
+    assert err.headers == (JSON,)
+    assert error_of(err)["code"] == "too_big"
+
+
+@pytest.mark.parametrize("status", [404, 426, 500, 502, 503])
 def test_upstream_rejected_other_statuses_become_502(status: int) -> None:
     body = json.dumps(response_events.http_error_body(status)).encode()
     err = openai_errors.upstream_rejected(status, body, {"Retry-After": "9", "x-a": "b"})
@@ -419,3 +428,52 @@ def test_owner_cooling_names_the_owner_not_the_pool() -> None:
 def test_a_decisions_retry_after_is_clamped_to_seven_days() -> None:
     error = openai_errors.for_decision(FailHttp(429, "rate_limit_exceeded", retry_after_s=1e12))
     assert dict(error.headers)["retry-after"] == str(int(MAX_RESET_S))
+
+
+def test_a_pool_out_on_usage_limits_is_answered_as_codex_cli_reads_it() -> None:
+    from responses_ws_bridge.core.retry_policy import FailHttp
+
+    fail = FailHttp(429, "usage_limit_reached", 90.2, message="limit", resets_at=1_800_000_090.2)
+    err = openai_errors.for_decision(fail)
+    assert err.status == 429
+    assert ("retry-after", "91") in err.headers
+    error = error_of(err)
+    # Codex CLI keys its usage message on `type`, and reads `resets_at` (epoch seconds).
+    assert (error["type"], error["code"], error["resets_at"]) == (
+        "usage_limit_reached",
+        "usage_limit_reached",
+        1_800_000_091,
+    )
+    assert "plan_type" not in error  # an unknown plan would make Codex CLI retry instead
+
+
+def test_a_rate_limit_event_passes_its_header_families_on() -> None:
+    ev = UpstreamErrorEvent(
+        "usage_limit_reached",
+        429,
+        "usage_limit_reached",
+        headers={
+            "retry-after": "30",
+            "x-codex-primary-used-percent": "100",
+            "x-codex-bengalfox-primary-used-percent": "80",
+            "x-codex-bengalfox-limit-name": "sonic",
+            "x-codex-promo-message": "more?",
+            "x-internal": "no",
+        },
+    )
+    headers = dict(openai_errors.from_error_event(ev).headers)
+    assert headers["retry-after"] == "30"
+    assert headers["x-codex-primary-used-percent"] == "100"
+    assert headers["x-codex-bengalfox-primary-used-percent"] == "80"
+    assert headers["x-codex-bengalfox-limit-name"] == "sonic"
+    assert headers["x-codex-promo-message"] == "more?"
+    assert "x-internal" not in headers
+
+
+def test_an_overload_that_outlasts_the_retries_is_a_503_with_the_upstreams_code() -> None:
+    from responses_ws_bridge.core.retry_policy import FailHttp
+
+    ev = UpstreamErrorEvent("server_is_overloaded", None, "server_error", "busy")
+    err = openai_errors.for_failure(ev, FailHttp(503, "server_is_overloaded"), passthrough=False)
+    assert err.status == 503
+    assert error_of(err)["code"] == "server_is_overloaded"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pkgutil
+import sys
 from pathlib import Path
 
 import responses_ws_bridge
@@ -100,3 +101,28 @@ def test_the_package_has_no_testing_subpackage() -> None:
         for name in _package_modules()
     )
     assert not (Path(responses_ws_bridge.__path__[0]) / "testing" / "__init__.py").exists()
+
+
+# What `core/` may import besides the standard library and itself: close codes, and the
+# decompressors a request body is decoded with (incremental, capped: still no I/O).
+# (`from backports import zstd`, `from compression import zstd` on Python 3.14.)
+CORE_ALLOWED = {"websockets.frames", "brotli", "backports", "compression"}
+# Standard-library modules that do I/O or run things: never in the core.
+CORE_FORBIDDEN = {"asyncio", "socket", "ssl", "subprocess", "threading", "selectors", "os"}
+
+
+def test_the_core_is_the_standard_library_and_itself_and_does_no_io() -> None:
+    offenders = set()
+    for module, path in _package_modules().items():
+        if not module.startswith(f"{PACKAGE}.core"):
+            continue
+        for name in _imported(module, path):
+            root = name.split(".")[0]
+            if name.startswith(f"{PACKAGE}.core") or name == "__future__":
+                continue
+            if name in CORE_ALLOWED or any(name.startswith(f"{a}.") for a in CORE_ALLOWED):
+                continue
+            if root in sys.stdlib_module_names and root not in CORE_FORBIDDEN:
+                continue
+            offenders.add(f"{module} imports {name}")
+    assert not offenders

@@ -8,6 +8,7 @@ import pytest
 from responses_ws_bridge.core.rate_limits import (
     MAX_EXHAUSTION_S,
     Credits,
+    Family,
     RateLimits,
     Window,
     describe,
@@ -43,12 +44,65 @@ def test_frame_is_read() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bucket", "read"),
-    [(None, True), ("codex", True), ("CODEX", True), ("gpt-5-codex-mini", False), ("", True)],
+    ("bucket", "family"),
+    [
+        (None, None),
+        ("codex", None),
+        ("CODEX", None),
+        ("gpt-5-codex-mini", "gpt_5_codex_mini"),
+        ("codex_bengalfox", "codex_bengalfox"),
+        ("", None),
+    ],
 )
-def test_other_buckets_are_ignored(bucket: str | None, read: bool) -> None:
-    frame = rate_limits_event(10, reset_at=RESET, bucket=bucket)
-    assert (from_frame(frame) is not None) is read
+def test_other_buckets_become_families_that_are_never_judged(
+    bucket: str | None, family: str | None
+) -> None:
+    found = from_frame(rate_limits_event(100, reset_at=RESET, bucket=bucket))
+    assert found is not None
+    if family is None:
+        assert found.primary is not None and found.others == ()
+        return
+    assert found.primary is None and found.credits is None
+    assert [f.limit_id for f in found.others] == [family]
+    # A metered bucket at 100 % does not exhaust the account.
+    assert exhausted_until(found, wall_now=NOW) is None
+    assert headroom(found, wall_now=NOW) == 100.0
+
+
+def test_every_header_family_is_kept_and_passed_on() -> None:
+    headers = {
+        "x-codex-primary-used-percent": "12.5",
+        "x-codex-primary-window-minutes": "300",
+        "x-codex-secondary-used-percent": "40",
+        "x-codex-bengalfox-primary-used-percent": "80",
+        "x-codex-bengalfox-primary-reset-at": "1704074400",
+        "x-codex-bengalfox-limit-name": "gpt-5.2-codex-sonic",
+        "x-gpt-image-primary-used-percent": "5",
+        "x-codex-credits-has-credits": "true",
+        "x-codex-credits-unlimited": "false",
+        "x-codex-credits-balance": "12",
+        "x-codex-promo-message": "Upgrade for more",
+        "x-codex-active-limit": "codex_bengalfox",
+        "content-type": "application/json",
+    }
+    found = from_headers(headers)
+    assert found is not None
+    assert [f.limit_id for f in found.others] == ["codex_bengalfox", "gpt_image"]
+    assert found.others[0] == Family(
+        "codex_bengalfox", Window(80, None, 1704074400), None, "gpt-5.2-codex-sonic"
+    )
+    out = dict(to_headers(found))
+    assert out == {k: v for k, v in headers.items() if k != "content-type"}
+    # Only Codex's own family is judged.
+    assert headroom(found, wall_now=NOW) == 60.0
+
+
+def test_a_family_merges_by_its_id() -> None:
+    old = RateLimits(others=(Family("a", Window(1)), Family("b", Window(2))))
+    new = RateLimits(others=(Family("b", Window(3)),), messages=(("x-codex-promo-message", "hi"),))
+    merged = merge(old, new)
+    assert merged.others == (Family("a", Window(1)), Family("b", Window(3)))
+    assert merged.messages == (("x-codex-promo-message", "hi"),)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from responses_ws_bridge.core.failures import (
     UpstreamClosed,
     UpstreamErrorEvent,
     UpstreamSilent,
+    refresh_failure,
 )
 from responses_ws_bridge.core.retry_policy import (
     Decision,
@@ -49,6 +50,13 @@ RATE = UpstreamErrorEvent("rate_limit_exceeded", 429, retry_after_s=5.0)
 SILENT = UpstreamSilent(300.0)
 GARBAGE = InvalidUpstreamEvent("a binary frame")
 INVALID = FailHttp(502, "invalid_upstream_event")
+# No token: the refresh failed for now, was refused for good, or had no store lock to run under.
+REFRESH = refresh_failure("token_refresh_timeout", permanent=False, retry_after_s=7.0)
+REFUSED = refresh_failure("invalid_grant", permanent=True, retry_after_s=None)
+NO_LOCK = refresh_failure("state_store_unavailable", permanent=False, retry_after_s=1.0)
+REFRESH_503 = FailHttp(503, "token_refresh_failed", 7.0)
+REFUSED_502 = FailHttp(502, "token_refresh_failed")
+NO_LOCK_503 = FailHttp(503, "state_store_unavailable", 1.0)
 
 # First retry with jitter 0, base 0.25 s: half of one step.
 SAME = RetrySame(ACCOUNT, 0.125)
@@ -58,6 +66,16 @@ UPSTREAM = FailHttp(502, "upstream_error")
 PASS_429_HS = FailHttp(429, "rate_limit_exceeded", 30.0, upstream_status=429)
 PASS_429_EV = FailHttp(429, "rate_limit_exceeded", 5.0)
 RELAY = Relay()
+OVERLOADED = UpstreamErrorEvent("server_is_overloaded", None, "server_error")
+AUTH = UpstreamErrorEvent("invalid_api_key", 401, "invalid_request_error")
+AUTH_GONE = UpstreamErrorEvent("token_expired", 401)
+BOUND = UpstreamErrorEvent("invalid_encrypted_content", 400, "invalid_request_error")
+H431 = HandshakeRejected(431)
+FIRST = UpstreamSilent(240.0, first_event=True)
+BUSY = FailHttp(503, "server_is_overloaded")
+PASS_431 = FailHttp(431, "upstream_rejected", upstream_status=431)
+TIMEOUT = FailHttp(504, "upstream_timeout")
+NEW_ROWS = {OVERLOADED, AUTH, AUTH_GONE, BOUND, H431, FIRST}
 
 
 def owner_gone(status: int) -> FailHttp:
@@ -90,6 +108,16 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (HARD, SILENT, SAME, OWNER_GONE, incomplete(None), incomplete(None)),
     (HARD, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (HARD, RATE, PASS_429_EV, PASS_429_EV, RELAY, RELAY),
+    (HARD, OVERLOADED, SAME, BUSY, RELAY, RELAY),
+    (HARD, AUTH, OWNER_GONE, OWNER_GONE, RELAY, RELAY),
+    (HARD, AUTH_GONE, OWNER_GONE, OWNER_GONE, RELAY, RELAY),
+    (HARD, BOUND, RELAY, RELAY, RELAY, RELAY),
+    (HARD, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
+    (HARD, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
+    # A refresh failure is told as what it is, at once: never a retry on the owner.
+    (HARD, REFRESH, REFRESH_503, REFRESH_503, incomplete(None), incomplete(None)),
+    (HARD, REFUSED, REFUSED_502, REFUSED_502, incomplete(None), incomplete(None)),
+    (HARD, NO_LOCK, NO_LOCK_503, NO_LOCK_503, incomplete(None), incomplete(None)),
     # SOFT: 1011, handshake errors and rate limits move; other closes stay.
     (SOFT, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
     (SOFT, C1001, SAME, UPSTREAM, incomplete(1001), incomplete(1001)),
@@ -105,6 +133,15 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (SOFT, SILENT, SAME, UPSTREAM, incomplete(None), incomplete(None)),
     (SOFT, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (SOFT, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
+    (SOFT, OVERLOADED, OTHER, BUSY, RELAY, RELAY),
+    (SOFT, AUTH, OTHER, UPSTREAM, RELAY, RELAY),
+    (SOFT, AUTH_GONE, OTHER, UPSTREAM, RELAY, RELAY),
+    (SOFT, BOUND, RELAY, RELAY, RELAY, RELAY),
+    (SOFT, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
+    (SOFT, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
+    (SOFT, REFRESH, OTHER, REFRESH_503, incomplete(None), incomplete(None)),
+    (SOFT, REFUSED, OTHER, REFUSED_502, incomplete(None), incomplete(None)),
+    (SOFT, NO_LOCK, OTHER, NO_LOCK_503, incomplete(None), incomplete(None)),
     # NONE: the same rules as SOFT.
     (NONE, C1000, SAME, UPSTREAM, incomplete(1000), incomplete(1000)),
     (NONE, C1001, SAME, UPSTREAM, incomplete(1001), incomplete(1001)),
@@ -120,6 +157,15 @@ TABLE: list[tuple[AffinityKind, Failure, Decision, Decision, Decision, Decision]
     (NONE, SILENT, SAME, UPSTREAM, incomplete(None), incomplete(None)),
     (NONE, GARBAGE, INVALID, INVALID, incomplete(None), incomplete(None)),
     (NONE, RATE, OTHER, PASS_429_EV, RELAY, RELAY),
+    (NONE, OVERLOADED, OTHER, BUSY, RELAY, RELAY),
+    (NONE, AUTH, OTHER, UPSTREAM, RELAY, RELAY),
+    (NONE, AUTH_GONE, OTHER, UPSTREAM, RELAY, RELAY),
+    (NONE, BOUND, RELAY, RELAY, RELAY, RELAY),
+    (NONE, H431, PASS_431, PASS_431, incomplete(None), incomplete(None)),
+    (NONE, FIRST, TIMEOUT, TIMEOUT, incomplete(None), incomplete(None)),
+    (NONE, REFRESH, OTHER, REFRESH_503, incomplete(None), incomplete(None)),
+    (NONE, REFUSED, OTHER, REFUSED_502, incomplete(None), incomplete(None)),
+    (NONE, NO_LOCK, OTHER, NO_LOCK_503, incomplete(None), incomplete(None)),
 ]
 
 COLUMNS = [(False, False), (False, True), (True, False), (True, True)]  # (seen, spent)
@@ -148,7 +194,7 @@ def test_decision_table(affinity: AffinityKind, failure: Failure, expected: list
 
 def test_table_covers_every_cell() -> None:
     failures = {C1000, C1001, C1006, C1011, C1012, C1013, LOST, H401, H403, H429, H503, RATE}
-    failures |= {SILENT, GARBAGE}
+    failures |= {SILENT, GARBAGE, REFRESH, REFUSED, NO_LOCK} | NEW_ROWS
     assert {(a, f) for a, f, *_ in TABLE} == {(a, f) for a in AffinityKind for f in failures}
     assert len(TABLE) == 3 * len(failures)
 
@@ -544,12 +590,39 @@ def test_age_limit_after_an_event_is_relayed() -> None:
         (H403, False, False, True, None),
         (C1000, False, True, False, None),  # the client saw an event: nothing is free
         (AGE_LIMIT, True, True, False, None),
+        (AUTH, False, False, True, "token_refreshed"),
+        (AUTH, False, False, False, None),
+        (AUTH_GONE, False, False, True, None),  # a permanent code is never refreshed
     ],
 )
 def test_free_retries(
     failure: Failure, reused: bool, seen: bool, refreshed: bool, why: str | None
 ) -> None:
     got = free_retry(failure, reused=reused, client_has_seen_event=seen, token_refreshed=refreshed)
+    assert got == why
+
+
+@pytest.mark.parametrize(
+    ("failure", "seen", "why"),
+    [
+        (LOST, False, "prewarm_resend"),
+        (C1011, False, "prewarm_resend"),
+        (SILENT, False, "prewarm_resend"),
+        (LOST, True, None),  # the client saw its events: never sent again
+        (RATE, False, None),  # an error event follows the table
+        (OVERLOADED, False, None),
+    ],
+)
+def test_a_prewarm_that_failed_after_created_is_sent_once_more(
+    failure: Failure, seen: bool, why: str | None
+) -> None:
+    got = free_retry(
+        failure,
+        reused=False,
+        client_has_seen_event=seen,
+        token_refreshed=False,
+        prewarm_after_created=True,
+    )
     assert got == why
 
 
@@ -563,6 +636,11 @@ def test_free_retries(
         (H401, False),
         (H429, False),
         (RATE, False),
+        (OVERLOADED, True),
+        (AUTH, False),
+        # The refresher's backoff decides when to try again, not the request's start-over.
+        (REFRESH, False),
+        (NO_LOCK, False),
     ],
 )
 def test_transient(failure: Failure, transient: bool) -> None:

@@ -16,8 +16,6 @@ from responses_ws_bridge.core.token_refresh import (
     needs_refresh,
     parse_refresh_response,
     refresh_request_body,
-    stored_entry,
-    tokens_to_use,
 )
 
 NOW = 1_800_000_000.0
@@ -93,7 +91,14 @@ def ok(body: dict[str, object]) -> bytes:
             Refused("refresh_token_expired", permanent=True),
         ),
         (500, b"oops", Refused("http_500", permanent=False)),
-        (429, ok({"error": "slow down please"}), Refused("slowdownplease", permanent=False)),
+        (429, ok({"error": "slow down please"}), Refused("unrecognized_error", permanent=False)),
+        # An endpoint that echoes what it was sent: its code is not one on the known list.
+        (
+            400,
+            ok({"error": {"code": "xrt-orig-x-secret0123", "message": "xrt-orig-x-secret0123"}}),
+            Refused("unrecognized_error", permanent=False),
+        ),
+        (503, ok({"error": "temporarily_unavailable"}), Refused("temporarily_unavailable", False)),
         (None, b"", Refused("unreachable", permanent=False)),
     ],
 )
@@ -108,25 +113,6 @@ def test_answers(status: int | None, body: bytes, outcome: object) -> None:
 def test_secrets_never_show_in_reprs() -> None:
     tokens = Tokens("access-secret", "refresh-secret", "id-secret")
     assert "secret" not in repr(tokens) + str(tokens) + repr(Refreshed(tokens))
-
-
-FILE = Tokens("file-access", "file-refresh")
-ROTATED = Tokens("new-access", "new-refresh", "new-id")
-
-
-@pytest.mark.parametrize(
-    ("stored", "used"),
-    [
-        (None, FILE),
-        (stored_entry(ROTATED, origin=fingerprint("file-refresh"), wall_now=NOW), ROTATED),
-        # The operator put a new refresh token in the file: it wins.
-        (stored_entry(ROTATED, origin=fingerprint("older-refresh"), wall_now=NOW), FILE),
-        ({"origin": fingerprint("file-refresh")}, FILE),
-        ({"origin": fingerprint("file-refresh"), "refused": "invalid_grant"}, FILE),
-    ],
-)
-def test_tokens_to_use(stored: dict[str, object] | None, used: Tokens) -> None:
-    assert tokens_to_use(FILE, stored) == used
 
 
 def test_fingerprint_is_short_and_not_the_secret() -> None:

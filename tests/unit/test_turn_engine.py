@@ -145,7 +145,8 @@ def test_pass_through_streams_events_and_keeps_the_socket() -> None:
     opened = pb.answer(Open, SocketReady([("x-codex-turn-state", "ts-1")]))
     assert ("authorization", "Bearer client-tok") in [(k.lower(), v) for k, v in opened.headers]
     pb << Send(turn.create.message) >> None
-    pb << Receive(300.0) >> Frames([CREATED, DELTA])
+    # The request's first-event deadline (240 s) comes before the idle gap (300 s).
+    pb << Receive(240.0) >> Frames([CREATED, DELTA])
     start = pb.answer(StartStream)
     assert ("x-codex-turn-state", "ts-1") in start.headers
     assert ("content-type", "text/event-stream") in start.headers
@@ -216,7 +217,7 @@ def test_the_client_leaving_mid_stream_closes_the_socket_and_gives_the_account_b
     pb = play(turn)
     open_on(pb, A, PickOwner("a"), owner=Owned("a"))
     pb << Send >> None
-    pb << Receive >> Frames([CREATED])
+    pb << Receive >> Frames([CREATED, DELTA])
     pb << StartStream >> None
     pb << Write >> ClientLeft()
     pb << Release(
@@ -255,7 +256,7 @@ def test_silence_after_events_sends_keepalives_then_gives_up() -> None:
     pb = play(make_turn(headers=SESSION), settings=settings, time=time)
     open_on(pb, A, PickOwner("a"), owner=Owned("a"))
     pb << Send >> None
-    pb << Receive(40.0) >> Frames([CREATED])
+    pb << Receive(40.0) >> Frames([CREATED, DELTA])
     pb << StartStream >> None
     pb << Write >> None
     pb << Receive(15.0)
@@ -370,7 +371,58 @@ def test_a_refused_refresh_disables_the_account_when_permanent() -> None:
     pb << GetToken(REFRESHABLE) >> RefreshRefused("invalid_grant", permanent=True)
     pb << Disable("r", "token refresh refused: invalid_grant") >> None
     pb.skip_until(Failed)
-    assert turn.report.attempts[0].outcome == "refresh_failed"
+    assert turn.report.attempts[0].outcome == "refresh_refused"
+
+
+def _refused_answer(turn: Turn, refused: RefreshRefused) -> Respond:
+    pb = play(turn)
+    pb << FindOwner() >> (Owned("r") if turn.affinity.kind.value == "hard" else Unbound())
+    pb.skip_until(Choose)
+    pb >> Chosen(REFRESHABLE)
+    pb.skip_until(GetToken)
+    pb << GetToken(REFRESHABLE) >> refused
+    failed = pb.skip_until(Failed)
+    assert failed.failure.cause == "refresh_failed"
+    pb >> True
+    answer: Respond = pb.skip_until(Respond, answer=True)
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "code", "retry_after"),
+    [
+        ("token_refresh_timeout", 503, "token_refresh_failed", "7"),
+        ("state_store_unavailable", 503, "state_store_unavailable", "7"),
+    ],
+)
+def test_a_hard_session_whose_token_cannot_be_refreshed_is_told_so_at_once(
+    reason: str, status: int, code: str, retry_after: str
+) -> None:
+    answer = _refused_answer(
+        make_turn(headers=SESSION), RefreshRefused(reason, permanent=False, retry_after_s=7.0)
+    )
+    assert answer.status == status
+    error = json.loads(answer.body)["error"]
+    assert error["code"] == code
+    assert reason in error["message"] and "could not connect" not in error["message"]
+    assert ("retry-after", retry_after) in answer.headers
+
+
+def test_a_401_whose_refresh_fails_is_a_refresh_failure_not_an_owner_failure() -> None:
+    pb = play(make_turn(headers=SESSION))
+    pb << FindOwner() >> Owned("r")
+    pb.skip_until(Choose)
+    pb >> Chosen(REFRESHABLE)
+    pb.skip_until(GetToken)
+    pb << GetToken(REFRESHABLE) >> "old"
+    pb << Open >> Broke(HandshakeRejected(401))
+    pb.skip_until(Refresh)
+    pb >> RefreshRefused("unrecognized_error", permanent=False, retry_after_s=3.0)
+    pb.skip_until(Failed)
+    pb >> True
+    answer = pb.skip_until(Respond, answer=True)
+    assert answer.status == 503
+    assert json.loads(answer.body)["error"]["code"] == "token_refresh_failed"
 
 
 def test_an_error_event_before_any_output_is_the_clients_answer() -> None:
@@ -397,7 +449,7 @@ def test_secrets_echoed_in_error_events_are_scrubbed() -> None:
     pb = play(make_turn(headers=SESSION), secrets=("tok-secret-123",))
     open_on(pb, A, PickOwner("a"), owner=Owned("a"))
     pb << Send >> None
-    pb << Receive >> Frames([CREATED, error])
+    pb << Receive >> Frames([CREATED, DELTA, error])
     pb << StartStream >> None
     assert b"tok-secret-123" not in pb.answer(Write).data
 
@@ -425,9 +477,473 @@ def test_rate_limit_frames_become_headers_not_events() -> None:
     pb = play(make_turn(headers=SESSION))
     open_on(pb, A, PickOwner("a"), owner=Owned("a"))
     pb << Send >> None
-    pb << Receive >> Frames([limits, CREATED])
+    pb << Receive >> Frames([limits, CREATED, DELTA])
     noted = pb.answer(NoteFigures, None)
     assert noted.limits is not None
     start = pb.answer(StartStream)
     assert ("x-codex-primary-used-percent", "42") in start.headers
     assert b"codex.rate_limits" not in pb.answer(Write).data
+
+
+# -- round two: what the Codex backend and client do ------------------------------------------
+
+IN_PROGRESS = event("response.in_progress", 1, response={"id": "resp_1"})
+CODEX = Destination("https", "chatgpt.com", 443, "/backend-api/codex/responses")
+
+
+def error_frame(code: str, *, status: int = 400, type_: str = "invalid_request_error") -> str:
+    return json.dumps(
+        {"type": "error", "status": status, "error": {"type": type_, "code": code, "message": code}}
+    )
+
+
+def failed_frame(code: str, seq: int = 2) -> str:
+    return event(
+        "response.failed",
+        seq,
+        response={"id": "resp_1", "status": "failed", "error": {"code": code, "message": code}},
+    )
+
+
+SOFT_KEY_A = ("prompt-cache:k", "a")
+SOFT_BODY = {"model": "m", "input": "x", "stream": True, "prompt_cache_key": "k"}
+
+
+def soft_on_a(settings: EngineSettings | None = None, time: FakeTime | None = None) -> Playbook:
+    pb = play(make_turn(SOFT_BODY), settings=settings, time=time)
+    open_on(pb, A, PickAny(frozenset(), None))
+    pb << Send >> None
+    return pb
+
+
+def test_created_is_held_until_the_first_output_event() -> None:
+    pb = play(make_turn(headers=SESSION))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive(240.0) >> Frames([CREATED, IN_PROGRESS])
+    # Nothing written: the hold window (2 s) runs.
+    pb << Receive(2.0) >> Frames([DELTA])
+    pb << StartStream >> None
+    written = pb.answer(Write).data
+    assert written == b"".join(
+        sse.encode_event(f, t)
+        for f, t in [
+            (CREATED, "response.created"),
+            (IN_PROGRESS, "response.in_progress"),
+            (DELTA, "response.output_text.delta"),
+        ]
+    )
+
+
+def test_held_events_go_out_when_the_hold_window_ends() -> None:
+    time = FakeTime()
+    pb = play(make_turn(headers=SESSION), time=time)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED])
+    pb << Receive(2.0)
+    time.now += 2
+    pb >> TimedOut()
+    pb << StartStream >> None
+    assert pb.answer(Write).data == sse.encode_event(CREATED, "response.created")
+    # Now streaming: the keepalive runs from the last frame, 2 s ago.
+    pb << Receive(13.0)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        error_frame("server_is_overloaded", status=500, type_="server_error"),
+        error_frame("overloaded_error"),
+        json.dumps(
+            {
+                "type": "error",
+                "error": {
+                    "message": "Selected model is at capacity. Please try a different model."
+                },
+            }
+        ),
+        failed_frame("server_is_overloaded"),
+    ],
+    ids=["error-server_is_overloaded", "error-overloaded_error", "at-capacity", "failed"],
+)
+def test_an_overload_after_created_is_a_retry_on_another_account(frame: str) -> None:
+    pb = soft_on_a()
+    pb << Receive >> Frames([CREATED, IN_PROGRESS, frame])
+    # The client saw nothing; the socket is fine (the response ended).
+    pb << Release(SOFT_KEY_A, keep=True) >> None
+    pb << Unhold("a") >> None
+    failed = pb.answer(Failed, True)
+    assert failed.failure.kind == "overloaded"
+    assert "RetryOther" in pb.answer(Log).message
+    pb << Choose(PickAny(frozenset({"a"}), None), claim=True)
+
+
+def test_an_overload_on_a_hard_owner_is_tried_again_on_the_owner() -> None:
+    pb = play(make_turn(headers=SESSION))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, error_frame("server_is_overloaded")])
+    pb.skip_until(Failed)
+    pb >> True
+    assert "RetrySame" in pb.answer(Log).message
+    pb << Sleep >> None
+    pb << Choose(PickOwner("a"), claim=False)
+
+
+def test_a_non_retryable_failed_response_after_created_is_relayed_in_the_stream() -> None:
+    pb = soft_on_a()
+    pb << Receive >> Frames([CREATED, failed_frame("invalid_prompt")])
+    pb << StartStream >> None
+    data = pb.answer(Write).data
+    assert data.startswith(b"event: response.created") and b"invalid_prompt" in data
+    pb << Finish() >> None
+
+
+PREWARM = {"model": "m", "input": [], "stream": True, "generate": False}
+PREWARM_COMPLETED = event("response.completed", 1, response={"id": "resp_1", "output": []})
+
+
+def test_a_prewarm_is_not_counted_for_the_account() -> None:
+    turn = make_turn(PREWARM, SESSION)
+    pb = play(turn)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    # Held without a window: a prewarm's answer has no output to wait for.
+    pb << Receive(240.0) >> Frames([CREATED])
+    pb << Receive(300.0) >> Frames([PREWARM_COMPLETED])
+    pb << StartStream >> None
+    # No PublishOwner: its response is no previous_response_id anyone continues from.
+    pb << Write >> None
+    pb << Finish() >> None
+    pb << Release(("session:s-1", "a"), keep=True) >> None
+    pb << Unhold("a") >> None
+    # No Served: the account is not marked successful, nothing is bound.
+    assert pb.done
+    assert turn.report.outcome == "response.completed"
+
+
+def test_a_prewarm_answered_with_output_counts_like_any_turn() -> None:
+    pb = play(make_turn(PREWARM, SESSION))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, DELTA, COMPLETED])
+    pb << StartStream >> None
+    pb << PublishOwner("a", "resp_1") >> None
+    pb.skip_until(Served)
+
+
+def test_a_prewarm_whose_socket_dies_after_created_is_sent_once_more() -> None:
+    turn = make_turn(PREWARM, SESSION)
+    pb = play(turn, settings=EngineSettings(retry_budget=0))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED])
+    pb << Receive >> Broke(ConnectionLost())
+    pb.skip_until(Log)
+    assert "free retry (prewarm_resend)" in pb.last.message
+    pb >> None
+    pb << Choose(PickOwner("a"), claim=False)
+
+
+def test_a_normal_request_dying_after_created_has_no_such_free_retry() -> None:
+    pb = play(make_turn(headers=SESSION), settings=EngineSettings(retry_budget=0))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED])
+    pb << Receive >> Broke(ConnectionLost())
+    pb.skip_until(Failed)
+    pb >> True
+    assert "FailHttp" in pb.answer(Log).message
+    assert pb.answer(Respond).status == 502
+
+
+METADATA = json.dumps(
+    {
+        "type": "response.metadata",
+        "headers": {"x-codex-turn-state": "ts-late", "openai-model": "gpt-real"},
+        "metadata": {"model_verification": {}},
+    }
+)
+TIMING = json.dumps({"type": "responsesapi.websocket_timing", "timing_metrics": {}})
+CODEX_META = json.dumps({"type": "codex.response.metadata", "x": 1})
+
+
+@pytest.mark.parametrize(
+    ("destination", "relayed"),
+    [
+        (TRUSTED, []),
+        (CODEX, ["response.metadata", "codex.response.metadata"]),
+    ],
+    ids=["v1", "codex"],
+)
+def test_vendor_events_reach_only_the_clients_that_read_them(
+    destination: Destination, relayed: list[str]
+) -> None:
+    turn = make_turn(headers=SESSION, destination=destination)
+    pb = play(turn)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, METADATA, TIMING, CODEX_META, DELTA, COMPLETED])
+    start = pb.answer(StartStream)
+    # The metadata's headers arrived before the head: they are on it.
+    assert ("x-codex-turn-state", "ts-late") in start.headers
+    assert ("openai-model", "gpt-real") in start.headers
+    pb << PublishOwner >> None
+    types = [t for t, _ in sse.parse_sse(pb.answer(Write).data)]
+    expected = ["response.created", *relayed, "response.output_text.delta", "response.completed"]
+    assert types == expected
+    pb << Finish() >> None
+    # The session keeps the late turn state for its next turn on this socket.
+    pb << Release(("session:s-1", "a"), keep=True, turn_state="ts-late") >> None
+
+
+def test_a_turn_state_after_the_head_goes_to_the_sessions_next_socket() -> None:
+    turn = make_turn(headers=SESSION)
+    pb = play(turn)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, DELTA])
+    start = pb.answer(StartStream)
+    assert not any(k == "x-codex-turn-state" for k, _ in start.headers)
+    pb << Write >> None
+    pb << Receive >> Frames([METADATA])
+    pb << Receive >> Broke(UpstreamClosed(CloseCode.INTERNAL_ERROR))
+    pb.skip_until(Release)
+    assert pb.last.turn_state == "ts-late"
+
+
+def test_a_retry_on_a_new_socket_carries_the_turn_state_the_first_one_was_given() -> None:
+    pb = play(make_turn(headers=SESSION))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, METADATA])
+    pb << Receive >> Broke(UpstreamClosed(CloseCode.INTERNAL_ERROR))
+    pb.skip_until(Failed)
+    pb >> True
+    pb.skip_until(Choose)
+    pb >> Chosen(A)
+    pb.skip_until(GetToken)
+    pb >> "tok-a"
+    pb << Open
+    assert ("x-codex-turn-state", "ts-late") in pb.last.headers
+
+
+def test_handshake_answer_headers_reach_the_client() -> None:
+    pb = play(make_turn(headers=SESSION))
+    pb << FindOwner() >> Owned("a")
+    pb << Choose >> Chosen(A)
+    pb.skip_until(GetToken)
+    pb << GetToken(A) >> "tok-a"
+    ready = SocketReady(
+        [
+            ("x-reasoning-included", "true"),
+            ("X-Models-Etag", 'W/"m1"'),
+            ("openai-model", "gpt-5-codex-2026"),
+            ("x-codex-turn-state", "ts-1"),
+            ("x-served-by", "node-7"),
+            ("x-codex-primary-used-percent", "12"),
+        ]
+    )
+    pb << Open >> ready
+    pb.skip_until(Receive, answer=None)
+    pb >> Frames([CREATED, DELTA])
+    headers = dict(pb.answer(StartStream).headers)
+    assert headers["x-reasoning-included"] == "true"
+    assert headers["x-models-etag"] == 'W/"m1"'
+    assert headers["openai-model"] == "gpt-5-codex-2026"
+    assert headers["x-codex-turn-state"] == "ts-1"
+    assert "x-served-by" not in headers
+
+
+def test_an_auth_error_event_refreshes_a_chatgpt_account_and_tries_again() -> None:
+    pb = play(make_turn(headers=SESSION))
+    pb << FindOwner() >> Owned("r")
+    pb << Choose(PickOwner("r"), claim=False) >> Chosen(REFRESHABLE)
+    pb.skip_until(GetToken)
+    pb << GetToken(REFRESHABLE) >> "old"
+    pb << Open >> SocketReady([])
+    pb << Send >> None
+    auth = error_frame("invalid_api_key", status=401)
+    pb << Receive >> Frames([auth])
+    # A refused credential: the socket is not kept.
+    pb << Release(("session:s-1", "r"), keep=False) >> None
+    pb << Unhold("r") >> None
+    assert pb.answer(Refresh, True).used_tag
+    assert "free retry (token_refreshed)" in pb.answer(Log).message
+    pb << Choose(PickOwner("r"), claim=False)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        error_frame("invalid_api_key", status=401),
+        error_frame("whatever", status=401, type_="authentication_error"),
+        error_frame("token_expired", status=401),
+        failed_frame("refresh_token_reused"),
+    ],
+    ids=["invalid_api_key", "authentication_error", "token_expired", "failed-refresh-code"],
+)
+def test_an_auth_error_without_a_refresh_fails_over_without_hard_affinity(frame: str) -> None:
+    pb = soft_on_a()
+    pb << Receive >> Frames([CREATED, frame])
+    pb << Release(SOFT_KEY_A, keep=False) >> None
+    pb << Unhold("a") >> None
+    # `a` has no refresh token; the pool disables it (is_auth_rejection).
+    pb << Failed >> False
+    assert "RetryOther" in pb.answer(Log).message
+    pb << Choose(PickAny(frozenset({"a"}), None), claim=True)
+
+
+def test_a_permanent_auth_code_is_never_refreshed() -> None:
+    pb = play(make_turn(SOFT_BODY))
+    pb << FindOwner() >> Unbound()
+    pb << Choose >> Chosen(REFRESHABLE)
+    pb.skip_until(GetToken)
+    pb << GetToken(REFRESHABLE) >> "tok"
+    pb << Open >> SocketReady([])
+    pb << Send >> None
+    pb << Receive >> Frames([error_frame("token_expired", status=401)])
+    pb << Release(("prompt-cache:k", "r"), keep=False) >> None
+    pb << Unhold("r") >> None
+    # Straight to the pool's verdict: no Refresh.
+    pb << Failed >> False
+
+
+def test_account_bound_content_is_reported_with_its_code_and_never_moved() -> None:
+    pb = soft_on_a()
+    pb << Receive >> Frames([error_frame("invalid_encrypted_content")])
+    pb << Release(SOFT_KEY_A, keep=True) >> None
+    pb << Unhold("a") >> None
+    pb << Failed >> True
+    assert "Relay" in pb.answer(Log).message
+    answer = pb.answer(Respond)
+    assert answer.status == 400
+    assert json.loads(answer.body)["error"]["code"] == "invalid_encrypted_content"
+    assert pb.done
+
+
+def test_the_first_event_has_its_own_deadline_over_every_attempt() -> None:
+    time = FakeTime()
+    settings = EngineSettings(first_event_timeout_s=10.0, idle_timeout_s=300.0)
+    pb = play(make_turn(headers=SESSION), settings=settings, time=time)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive(10.0)
+    time.now += 6
+    pb >> Broke(UpstreamClosed(CloseCode.INTERNAL_ERROR))
+    pb.skip_until(Failed)
+    pb >> True
+    pb.skip_until(Choose)
+    pb >> Chosen(A)
+    pb.skip_until(GetToken)
+    pb >> "tok-a"
+    pb << Open >> SocketReady([])
+    pb << Send >> None
+    # The second attempt has what is left of the request's 10 s.
+    pb << Receive(4.0)
+    time.now += 4
+    pb >> TimedOut()
+    failed = pb.skip_until(Failed)
+    assert failed.failure == UpstreamSilent(10.0, first_event=True)
+    pb >> True
+    answer = pb.skip_until(Respond)
+    assert answer.status == 504
+    assert json.loads(answer.body)["error"]["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("status", [413, 431])
+def test_a_request_the_upstream_refuses_for_its_size_is_answered_once(status: int) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "message": "too big",
+                "type": "invalid_request_error",
+                "code": "request_too_large",
+                "param": None,
+            }
+        }
+    ).encode()
+    pb = play(make_turn(headers=SESSION))
+    pb << FindOwner() >> Owned("a")
+    pb << Choose >> Chosen(A)
+    pb.skip_until(GetToken)
+    pb << GetToken(A) >> "tok-a"
+    pb << Open >> Broke(HandshakeRejected(status, body=body))
+    pb.skip_until(Failed)
+    pb >> True
+    answer = pb.skip_until(Respond)
+    assert answer.status == status
+    assert json.loads(answer.body)["error"]["code"] == "request_too_large"
+    pb >> None
+    assert pb.done
+
+
+def test_codex_clients_are_kept_alive_before_created_with_an_event() -> None:
+    time = FakeTime()
+    settings = EngineSettings(keepalive_s=15.0)
+    pb = play(make_turn(headers=SESSION, destination=CODEX), settings=settings, time=time)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive(15.0)
+    time.now += 15
+    pb >> TimedOut()
+    pb << StartStream >> None
+    keepalive = pb.answer(Write).data
+    assert sse.parse_sse(keepalive) == [("codex.keepalive", '{"type":"codex.keepalive"}')]
+    pb << Receive(15.0) >> Frames([CREATED, DELTA])
+    # The head is out already: events follow without another StartStream.
+    pb << Write >> None
+
+
+def test_public_clients_get_nothing_before_created() -> None:
+    pb = play(make_turn(headers=SESSION), settings=EngineSettings(keepalive_s=15.0))
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive(240.0)
+
+
+def test_a_failure_after_a_keepalive_ends_the_stream_with_the_error() -> None:
+    time = FakeTime()
+    settings = EngineSettings(keepalive_s=15.0, retry_budget=0)
+    turn = make_turn(headers=SESSION, destination=CODEX)
+    pb = play(turn, settings=settings, time=time)
+    open_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb << Send >> None
+    pb << Receive(15.0)
+    time.now += 15
+    pb >> TimedOut()
+    pb << StartStream >> None
+    pb << Write >> None
+    pb << Receive >> Broke(UpstreamClosed(CloseCode.INTERNAL_ERROR))
+    pb.skip_until(Failed)
+    pb >> True
+    written = pb.skip_until(Write, answer=None)
+    (failed,) = sse.parse_sse(written.data)
+    assert failed[0] == "response.failed"
+    assert json.loads(failed[1])["response"]["error"]["code"] == "owner_unavailable"
+    pb >> None
+    pb << Finish() >> None
+    assert (turn.report.outcome, turn.report.status) == ("error", 200)
+
+
+def test_a_turn_state_never_goes_to_another_account() -> None:
+    pb = play(make_turn(SOFT_BODY))
+    open_on(pb, A, PickAny(frozenset(), None))
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, METADATA])
+    pb << Receive >> Broke(UpstreamClosed(CloseCode.INTERNAL_ERROR))
+    pb.skip_until(Failed)
+    pb >> True
+    pb.skip_until(Choose)
+    pb >> Chosen(B)
+    pb.skip_until(GetToken)
+    pb >> "tok-b"
+    pb << Open
+    assert not any(k == "x-codex-turn-state" for k, _ in pb.last.headers)
+    pb >> SocketReady([])
+    pb << Send >> None
+    pb << Receive >> Frames([CREATED, DELTA, COMPLETED])
+    pb.skip_until(Release, answer=None)
+    # Nor is a's late turn state kept on b's socket.
+    assert pb.last.turn_state is None

@@ -16,12 +16,14 @@ from responses_ws_bridge.addons.recording import Recording
 from responses_ws_bridge.addons.responses_bridge import ResponsesBridge
 from responses_ws_bridge.addons.state import BridgeStateAddon
 from responses_ws_bridge.addons.upstream_connections import UpstreamConnections
+from responses_ws_bridge.addons.usage import PooledUsage
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.turn_engine import Clocks
 from responses_ws_bridge.shell.bridge_service import BridgeService, BridgeSettings
 from responses_ws_bridge.shell.preconnect import Preconnector
 from responses_ws_bridge.shell.session_pool import SessionPool
 from responses_ws_bridge.shell.shared_state import SharedState
+from responses_ws_bridge.shell.shared_tokens import SharedTokens
 from responses_ws_bridge.shell.token_refresher import TokenRefresher
 
 
@@ -30,12 +32,20 @@ def bridge_addons() -> list[object]:
     # One clock pair for every part, so their times agree (and a test can replace them).
     clocks = Clocks(time.monotonic, time.time)
     state = PoolState(clock=clocks.monotonic)
-    tokens = TokenRefresher(wall_clock=clocks.wall)
-    state.live_secrets = tokens.secrets
     recording = Recording(state)
     metrics = BridgeMetricsAddon()
-    store = BridgeStateAddon(on_error=metrics.state_store_error)
+    store = BridgeStateAddon(on_error=metrics.state_store_error, accounts=lambda: state.config)
     shared = SharedState(store.shared_store, state, wall_clock=clocks.wall)
+    chains = SharedTokens(store.shared_store, store.seal, wall_clock=clocks.wall)
+    tokens = TokenRefresher(wall_clock=clocks.wall, shared=chains)
+    state.live_secrets = tokens.secrets
+
+    async def reoffer() -> None:
+        await tokens.sync_all()
+        await shared.reoffer()
+
+    store.on_lost = reoffer
+    store.on_tick = tokens.publish_pending
     sessions = SessionPool(clock=clocks.monotonic)
     settings = BridgeSettings()
     service = BridgeService(
@@ -54,11 +64,12 @@ def bridge_addons() -> list[object]:
     bridge.metrics = metrics.turn_metrics
     return [
         ResponsesView(),
-        Accounts(state, service),
+        Accounts(state, service, require_secret=store.require_secret),
         # After Accounts: it reads the binding options Accounts registers.
         store,
         metrics,
         UpstreamConnections(service),
+        PooledUsage(state, clocks.wall),
         bridge,
         recording,
     ]

@@ -1,7 +1,9 @@
 """The accounts file and the affinity bindings: options, live reload, `bridge.accounts`.
 
 ChatGPT accounts with a `refresh_token` keep their rotated tokens in a state
-file beside the accounts file (`shell.token_refresher`), read at every load.
+file beside the accounts file (`shell.token_refresher`), read at every load;
+with a shared state store, every load is also levelled with the store's chains
+(a new login in the file is published to every instance).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from mitmproxy import command, ctx, exceptions
 from mitmproxy.addonmanager import Loader
@@ -25,7 +28,7 @@ from responses_ws_bridge.core.token_refresh import DEFAULT_TOKEN_URL
 from responses_ws_bridge.shell.accounts_file import AccountsFile
 from responses_ws_bridge.shell.bridge_service import BridgeService
 from responses_ws_bridge.shell.shared_state import bound_sessions
-from responses_ws_bridge.shell.token_refresher import state_path_for
+from responses_ws_bridge.shell.token_refresher import DEFAULT_DEADLINE_S, state_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +36,20 @@ POLL_S = 1.0
 
 
 class Accounts:
-    def __init__(self, state: PoolState, service: BridgeService) -> None:
+    def __init__(
+        self,
+        state: PoolState,
+        service: BridgeService,
+        *,
+        require_secret: Callable[[AccountsConfig | None], None] = lambda _: None,
+    ) -> None:
         self.state = state
         self.service = service
+        # Raises OptionsError when these accounts cannot share the state store as configured.
+        self._require_secret = require_secret
         self._file: AccountsFile | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._syncing: set[asyncio.Task[None]] = set()
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -66,6 +78,13 @@ class Accounts:
             "OAuth token endpoint that refreshes the access tokens of accounts with a "
             "refresh_token (ChatGPT logins).",
         )
+        loader.add_option(
+            "bridge_oauth_timeout",
+            str,
+            f"{DEFAULT_DEADLINE_S:g}",
+            "Seconds a token refresh may take in all (connect, send, answer); a refresh that "
+            "fails backs off before the next one.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -74,6 +93,11 @@ class Accounts:
             if not url.startswith(("https://", "http://")):
                 raise exceptions.OptionsError("bridge_oauth_token_url must be an http(s) URL")
             self.service.tokens.token_url = url
+        if "bridge_oauth_timeout" in updated:
+            deadline = seconds(opts, "bridge_oauth_timeout")
+            if deadline <= 0:
+                raise exceptions.OptionsError("bridge_oauth_timeout must be more than 0 seconds")
+            self.service.tokens.deadline_s = deadline
         if updated & {"bridge_binding_max", "bridge_binding_ttl"}:
             self.state.set_binding_limits(
                 positive(opts, "bridge_binding_max"),
@@ -93,6 +117,7 @@ class Accounts:
         except AccountsFileError as exc:
             # mitmproxy keeps the previous value (and so the previous pool) in force.
             raise exceptions.OptionsError(f"bridge_accounts: {exc}") from exc
+        self._require_secret(config)
         self._file = accounts
         self._apply(config)
         logger.info(
@@ -115,11 +140,24 @@ class Accounts:
             # The login was refused for good before: its spent token is never sent again.
             if pool is not None:
                 pool.disable(account_id, f"token refresh refused: {reason}")
+        self._sync_tokens()
+
+    def _sync_tokens(self) -> None:
+        """Level the loaded chains with the shared store's, in the background."""
+        try:
+            task = asyncio.get_running_loop().create_task(self.service.tokens.sync_all())
+        except RuntimeError:
+            return  # before the event loop: the first request levels them
+        self._syncing.add(task)
+        task.add_done_callback(self._syncing.discard)
 
     async def running(self) -> None:
         self._watcher = asyncio.ensure_future(self._watch())
+        self._sync_tokens()
 
     async def done(self) -> None:
+        for task in list(self._syncing):
+            task.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -134,7 +172,8 @@ class Accounts:
                 continue
             try:
                 config = accounts.load()
-            except AccountsFileError as exc:
+                self._require_secret(config)
+            except (AccountsFileError, exceptions.OptionsError) as exc:
                 accounts.mark_seen()
                 logger.error("bridge_accounts: %s; the previous accounts stay in force", exc)
                 continue

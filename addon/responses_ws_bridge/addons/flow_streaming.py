@@ -36,7 +36,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,6 +313,9 @@ _USES: tuple[tuple[type, str, tuple[str, ...]], ...] = (
     (HttpStream, "flow_done", ("child_layer", "passthrough", "SendHttp", "ResponseEndOfMessage")),
     # A new stream's class is looked up by its module-level name, which install() replaces.
     (HttpLayer, "make_stream", ("HttpStream",)),
+    # `FlowSink.write_now` runs server_event at once when its lock is free: it awaits
+    # nothing else (mitmproxy's own comment says so).
+    (ConnectionHandler, "server_event", ("_server_event_lock",)),
 )
 
 
@@ -451,6 +454,41 @@ class FlowSink:
             await self._feed(_Feed(self._flow, data[start : start + PIECE]))
             await self._until_taken()
 
+    def write_now(self, data: bytes) -> bool:
+        """Writes at once, from a callback; False (nothing written) when the client is
+        behind (its socket's buffer full, or too much held in the HTTP layer) or a
+        server_event is running: then `write`, which waits."""
+        if self._flow.id not in _live:
+            raise ClientGone
+        handler = self._handler()
+        if len(data) > PIECE or not _free(handler._server_event_lock) or self._behind(handler):
+            return False
+        event = _Feed(self._flow, data)
+        step = handler.server_event(event)
+        try:
+            waited = step.send(None)
+        except StopIteration:
+            pass
+        else:
+            # Its lock was taken after all: it finishes in the lock's order, as a task would.
+            _go_on(step, waited)
+        if event.unsent is not None:
+            self._unsent = event.unsent
+        if self._flow.id not in _live:
+            raise ClientGone
+        return True
+
+    def _behind(self, handler: ConnectionHandler) -> bool:
+        if self._unsent() > UNSENT_LIMIT:
+            return True
+        for io in handler.transports.values():
+            transport = getattr(io.writer, "transport", None)
+            if transport is None:
+                continue
+            if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+                return True
+        return False
+
     async def finish(self) -> None:
         self.finished = True
         await self._feed(_Feed(self._flow, None))
@@ -471,12 +509,16 @@ class FlowSink:
         if not self.head.done():
             self.head.set_result(head)
 
-    async def _feed(self, event: _Feed) -> None:
-        if self._flow.id not in _live:
-            raise ClientGone
+    def _handler(self) -> ConnectionHandler:
         handler = ctx.master.addons.get("proxyserver").connections.get(self._flow.client_conn.id)
         if handler is None:
             raise ClientGone
+        return handler  # type: ignore[no-any-return]
+
+    async def _feed(self, event: _Feed) -> None:
+        if self._flow.id not in _live:
+            raise ClientGone
+        handler = self._handler()
         await handler.server_event(event)
         if event.unsent is not None:
             self._unsent = event.unsent
@@ -496,6 +538,26 @@ class FlowSink:
                 self.held_up_writes += 1
             await asyncio.sleep(pause)
             pause = min(pause * 2, _LAST_PAUSE_S)
+
+
+def _free(lock: asyncio.Lock) -> bool:
+    """Whether acquiring `lock` now would not wait (asyncio.Lock's own fast path)."""
+    waiters = getattr(lock, "_waiters", None)
+    return not lock.locked() and (not waiters or all(w.cancelled() for w in waiters))
+
+
+def _go_on(step: Coroutine[Any, Any, None], waited: Any) -> None:
+    """Resumes a coroutine that waited on the future `waited`, without a task."""
+
+    def wake(_: object) -> None:
+        try:
+            _go_on(step, step.send(None))
+        except StopIteration:
+            pass
+        except Exception:
+            logger.exception("bridge: a body write failed")
+
+    waited.add_done_callback(wake)
 
 
 def serve_websocket(flow: http.HTTPFlow, factory: LayerFactory) -> None:

@@ -38,6 +38,7 @@ from responses_ws_bridge.core.accounts import client_key_ok
 from responses_ws_bridge.core.affinity import NO_AFFINITY, Affinity, AffinityKind, classify
 from responses_ws_bridge.core.body_decoding import BodyDecodingError, StreamDecoder
 from responses_ws_bridge.core.create_request import (
+    DEFAULT_FRAME_LIMIT,
     BadRequest,
     CreateRequest,
     parse_create_request,
@@ -49,6 +50,8 @@ from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turns import Destination, ForwardedHttp, Turn
 from responses_ws_bridge.core.ws_client_engine import WsClientRequest
 from responses_ws_bridge.shell.bridge_service import (
+    DEFAULT_FIRST_EVENT_TIMEOUT_S,
+    DEFAULT_HOLD_CREATED_S,
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     BridgeService,
@@ -73,6 +76,9 @@ OPTIONS = (
     "bridge_session_max_age",
     "bridge_trusted_upstreams",
     "bridge_stream_idle_timeout",
+    "bridge_first_event_timeout",
+    "bridge_hold_created",
+    "bridge_upstream_frame_limit",
 )
 LAZY_NOTE = (
     "bridge: reverse mode, connection_strategy set to lazy (mitmproxy must not connect to "
@@ -107,6 +113,7 @@ class ResponsesBridge:
     def __init__(self, service: BridgeService) -> None:
         self.service = service
         self.max_body = DEFAULT_MAX_BODY
+        self.max_frame = DEFAULT_FRAME_LIMIT
         self._routed: dict[str, _Routed] = {}
         # Client WebSockets the pool serves, by flow id, and their turns so far.
         self._sockets: dict[str, tuple[ws_streaming.ClientSocket, list[Turn]]] = {}
@@ -169,6 +176,28 @@ class ResponsesBridge:
             "Seconds without any upstream event after which a turn is given up "
             "(a retry before the first event, response.failed after it; 0: never).",
         )
+        loader.add_option(
+            "bridge_first_event_timeout",
+            str,
+            f"{DEFAULT_FIRST_EVENT_TIMEOUT_S:g}",
+            "Seconds from a request's arrival within which its first upstream event must come, "
+            "over every retry (then 504 upstream_timeout; 0: only the idle timeout).",
+        )
+        loader.add_option(
+            "bridge_upstream_frame_limit",
+            int,
+            DEFAULT_FRAME_LIMIT,
+            "Largest response.create message the upstream takes, in bytes; a larger request "
+            "is answered 400 payload_too_large before any upstream contact (0: no limit).",
+        )
+        loader.add_option(
+            "bridge_hold_created",
+            str,
+            f"{DEFAULT_HOLD_CREATED_S:g}",
+            "Seconds response.created / response.in_progress are held back for the first "
+            "output event, so that an overload or auth error after them is still a retry "
+            "(0: sent at once).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         # Answers stream from inside mitmproxy or not at all: refuse a mitmproxy that cannot.
@@ -191,6 +220,8 @@ class ResponsesBridge:
             self.service.settings,
             trusted_hosts=trusted,
             stream_idle_timeout_s=seconds(opts, "bridge_stream_idle_timeout") or None,
+            first_event_timeout_s=seconds(opts, "bridge_first_event_timeout") or None,
+            hold_created_s=seconds(opts, "bridge_hold_created") or None,
             upstream_option=opts.bridge_upstream,
             sse_keepalive_s=seconds(opts, "bridge_sse_keepalive") or None,
             retry_budget=not_negative(opts, "bridge_retry_budget"),
@@ -198,6 +229,7 @@ class ResponsesBridge:
             session_max_age_s=seconds(opts, "bridge_session_max_age"),
         )
         self.max_body = positive(opts, "bridge_max_body")
+        self.max_frame = not_negative(opts, "bridge_upstream_frame_limit")
         self.service.apply_settings(settings)
 
     @staticmethod
@@ -288,7 +320,9 @@ class ResponsesBridge:
         forwarded: ForwardedHttp | None = None
         if served.kind is RouteKind.BRIDGED:
             try:
-                create = parse_create_request(body, max_body=self.max_body)
+                create = parse_create_request(
+                    body, max_body=self.max_body, max_frame=self.max_frame
+                )
             except BadRequest as exc:
                 self._answer(flow, openai_errors.bad_request(exc))
                 return None

@@ -25,17 +25,20 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from responses_ws_bridge.core.accounts import Account, AccountsConfig
 from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.error_classes import USAGE_LIMIT_CODE
 from responses_ws_bridge.core.failures import (
     Failure,
     describe,
     is_account_neutral,
     is_auth_rejection,
     is_rate_limit,
+    is_refresh_failure,
     is_upstream_fault,
+    is_usage_limit,
     retry_after_of,
 )
 from responses_ws_bridge.core.rate_limits import (
@@ -60,6 +63,8 @@ class Healthy:
 class Cooling:
     until: float
     reason: str
+    # A usage limit (a rate-limit error or an exhausted window), not a fault.
+    usage: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,14 @@ class Chosen:
 class AllCoolingDown:
     """Every candidate is cooling down; the earliest is back at `until` (pool clock).
 
-    `owner` is set when the only candidate was a hard session's owner.
+    `owner` is set when the only candidate was a hard session's owner;
+    `usage_limited` when every candidate is out on a usage limit.
     """
 
     until: float
     retry_after_s: int
     owner: str | None = None
+    usage_limited: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,10 +179,23 @@ def fail_http_for_choice(
 ) -> FailHttp:
     """The client's HTTP error when no account was chosen.
 
-    Every account cooling: 429 with Retry-After. When the accounts left were
-    all tried and failed for this request, the last failure speaks (its 429 or
-    a 502). A missing hard owner: 502 owner_unavailable. Otherwise 503.
+    Every candidate out on a usage limit (a window at 100 %, or cooling after
+    a `usage_limit_reached`): 429 `usage_limit_reached` with the earliest reset,
+    which Codex CLI shows as its usage message rather than retrying. Every
+    account cooling otherwise: 429 with Retry-After. When the accounts left
+    were all tried and failed for this request, or the last one was disabled by
+    this request's refused token refresh, the last failure speaks (its 429, its
+    `token_refresh_failed`, or a 502). A missing hard owner: 502
+    owner_unavailable. Otherwise 503.
     """
+    if isinstance(choice, AllCoolingDown) and choice.usage_limited:
+        whose = f"this session's account ({choice.owner})" if choice.owner else "every account"
+        return FailHttp(
+            429,
+            USAGE_LIMIT_CODE,
+            retry_after_s=float(choice.retry_after_s),
+            message=f"the usage limit of {whose} has been reached; try again after the reset",
+        )
     if isinstance(choice, AllCoolingDown) and choice.owner is not None:
         return FailHttp(
             429,
@@ -191,7 +211,9 @@ def fail_http_for_choice(
             retry_after_s=float(choice.retry_after_s),
             message="every upstream account is cooling down",
         )
-    if last_failure is not None and (choice.owner is not None or choice.reason == "excluded"):
+    if last_failure is not None and (
+        choice.owner is not None or choice.reason == "excluded" or is_refresh_failure(last_failure)
+    ):
         return fail_http_for(affinity, last_failure)
     if choice.owner is not None:
         return FailHttp(
@@ -350,7 +372,8 @@ class AccountPool:
             delay = given if given is not None and given > 0 else self.rules.rate_limit_default_s
             # An upstream's reset time is its word only up to the longest window there is.
             delay = min(delay, self.rules.max_cooldown_s)
-            self._cool(state, current, now + delay, describe(failure))
+            usage = is_usage_limit(failure)
+            self._cool(state, current, now + delay, describe(failure), usage=usage)
         elif is_upstream_fault(failure):
             self._sample(state, now, fault=True)
             if self._fault_rate_exceeded(state):
@@ -406,11 +429,13 @@ class AccountPool:
         faults = sum(1 for _, fault in state.samples if fault)
         return faults >= self.rules.fault_rate * total
 
-    def _cool(self, state: _State, current: Health, until: float, reason: str) -> None:
+    def _cool(
+        self, state: _State, current: Health, until: float, reason: str, *, usage: bool = False
+    ) -> None:
         # A longer cooldown already running is not shortened by a shorter one.
         if isinstance(current, Cooling) and current.until >= until:
             return
-        state.health = Cooling(until, reason)
+        state.health = Cooling(until, reason, usage)
 
     @staticmethod
     def _current(state: _State, now: float) -> Health:
@@ -444,12 +469,12 @@ class AccountPool:
                 and not self._exhausted(state, now)
             ):
                 return self._chosen(state)
-        candidates, cooling_until = self._candidates(exclude, now, load, sessions or {})
+        candidates, cooling_until, all_usage = self._candidates(exclude, now, load, sessions or {})
         best = spread(candidates)
         if best is not None:
             return self._chosen(self._states[best.id])
         if cooling_until is not None:
-            return self._all_cooling(cooling_until, now)
+            return replace(self._all_cooling(cooling_until, now), usage_limited=all_usage)
         # When accounts were excluded (tried and failed for this request), the last
         # failure is the better answer for the client than a bare "no account".
         tried = any(account_id in self._states for account_id in exclude)
@@ -461,11 +486,13 @@ class AccountPool:
         now: float,
         load: Mapping[str, int] | None,
         sessions: Mapping[str, int],
-    ) -> tuple[list[Candidate], float | None]:
-        """The usable accounts not excluded, in file order, and the earliest end of a
-        cooldown among the others (None: none cooling)."""
+    ) -> tuple[list[Candidate], float | None, bool]:
+        """The usable accounts not excluded, in file order; the earliest end of a
+        cooldown among the others (None: none cooling); whether every one cooling is
+        out on a usage limit."""
         candidates: list[Candidate] = []
         cooling_until: float | None = None
+        all_usage = True
         wall_now = self._wall_clock()
         for account_id, state in self._states.items():
             if account_id in exclude:
@@ -473,7 +500,7 @@ class AccountPool:
             health = self._current(state, now)
             if isinstance(health, Healthy) and self._exhausted(state, now):
                 assert state.exhausted_until is not None
-                health = Cooling(state.exhausted_until, "rate limit window exhausted")
+                health = Cooling(state.exhausted_until, "rate limit window exhausted", True)
             if isinstance(health, Healthy):
                 in_flight = state.in_flight if load is None else load.get(account_id, 0)
                 candidates.append(
@@ -486,10 +513,11 @@ class AccountPool:
                     )
                 )
             elif isinstance(health, Cooling):
+                all_usage = all_usage and health.usage
                 cooling_until = (
                     health.until if cooling_until is None else min(cooling_until, health.until)
                 )
-        return candidates, cooling_until
+        return candidates, cooling_until, all_usage
 
     def _chosen(self, state: _State) -> Chosen:
         self._choices += 1
@@ -504,7 +532,8 @@ class AccountPool:
         now = self._clock()
         health = self._current(state, now)
         if isinstance(health, Cooling):
-            return AllCoolingDown(health.until, max(1, math.ceil(health.until - now)), owner)
+            wait = max(1, math.ceil(health.until - now))
+            return AllCoolingDown(health.until, wait, owner, usage_limited=health.usage)
         if isinstance(health, Disabled):
             return NoneUsable("disabled", owner=owner)
         return Chosen(state.account)

@@ -112,6 +112,7 @@ class AttemptPlan:
         reused: bool,
         client_has_seen_event: bool,
         token_refreshed: bool = False,
+        prewarm_after_created: bool = False,
     ) -> str | None:
         """Why the next attempt is free and on the same account (see `free_retry`); None: not."""
         why = free_retry(
@@ -119,6 +120,7 @@ class AttemptPlan:
             reused=reused,
             client_has_seen_event=client_has_seen_event,
             token_refreshed=token_refreshed,
+            prewarm_after_created=prewarm_after_created,
         )
         if why is None or why in self.free_retries_used:
             return None

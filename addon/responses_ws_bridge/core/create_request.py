@@ -3,6 +3,21 @@
 `parse_create_request` validates what the bridge itself must understand (size,
 JSON object, `stream`, `background`) and leaves every other field to the
 upstream, which validates the Responses API parameters.
+
+Sizes, each refused before any upstream is contacted:
+
+| what is too large                       | answer                        | why                   |
+|-----------------------------------------|-------------------------------|-----------------------|
+| the body, over `bridge_max_body`        | 413 `request_too_large` (from | a transport limit,    |
+| (announced or decoded)                  | the headers when announced)   | like the peers' 413   |
+| the `response.create` message, over the | 400 `payload_too_large`,      | Codex CLI retries a   |
+| upstream frame budget (16 MiB,          | param `input`                 | 413 five times with   |
+| `bridge_upstream_frame_limit`)          |                               | the full payload and  |
+|                                         |                               | then drops WebSocket  |
+|                                         |                               | for the session; a    |
+|                                         |                               | 400 stops it at once  |
+
+Nothing is trimmed to fit: the upstream gets what the client sent, or nothing.
 """
 
 from __future__ import annotations
@@ -66,8 +81,17 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_create_request(body: bytes, *, max_body: int) -> CreateRequest:
-    """Validate an HTTP Responses body and build the `response.create` message."""
+# The upstream's WebSocket message budget (what a Responses socket accepts).
+DEFAULT_FRAME_LIMIT = 16 * 1024 * 1024
+
+
+def parse_create_request(
+    body: bytes, *, max_body: int, max_frame: int | None = None
+) -> CreateRequest:
+    """Validate an HTTP Responses body and build the `response.create` message.
+
+    `max_frame`: the largest message the upstream takes (None or 0: no limit).
+    """
     if len(body) > max_body:
         raise BadRequest(
             413,
@@ -125,7 +149,17 @@ def parse_create_request(body: bytes, *, max_body: int) -> CreateRequest:
     for key, value in parsed.items():
         if key not in _HTTP_ONLY_FIELDS and key != "type":
             message[key] = value
-    return CreateRequest(stream=stream, message=_encode(message), body=parsed)
+    encoded = _encode(message)
+    if max_frame and len(encoded) > max_frame:
+        raise BadRequest(
+            400,
+            "payload_too_large",
+            f"the request is {len(encoded)} bytes as a Responses WebSocket message; the "
+            f"upstream accepts at most {max_frame} bytes: shorten the input (compact the "
+            "conversation)",
+            "input",
+        )
+    return CreateRequest(stream=stream, message=encoded, body=parsed)
 
 
 def _encode(message: dict[str, Any]) -> bytes:

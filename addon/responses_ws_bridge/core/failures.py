@@ -8,6 +8,7 @@ client's answer. Nothing re-describes a failure on the way.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,18 +16,29 @@ from typing import Any
 from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import http_fields
+from responses_ws_bridge.core.error_classes import (
+    AUTH_CLASSES,
+    CONNECTION_LIMIT_CODE,
+    RATE_LIMIT_CODES,
+    USAGE_LIMIT_CODE,
+    ErrorClass,
+    classify,
+)
 
-RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "usage_limit_reached", "insufficient_quota"})
-# The upstream socket reached its maximum age (60 minutes): a new socket serves.
-CONNECTION_LIMIT_CODE = "websocket_connection_limit_reached"
+__all__ = ["CONNECTION_LIMIT_CODE", "RATE_LIMIT_CODES"]
 PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
 
 # Why no WebSocket could be opened (`ConnectFailed.cause`), as the attempt's outcome says it.
 CONNECT_FAILED = "connect_failed"
 # The upstream URL is unusable (malformed, or this proxy itself).
 BAD_URL = "bad_url"
-# The account's access token could not be refreshed.
+# The account's access token could not be refreshed: not now (the endpoint down, slow or
+# garbled, a backoff running, no lock to refresh under), or never (the endpoint refused the
+# login for good).
 REFRESH_FAILED = "refresh_failed"
+REFRESH_REFUSED = "refresh_refused"
+# A refresh needs the shared store's lock, and the store is unavailable.
+STATE_STORE_UNAVAILABLE = "state_store_unavailable"
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,18 @@ class ConnectFailed:
     detail: str = ""
     timed_out: bool = False
     cause: str = CONNECT_FAILED
+    # When a refresh may be tried again (a refresh failure's backoff).
+    retry_after_s: float | None = None
+
+
+def refresh_failure(reason: str, *, permanent: bool, retry_after_s: float | None) -> ConnectFailed:
+    """No token to open the socket with: `reason` is the refresher's code (never a secret)."""
+    cause = REFRESH_REFUSED if permanent else REFRESH_FAILED
+    return ConnectFailed(reason, cause=cause, retry_after_s=retry_after_s)
+
+
+def is_refresh_failure(failure: Failure) -> bool:
+    return isinstance(failure, ConnectFailed) and failure.cause in (REFRESH_FAILED, REFRESH_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -86,10 +110,16 @@ class UpstreamErrorEvent:
     # The upstream's error object as sent, so that a client gets all of it.
     error_object: Mapping[str, Any] = field(default_factory=dict, hash=False)
     retry_after_s: float | None = None
+    # It came as a `response.failed` (after `response.created`), not as an `error` event.
+    failed_response: bool = field(default=False, compare=False)
+
+    @property
+    def kind(self) -> ErrorClass:
+        return classify(self.code, self.type, self.message)
 
     @property
     def is_rate_limit(self) -> bool:
-        return self.code in RATE_LIMIT_CODES
+        return self.kind is ErrorClass.RATE_LIMIT
 
 
 @dataclass(frozen=True)
@@ -97,10 +127,13 @@ class UpstreamSilent:
     """The socket stayed open but the upstream sent no frame for `idle_s` seconds.
 
     Like a lost connection it says nothing against the account; unlike one,
-    the bridge gave up on it (`bridge_stream_idle_timeout`).
+    the bridge gave up on it (`bridge_stream_idle_timeout`). `first_event`:
+    the request's own deadline for its first event ran out
+    (`bridge_first_event_timeout`, counted over every attempt): nothing is tried again.
     """
 
     idle_s: float
+    first_event: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,9 +189,34 @@ def is_rate_limit(failure: Failure) -> bool:
     return False
 
 
+def is_usage_limit(failure: Failure) -> bool:
+    """A plan's usage limit (`usage_limit_reached`), not a short throttle: it lasts until
+    the window resets, so a pool out on it tells the client so (`account_pool`)."""
+    if isinstance(failure, UpstreamErrorEvent):
+        return USAGE_LIMIT_CODE in (failure.code, failure.type)
+    if not isinstance(failure, HandshakeRejected) or failure.status != 429:
+        return False
+    try:
+        body = json.loads(failure.body) if failure.body else None
+    except (ValueError, RecursionError):
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and USAGE_LIMIT_CODE in (error.get("code"), error.get("type"))
+
+
 def is_connection_limit(failure: Failure) -> bool:
     """The socket is too old to take another `response.create`: not the account's fault."""
-    return isinstance(failure, UpstreamErrorEvent) and failure.code == CONNECTION_LIMIT_CODE
+    return isinstance(failure, UpstreamErrorEvent) and failure.kind is ErrorClass.CONNECTION_LIMIT
+
+
+def error_class(failure: Failure) -> ErrorClass | None:
+    """The class of an upstream error event (`error_classes`); None for other failures."""
+    return failure.kind if isinstance(failure, UpstreamErrorEvent) else None
+
+
+def is_auth_error_event(failure: Failure) -> bool:
+    """An in-stream `invalid_api_key` / `authentication_error` (or a permanent auth code)."""
+    return error_class(failure) in AUTH_CLASSES
 
 
 def is_handoff(failure: Failure) -> bool:
@@ -178,12 +236,34 @@ def is_lost_connection(failure: Failure) -> bool:
 
 
 def is_account_neutral(failure: Failure) -> bool:
-    """Failures that say nothing about the account: no strike, no cooldown."""
-    return is_lost_connection(failure) or is_handoff(failure) or is_connection_limit(failure)
+    """Failures that say nothing about the account: no strike, no cooldown.
+
+    An overloaded model, content only another account can read, a request the
+    upstream refused for its size: none is the account's doing.
+    """
+    return (
+        is_lost_connection(failure)
+        or is_handoff(failure)
+        or is_connection_limit(failure)
+        or error_class(failure) in (ErrorClass.OVERLOADED, ErrorClass.ACCOUNT_BOUND)
+        or is_client_rejection(failure)
+    )
 
 
 def is_auth_rejection(failure: Failure) -> bool:
-    return isinstance(failure, HandshakeRejected) and failure.status in (401, 403)
+    """A handshake 401/403, or an auth error event: the account's credential is refused."""
+    if isinstance(failure, HandshakeRejected):
+        return failure.status in (401, 403)
+    return is_auth_error_event(failure)
+
+
+# Handshake statuses that refuse the request itself (its size, its headers), not the account.
+CLIENT_REJECTION_STATUSES = frozenset({400, 413, 414, 431})
+
+
+def is_client_rejection(failure: Failure) -> bool:
+    """The upstream refused the request for what it is: no retry helps, no account is at fault."""
+    return isinstance(failure, HandshakeRejected) and failure.status in CLIENT_REJECTION_STATUSES
 
 
 def is_upstream_fault(failure: Failure) -> bool:
@@ -198,7 +278,7 @@ def is_upstream_fault(failure: Failure) -> bool:
 
 
 def retry_after_of(failure: Failure) -> float | None:
-    if isinstance(failure, HandshakeRejected | UpstreamErrorEvent):
+    if isinstance(failure, HandshakeRejected | UpstreamErrorEvent | ConnectFailed):
         return failure.retry_after_s
     return None
 
@@ -216,12 +296,21 @@ def describe(failure: Failure) -> str:
             return "upstream connection lost without a close frame"
         case HandshakeRejected(status=status):
             return f"upstream rejected the WebSocket handshake with HTTP {status}"
+        case ConnectFailed(cause=cause, detail=reason) if cause in (
+            REFRESH_FAILED,
+            REFRESH_REFUSED,
+        ):
+            return f"the account's access token could not be refreshed ({reason})"
         case ConnectFailed(timed_out=True):
             return "upstream connection timed out"
         case ConnectFailed():
             return "could not connect to the upstream"
         case UpstreamErrorEvent(code=code):
             return f"upstream error event {code or 'without a code'}"
+        case UpstreamSilent(idle_s=idle_s, first_event=True):
+            return (
+                f"no upstream event within {idle_s:g} s of the request (bridge_first_event_timeout)"
+            )
         case UpstreamSilent(idle_s=idle_s):
             return f"no upstream event for {idle_s:g} s (bridge_stream_idle_timeout)"
         case InvalidUpstreamEvent(reason=reason):
@@ -241,6 +330,8 @@ def outcome(failure: Failure) -> str:
             return cause
         case UpstreamErrorEvent(code=code):
             return f"error_event:{code}"
+        case UpstreamSilent(first_event=True):
+            return "first_event_timeout"
         case UpstreamSilent():
             return "upstream_silent"
         case InvalidUpstreamEvent():

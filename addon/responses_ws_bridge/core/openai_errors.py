@@ -9,11 +9,13 @@ comes from elsewhere (upstream bodies, exception details) is passed through
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from responses_ws_bridge.core import http_fields
+from responses_ws_bridge.core.error_classes import USAGE_LIMIT_CODE
 from responses_ws_bridge.core.failures import (
     ConnectFailed,
     ConnectionLost,
@@ -26,6 +28,7 @@ from responses_ws_bridge.core.failures import (
     describe,
 )
 from responses_ws_bridge.core.handshake_headers import redact_secrets
+from responses_ws_bridge.core.rate_limits import from_headers, to_headers
 from responses_ws_bridge.core.upstream_events import DEFAULT_RETRY_AFTER_S, retry_after_header
 
 if TYPE_CHECKING:
@@ -134,6 +137,10 @@ def _upstream_json_error(body: bytes | None) -> bytes | None:
     return None
 
 
+# Handshake statuses whose answer is the client's: passed on with the upstream's body.
+_KEPT_STATUSES = frozenset({400, 401, 403, 413, 414, 429, 431})
+
+
 def upstream_rejected(
     status: int,
     body: bytes | None,
@@ -144,13 +151,15 @@ def upstream_rejected(
 ) -> HttpError:
     """The upstream refused the WebSocket handshake with an HTTP status.
 
-    401/403/429 are the client's business (credentials, permissions, limits)
-    and keep their status and JSON error body; anything else is the bridge's
-    failure to reach a working upstream: 502. Of the upstream's headers only a
-    429's Retry-After is passed on, clamped (`retry_after_s`: the delay the
-    policy read from the body, when the header is missing).
+    401/403/429, and 400/413/414/431 (the request's own size or headers),
+    are the client's business (credentials, permissions, limits, the
+    request) and keep their status and JSON error body; anything else is the
+    bridge's failure to reach a working upstream: 502. Of the upstream's
+    headers only a 429's Retry-After, clamped (`retry_after_s`: the delay the
+    policy read from the body, when the header is missing), and its
+    rate-limit families are passed on.
     """
-    if status in (401, 403, 429):
+    if status in _KEPT_STATUSES:
         retry_after = (
             retry_after_header(
                 _header(headers, "retry-after"),
@@ -160,7 +169,9 @@ def upstream_rejected(
             if status == 429
             else None
         )
-        extra = (("retry-after", retry_after),) if retry_after else ()
+        extra: tuple[tuple[str, str], ...] = (("retry-after", retry_after),) if retry_after else ()
+        if status == 429:
+            extra += tuple(to_headers(from_headers(headers)))
         forwarded = _upstream_json_error(body)
         if forwarded is not None:
             return HttpError(status, forwarded, (_JSON, *extra))
@@ -214,16 +225,17 @@ def from_error_event(
     *,
     retry_after_s: float | None = None,
     wall_now: float | None = None,
+    status: int | None = None,
 ) -> HttpError:
     """An upstream `error` event before any other event, as an HTTP error.
 
     A rate-limit event is a 429 with Retry-After even when it carries no
-    status (the upstream's header, else `retry_after_s`, else a default).
+    status (the upstream's header, else `retry_after_s`, else a default),
+    and with the rate-limit families of its `headers` map. `status`: the
+    decision's own status (503 for an overload), else the event's.
     """
-    if event.status is not None and 400 <= event.status < 600:
-        status = event.status
-    else:
-        status = 429 if event.is_rate_limit else 502
+    if status is None:
+        status = _event_status(event)
     error: dict[str, Any] = dict(event.error_object)
     error.setdefault("message", event.message)
     error.setdefault("code", event.code)
@@ -239,7 +251,13 @@ def from_error_event(
         wall_now=wall_now,
     )
     extra = (("retry-after", retry_after),) if retry_after else ()
-    return HttpError(status, body, (_JSON, *extra))
+    return HttpError(status, body, (_JSON, *extra, *to_headers(from_headers(event.headers))))
+
+
+def _event_status(event: UpstreamErrorEvent) -> int:
+    if event.status is not None and 400 <= event.status < 600:
+        return event.status
+    return 429 if event.is_rate_limit else 502
 
 
 _TYPE_FOR_STATUS = {429: "rate_limit_error", 502: "upstream_error", 503: "server_error"}
@@ -322,20 +340,43 @@ def for_failure(failure: Failure, fail: FailHttp | None, *, passthrough: bool) -
     """
     if passthrough or fail is None or isinstance(failure, InvalidUpstreamEvent):
         return _upstream_verdict(failure)
-    if fail.status == 429:
-        if isinstance(failure, HandshakeRejected) and failure.status == 429:
-            return upstream_rejected(429, failure.body, failure.headers)
-        if isinstance(failure, UpstreamErrorEvent):
-            return from_error_event(failure)
+    if isinstance(failure, HandshakeRejected) and failure.status == fail.status:
+        # The upstream's own answer (a 429, or the request refused for its size).
+        return upstream_rejected(failure.status, failure.body, failure.headers)
+    if isinstance(failure, UpstreamErrorEvent) and fail.status in (429, 503):
+        return from_error_event(failure, status=fail.status)
     return for_decision(fail)
 
 
 def for_decision(fail: FailHttp) -> HttpError:
     """A routing or retry decision's own status and code."""
     retry_after = retry_after_header(None, fallback_s=fail.retry_after_s)
+    if fail.code == USAGE_LIMIT_CODE and fail.status == 429:
+        return usage_limit_reached(fail.message or fail.code, retry_after, fail.resets_at)
     return decision_error(
         fail.status, fail.code, fail.message or fail.code, retry_after=retry_after
     )
+
+
+def usage_limit_reached(
+    message: str, retry_after: str | None, resets_at: float | None
+) -> HttpError:
+    """Every account (or a hard session's owner) is out on a usage limit.
+
+    Shaped as the Codex backend answers it: `type` `usage_limit_reached` is
+    what Codex CLI reads to show its usage message (with `resets_at`, epoch
+    seconds) instead of retrying.
+    """
+    error: dict[str, Any] = {
+        "message": message,
+        "type": USAGE_LIMIT_CODE,
+        "code": USAGE_LIMIT_CODE,
+        "param": None,
+    }
+    if resets_at is not None:
+        error["resets_at"] = math.ceil(resets_at)
+    extra = (("retry-after", retry_after),) if retry_after else ()
+    return HttpError(429, json.dumps({"error": error}).encode(), (_JSON, *extra))
 
 
 def _upstream_verdict(failure: Failure) -> HttpError:

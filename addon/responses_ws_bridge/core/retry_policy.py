@@ -17,11 +17,30 @@ The table, while the client has seen no event and retries remain:
 | handshake 401/403                           | FailHttp 502 owner_unavail. | RetryOther  |
 | handshake 404/426 (no WebSocket there)      | FailHttp 502 owner_unavail. | RetryOther  |
 | handshake 429, rate-limit error event       | FailHttp 429 (passed on)    | RetryOther  |
+| handshake 400/413/414/431 (the request's    | FailHttp, the upstream's    | same        |
+| size or headers refused)                    | status and body, no retry   |             |
 | error event: socket age limit (`websocket_  | RetrySame(owner), no delay  | RetrySame,  |
 | connection_limit_reached`)                  |                             | no delay    |
-| any other error event (e.g. 400)            | Relay                       | Relay       |
+| error event or pre-output `response.failed` | RetrySame(owner), backoff;  | RetryOther  |
+| overloaded (`error_classes.OVERLOADED`)     | spent: 503, passed on       |             |
+| error event `invalid_api_key`/auth, or a    | FailHttp 502 owner_unavail. | RetryOther  |
+| permanent auth code (after any refresh)     |                             |             |
+| any other error event (e.g. 400, and        | Relay                       | Relay       |
+| `invalid_encrypted_content`)                |                             |             |
 | an event that cannot be relayed (binary,    | FailHttp 502 invalid_       | same        |
 | not JSON, 1e999, a type with a line break)  | upstream_event              |             |
+| no first event within the request's         | FailHttp 504 upstream_      | same        |
+| `bridge_first_event_timeout`                | timeout, no retry           |             |
+| no token: the refresh failed (not now)      | FailHttp 503 token_refresh_ | RetryOther  |
+|                                             | failed (+ Retry-After)      |             |
+| no token: the refresh was refused for good  | FailHttp 502 token_refresh_ | RetryOther  |
+|                                             | failed                      |             |
+| no token: the store's refresh lock is out   | FailHttp 503 state_store_   | RetryOther  |
+| of reach                                    | unavailable                 |             |
+
+A refresh failure is never retried on the same account within the request:
+the refresher has its own backoff, and another try would only be another
+refresh (or another wait for one).
 
 A 1011 the bridge's own client sent (its keepalive gave up: `by_bridge`) is a
 lost connection, like 1006: RetrySame, never a move, never a strike.
@@ -29,8 +48,10 @@ lost connection, like 1006: RetrySame, never a move, never a strike.
 Free retries (`free_retry`), before the table, once each per request, on the
 same account and without spending the budget: a reused socket found dead; the
 socket's age limit (`websocket_connection_limit_reached`: a new socket); a
-clean close 1000 before any event (a hand-off); a handshake 401 after the
-account's access token was refreshed.
+clean close 1000 before any event (a hand-off); a handshake 401 or an auth
+error event after the account's access token was refreshed; a prewarm
+(`generate: false`) whose socket failed after `response.created` (its empty
+answer was held back, so sending it again is invisible to the client).
 
 HARD never leaves the owner: when the owner cannot serve (disabled, cooling,
 not a WebSocket endpoint) or the budget is spent, the request fails. SOFT/NONE
@@ -58,7 +79,10 @@ from typing import Any
 from websockets.frames import CloseCode
 
 from responses_ws_bridge.core.affinity import AffinityKind
+from responses_ws_bridge.core.error_classes import AUTH_CLASSES, RETRYABLE, ErrorClass
 from responses_ws_bridge.core.failures import (
+    REFRESH_REFUSED,
+    STATE_STORE_UNAVAILABLE,
     ConnectFailed,
     ConnectionLost,
     Failure,
@@ -69,9 +93,12 @@ from responses_ws_bridge.core.failures import (
     UpstreamSilent,
     close_code_seen,
     describe,
+    error_class,
+    is_client_rejection,
     is_connection_limit,
     is_handoff,
     is_rate_limit,
+    is_refresh_failure,
     retry_after_of,
 )
 
@@ -213,6 +240,8 @@ class FailHttp:
     retry_after_s: float | None = None
     upstream_status: int | None = None
     message: str = field(default="", compare=False)
+    # Epoch seconds when a usage limit resets (`usage_limit_reached` answers say it).
+    resets_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -242,6 +271,11 @@ def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
     """The client's HTTP error when `failure` is the last word on a request."""
     message = describe(failure)
     upstream_status = failure.status if isinstance(failure, HandshakeRejected) else None
+    if isinstance(failure, ConnectFailed) and is_refresh_failure(failure):
+        return _refresh_failed(failure, message)
+    if error_class(failure) is ErrorClass.OVERLOADED:
+        # 503 with the upstream's own code: what Codex CLI shows as "servers overloaded".
+        return FailHttp(503, "server_is_overloaded", message=message)
     if is_rate_limit(failure):
         code = failure.code if isinstance(failure, UpstreamErrorEvent) and failure.code else None
         return FailHttp(
@@ -261,12 +295,20 @@ def fail_http_for(affinity: AffinityKind, failure: Failure) -> FailHttp:
     return FailHttp(502, "upstream_error", upstream_status=upstream_status, message=message)
 
 
+def _refresh_failed(failure: ConnectFailed, message: str) -> FailHttp:
+    if failure.detail == STATE_STORE_UNAVAILABLE:
+        return FailHttp(503, STATE_STORE_UNAVAILABLE, failure.retry_after_s or 1.0, message=message)
+    if failure.cause == REFRESH_REFUSED:
+        return FailHttp(502, "token_refresh_failed", message=message)
+    return FailHttp(503, "token_refresh_failed", failure.retry_after_s or 1.0, message=message)
+
+
 def _moves_soft(failure: Failure) -> bool:
     """Whether a SOFT/NONE request leaves the failed account (see the module table)."""
-    if isinstance(failure, HandshakeRejected):
+    if isinstance(failure, HandshakeRejected) or is_refresh_failure(failure):
         return True
     if isinstance(failure, UpstreamErrorEvent):
-        return is_rate_limit(failure)
+        return failure.kind in RETRYABLE and not is_connection_limit(failure)
     return (
         isinstance(failure, UpstreamClosed)
         and failure.code == CloseCode.INTERNAL_ERROR
@@ -275,21 +317,47 @@ def _moves_soft(failure: Failure) -> bool:
 
 
 def is_transient(failure: Failure) -> bool:
-    """A failure that may well pass if the same account is tried again later."""
+    """A failure that may well pass if the same account is tried again later.
+
+    Not a refresh failure: the refresher's own backoff says when to try again, and a
+    request starting over on the account would only meet it (or cost another refresh).
+    """
+    if is_refresh_failure(failure):
+        return False
     if isinstance(failure, HandshakeRejected):
         return failure.status >= 500
     if isinstance(failure, UpstreamClosed):
         return failure.code == CloseCode.INTERNAL_ERROR
+    if isinstance(failure, UpstreamErrorEvent):
+        return failure.kind is ErrorClass.OVERLOADED
     return isinstance(failure, ConnectFailed | ConnectionLost | UpstreamSilent)
 
 
+def wants_refresh(failure: Failure) -> bool:
+    """A refusal of the account's access token that a refreshed token may cure.
+
+    A handshake 401, or an `invalid_api_key` / `authentication_error` event;
+    never a permanent code (`token_expired`, the refresh codes).
+    """
+    if isinstance(failure, HandshakeRejected):
+        return failure.status == 401
+    return error_class(failure) is ErrorClass.AUTH
+
+
 def free_retry(
-    failure: Failure, *, reused: bool, client_has_seen_event: bool, token_refreshed: bool
+    failure: Failure,
+    *,
+    reused: bool,
+    client_has_seen_event: bool,
+    token_refreshed: bool,
+    prewarm_after_created: bool = False,
 ) -> str | None:
     """Why this failure earns a retry on the same account at no cost (None: it does not).
 
     `token_refreshed`: the account's access token was refreshed after this
-    failure (a handshake 401), so the retry carries a new credential.
+    failure (a handshake 401 or an auth error event), so the retry carries a
+    new credential. `prewarm_after_created`: a prewarm failed after its
+    `response.created`, which the client was never sent.
     """
     if client_has_seen_event:
         return None
@@ -299,16 +367,48 @@ def free_retry(
         return "dead_reused_socket"
     if is_handoff(failure):
         return "handoff"
-    if token_refreshed and isinstance(failure, HandshakeRejected) and failure.status == 401:
+    if token_refreshed and wants_refresh(failure):
         return "token_refreshed"
+    if prewarm_after_created and not isinstance(failure, UpstreamErrorEvent):
+        return "prewarm_resend"
     return None
 
 
 def _owner_cannot_serve(failure: Failure) -> bool:
     """HARD failures that retrying the owner cannot fix: auth, rate limit, no WebSocket there."""
+    if isinstance(failure, UpstreamErrorEvent):
+        return failure.kind in AUTH_CLASSES or failure.is_rate_limit
     return isinstance(failure, HandshakeRejected) and (
         failure.status in (401, 403, 404, 426) or is_rate_limit(failure)
     )
+
+
+def _final(failure: Failure, client_has_seen_event: bool) -> Decision | None:
+    """The rows that end a request whatever its affinity and budget (None: the table decides)."""
+    if isinstance(failure, InvalidUpstreamEvent):
+        # Another try is no fix for an upstream that speaks garbage, and it is no account's fault.
+        if client_has_seen_event:
+            return FailStreamIncomplete(None, describe(failure))
+        return FailHttp(502, "invalid_upstream_event", message=describe(failure))
+    if isinstance(failure, UpstreamErrorEvent) and (
+        client_has_seen_event or failure.kind not in RETRYABLE
+    ):
+        return Relay()
+    if client_has_seen_event:
+        return FailStreamIncomplete(close_code_seen(failure), describe(failure))
+    if is_client_rejection(failure):
+        # The request itself was refused (its size, its headers): answered once, as the
+        # upstream said, on whichever account.
+        assert isinstance(failure, HandshakeRejected)
+        return FailHttp(
+            failure.status,
+            "upstream_rejected",
+            upstream_status=failure.status,
+            message=describe(failure),
+        )
+    if isinstance(failure, UpstreamSilent) and failure.first_event:
+        return FailHttp(504, "upstream_timeout", message=describe(failure))
+    return None
 
 
 def decide(
@@ -333,17 +433,9 @@ def decide(
     """
     if attempts_made < 1:
         raise ValueError("attempts_made must be >= 1")
-    if isinstance(failure, InvalidUpstreamEvent):
-        # Another try is no fix for an upstream that speaks garbage, and it is no account's fault.
-        if client_has_seen_event:
-            return FailStreamIncomplete(None, describe(failure))
-        return FailHttp(502, "invalid_upstream_event", message=describe(failure))
-    if isinstance(failure, UpstreamErrorEvent) and (
-        client_has_seen_event or not (is_rate_limit(failure) or is_connection_limit(failure))
-    ):
-        return Relay()
-    if client_has_seen_event:
-        return FailStreamIncomplete(close_code_seen(failure), describe(failure))
+    final = _final(failure, client_has_seen_event)
+    if final is not None:
+        return final
 
     retries_used = attempts_made - 1
     budget_left = retries_used < retry_budget
@@ -355,7 +447,7 @@ def decide(
     if affinity is AffinityKind.HARD:
         # A 1011 from the owner is just another close. The owner keeps
         # the request; no other account is ever chosen.
-        if is_rate_limit(failure) or _owner_cannot_serve(failure):
+        if _owner_cannot_serve(failure) or is_refresh_failure(failure):
             return fail_http_for(affinity, failure)
         if budget_left and owner_usable:
             delay = backoff_delay(

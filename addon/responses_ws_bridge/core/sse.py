@@ -6,6 +6,7 @@ follows the WHATWG event-stream rules and serves tests and tools.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -135,6 +136,35 @@ def stream_incomplete_event(
         response_id=response_id,
         sequence_number=sequence_number,
     )
+
+
+def error_as_failed(body: bytes, status: int) -> bytes:
+    """The `response.failed` that carries an HTTP error answer once the stream has begun.
+
+    A keepalive may have sent the response head before the request failed
+    (Codex CLI's path, long upstream queues): the error the client would have
+    had as an HTTP answer ends its stream instead, with the same error object.
+    """
+    error: dict[str, Any] = {"code": None, "message": f"HTTP {status}"}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        error = parsed["error"]
+    event = {
+        "type": "response.failed",
+        "sequence_number": 0,
+        "response": {
+            "id": "",
+            "object": "response",
+            "status": "failed",
+            "error": error,
+            "incomplete_details": None,
+            "output": [],
+        },
+    }
+    return encode_event(json.dumps(event, separators=(",", ":")), "response.failed")
 
 
 def stream_idle_event(

@@ -15,9 +15,13 @@ does the I/O (one refresh at a time per account, persisted before use).
 | error `invalid_grant`, `refresh_token_      | `Refused(permanent=True)`: disable the |
 | expired`, `_reused`, `_invalidated`         | account                                |
 | anything else (5xx, network, garbage)       | `Refused(permanent=False)`: try later  |
+| an error code not on the known list          | named `unrecognized_error`: an endpoint |
+|                                             | that echoes the token never reaches a log |
 
 Refresh tokens rotate and are single-use: sending a spent one can revoke the
 whole login, which is why the shell persists the new pair before using it.
+Which rotated chain an account uses, across restarts and instances, is
+`core.token_chain`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,31 @@ DEFAULT_MARGIN_S = 300.0
 PERMANENT_CODES = frozenset(
     {"invalid_grant", "refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated"}
 )
+# The codes an answer may name in a log line or a client's error (RFC 6749 §5.2, RFC 6750,
+# OpenAI's own). Anything else is `unrecognized_error`: an endpoint that echoes what it was
+# sent (the refresh token) must not put it in the log.
+KNOWN_CODES = PERMANENT_CODES | frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+        "server_error",
+        "temporarily_unavailable",
+        "invalid_token",
+        "insufficient_scope",
+        "token_expired",
+        "rate_limit_exceeded",
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "rate_limit_error",
+        "api_error",
+    }
+)
+UNRECOGNIZED_CODE = "unrecognized_error"
 
 
 @dataclass(frozen=True, repr=False)
@@ -169,46 +198,14 @@ def error_code(data: Any) -> str | None:
 
 
 def _code(value: str) -> str:
-    # Only an identifier-like code is ever shown: no free text from the endpoint.
-    cleaned = "".join(c for c in value.strip().lower() if c.isalnum() or c in "_-.")
-    return cleaned[:64] or "error"
+    # Only a code from the known list is ever shown: no text of the endpoint's own.
+    cleaned = value.strip().lower()
+    return cleaned if cleaned in KNOWN_CODES else UNRECOGNIZED_CODE
 
 
 def fingerprint(secret: str) -> str:
     """A short, non-reversible tag for a token: which one a stored pair came from, or was used."""
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-def tokens_to_use(file_tokens: Tokens, stored: Mapping[str, Any] | None) -> Tokens:
-    """The tokens an account starts with: the rotated pair stored for it, unless the file moved on.
-
-    A stored pair records the fingerprint of the accounts file's refresh token
-    it descends from. When the file still holds that token, it is spent: the
-    stored pair is the live one. When the operator put a new refresh token in
-    the file, the file wins.
-    """
-    if not isinstance(stored, Mapping) or stored.get("origin") != fingerprint(
-        file_tokens.refresh_token
-    ):
-        return file_tokens
-    access, refresh = stored.get("access_token"), stored.get("refresh_token")
-    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
-        return file_tokens
-    id_token = stored.get("id_token")
-    return Tokens(access, refresh, id_token if isinstance(id_token, str) else None)
-
-
-def stored_entry(tokens: Tokens, *, origin: str, wall_now: float) -> dict[str, Any]:
-    """One account's entry in the rotated-token state file."""
-    entry: dict[str, Any] = {
-        "origin": origin,
-        "access_token": tokens.access_token,
-        "refresh_token": tokens.refresh_token,
-        "refreshed_at": int(wall_now),
-    }
-    if tokens.id_token is not None:
-        entry["id_token"] = tokens.id_token
-    return entry
 
 
 def _json(body: bytes) -> Any:

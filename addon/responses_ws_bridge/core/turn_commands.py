@@ -157,6 +157,7 @@ class Refresh:
 class RefreshRefused:
     reason: str
     permanent: bool
+    retry_after_s: float | None = None
 
 
 # --- the upstream socket ---------------------------------------------------------------------
@@ -217,12 +218,17 @@ class Broke:
 
 @dataclass(frozen=True)
 class Release:
-    """The attempt is done with its socket: keep it for the key's next turn, or close it."""
+    """The attempt is done with its socket: keep it for the key's next turn, or close it.
+
+    `turn_state`: one a metadata event issued after the 101; the socket's next
+    turn answers with it (`answer_headers`).
+    """
 
     key: SessionKey | None
     keep: bool
     code: int | None = None
     reason: str = ""
+    turn_state: str | None = None
 
 
 # --- the client ------------------------------------------------------------------------------

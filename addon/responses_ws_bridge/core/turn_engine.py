@@ -14,37 +14,51 @@ come in as functions. The life of a turn:
 | attempt       | Bind (new hard key), Hold, Checkout    | Broke: judge the failure        |
 |               | or GetToken + Open, then Send          |                                 |
 | relay         | Receive, StartStream, Write,           | TurnDone: Release(keep),        |
-|               | PublishOwner, Finish (or Respond)      | Unhold, Served                  |
-| silence       | Receive timed out                      | Write keepalive, or silent      |
+|               | PublishOwner, Finish (or Respond)      | Unhold, Served (not a prewarm)  |
+|               | (lifecycle events held: `event_relay`) |                                 |
+| a timer rings | Receive timed out (`stream_timers`)    | first event: 504; idle: silent; |
+|               |                                        | hold: Write held; keepalive:    |
+|               |                                        | Write it (`client_events`)      |
 | failure       | NoteFigures, Refresh (401), Failed     | `AttemptPlan`: free retry,      |
 |               |                                        | RetrySame (Sleep), RetryOther,  |
 |               |                                        | or the client's answer          |
 | client gone   | any command answered ClientLeft        | Release(1001), Unhold; the end  |
 
 Every decision is one of the core's tables: `upstream_trust` (where),
-`AttemptPlan`/`retry_policy` (which account, whether to retry),
-`handshake_headers` (what the upstream sees), `event_relay` (what the client
-sees), `openai_errors` (how a failure is answered).
+`AttemptPlan`/`retry_policy`/`error_classes` (which account, whether to
+retry), `handshake_headers` (what the upstream sees), `event_relay`,
+`client_events`, `answer_headers` (what the client sees), `stream_timers`
+(how long to wait), `prewarm` (what a turn counts for), `openai_errors` (how
+a failure is answered).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode
 
-from responses_ws_bridge.core import http_fields, openai_errors, routing, sse, upstream_trust
+from responses_ws_bridge.core import (
+    answer_headers,
+    http_fields,
+    openai_errors,
+    prewarm,
+    routing,
+    sse,
+    upstream_trust,
+)
 from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import SessionKey, session_key
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
+from responses_ws_bridge.core.client_events import client_kind, keepalive
+from responses_ws_bridge.core.error_classes import ErrorClass
 from responses_ws_bridge.core.event_relay import JsonRelay, SseRelay, Step
 from responses_ws_bridge.core.failures import (
     BAD_URL,
-    REFRESH_FAILED,
     ConnectFailed,
     Failure,
     HandshakeRejected,
@@ -54,8 +68,8 @@ from responses_ws_bridge.core.failures import (
     close_code_seen,
     describe,
     detail,
-    is_connection_limit,
     outcome,
+    refresh_failure,
 )
 from responses_ws_bridge.core.handshake_headers import (
     UpstreamCredential,
@@ -71,7 +85,9 @@ from responses_ws_bridge.core.retry_policy import (
     Relay,
     RetryOther,
     RetrySame,
+    wants_refresh,
 )
+from responses_ws_bridge.core.stream_timers import Timer, after, next_timer
 from responses_ws_bridge.core.token_refresh import fingerprint
 from responses_ws_bridge.core.turn_commands import (
     Bind,
@@ -112,6 +128,12 @@ from responses_ws_bridge.core.turns import Turn as TurnRequest
 DEFAULT_SSE_KEEPALIVE_S = 15.0
 # Seconds without any upstream frame after which a turn is given up.
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0
+# Seconds from the request's arrival within which its first Responses event must come.
+DEFAULT_FIRST_EVENT_TIMEOUT_S = 240.0
+# Seconds `response.created` / `in_progress` wait for the first output event.
+DEFAULT_HOLD_CREATED_S = 2.0
+# Error classes after which the socket is not kept: it is too old, or its credential is refused.
+_SOCKET_SPENT = frozenset({ErrorClass.CONNECTION_LIMIT, ErrorClass.AUTH, ErrorClass.AUTH_PERMANENT})
 
 EngineRun = Generator[Command, Any, None]
 _Ask = Generator[Command, Any, Any]
@@ -123,6 +145,8 @@ class EngineSettings:
     retry_budget: int = DEFAULT_RETRY_BUDGET
     keepalive_s: float | None = DEFAULT_SSE_KEEPALIVE_S
     idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    first_event_timeout_s: float | None = DEFAULT_FIRST_EVENT_TIMEOUT_S
+    hold_created_s: float | None = DEFAULT_HOLD_CREATED_S
     # Hosts a client-chosen destination may be, with an account pool.
     trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
 
@@ -144,10 +168,14 @@ class Clocks:
 
 @dataclass(frozen=True)
 class TurnDone:
-    """The turn reached its terminal event and the client has all of it."""
+    """The turn reached its terminal event and the client has all of it.
+
+    `counts`: it says something about the account (`prewarm.counts`).
+    """
 
     terminal: str
     response_id: str | None
+    counts: bool = True
 
 
 class _Left(Exception):
@@ -186,7 +214,20 @@ class TurnEngine:
         self._has_socket = False
         self._relay: SseRelay | JsonRelay | None = None
         self._figures: RateLimits | None = None
-        self._turn_state: list[tuple[str, str]] = []
+        self._kind = client_kind(turn.destination.path)
+        self._prewarm = prewarm.is_prewarm(turn.create.body)
+        self._start = clocks.monotonic()
+        # The client's response head went out (an event, or a keepalive on the Codex path).
+        self._started = False
+        # Upstream answer headers for the client's head (`answer_headers`).
+        self._answer: dict[str, str] = {}
+        # The turn state the server issued in this request, and on which account: for a
+        # new socket's handshake on that same account (another account's is no routing).
+        self._turn_state: tuple[str | None, str] | None = None
+        # ... and one a metadata event issued: kept on the socket for the session.
+        self._late_state: str | None = None
+        self._hold_since: float | None = None
+        self._alive_at: float | None = None
 
     # -- the whole turn ---------------------------------------------------------------------
 
@@ -220,7 +261,11 @@ class TurnEngine:
             if isinstance(account, _Stop):
                 return
             last = yield from self._attempt_on(plan, account)
-            if last is None or not (yield from self._after(plan, account, last)):
+            if last is None:
+                return
+            # The failure that counted (a 401 whose refresh failed is that refresh failure).
+            last = yield from self._after(plan, account, last)
+            if last is None:
                 return
 
     def _refusal(self) -> tuple[openai_errors.HttpError, str] | None:
@@ -278,6 +323,8 @@ class TurnEngine:
                     yield from self._ask(Sleep(again.delay_s))
                     continue
             fail = fail_http_for_choice(choice, affinity=plan.kind, last_failure=last)
+            if fail.retry_after_s is not None:
+                fail = replace(fail, resets_at=self._clocks.wall() + fail.retry_after_s)
             yield from self._fail(openai_errors.for_decision(fail))
             return _STOP
 
@@ -304,7 +351,7 @@ class TurnEngine:
         if not isinstance(result, TurnDone):
             return result
         self.report.outcome, self.report.status = result.terminal, 200
-        if account_id is not None:
+        if account_id is not None and result.counts:
             delivered = result.response_id if result.terminal == "response.completed" else None
             yield from self._ask(Served(account_id, delivered))
         return None
@@ -351,11 +398,11 @@ class TurnEngine:
             token = yield from self._ask(GetToken(account))
             if isinstance(token, RefreshRefused):
                 yield from self._refresh_refused(account, token)
-                return ConnectFailed(token.reason, cause=REFRESH_FAILED)
+                return _refresh_failure(token)
             credential = UpstreamCredential(token, account.chatgpt_account_id)
         attempt.credential_tag = fingerprint(credential.bearer) if credential is not None else None
         headers = upstream_handshake_headers(
-            self.turn.client_headers,
+            self._client_headers(attempt.account),
             credential,
             request_id=self.turn.request_id,
             pool_mode=self.facts.pooled,
@@ -369,27 +416,53 @@ class TurnEngine:
         yield from self._note(attempt, from_headers(opened.response_headers))
         return opened
 
+    def _client_headers(self, account: str | None) -> tuple[tuple[str, str], ...]:
+        """The client's headers, with the turn state the server issued when the client has none.
+
+        Within one request, a new socket on the same account carries the turn
+        state an earlier socket (or the session's last one) was given, as Codex
+        CLI does when it reconnects within a turn.
+        """
+        headers = self.turn.client_headers
+        known = self._turn_state
+        if known is None or known[0] != account:
+            return headers
+        if http_fields.has(headers, answer_headers.TURN_STATE):
+            return headers
+        return (*headers, (answer_headers.TURN_STATE, known[1]))
+
     def _exchange(self, ready: SocketReady, attempt: Attempt) -> _Ask:
         """`response.create` out, events back; the socket kept or closed after."""
-        turn_state = http_fields.header(ready.response_headers, "x-codex-turn-state")
-        self._turn_state = [("x-codex-turn-state", turn_state)] if turn_state is not None else []
+        self._answer = answer_headers.from_handshake(ready.response_headers)
+        issued = self._answer.get(answer_headers.TURN_STATE)
+        if issued is not None:
+            self._turn_state = (attempt.account, issued)
+        self._late_state = None
+        self._hold_since = None
         result: TurnDone | Failure
         sent = yield from self._ask(Send(self.turn.create.message))
+        wall = self._clocks.wall
         if isinstance(sent, Broke):
             result = sent.failure
         elif self.turn.create.stream:
-            result = yield from self._stream(attempt, SseRelay(self._scrub, self._clocks.wall))
+            relay = SseRelay(self._scrub, wall, self._kind, hold=self._holds())
+            result = yield from self._stream(attempt, relay)
         else:
-            result = yield from self._collect(attempt, JsonRelay(self._scrub, self._clocks.wall))
-        # An error event ends a turn, not a connection (unless the socket is too old).
+            result = yield from self._collect(attempt, JsonRelay(self._scrub, wall, self._kind))
+        # An error event ends a turn, not a connection (unless the socket is too old or
+        # its credential refused).
         keep = isinstance(result, TurnDone) or (
-            isinstance(result, UpstreamErrorEvent) and not is_connection_limit(result)
+            isinstance(result, UpstreamErrorEvent) and result.kind not in _SOCKET_SPENT
         )
         self._has_socket = False
-        yield from self._ask(Release(self._socket, keep=keep))
+        yield from self._ask(Release(self._socket, keep=keep, turn_state=self._late_state))
         if isinstance(result, TurnDone):
             attempt.outcome = result.terminal
         return result
+
+    def _holds(self) -> bool:
+        """Lifecycle events wait for the first output (always for a prewarm: it has none)."""
+        return self._prewarm or bool(self.settings.hold_created_s)
 
     # -- relaying ---------------------------------------------------------------------------
 
@@ -397,32 +470,77 @@ class TurnEngine:
         self._relay = relay
         last = self._clocks.monotonic()
         while True:
-            wait, silent_after = self._wait(last, relay.events_sent > 0)
-            if wait is not None and wait <= 0 and silent_after:
-                return self._silent()
-            got = yield from self._ask(Receive(wait))
+            timer = self._next_timer(relay, last)
+            got = yield from self._wait_for(timer)
             if isinstance(got, Broke):
                 return got.failure
+            done: TurnDone | Failure | None
             if isinstance(got, TimedOut):
-                if silent_after:
-                    return self._silent()
-                # Upstream silence: a comment keeps intermediaries from timing out.
-                yield from self._ask(Write(sse.KEEPALIVE))
-                continue
-            last = self._clocks.monotonic()
-            done = yield from self._deliver(relay.take(got.frames), attempt, relay)
+                assert timer is not None
+                done = yield from self._ring(timer[1], attempt, relay)
+            else:
+                last = self._clocks.monotonic()
+                done = yield from self._deliver(relay.take(got.frames), attempt, relay)
             if done is not None:
                 return done
 
+    def _wait_for(self, timer: tuple[float, Timer] | None) -> _Ask:
+        """Frames, or TimedOut when `timer` rings first (at once when it is due)."""
+        if timer is None:
+            return (yield from self._ask(Receive(None)))
+        wait = timer[0] - self._clocks.monotonic()
+        if wait <= 0:
+            return TimedOut()
+        return (yield from self._ask(Receive(wait)))
+
+    def _next_timer(self, relay: SseRelay | JsonRelay, last: float) -> tuple[float, Timer] | None:
+        """The clock that rings first (`stream_timers`) for this relay."""
+        settings = self.settings
+        timers = [
+            (
+                None if relay.responded else after(self._start, settings.first_event_timeout_s),
+                Timer.FIRST_EVENT,
+            ),
+            (after(last, settings.idle_timeout_s), Timer.SILENT),
+        ]
+        if isinstance(relay, SseRelay):
+            if relay.has_held and self._hold_since is not None and not self._prewarm:
+                timers.append((after(self._hold_since, settings.hold_created_s), Timer.RELEASE))
+            if keepalive(self._kind, started=self._started) is not None:
+                since = max(last, self._alive_at or last)
+                timers.append((after(since, settings.keepalive_s), Timer.KEEPALIVE))
+        return next_timer(timers)
+
+    def _ring(self, timer: Timer, attempt: Attempt, relay: SseRelay) -> _Ask:
+        """A timer rang: the turn's failure, or None to read on."""
+        if timer is Timer.FIRST_EVENT:
+            return UpstreamSilent(self.settings.first_event_timeout_s or 0.0, first_event=True)
+        if timer is Timer.SILENT:
+            return self._silent()
+        if timer is Timer.RELEASE:
+            return (yield from self._deliver(relay.release(), attempt, relay))
+        # Upstream silence: what this client's idle timer honours.
+        data = keepalive(self._kind, started=self._started)
+        assert data is not None
+        yield from self._start_stream()
+        yield from self._ask(Write(data))
+        self._alive_at = self._clocks.monotonic()
+        return None
+
+    def _start_stream(self) -> _Ask:
+        if not self._started:
+            self._started = True
+            yield from self._ask(StartStream(200, self._stream_headers()))
+
     def _deliver(self, step: Step, attempt: Attempt, relay: SseRelay) -> _Ask:
         """Writes one batch's events; the turn's end when the batch ended it."""
-        for limits in step.figures:
-            yield from self._note(attempt, limits)
+        yield from self._take_side_channel(step, attempt)
         if step.refused is not None:
             return step.refused
+        if relay.has_held and self._hold_since is None:
+            self._hold_since = self._clocks.monotonic()
         if step.out:
-            if relay.events_sent == step.events:
-                yield from self._ask(StartStream(200, self._stream_headers()))
+            yield from self._start_stream()
             if step.terminal is not None:
                 yield from self._publish(attempt, relay, step.terminal)
             yield from self._ask(Write(step.out))
@@ -431,45 +549,50 @@ class TurnEngine:
             return InvalidUpstreamEvent(step.invalid)
         if step.terminal is not None:
             yield from self._ask(Finish())
-            return TurnDone(step.terminal, relay.response_id)
+            return self._done(step.terminal, relay)
         return None
+
+    def _take_side_channel(self, step: Step, attempt: Attempt) -> _Ask:
+        """Rate-limit figures, and answer headers a metadata event told."""
+        for limits in step.figures:
+            yield from self._note(attempt, limits)
+        for name, value in step.learned.items():
+            if not self._started:
+                self._answer[name] = value
+            if name == answer_headers.TURN_STATE:
+                self._late_state = value
+                self._turn_state = (attempt.account, value)
+
+    def _done(self, terminal: str, relay: SseRelay | JsonRelay) -> TurnDone:
+        counts = prewarm.counts(prewarm=self._prewarm, output_seen=relay.output_seen)
+        return TurnDone(terminal, relay.response_id, counts)
 
     def _collect(self, attempt: Attempt, relay: JsonRelay) -> _Ask:
         self._relay = relay
         last = self._clocks.monotonic()
         while True:
-            wait, _ = self._wait(last, False)
-            if wait is not None and wait <= 0:
-                return self._silent()
-            got = yield from self._ask(Receive(wait))
+            timer = self._next_timer(relay, last)
+            got = yield from self._wait_for(timer)
             if isinstance(got, Broke):
                 return got.failure
             if isinstance(got, TimedOut):
+                assert timer is not None
+                if timer[1] is Timer.FIRST_EVENT:
+                    return UpstreamSilent(self.settings.first_event_timeout_s or 0.0, True)
                 return self._silent()
             last = self._clocks.monotonic()
             step = relay.take(got.frames)
-            for limits in step.figures:
-                yield from self._note(attempt, limits)
+            yield from self._take_side_channel(step, attempt)
             if step.refused is not None:
                 return step.refused
             if step.invalid is not None:
                 return InvalidUpstreamEvent(step.invalid)
             if step.body is not None and step.terminal is not None:
+                done = self._done(step.terminal, relay)
                 yield from self._publish(attempt, relay, step.terminal)
                 headers = [*self._head(), ("content-type", "application/json")]
                 yield from self._ask(Respond(200, headers, step.body))
-                return TurnDone(step.terminal, relay.response_id)
-
-    def _wait(self, last: float, streaming: bool) -> tuple[float | None, bool]:
-        """How long to wait for frames, and whether silence that long ends the attempt."""
-        keepalive = self.settings.keepalive_s if streaming else None
-        idle = self.settings.idle_timeout_s
-        if idle is None:
-            return keepalive, False
-        idle_left = idle - (self._clocks.monotonic() - last)
-        if keepalive is None or idle_left <= keepalive:
-            return idle_left, True
-        return keepalive, False
+                return done
 
     def _silent(self) -> UpstreamSilent:
         return UpstreamSilent(self.settings.idle_timeout_s or 0.0)
@@ -480,13 +603,15 @@ class TurnEngine:
         owned by nobody."""
         if attempt.account is None or terminal != "response.completed":
             return
+        if not prewarm.counts(prewarm=self._prewarm, output_seen=relay.output_seen):
+            return
         if relay.response_id is not None:
             yield from self._ask(PublishOwner(attempt.account, relay.response_id))
 
     def _head(self) -> list[tuple[str, str]]:
         return [
             ("x-request-id", self.turn.request_id),
-            *self._turn_state,
+            *self._answer.items(),
             *to_headers(self._figures),
         ]
 
@@ -496,7 +621,8 @@ class TurnEngine:
     # -- after a failure --------------------------------------------------------------------
 
     def _after(self, plan: AttemptPlan, account: Account | None, failure: Failure) -> _Ask:
-        """Judges a failed attempt; True when another attempt follows."""
+        """Judges a failed attempt; the failure as judged when another attempt follows,
+        None when the turn ends here."""
         attempt = self._attempt
         assert attempt is not None
         self._judge(attempt, failure)
@@ -504,8 +630,10 @@ class TurnEngine:
         for limits in _failure_figures(failure):
             yield from self._note(attempt, limits)
         refreshed = False
-        if account is not None and not seen and _is_401(failure):
-            refreshed = yield from self._refresh(account, attempt)
+        if account is not None and not seen and wants_refresh(failure):
+            got = yield from self._refresh(account, attempt)
+            # No new token: the request fails as what it is, a refresh failure.
+            failure, refreshed = (got, False) if isinstance(got, ConnectFailed) else (failure, got)
         # A reused socket, or one made ahead, that turns out dead is not the account's fault.
         why = plan.retry_for_free(
             failure,
@@ -513,10 +641,11 @@ class TurnEngine:
             reused=attempt.reused or attempt.preconnected,
             client_has_seen_event=seen,
             token_refreshed=refreshed,
+            prewarm_after_created=self._prewarm and self._relay is not None and self._relay.created,
         )
         if why is not None:
             yield from self._log_attempt(attempt, failure, f"free retry ({why})")
-            return True
+            return failure
         usable = True
         if self.facts.pooled and attempt.account is not None:
             usable = yield from self._ask(Failed(attempt.account, failure))
@@ -528,7 +657,8 @@ class TurnEngine:
             jitter=self._jitter(),
         )
         yield from self._log_attempt(attempt, failure, type(decision).__name__)
-        return (yield from self._follow(decision, failure))
+        again = yield from self._follow(decision, failure)
+        return failure if again else None
 
     def _judge(self, attempt: Attempt, failure: Failure) -> None:
         if attempt.outcome == PENDING:
@@ -557,15 +687,25 @@ class TurnEngine:
         return False
 
     def _refresh(self, account: Account, attempt: Attempt) -> _Ask:
-        """A handshake 401: True when a refreshed token is there for one more try."""
-        if not account.refreshable or attempt.credential_tag is None:
+        """A handshake 401 or an auth error event: True when a refreshed token is there
+        for one more try, the refresh failure when there is none."""
+        if not account.refreshable:
             return False
-        got = yield from self._ask(Refresh(account, attempt.credential_tag))
+        used = attempt.credential_tag
+        if used is None:
+            # A reused socket: its handshake carried the token in use then, the current one
+            # unless it was refreshed since (then the refresher has nothing to do).
+            token = yield from self._ask(GetToken(account))
+            if isinstance(token, RefreshRefused):
+                return False
+            used = fingerprint(token)
+        got = yield from self._ask(Refresh(account, used))
         if isinstance(got, RefreshRefused):
-            attempt.outcome = outcome(ConnectFailed(got.reason, cause=REFRESH_FAILED))
+            failure = _refresh_failure(got)
+            attempt.outcome = outcome(failure)
             attempt.detail = self._scrub(got.reason)
             yield from self._refresh_refused(account, got)
-            return False
+            return failure
         return bool(got)
 
     def _refresh_refused(self, account: Account, refused: RefreshRefused) -> _Ask:
@@ -583,8 +723,14 @@ class TurnEngine:
     # -- answering and letting go -----------------------------------------------------------
 
     def _fail(self, error: openai_errors.HttpError) -> _Ask:
-        self.report.outcome, self.report.status = ERROR, error.status
         error = self._scrub.error(error)
+        if self._started:
+            # A keepalive already sent the head: the error ends the stream instead.
+            self.report.outcome, self.report.status = ERROR, 200
+            yield from self._ask(Write(sse.error_as_failed(error.body, error.status)))
+            yield from self._ask(Finish())
+            return
+        self.report.outcome, self.report.status = ERROR, error.status
         headers = [("x-request-id", self.turn.request_id), *error.headers]
         yield from self._ask(Respond(error.status, headers, error.body))
 
@@ -618,8 +764,10 @@ class TurnEngine:
         return reply
 
 
-def _is_401(failure: Failure) -> bool:
-    return isinstance(failure, HandshakeRejected) and failure.status == 401
+def _refresh_failure(refused: RefreshRefused) -> ConnectFailed:
+    return refresh_failure(
+        refused.reason, permanent=refused.permanent, retry_after_s=refused.retry_after_s
+    )
 
 
 def _failure_figures(failure: Failure) -> Iterable[RateLimits]:

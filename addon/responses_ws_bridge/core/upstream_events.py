@@ -186,23 +186,26 @@ def _canonical_code(code: Any, message: str) -> Any:
 def parse_error_event(
     frame_text: str, *, wall_now: float | None = None
 ) -> UpstreamErrorEvent | None:
-    """The `error` event, nested (`{"error": {...}}`) or flat; None for anything else.
+    """The `error` event in any of its shapes; None for anything else.
 
-    With `wall_now` (epoch seconds), a rate-limit event also gets the reset
-    time its headers or body give.
+    | shape                                      | error object        | status                 |
+    |--------------------------------------------|---------------------|------------------------|
+    | `{"type":"error","error":{...}}`           | `error`             | `status`/`status_code` |
+    | `{"type":"error","body":{"error":{...}}}`  | `body.error`        | `status`/`status_code` |
+    | `{"type":"error","code":..,"message":..}`  | the event (flat)    | `status`/`status_code` |
+
+    A `headers` map (string, number or boolean values) comes along as
+    strings. With `wall_now` (epoch seconds), a rate-limit event also gets
+    the reset time its headers or body give.
     """
     event = _load_object(frame_text)
     if event is None or event.get("type") != "error":
         return None
-    nested = event.get("error")
-    error = nested if isinstance(nested, dict) else event
-    status = event.get("status", event.get("status_code"))
-    if isinstance(status, str) and status.isdigit():
-        status = int(status)
-    headers = event.get("headers")
+    nested = _error_object(event)
+    error = nested if nested is not None else event
     message = _str(error.get("message")) or "the upstream reported an error"
     code = _canonical_code(error.get("code"), message)
-    if isinstance(nested, dict):
+    if nested is not None:
         error_object: dict[str, Any] = dict(nested)
         error_type = _str(nested.get("type"))
         if code == PREVIOUS_RESPONSE_NOT_FOUND:
@@ -217,9 +220,9 @@ def parse_error_event(
             "code": code,
             "param": _str(event.get("param")),
         }
-    header_map = {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
+    header_map = header_values(event.get("headers"))
     parsed = UpstreamErrorEvent(
-        status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+        status=_status(event),
         code=_str(code),
         type=error_type,
         message=message,
@@ -229,8 +232,65 @@ def parse_error_event(
     )
     if wall_now is None or not parsed.is_rate_limit:
         return parsed
-    delay = retry_after_from(header_map, event, wall_now=wall_now)
+    body = {**event, "error": nested} if nested is not None else event
+    delay = retry_after_from(header_map, body, wall_now=wall_now)
     return replace(parsed, retry_after_s=delay)
+
+
+def parse_failed_response(
+    frame_text: str, *, wall_now: float | None = None
+) -> UpstreamErrorEvent | None:
+    """A `response.failed` event's `response.error` as an error (None: not one, or no error).
+
+    Overload and auth errors arrive this way too, after `response.created`.
+    """
+    event = _load_object(frame_text)
+    if event is None or event.get("type") != "response.failed":
+        return None
+    response = event.get("response")
+    error = response.get("error") if isinstance(response, dict) else None
+    if not isinstance(error, dict):
+        return None
+    synthetic = json.dumps({"type": "error", "error": error, "headers": event.get("headers")})
+    parsed = parse_error_event(synthetic, wall_now=wall_now)
+    return replace(parsed, failed_response=True) if parsed is not None else None
+
+
+def _error_object(event: dict[str, Any]) -> dict[str, Any] | None:
+    nested = event.get("error")
+    if isinstance(nested, dict):
+        return nested
+    body = event.get("body")
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        inner: dict[str, Any] = body["error"]
+        return inner
+    return None
+
+
+def _status(event: dict[str, Any]) -> int | None:
+    status = event.get("status", event.get("status_code"))
+    if status is None and isinstance(event.get("body"), dict):
+        status = event["body"].get("status")
+    if isinstance(status, str) and status.isdigit():
+        status = int(status)
+    return status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+def header_values(headers: Any) -> dict[str, str]:
+    """An event's `headers` map as strings, as an HTTP client would read them.
+
+    Numbers keep their JSON spelling, booleans are `true`/`false`; nested
+    values (which no header can carry) are left out.
+    """
+    if not isinstance(headers, dict):
+        return {}
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if isinstance(value, bool):
+            out[str(name)] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            out[str(name)] = value if isinstance(value, str) else json.dumps(value)
+    return out
 
 
 def _str(value: Any) -> str | None:

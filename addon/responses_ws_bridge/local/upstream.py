@@ -71,14 +71,18 @@ class Plan:
     On the first `response.create` only: `close_code` closes after
     `close_after_events` events of the turn (0: before `response.created`);
     `drop_after_events` aborts the TCP connection after that many events,
-    without a close frame; `error` (a whole `error` event) is sent instead of
-    the turn (`error_turn`: on that `response.create` instead of the first).
+    without a close frame; `error` (a whole `error` event, or any other
+    terminal event such as a `response.failed`) is sent instead of the turn
+    (`error_turn`: on that `response.create` instead of the first), or after
+    the turn's first `error_after_events` events (the socket stays open).
     `stall_after_events` stops the connection dead after that many events: no
     more frames, nothing read (pings unanswered), no close. `hang` answers no
     `response.create` at all. Otherwise turns follow `turn`, `pace_s` apart (0:
     back to back), each preceded by the `rate_limits` frame when given.
     `turn_state` goes out as `x-codex-turn-state` on the 101, `headers` on the
-    101 as they are.
+    101 as they are. `extra_events` are `(n, event)` pairs: `event` goes out
+    after the turn's first `n` events (vendor events, metadata). `delay_s`
+    holds the first turn's events back that long (a long upstream queue).
     """
 
     reject_status: int | None = None
@@ -97,6 +101,9 @@ class Plan:
     stall_after_events: int | None = None
     rate_limits: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    error_after_events: int = 0
+    extra_events: tuple[tuple[int, Mapping[str, Any]], ...] = ()
+    delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         failures = [
@@ -113,8 +120,8 @@ class Plan:
             )
         if self.close_after_events < 0 or (self.drop_after_events or 0) < 0:
             raise ValueError("event counts must be >= 0")
-        if self.pace_s < 0:
-            raise ValueError("pace_s must be >= 0")
+        if self.pace_s < 0 or self.delay_s < 0:
+            raise ValueError("pace_s and delay_s must be >= 0")
 
     @property
     def reason(self) -> str:
@@ -618,7 +625,9 @@ class LocalUpstream(WebSocketServerContext):
         first = live.creates == 1
         if plan.hang:
             return
-        if plan.error is not None and live.creates == plan.error_turn:
+        errs_now = plan.error is not None and live.creates == plan.error_turn
+        if errs_now and not plan.error_after_events:
+            assert plan.error is not None
             await self._send(ws, live, dict(plan.error))
             return
 
@@ -635,6 +644,35 @@ class LocalUpstream(WebSocketServerContext):
                 ws, live, error_event(400, "invalid_value", str(exc), param=f"metadata.{exc.key}")
             )
             return
+        limit = plan.error_after_events if errs_now else self._first_limit(plan, first)
+        await self._play_turn(ws, live, request, spec, pace_s, limit, closed)
+        if errs_now and plan.error is not None:
+            await self._send(ws, live, dict(plan.error))
+        elif first:
+            await self._fail_first(ws, plan, closed)
+
+    @staticmethod
+    def _first_limit(plan: Plan, first: bool) -> int | None:
+        """How many of the first turn's events go out before the plan's failure."""
+        if not first:
+            return None
+        if plan.close_code is not None:
+            return plan.close_after_events
+        if plan.drop_after_events is not None:
+            return plan.drop_after_events
+        return plan.stall_after_events
+
+    async def _play_turn(
+        self,
+        ws: ServerConnection,
+        live: _Live,
+        request: dict[str, Any],
+        spec: TurnSpec,
+        pace_s: float,
+        limit: int | None,
+        closed: asyncio.Future[None],
+    ) -> None:
+        plan = live.plan
         response_id = _new_id("resp")
         kind = "fc" if function_call_for(request, spec) is not None else "msg"
         events = turn_events(
@@ -644,38 +682,45 @@ class LocalUpstream(WebSocketServerContext):
             item_id=_new_id(kind),
             created_at=int(time.time()),
         )
-        limit: int | None = None
-        if first and plan.close_code is not None:
-            limit = plan.close_after_events
-        elif first and plan.drop_after_events is not None:
-            limit = plan.drop_after_events
-        elif first and plan.stall_after_events is not None:
-            limit = plan.stall_after_events
         if plan.rate_limits is not None:
             await self._send(ws, live, dict(plan.rate_limits))
-
+        if live.creates == 1 and plan.delay_s:
+            await asyncio.wait([closed], timeout=plan.delay_s)
+        sent = 0
         for index, event in enumerate(events):
             if limit is not None and index >= limit:
                 break
+            await self._send_extra(ws, live, plan, index)
             if index and pace_s:
                 # Wake early when the client goes away, so the turn stops at once.
                 await asyncio.wait([closed], timeout=pace_s)
             await self._send(ws, live, event, stamp=spec.stamp_ns)
+            sent = index + 1
             if event["type"] == "response.completed":
                 self._completed(live, request, event)
+        await self._send_extra(ws, live, plan, sent)
 
-        if first and plan.close_code is not None:
+    @staticmethod
+    async def _fail_first(ws: ServerConnection, plan: Plan, closed: asyncio.Future[None]) -> None:
+        """The first turn's scripted end: a close, a cut connection, or a stall."""
+        if plan.close_code is not None:
             await ws.close(plan.close_code, plan.reason)
             raise _Stop
-        if first and plan.drop_after_events is not None:
+        if plan.drop_after_events is not None:
             ws.transport.abort()
             await asyncio.shield(closed)
             raise _Stop
-        if first and plan.stall_after_events is not None:
+        if plan.stall_after_events is not None:
             # Read nothing more: the client's pings go unanswered until it gives up.
             ws.transport.pause_reading()
             await asyncio.shield(closed)
             raise _Stop
+
+    async def _send_extra(self, ws: ServerConnection, live: _Live, plan: Plan, after: int) -> None:
+        """The plan's extra events that go out after the turn's first `after` events."""
+        for position, extra in plan.extra_events:
+            if position == after:
+                await self._send(ws, live, dict(extra))
 
     # -- plain HTTP
 
@@ -771,6 +816,12 @@ class LocalUpstream(WebSocketServerContext):
                 self.tokens = {}
             self.tokens[token] = account
 
+    def revoke_token(self, token: str) -> None:
+        """Refuses `token` with 401 from now on (an access token the upstream no longer takes)."""
+        with self._lock:
+            if self.tokens is not None:
+                self.tokens.pop(token, None)
+
     async def _send(
         self, ws: ServerConnection, live: _Live, event: dict[str, Any], *, stamp: bool = False
     ) -> None:
@@ -854,6 +905,9 @@ class ThreadedUpstream(LoopThread[LocalUpstream]):
 
     def add_token(self, token: str, account: str) -> None:
         self.upstream.add_token(token, account)
+
+    def revoke_token(self, token: str) -> None:
+        self.upstream.revoke_token(token)
 
     def wait_for(
         self, predicate: Callable[[list[ConnectionRecord]], bool], timeout: float

@@ -15,15 +15,17 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import upstream_trust
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.answer_cache import AnswerCache
+from responses_ws_bridge.core.answer_headers import TURN_STATE
 from responses_ws_bridge.core.failures import AttemptFailed
 from responses_ws_bridge.core.forward_commands import (
     Abort,
@@ -45,11 +47,11 @@ from responses_ws_bridge.core.turn_commands import (
     Checkout,
     Choose,
     ClientLeft,
+    Command,
     Disable,
     Failed,
     FindOwner,
     Finish,
-    Frames,
     GetToken,
     Hold,
     Log,
@@ -71,6 +73,8 @@ from responses_ws_bridge.core.turn_commands import (
     Write,
 )
 from responses_ws_bridge.core.turn_engine import (
+    DEFAULT_FIRST_EVENT_TIMEOUT_S,
+    DEFAULT_HOLD_CREATED_S,
     DEFAULT_SSE_KEEPALIVE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     Clocks,
@@ -82,6 +86,7 @@ from responses_ws_bridge.core.turn_engine import (
 from responses_ws_bridge.core.turns import Attempt, Turn
 from responses_ws_bridge.shell import http_forward
 from responses_ws_bridge.shell.answer_flights import AnswerFlights
+from responses_ws_bridge.shell.frame_push import FramePush, Resume
 from responses_ws_bridge.shell.http_forward import ExchangeTap, HttpExchange
 from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT, Preconnector
 from responses_ws_bridge.shell.session_pool import (
@@ -100,6 +105,8 @@ from responses_ws_bridge.shell.upstream_client import (
 )
 
 __all__ = [
+    "DEFAULT_FIRST_EVENT_TIMEOUT_S",
+    "DEFAULT_HOLD_CREATED_S",
     "DEFAULT_SSE_KEEPALIVE_S",
     "DEFAULT_STREAM_IDLE_TIMEOUT_S",
     "BridgeService",
@@ -113,6 +120,8 @@ logger = logging.getLogger(__name__)
 TapFactory = Callable[[Turn, Attempt], SessionTap | None]
 # The same for each forwarded HTTP exchange: (turn, attempt, the Fetch) -> tap.
 ExchangeTapFactory = Callable[[Turn, Attempt, Fetch], ExchangeTap | None]
+# A turn engine's run, a forwarded request's or a WebSocket client's: commands out, events in.
+AnyRun = Generator[Any, Any, None]
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,8 @@ class BridgeSettings:
     # Hosts a client-chosen destination may be, with an account pool.
     trusted_hosts: tuple[str, ...] = upstream_trust.DEFAULT_TRUSTED_UPSTREAMS
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    first_event_timeout_s: float | None = DEFAULT_FIRST_EVENT_TIMEOUT_S
+    hold_created_s: float | None = DEFAULT_HOLD_CREATED_S
 
     @property
     def engine(self) -> EngineSettings:
@@ -137,6 +148,8 @@ class BridgeSettings:
             keepalive_s=self.sse_keepalive_s,
             idle_timeout_s=self.stream_idle_timeout_s,
             trusted_hosts=self.trusted_hosts,
+            first_event_timeout_s=self.first_event_timeout_s,
+            hold_created_s=self.hold_created_s,
         )
 
 
@@ -159,19 +172,23 @@ class BridgeService:
         self.settings = settings
         self.state = state
         self.sessions = sessions
-        self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
         self.connector = (
             connector if connector is not None else Preconnector(per_host=settings.preconnect)
         )
         self.tokens = tokens if tokens is not None else TokenRefresher()
         self.taps = taps
         self.exchange_taps = exchange_taps
-        # Answers of forwarded requests shared by every client asking the same (models).
-        self.answers = AnswerFlights(AnswerCache(self.clocks.monotonic))
         # Affinity, health and load shared with other instances (when `bridge_state` is set).
         self.shared = shared
         self.sleep = sleep
         self.jitter = jitter
+        self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
+        # Answers of forwarded requests shared by every client asking the same (models).
+        self.answers = AnswerFlights(AnswerCache(self.clocks.monotonic))
+        # Turn states issued by metadata events after the 101, per idle socket.
+        self.late_turn_states: weakref.WeakKeyDictionary[UpstreamSession, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def apply_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
@@ -215,16 +232,16 @@ class BridgeService:
         """Every account names its own upstream: a client-chosen destination is never used."""
         return self._facts().accounts_own_upstreams
 
+    def turn_state(self) -> TurnState:
+        """The turn state one request (or one client WebSocket) is served with."""
+        return self._turn_state()
+
     def _facts(self) -> PoolFacts:
         pool = self.state.pool
         if pool is None:
             return PoolFacts(pooled=False)
         own = all(_own_upstream(pool.account(i)) for i in pool.ids)
         return PoolFacts(pooled=True, accounts_own_upstreams=own)
-
-    def turn_state(self) -> TurnState:
-        """The turn state one request (or one client WebSocket) is served with."""
-        return self._turn_state()
 
     def _turn_state(self) -> TurnState:
         shared = self.shared
@@ -242,13 +259,15 @@ class BridgeService:
         await self.connector.close_all()
 
 
-Handler = Callable[[Any], Awaitable[Any]]
-# A turn engine's run, or a forwarded request's: commands out, events in.
-AnyRun = Generator[Any, Any, None]
+# The engine ended inside the data callback.
+_ENDED = object()
 
 
 class _TurnRun:
     """Carries out one turn engine's commands; holds the turn's upstream socket."""
+
+    # Which method carries out which command (filled in below the class).
+    handlers: ClassVar[dict[type, Callable[[Any, Any], Awaitable[Any]]]]
 
     def __init__(self, service: BridgeService, turn: Turn, sink: ClientSink, state: TurnState):
         self.service = service
@@ -257,54 +276,45 @@ class _TurnRun:
         self.state = state
         self.session: UpstreamSession | None = None
         self.exchange: HttpExchange | None = None
-        self._handlers: dict[type, Handler] = {
-            FindOwner: self._find_owner,
-            Choose: self._choose,
-            Bind: self._bind,
-            Hold: self._hold,
-            Unhold: self._unhold,
-            NoteFigures: self._figures,
-            Failed: self._failed,
-            Disable: self._disable,
-            PublishOwner: self._publish,
-            Served: self._served,
-            GetToken: self._token,
-            Refresh: self._refresh,
-            Checkout: self._checkout,
-            Open: self._open,
-            Send: self._send,
-            Receive: self._receive,
-            Release: self._release,
-            StartStream: self._start,
-            Write: self._write,
-            Finish: self._finish,
-            Respond: self._respond,
-            Sleep: self._sleep,
-            Log: self._log,
-            Fetch: self._fetch,
-            ReadBody: self._read_body,
-            DropFetch: self._drop_fetch,
-            CacheLookup: self._cache_lookup,
-            CacheStore: self._cache_store,
-            Abort: self._abort,
-        }
+        self._push: FramePush
+        # What made the client leave (or the proxy stop), raised once the engine let go.
+        self._left: BaseException | None = None
 
     async def drive(self, engine: EngineRun | AnyRun) -> None:
         """Runs the engine to its end; re-raises what made the client leave."""
+        self._push = FramePush(engine, self.sink)
         reply: object = None
-        left: BaseException | None = None
         while True:
             try:
                 command = engine.send(reply)
             except StopIteration:
                 break
-            try:
-                reply = await self._handlers[type(command)](command)
-            except BaseException as exc:  # the client left, the proxy stops, or a bug
-                left = left or exc
-                reply = ClientLeft()
-        if left is not None:
-            raise left
+            reply = await self._resumed(await self._carry_out(command))
+            if reply is _ENDED:
+                break
+        if self._left is not None:
+            raise self._left
+
+    async def _resumed(self, reply: object) -> object:
+        """Follows where the data callback left the engine: the reply to its pending
+        command, or _ENDED."""
+        while isinstance(reply, Resume):
+            if reply.command is None:
+                return _ENDED
+            if reply.error is not None:
+                return self._left_with(reply.error)
+            reply = await self._carry_out(reply.command)
+        return reply
+
+    async def _carry_out(self, command: Command) -> object:
+        try:
+            return await type(self).handlers[type(command)](self, command)
+        except BaseException as exc:  # the client left, the proxy stops, or a bug
+            return self._left_with(exc)
+
+    def _left_with(self, exc: BaseException) -> ClientLeft:
+        self._left = self._left or exc
+        return ClientLeft()
 
     # -- the turn state ---------------------------------------------------------------------
 
@@ -330,7 +340,7 @@ class _TurnRun:
         return await self.state.failed(command.account_id, command.failure)
 
     async def _disable(self, command: Disable) -> None:
-        self.state.disable(command.account_id, command.reason)
+        await self.state.disable(command.account_id, command.reason)
 
     async def _publish(self, command: PublishOwner) -> None:
         await self.state.publish_owner(command.account_id, command.response_id)
@@ -356,7 +366,13 @@ class _TurnRun:
         if session.tap is not None:
             session.tap.attach(self.turn, command.attempt)
         self.session = session
-        return SocketReady(session.response_headers)
+        headers = session.response_headers
+        late = self.service.late_turn_states.get(session)
+        if late is not None:
+            # A turn state a metadata event issued replaces the 101's for the session.
+            headers = [(k, v) for k, v in headers if k.lower() != TURN_STATE]
+            headers.append((TURN_STATE, late))
+        return SocketReady(headers)
 
     async def _open(self, command: Open) -> SocketReady | Broke:
         service = self.service
@@ -377,18 +393,15 @@ class _TurnRun:
             return Broke(exc.failure)
         return None
 
-    async def _receive(self, command: Receive) -> Frames | TimedOut | Broke:
-        try:
-            return Frames(await self._session().next_batch(command.timeout_s))
-        except TimeoutError:
-            return TimedOut()
-        except AttemptFailed as exc:
-            return Broke(exc.failure)
+    async def _receive(self, command: Receive) -> object:
+        return await self._push.wait(self._session(), command.timeout_s)
 
     async def _release(self, command: Release) -> None:
         session, self.session = self._session(), None
         sessions, key = self.service.sessions, command.key
         if command.keep and key is not None and self.service.keeps_account(key[1]):
+            if command.turn_state is not None:
+                self.service.late_turn_states[session] = command.turn_state
             sessions.checkin(key, session)
         else:
             sessions.discard(
@@ -472,11 +485,46 @@ class _TurnRun:
         logger.info("%s", command.message)
 
 
+# Which method carries out which command: a table on the class, not bound methods on
+# each run (those would tie every run into a cycle only the cyclic GC frees).
+_TurnRun.handlers = {
+    FindOwner: _TurnRun._find_owner,
+    Choose: _TurnRun._choose,
+    Bind: _TurnRun._bind,
+    Hold: _TurnRun._hold,
+    Unhold: _TurnRun._unhold,
+    NoteFigures: _TurnRun._figures,
+    Failed: _TurnRun._failed,
+    Disable: _TurnRun._disable,
+    PublishOwner: _TurnRun._publish,
+    Served: _TurnRun._served,
+    GetToken: _TurnRun._token,
+    Refresh: _TurnRun._refresh,
+    Checkout: _TurnRun._checkout,
+    Open: _TurnRun._open,
+    Send: _TurnRun._send,
+    Receive: _TurnRun._receive,
+    Release: _TurnRun._release,
+    StartStream: _TurnRun._start,
+    Write: _TurnRun._write,
+    Finish: _TurnRun._finish,
+    Respond: _TurnRun._respond,
+    Sleep: _TurnRun._sleep,
+    Log: _TurnRun._log,
+    Fetch: _TurnRun._fetch,
+    ReadBody: _TurnRun._read_body,
+    DropFetch: _TurnRun._drop_fetch,
+    CacheLookup: _TurnRun._cache_lookup,
+    CacheStore: _TurnRun._cache_store,
+    Abort: _TurnRun._abort,
+}
+
+
 async def _refusal_or[T](call: Awaitable[T]) -> T | RefreshRefused:
     try:
         return await call
     except RefreshFailed as exc:
-        return RefreshRefused(exc.reason, exc.permanent)
+        return RefreshRefused(exc.reason, exc.permanent, exc.retry_after_s)
 
 
 def _own_upstream(account: Account | None) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -51,6 +52,8 @@ from responses_ws_bridge.state.leases import DEFAULT_LEASE_TTL_S, held_lease
 from responses_ws_bridge.state.store import AccountHealthRecord, StateStore
 
 logger = logging.getLogger(__name__)
+
+RECOVERING = "the state store lost its data and is recovering: instances re-offer what they know"
 
 
 def bound_sessions(state: PoolState, shared: SharedState | None) -> dict[str, int]:
@@ -132,7 +135,7 @@ class SharedState:
         choice = pool.choose(exclude=pick.exclude, prefer=pick.prefer, load=load, sessions=sessions)
         if not (claim and affinity.kind is AffinityKind.HARD and isinstance(choice, Chosen)):
             return choice
-        claimed = await self.claim(affinity, choice.account.id)
+        claimed = await self.claim(affinity, choice.account.id, new=True)
         if isinstance(claimed, FailClosed):
             return claimed
         if claimed.account_id != choice.account.id:
@@ -140,11 +143,23 @@ class SharedState:
             return pool.choose_owner(claimed.account_id)
         return choice
 
-    async def claim(self, affinity: Affinity, account_id: str) -> Owned | FailClosed:
-        """Bind the primary key to `account_id` unless it is bound: the first writer wins."""
+    async def claim(
+        self, affinity: Affinity, account_id: str, *, new: bool = False
+    ) -> Owned | FailClosed:
+        """Bind the primary key to `account_id` unless it is bound: the first writer wins.
+
+        `new`: an owner nobody knew before (not one this instance re-offers), which a
+        store recovering from the loss of its data does not take yet.
+        """
         assert affinity.key is not None
-        binding = Binding(account_id, affinity.kind, affinity.key == counted_key(affinity))
-        got = await self._run("bind", lambda s: s.bind(affinity.key or "", binding))
+        key = affinity.key
+        binding = Binding(account_id, affinity.kind, key == counted_key(affinity))
+        if new:
+            got = await self._run("bind", lambda s: s.bind_new(key, binding))
+        else:
+            got = await self._run("bind", lambda s: s.bind(key, binding))
+        if got is None:
+            got = StateUnavailable("bind", RECOVERING)
         stored = got if isinstance(got, StateUnavailable) else got.account_id
         return bind_decision(affinity.kind, stored, account_id)
 
@@ -237,6 +252,10 @@ class SharedState:
                 account_id, health_record.on_pool_clock(health, self._wall(), self.state.clock())
             )
 
+    async def disable(self, account_id: str, reason: str) -> None:
+        """Out of service on every instance until an accounts file changes."""
+        await self._run("disable", lambda s: s.disable(account_id, reason))
+
     async def _cool_down(self, account_id: str, until: float, reason: str) -> Health | None:
         got = await self._run("cool_down", lambda s: s.cool_down(account_id, until, reason))
         if isinstance(got, StateUnavailable):
@@ -248,6 +267,27 @@ class SharedState:
         """The latest rate-limit figures the upstream sent for `account_id`, flat
         (`{"primary.used_percent": 42.0}`), for every instance and the metrics."""
         await self._run("set_rate_limits", lambda s: s.set_rate_limits(account_id, figures))
+
+    # -- a store that lost its data ---------------------------------------------------------
+
+    async def reoffer(self) -> int:
+        """Offer every owner this instance knows to a store that lost its data (first writer
+        wins, as always); returns how many. Runs while the store recovers, when new hard
+        bindings wait, so that what was bound before comes back before anything new."""
+        calls: list[Callable[[StateStore], Awaitable[object]]] = [
+            *(
+                functools.partial(_bind_row, row.key, row.binding)
+                for row in self.state.bindings.items()
+            ),
+            *(
+                functools.partial(_owner_row, row.key, row.binding.account_id)
+                for row in self.state.response_owners.items()
+            ),
+        ]
+        for offered, call in enumerate(calls):
+            if isinstance(await self._run("reoffer", call), StateUnavailable):
+                return offered
+        return len(calls)
 
     # -- the accounts file ------------------------------------------------------------------
 
@@ -283,3 +323,12 @@ class SharedState:
         """Wait for background writes (accounts changes) to finish."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _bind_row(key: str, binding: Binding, store: StateStore) -> object:
+    return await store.bind(key, binding)
+
+
+async def _owner_row(response_id: str, account_id: str, store: StateStore) -> object:
+    await store.set_response_owner(response_id, account_id)
+    return None

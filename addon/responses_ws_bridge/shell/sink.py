@@ -17,6 +17,11 @@ class ClientSink(Protocol):
     chunk, `finish` ends it; `respond` sends a whole response with a known
     length; `abort` cuts a streamed one short. Each raises `ClientGone` once
     the client has left.
+
+    `write_now` is `write` for a caller that cannot wait (an upstream socket's
+    data callback): it writes at once and says True when nothing has to wait
+    for the client, else writes nothing and says False (then `write`, which
+    waits as it must).
     """
 
     started: bool
@@ -25,6 +30,8 @@ class ClientSink(Protocol):
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
+
+    def write_now(self, data: bytes) -> bool: ...
 
     async def finish(self) -> None: ...
 

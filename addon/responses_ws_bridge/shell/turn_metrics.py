@@ -49,6 +49,9 @@ class _StartWatch:
     async def write(self, data: bytes) -> None:
         await self._inner.write(data)
 
+    def write_now(self, data: bytes) -> bool:
+        return self._inner.write_now(data)
+
     async def finish(self) -> None:
         self.finished = True
         await self._inner.finish()

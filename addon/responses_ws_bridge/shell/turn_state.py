@@ -42,7 +42,7 @@ class TurnState(Protocol):
 
     async def failed(self, account_id: str, failure: Failure) -> bool: ...
 
-    def disable(self, account_id: str, reason: str) -> None: ...
+    async def disable(self, account_id: str, reason: str) -> None: ...
 
     async def publish_owner(self, account_id: str, response_id: str) -> None: ...
 
@@ -96,7 +96,7 @@ class LocalTurnState:
         self.pool.record_failure(account_id, failure)
         return self.pool.is_usable(account_id)
 
-    def disable(self, account_id: str, reason: str) -> None:
+    async def disable(self, account_id: str, reason: str) -> None:
         self.pool.disable(account_id, reason)
 
     async def publish_owner(self, account_id: str, response_id: str) -> None:
@@ -135,6 +135,11 @@ class SharedTurnState(LocalTurnState):
         self.pool.record_failure(account_id, failure)
         await self.shared.failed(self.pool, account_id, failure)
         return self.pool.is_usable(account_id)
+
+    async def disable(self, account_id: str, reason: str) -> None:
+        # Every instance disables it (a login refused for good), until an accounts file changes.
+        await super().disable(account_id, reason)
+        await self.shared.disable(account_id, reason)
 
     async def publish_owner(self, account_id: str, response_id: str) -> None:
         await self.shared.response_owner_publisher(account_id)(response_id)

@@ -15,7 +15,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,6 +169,22 @@ class UpstreamSession:
             raise self._closed(exc) from exc
         if not batch:
             raise TimeoutError
+        return self._received(batch)
+
+    def ready(self) -> list[str | bytes]:
+        """The frames received by now, without waiting ([] for none); raises
+        `AttemptFailed` once none is left and the connection is closed."""
+        try:
+            batch = self._ws.take_ready()
+        except ConnectionClosed as exc:
+            raise self._closed(exc) from exc
+        return self._received(batch) if batch else batch
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """`listener` runs in the data callback when frames arrive or the socket closes."""
+        self._ws.listen(listener)
+
+    def _received(self, batch: list[str | bytes]) -> list[str | bytes]:
         now = time.time()
         self.last_used = time.monotonic()
         if self.tap is not None:

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
-from responses_ws_bridge.core.turn_commands import Broke, Frames, Receive, TimedOut
+from responses_ws_bridge.core.turn_commands import Receive
 from responses_ws_bridge.core.turns import Turn
 from responses_ws_bridge.core.ws_client_commands import (
     AcceptClient,
@@ -96,6 +96,9 @@ class _NoHttpAnswer:
     async def write(self, data: bytes) -> None:
         raise RuntimeError("a WebSocket client has no HTTP answer")
 
+    def write_now(self, data: bytes) -> bool:
+        raise RuntimeError("a WebSocket client has no HTTP answer")
+
     async def finish(self) -> None:
         raise RuntimeError("a WebSocket client has no HTTP answer")
 
@@ -114,19 +117,6 @@ class WsClientRun(_TurnRun):
     ) -> None:
         super().__init__(service, first, _NoHttpAnswer(), state)
         self.client = client
-        self._handlers.update(
-            {
-                AcceptClient: self._accept,
-                RefuseClient: self._refuse,
-                ClientRecv: self._client_recv,
-                ClientSend: self._client_send,
-                ClientClose: self._client_close,
-                NewTurn: self._new_turn,
-                Attach: self._attach,
-                Idle: self._idle,
-                Receive: self._receive_or_left,
-            }
-        )
 
     async def _accept(self, command: AcceptClient) -> None:
         self.client.accept(command.headers)
@@ -154,7 +144,7 @@ class WsClientRun(_TurnRun):
     async def _idle(self, _: Idle) -> None:
         self._session().idle()
 
-    async def _receive_or_left(self, command: Receive) -> Frames | TimedOut | Broke:
+    async def _receive_or_left(self, command: Receive) -> object:
         """The upstream's next frames, unless the client leaves first (`ClientLeft`)."""
         receiving = asyncio.ensure_future(self._receive(command))
         waiting: set[asyncio.Future[object]] = {receiving, self.client.gone}  # type: ignore[arg-type]
@@ -165,3 +155,18 @@ class WsClientRun(_TurnRun):
         with contextlib.suppress(asyncio.CancelledError):
             await receiving
         raise ClientGone
+
+
+# The turn's table, plus the client's side (a table on the class, as `_TurnRun`'s).
+WsClientRun.handlers = {
+    **_TurnRun.handlers,
+    AcceptClient: WsClientRun._accept,
+    RefuseClient: WsClientRun._refuse,
+    ClientRecv: WsClientRun._client_recv,
+    ClientSend: WsClientRun._client_send,
+    ClientClose: WsClientRun._client_close,
+    NewTurn: WsClientRun._new_turn,
+    Attach: WsClientRun._attach,
+    Idle: WsClientRun._idle,
+    Receive: WsClientRun._receive_or_left,
+}

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ssl import SSLContext
 from typing import cast
 
@@ -63,6 +63,8 @@ class WebSocketConnection(asyncio.Protocol):
         # Payload bytes of the messages in _messages: what the high-water mark bounds.
         self.buffered = 0
         self._waiter: asyncio.Future[None] | None = None
+        # Called at once, in place of waking a reader, while a consumer listens.
+        self._listener: Callable[[], None] | None = None
         self._fragments: list[BytesLike] = []
         self._fragmented_text = False
         # Set once the bridge closes or fails the connection: later messages are dropped.
@@ -221,9 +223,32 @@ class WebSocketConnection(asyncio.Protocol):
         return True
 
     def _wake_reader(self) -> None:
+        if self._listener is not None:
+            self._listener()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """`listener` is called, from the data callback, whenever messages arrive or the
+        connection closes (None: stop); it takes them with `take_ready`. No reader
+        task wakes up per message."""
+        self._listener = listener
+
+    def take_ready(self) -> list[str | bytes]:
+        """Every message queued now ([] for none); raises `ConnectionClosed` once none is
+        left and the connection is closed."""
+        if not self._messages:
+            if self.protocol.state is State.CLOSED:
+                raise self.protocol.close_exc
+            return []
+        batch = list(self._messages)
+        self._messages.clear()
+        self.buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
+        return batch
 
     async def receive_batch(self, timeout: float | None = None) -> list[str | bytes]:
         """Waits for a message; returns it and every one queued behind it.

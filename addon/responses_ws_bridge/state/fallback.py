@@ -27,11 +27,10 @@ did not name as its owner.
 from __future__ import annotations
 
 from responses_ws_bridge.core.affinity import Affinity, AffinityKind, owner_for
+from responses_ws_bridge.core.failures import STATE_STORE_UNAVAILABLE
 from responses_ws_bridge.core.turn_commands import FailClosed, Owned, OwnerDecision, Unbound
 from responses_ws_bridge.state.guarded import StateUnavailable
 from responses_ws_bridge.state.store import Lookup
-
-STATE_STORE_UNAVAILABLE = "state_store_unavailable"
 
 __all__ = [
     "STATE_STORE_UNAVAILABLE",

@@ -71,12 +71,30 @@ class GuardedStore:
         if not store_health.may_try(self.health, self._clock()):
             assert isinstance(self.health, store_health.Failing)
             return StateUnavailable(operation, self.health.reason)
+        return await self._call(operation, call, count_failure=True)
+
+    async def probe[T](
+        self, operation: str, call: Callable[[StateStore], Awaitable[T]]
+    ) -> T | StateUnavailable:
+        """`run` past the backoff, for one watcher that looks often: its success ends an
+        outage for every request at once, its failure changes nothing (requests keep their
+        own backoff, and no error is counted twice a second)."""
+        return await self._call(operation, call, count_failure=False)
+
+    async def _call[T](
+        self, operation: str, call: Callable[[StateStore], Awaitable[T]], *, count_failure: bool
+    ) -> T | StateUnavailable:
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call(self.store)
         except TimeoutError:
-            return self._failed(operation, "timeout", f"no answer within {self.timeout_s:g}s")
+            reason = f"no answer within {self.timeout_s:g}s"
+            if not count_failure:
+                return StateUnavailable(operation, reason)
+            return self._failed(operation, "timeout", reason)
         except self._errors as exc:
+            if not count_failure:
+                return StateUnavailable(operation, _describe(exc))
             return self._failed(operation, type(exc).__name__, _describe(exc))
         self.health, log = store_health.on_success(self.health)
         if log is Log.BACK:

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.bindings import Binding, BindingRow, MemoryBindingStore
+from responses_ws_bridge.core.token_chain import may_write
 from responses_ws_bridge.state import health_record
 from responses_ws_bridge.state.store import (
     HEALTHY_RECORD,
@@ -23,6 +24,9 @@ from responses_ws_bridge.state.store import (
     BindingLimits,
     Lease,
     Lookup,
+    RefreshLock,
+    TokenRecord,
+    TokenView,
 )
 
 
@@ -38,6 +42,10 @@ class MemoryStateStore:
         self._health: dict[str, AccountHealthRecord] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._lease_ids = itertools.count(1)
+        self._tokens: dict[str, TokenRecord] = {}
+        # account -> (fence, expires at)
+        self._locks: dict[str, tuple[int, float]] = {}
+        self._fences: dict[str, int] = {}
 
     def _table(self, kind: AffinityKind) -> MemoryBindingStore:
         return self._soft if kind is AffinityKind.SOFT else self._hard
@@ -54,6 +62,9 @@ class MemoryStateStore:
             return current
         self._table(binding.kind).set(key, binding)
         return binding
+
+    async def bind_new(self, key: str, binding: Binding) -> Binding | None:
+        return await self.bind(key, binding)
 
     async def binding(self, key: str) -> Binding | None:
         return self._lookup(key)
@@ -147,6 +158,51 @@ class MemoryStateStore:
         for lease_id in [i for i, expires in leases.items() if expires <= now]:
             del leases[lease_id]
         return leases
+
+    # token chains
+
+    def _lock(self, account_id: str) -> tuple[int, float] | None:
+        held = self._locks.get(account_id)
+        if held is not None and held[1] <= self._clock():
+            del self._locks[account_id]
+            return None
+        return held
+
+    async def token_view(self, account_id: str) -> TokenView:
+        return TokenView(self._tokens.get(account_id), self._lock(account_id) is not None)
+
+    async def write_tokens(
+        self,
+        account_id: str,
+        record: TokenRecord,
+        *,
+        base_generation: int | None,
+        fence: int | None,
+    ) -> bool:
+        current = self._tokens.get(account_id)
+        stored = (current.generation, current.fence) if current is not None else None
+        if not may_write(stored, base_generation=base_generation, fence=fence):
+            return False
+        self._tokens[account_id] = record
+        return True
+
+    async def take_refresh_lock(self, account_id: str, lease_s: float) -> RefreshLock:
+        held = self._lock(account_id)
+        if held is not None:
+            return RefreshLock(None, held[1] - self._clock())
+        record = self._tokens.get(account_id)
+        fence = max(self._fences.get(account_id, 0), record.fence if record else 0) + 1
+        self._fences[account_id] = fence
+        self._locks[account_id] = (fence, self._clock() + lease_s)
+        return RefreshLock(fence)
+
+    async def release_refresh_lock(self, account_id: str, fence: int) -> None:
+        held = self._lock(account_id)
+        if held is not None and held[0] == fence:
+            del self._locks[account_id]
+
+    async def check_epoch(self) -> bool:
+        return False  # this process's memory is lost only with the process
 
     async def close(self) -> None:
         return None

@@ -2,6 +2,11 @@
 
 Keys, all under the namespace `ns`:
 - `ns:salt`: the namespace's HMAC salt, created once by whichever instance comes first;
+  it is also the store's epoch: a salt other than the one an instance knew means the
+  store lost its data (restarted empty);
+- `ns:recovering`: set for a grace period when an instance finds the store has lost its
+  data; meanwhile no new hard key is bound and no refresh lock is granted, so that the
+  instances that knew owners and token chains re-offer them first;
 - `ns:bind:<fp>`: an affinity binding, `["hard"|"soft", account]`, idle TTL by kind;
 - `ns:sessions:<account>`: sorted set of the `<fp>` of the account's `counted`
   bindings, scored by when each would expire (server time, ms; +inf without a TTL),
@@ -16,7 +21,12 @@ Keys, all under the namespace `ns`:
   `rate_limits` (JSON);
 - `ns:leases:<account>`: sorted set of lease ids scored by expiry; expired ones are
   pruned whenever the set is read or written, so a dead instance's requests stop
-  counting when their leases run out.
+  counting when their leases run out;
+- `ns:tokens:<account>`: hash of an account's token chain: `gen`, `fence`, `sealed`
+  (the tokens, AES-GCM under `bridge_state_secret`: never in clear), `retry_at`,
+  `failures`, `last_failure`;
+- `ns:refresh-lock:<account>`: the refresh lock, the holder's fencing number, with
+  a lease (PX); `ns:refresh-fence:<account>`: the counter fencing numbers come from.
 
 `<fp>` is `fingerprint(salt, key)`: no session id, turn state or response id is
 ever stored. Every read-modify-write is one Lua script, so two instances racing
@@ -31,6 +41,7 @@ multi-key lookup already could not run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -40,6 +51,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from responses_ws_bridge.core.affinity import AffinityKind
@@ -50,6 +62,9 @@ from responses_ws_bridge.state.store import (
     BindingLimits,
     Lease,
     Lookup,
+    RefreshLock,
+    TokenRecord,
+    TokenView,
     ttl_ms,
 )
 
@@ -156,6 +171,50 @@ return out
 """
 _DUE_CHECKS = 200
 
+# KEYS: salt, recovering; ARGV: a new salt, the salt this instance knew ('' none), grace ms.
+# Returns the salt in force. A salt created, or found, other than the known one marks the
+# store as recovering (an instance that never knew one starts a fresh store: no grace);
+# each instance that notices restarts the grace, so the last to notice has all of it to
+# re-offer what it knows.
+_SALT = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  if ARGV[2] ~= '' and v ~= ARGV[2] then
+    redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+  end
+  return v
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
+return ARGV[1]
+"""
+
+# KEYS: as `_BIND`, then recovering, salt; ARGV: as `_BIND`, then the salt the key's
+# fingerprint was made with. `_BIND` for a key nobody has offered an owner for: '' (refused)
+# while the store recovers, or when its salt is not the one this instance knew (it lost its
+# data and nobody noticed yet).
+_BIND_NEW = (
+    _EXPIRES_AT
+    + """
+if redis.call('GET', KEYS[4]) ~= ARGV[5] then return '' end
+local v = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if v then
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return v
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return '' end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], expires_at(ttl), ARGV[3]) end
+return ARGV[1]
+"""
+)
+
+
 # KEYS: bindings (and, when ARGV[4] == '1', the response key first);
 # ARGV: hard ttl, soft ttl, owner ttl (ms, 0: none), has response.
 # Returns one value per key, '' when absent; each read restarts the key's idle TTL.
@@ -227,6 +286,53 @@ return 1
 """
 
 
+# KEYS: lock, fence counter, tokens hash, recovering, salt; ARGV: lease ms, the salt this
+# instance knows. Returns {fence, 0} when taken, {0, remaining ms} when held (or while the
+# store recovers), {0, -1} when the salt is not the known one (the store lost its data). A
+# fence is above the counter and above the record's writer, so a counter lost with the
+# store never hands out a number a record has already seen.
+_TAKE_LOCK = """
+if redis.call('GET', KEYS[5]) ~= ARGV[2] then return {0, -1} end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl ~= -2 then return {0, ttl} end
+ttl = redis.call('PTTL', KEYS[4])
+if ttl ~= -2 then return {0, ttl} end
+local fence = redis.call('INCR', KEYS[2])
+local last = tonumber(redis.call('HGET', KEYS[3], 'fence') or '0')
+if fence <= last then
+  fence = last + 1
+  redis.call('SET', KEYS[2], fence)
+end
+redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
+return {fence, 0}
+"""
+
+# KEYS[1]: lock; ARGV[1]: fence. Deletes the lock only if it is still that holder's.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS[1]: tokens hash; ARGV: base generation ('' for none), fence ('' for a publish),
+# then the record: gen, fence, sealed, retry_at, failures, last_failure.
+# `token_chain.may_write`, atomically.
+_WRITE_TOKENS = """
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if gen then
+  if ARGV[1] ~= gen then return 0 end
+  local last = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+  if ARGV[2] ~= '' and tonumber(ARGV[2]) < last then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'gen', ARGV[3], 'fence', ARGV[4], 'sealed', ARGV[5],
+  'retry_at', ARGV[6], 'failures', ARGV[7], 'last_failure', ARGV[8])
+return 1
+"""
+
+
+DEFAULT_RECOVERY_GRACE_S = 5.0
+
+
 def connect(url: str, *, timeout_s: float = 0.5) -> Redis:
     """One client (one connection pool) for the process.
 
@@ -255,12 +361,18 @@ class RedisStateStore:
         limits: BindingLimits | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        recovery_grace_s: float = DEFAULT_RECOVERY_GRACE_S,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.limits = limits or BindingLimits()
         self._clock = clock
+        self.recovery_grace_s = recovery_grace_s
         self._salt: str | None = None
+        # The salt this instance last saw, kept when `_salt` is forgotten: the epoch it knew.
+        self._known_salt: str | None = None
+        self._salt_script = client.register_script(_SALT)
+        self._bind_new = client.register_script(_BIND_NEW)
         self._set_if_absent = client.register_script(_SET_IF_ABSENT)
         self._bind = client.register_script(_BIND)
         self._rebind = client.register_script(_REBIND)
@@ -271,14 +383,45 @@ class RedisStateStore:
         self._cool_down = client.register_script(_COOL_DOWN)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
+        self._take_lock = client.register_script(_TAKE_LOCK)
+        self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._write_tokens = client.register_script(_WRITE_TOKENS)
 
     # keys
 
     async def salt(self) -> str:
         if self._salt is None:
-            salt = await self._set_if_absent(keys=[f"{self.namespace}:salt"], args=[new_salt(), 0])
-            self._salt = str(salt)
+            keys = [self._salt_key, self._recovering_key]
+            args: list[str | int] = [
+                new_salt(),
+                self._known_salt or "",
+                ttl_ms(self.recovery_grace_s),
+            ]
+            salt = str(await self._salt_script(keys=keys, args=args))
+            self._salt = self._known_salt = salt
         return self._salt
+
+    @property
+    def _recovering_key(self) -> str:
+        return f"{self.namespace}:recovering"
+
+    @property
+    def _salt_key(self) -> str:
+        return f"{self.namespace}:salt"
+
+    async def check_epoch(self) -> bool:
+        known = self._known_salt
+        if known is None:
+            # Learn the epoch at once: an instance that never read it could not tell a store
+            # that lost its data from a fresh one.
+            await self._call(self.salt())
+            return False
+        current = await self._call(self.client.get(self._salt_key))
+        if current == known:
+            return False
+        self._salt = None
+        salt: str = await self._call(self.salt())
+        return salt != known
 
     def forget_salt(self) -> None:
         """Read the salt again on next use: a store that lost its data has a new one."""
@@ -299,8 +442,13 @@ class RedisStateStore:
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:
             return await awaitable
-        except CLIENT_ERRORS:
+        except CLIENT_ERRORS as exc:
             self.forget_salt()
+            if isinstance(exc, RedisConnectionError | OSError):
+                # The server went away: every idle connection to it is dead too. Dropped
+                # at once, the next call reconnects instead of meeting them one by one.
+                with contextlib.suppress(*CLIENT_ERRORS):
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
             raise
 
     # affinity bindings
@@ -321,6 +469,17 @@ class RedisStateStore:
         keys, args = await self._binding_call(key, binding)
         raw = await self._call(self._bind(keys=keys, args=args))
         return self._decode(str(raw))
+
+    async def bind_new(self, key: str, binding: Binding) -> Binding | None:
+        keys, args = await self._binding_call(key, binding)
+        salt = await self._call(self.salt())
+        raw = await self._call(
+            self._bind_new(keys=[*keys, self._recovering_key, self._salt_key], args=[*args, salt])
+        )
+        if raw:
+            return self._decode(str(raw))
+        await self._call(self.check_epoch())  # refused: if the salt changed, say so to all
+        return None
 
     async def binding(self, key: str) -> Binding | None:
         return (await self.lookup(None, [key])).bindings.get(key)
@@ -496,5 +655,72 @@ class RedisStateStore:
     def _lease_args(lease: Lease, now: float, ttl_s: float) -> list[str | int]:
         return [_number(now), _number(lease.expires_at), lease.id, ttl_ms(ttl_s)]
 
+    # token chains
+
+    async def token_view(self, account_id: str) -> TokenView:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self._account_key("tokens", account_id))
+        pipe.exists(self._account_key("refresh-lock", account_id), self._recovering_key)
+        fields, locked = await self._call(pipe.execute())
+        # While the store recovers, the lock counts as held: waiters wait for re-offers.
+        return TokenView(_token_record(cast(dict[str, str], fields)), bool(locked))
+
+    async def write_tokens(
+        self,
+        account_id: str,
+        record: TokenRecord,
+        *,
+        base_generation: int | None,
+        fence: int | None,
+    ) -> bool:
+        args: list[str | int] = [
+            "" if base_generation is None else str(base_generation),
+            "" if fence is None else str(fence),
+            str(record.generation),
+            str(record.fence),
+            record.sealed,
+            "" if record.retry_at is None else _number(record.retry_at),
+            str(record.failures),
+            record.last_failure or "",
+        ]
+        keys = [self._account_key("tokens", account_id)]
+        return bool(await self._call(self._write_tokens(keys=keys, args=args)))
+
+    async def take_refresh_lock(self, account_id: str, lease_s: float) -> RefreshLock:
+        salt = await self._call(self.salt())
+        keys = [
+            self._account_key("refresh-lock", account_id),
+            self._account_key("refresh-fence", account_id),
+            self._account_key("tokens", account_id),
+            self._recovering_key,
+            self._salt_key,
+        ]
+        args: list[str | int] = [ttl_ms(lease_s), salt]
+        fence, ttl = await self._call(self._take_lock(keys=keys, args=args))
+        if int(fence):
+            return RefreshLock(int(fence))
+        if int(ttl) == -1:
+            await self._call(self.check_epoch())  # the store lost its data: recovering now
+            return RefreshLock(None, self.recovery_grace_s)
+        return RefreshLock(None, max(0.0, int(ttl) / 1000))
+
+    async def release_refresh_lock(self, account_id: str, fence: int) -> None:
+        keys = [self._account_key("refresh-lock", account_id)]
+        await self._call(self._release_lock(keys=keys, args=[str(fence)]))
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _token_record(fields: Mapping[str, str]) -> TokenRecord | None:
+    if "gen" not in fields:
+        return None
+    retry_at = fields.get("retry_at") or None
+    return TokenRecord(
+        generation=int(fields["gen"]),
+        fence=int(fields.get("fence") or 0),
+        sealed=fields.get("sealed", ""),
+        retry_at=float(retry_at) if retry_at is not None else None,
+        failures=int(fields.get("failures") or 0),
+        last_failure=fields.get("last_failure") or None,
+    )

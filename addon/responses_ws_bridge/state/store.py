@@ -22,7 +22,10 @@ __all__ = [
     "BindingLimits",
     "Lease",
     "Lookup",
+    "RefreshLock",
     "StateStore",
+    "TokenRecord",
+    "TokenView",
 ]
 
 
@@ -87,6 +90,44 @@ class Lookup:
     bindings: Mapping[str, Binding]
 
 
+@dataclass(frozen=True, repr=False)
+class TokenRecord:
+    """One account's current token chain as the store keeps it.
+
+    `sealed` is the chain encrypted under `bridge_state_secret` (`state.sealing`):
+    no token is ever stored in clear. In clear are only the chain's
+    `generation`, the fencing number of the lock holder that wrote it, and
+    the failure backoff every instance respects (`retry_at`, wall clock).
+    """
+
+    generation: int
+    fence: int
+    sealed: str
+    retry_at: float | None = None
+    failures: int = 0
+    last_failure: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TokenRecord(generation={self.generation}, fence={self.fence}, <sealed>)"
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """The record and whether an instance holds the account's refresh lock, read together."""
+
+    record: TokenRecord | None
+    locked: bool
+
+
+@dataclass(frozen=True)
+class RefreshLock:
+    """`fence` is ours when the lock was taken (None: another instance holds it, for
+    `ttl_s` more seconds)."""
+
+    fence: int | None
+    ttl_s: float = 0.0
+
+
 class StateStore(Protocol):
     # affinity bindings
 
@@ -96,6 +137,12 @@ class StateStore(Protocol):
         A `counted` binding counts in `bound_sessions`; bindings read back need not
         say whether they count.
         """
+        ...
+
+    async def bind_new(self, key: str, binding: Binding) -> Binding | None:
+        """`bind` for a key no instance has offered an owner for: None (nothing bound) while
+        the store recovers from losing its data, so that instances that knew the key's
+        owner re-offer it first."""
         ...
 
     async def binding(self, key: str) -> Binding | None: ...
@@ -160,6 +207,35 @@ class StateStore(Protocol):
 
     async def in_flight(self, account_ids: Sequence[str]) -> dict[str, int]:
         """Live leases per account (expired ones are pruned, never counted)."""
+        ...
+
+    # token chains (accounts with a refresh_token)
+
+    async def token_view(self, account_id: str) -> TokenView: ...
+
+    async def write_tokens(
+        self,
+        account_id: str,
+        record: TokenRecord,
+        *,
+        base_generation: int | None,
+        fence: int | None,
+    ) -> bool:
+        """Write `record` if `token_chain.may_write` allows it on top of what is stored."""
+        ...
+
+    async def take_refresh_lock(self, account_id: str, lease_s: float) -> RefreshLock:
+        """Set-if-absent with expiry; a taken lock gets a fencing number above every earlier one."""
+        ...
+
+    async def release_refresh_lock(self, account_id: str, fence: int) -> None:
+        """Release the lock if it is still ours (an expired one may be another's now)."""
+        ...
+
+    async def check_epoch(self) -> bool:
+        """True when the store lost its data since this instance last looked (a shared store
+        restarted empty); the store then recovers for a grace period (`bind_new`, and no
+        refresh lock is granted) while instances re-offer what they know."""
         ...
 
     async def close(self) -> None: ...
