@@ -363,3 +363,31 @@ def test_secrets_in_upstream_answer_headers_are_cut_out() -> None:
     pb >> Fetched(200, "OK", [("x-echo", "Bearer tok-a")])
     start = pb.answer(StartStream)
     assert start.headers == [("x-echo", "Bearer <redacted>")]
+
+
+def test_a_known_secret_in_a_forwarded_answer_is_cut_out_even_across_pieces() -> None:
+    pb = play(compaction(), secrets=("tok-a",))
+    fetch_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb >> Fetched(200, "OK", JSON)
+    pb << StartStream >> None
+    pb << ReadBody >> BodyChunk(b'{"echo":"tok', False)
+    written = b""
+    while not isinstance(pb.next_command(), Finish):
+        command = pb.next_command()
+        if isinstance(command, Write):
+            written += command.data
+            pb >> None
+        elif isinstance(command, ReadBody):
+            pb >> BodyChunk(b'-a"}', True)
+        else:
+            pb >> None
+    assert written == b'{"echo":"<redacted>"}'
+
+
+def test_a_compressed_answer_goes_as_it_is() -> None:
+    pb = play(compaction(), secrets=("tok-a",))
+    fetch_on(pb, A, PickOwner("a"), owner=Owned("a"))
+    pb >> Fetched(200, "OK", [*JSON, ("content-encoding", "gzip")])
+    pb << StartStream >> None
+    pb << ReadBody >> BodyChunk(b"\x1f\x8btok-a", True)
+    pb << Write(b"\x1f\x8btok-a")

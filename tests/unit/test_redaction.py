@@ -9,6 +9,7 @@ import pytest
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import (
+    BodyScrubber,
     SecretScrubber,
     account_from_authorization,
     redact_headers,
@@ -230,3 +231,19 @@ def test_the_trie_pattern_finds_exactly_the_words(words: list[str]) -> None:
         assert pattern.search(f"<<{word}>>") is not None, word
         assert pattern.fullmatch(word) is not None, word
     assert pattern.search("<<zzz>>") is None
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11, 64])
+def test_a_body_in_pieces_loses_every_secret_wherever_the_pieces_break(size: int) -> None:
+    escaped = json.dumps(ESCAPED)[1:-1]
+    body = f'{{"a":"{SECRET}","b":"x{SECRET}{SECRET}y","c":"{escaped}"}}'
+    scrubber = BodyScrubber(SecretScrubber([SECRET, ESCAPED]))
+    data = body.encode()
+    out = b"".join(scrubber.feed(data[i : i + size]) for i in range(0, len(data), size))
+    out += scrubber.end()
+    assert out == b'{"a":"<redacted>","b":"x<redacted><redacted>y","c":"<redacted>"}'
+
+
+def test_a_body_without_secrets_to_look_for_goes_as_it_is() -> None:
+    scrubber = BodyScrubber(SecretScrubber())
+    assert scrubber.feed(b"abc") == b"abc" and scrubber.end() == b""

@@ -32,7 +32,13 @@ from collections.abc import Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
-from responses_ws_bridge.core import forward_policy, openai_errors, routing, upstream_trust
+from responses_ws_bridge.core import (
+    forward_policy,
+    http_fields,
+    openai_errors,
+    routing,
+    upstream_trust,
+)
 from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import AffinityKind
@@ -59,7 +65,7 @@ from responses_ws_bridge.core.handshake_headers import UpstreamCredential
 from responses_ws_bridge.core.pool_routes import RouteKind
 from responses_ws_bridge.core.pool_steps import Ask, Left, PoolSteps
 from responses_ws_bridge.core.rate_limits import from_headers
-from responses_ws_bridge.core.redaction import SecretScrubber
+from responses_ws_bridge.core.redaction import BodyScrubber, SecretScrubber
 from responses_ws_bridge.core.retry_policy import (
     handshake_rejected,
 )
@@ -330,28 +336,30 @@ class ForwardEngine(PoolSteps):
     # -- the answer -------------------------------------------------------------------------
 
     def _relay(self, got: Fetched, attempt: Attempt) -> _Ask:
-        """The upstream's answer, as it is, to the client (kept for others when cacheable)."""
+        """The upstream's answer, as it is, to the client (kept for others when cacheable),
+        minus any known secret in it (a compressed body goes as it is)."""
         attempt.outcome = f"http {got.status}"
         self.report.outcome, self.report.status = attempt.outcome, got.status
         headers = [(k, self._scrub(v)) for k, v in forward_policy.answer_headers(got.headers)]
+        encoding = (http_fields.header(got.headers, "content-encoding") or "identity").strip()
+        body = BodyScrubber(self._scrub) if encoding.lower() == "identity" else None
         first = b""
         if self._leading is not None and forward_policy.cacheable(got.status, got.headers):
             whole = yield from self._ask(ReadBody(self.settings.idle_timeout_s, CACHE_BODY_LIMIT))
             if isinstance(whole, BodyChunk) and whole.end:
                 yield from self._drop()
-                answer = CachedAnswer(got.status, tuple(headers), whole.data)
+                data = body.feed(whole.data) + body.end() if body is not None else whole.data
+                answer = CachedAnswer(got.status, tuple(headers), data)
                 yield from self._unlead(answer)
                 yield from self._ask(Respond(answer.status, answer.headers, answer.body))
                 return
             first = whole.data if isinstance(whole, BodyChunk) else b""
         yield from self._ask(StartStream(got.status, headers))
-        if first:
-            yield from self._ask(Write(first))
-        yield from self._stream_rest()
+        yield from self._stream_rest(first, body)
 
-    def _stream_rest(self) -> _Ask:
+    def _stream_rest(self, first: bytes, body: BodyScrubber | None) -> _Ask:
+        chunk: BodyChunk | Broke | TimedOut = BodyChunk(first, False)
         while True:
-            chunk = yield from self._ask(ReadBody(self.settings.idle_timeout_s))
             if isinstance(chunk, Broke | TimedOut):
                 # The answer's head went out: the client sees the cut, as from the upstream.
                 why = "upstream silent" if isinstance(chunk, TimedOut) else "upstream failed"
@@ -359,12 +367,16 @@ class ForwardEngine(PoolSteps):
                 yield from self._ask(Abort(f"{why} mid-answer"))
                 self.report.outcome = "incomplete"
                 return
-            if chunk.data:
-                yield from self._ask(Write(chunk.data))
+            data = body.feed(chunk.data) if body is not None else chunk.data
+            if chunk.end and body is not None:
+                data += body.end()
+            if data:
+                yield from self._ask(Write(data))
             if chunk.end:
                 yield from self._drop()
                 yield from self._ask(Finish())
                 return
+            chunk = yield from self._ask(ReadBody(self.settings.idle_timeout_s))
 
     def _read_whole(self, limit: int) -> _Ask:
         """The rest of the body (bytes, cut at `limit`), or the failure that ended it."""

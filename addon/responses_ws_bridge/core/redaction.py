@@ -136,6 +136,9 @@ class SecretScrubber:
         # One scan per text says whether anything needs replacing: every form in one
         # pattern shaped as a trie, so its cost grows with the text, not the secrets.
         self._any = re.compile(trie_pattern(forms)) if forms else None
+        # Bytes bodies (forwarded answers), built when first needed.
+        self._bytes: re.Pattern[bytes] | None = None
+        self.longest = 0
         # Only on a hit: a lookahead finds a match at every position, overlapping ones included.
         alternatives = "|".join(map(re.escape, sorted(forms, key=len, reverse=True)))
         self._pattern = re.compile(f"(?=({alternatives}))") if forms else None
@@ -181,6 +184,32 @@ class SecretScrubber:
         pieces.append(text[at:])
         return "".join(pieces)
 
+    def spans(self, data: bytes) -> list[tuple[int, int]]:
+        """Where known secrets are in `data` (overlapping ones merged), for bodies in pieces."""
+        if self._bytes is None:
+            if not self._secrets:
+                return []
+            forms = sorted({f.encode("utf-8", "surrogatepass") for f in self._forms()}, key=len)
+            alternatives = b"|".join(re.escape(f) for f in reversed(forms))
+            self._bytes = re.compile(b"(?=(" + alternatives + b"))")
+            self.longest = len(forms[-1])
+        merged: list[tuple[int, int]] = []
+        for match in self._bytes.finditer(data):
+            start, end = match.start(1), match.end(1)
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
+
+    def _forms(self) -> set[str]:
+        forms: set[str] = set()
+        for secret in self._secrets:
+            forms.update(
+                {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+            )
+        return forms
+
     def known_data(self, data: bytes) -> bytes:
         """`known` for bytes (undecodable bytes kept as they are)."""
         if self._any is None:
@@ -200,6 +229,48 @@ class SecretScrubber:
         if body == error.body and headers == error.headers:
             return error
         return HttpError(error.status, body, headers)
+
+
+class BodyScrubber:
+    """Known secrets cut out of a body that arrives in pieces, one straddling two included.
+
+    Each piece goes out but for its last `longest form - 1` bytes, held for the
+    next one: a secret that starts in what goes out ends in it too.
+    """
+
+    def __init__(self, scrub: SecretScrubber) -> None:
+        self._scrub = scrub
+        self._held = b""
+        scrub.spans(b"")  # builds the pattern, learns the longest form
+        self._keep = max(0, scrub.longest - 1)
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._keep:
+            return data
+        buffer = self._held + data
+        cut = max(0, len(buffer) - self._keep)
+        spans = self._scrub.spans(buffer)
+        for start, end in spans:
+            if start < cut < end:
+                cut = end
+        self._held = buffer[cut:]
+        return _replaced(buffer[:cut], [(a, b) for a, b in spans if b <= cut])
+
+    def end(self) -> bytes:
+        rest, self._held = self._held, b""
+        return _replaced(rest, self._scrub.spans(rest)) if rest else b""
+
+
+def _replaced(data: bytes, spans: Sequence[tuple[int, int]]) -> bytes:
+    if not spans:
+        return data
+    pieces: list[bytes] = []
+    at = 0
+    for start, end in spans:
+        pieces += [data[at:start], REDACTED.encode()]
+        at = end
+    pieces.append(data[at:])
+    return b"".join(pieces)
 
 
 NO_SECRETS = SecretScrubber()
