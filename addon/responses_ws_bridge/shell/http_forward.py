@@ -162,9 +162,7 @@ async def exchange(
     return HttpExchange(event.status_code, reason, answer_headers, reader, writer, conn, tap=tap)
 
 
-def _failed(
-    tap: ExchangeTap | None, failure: ConnectFailed | ConnectionLost | Failure
-) -> AttemptFailed:
+def _failed(tap: ExchangeTap | None, failure: Failure) -> AttemptFailed:
     """The exchange got no answer: the tap records why, the caller raises it."""
     error = AttemptFailed(failure)
     if tap is not None:
