@@ -1124,59 +1124,30 @@ def evaluate_targets(
     return targets
 
 
+_CLIENT_FIGURES = (
+    "turns",
+    "complete",
+    "errors",
+    "events",
+    "wall_s",
+    "events_per_s",
+    "ttfe_ms_p50",
+    "ttfe_ms_p99",
+)
+_PROXY_FIGURES = ("cpu_s", "cpu_ms_per_1k_events", "rss_kib", "peak_rss_kib")
+
+
 def check_document(doc: Mapping[str, Any]) -> list[str]:
     """Problems with a benchmark JSON document: missing parts, non-numbers, errors."""
-    problems: list[str] = []
-    for key in ("date", "mode", "machine", "paths", "workloads", "results", "ratios", "targets"):
-        if key not in doc:
-            problems.append(f"missing {key}")
+    keys = ("date", "mode", "machine", "paths", "workloads", "results", "ratios", "targets")
+    problems = [f"missing {key}" for key in keys if key not in doc]
     if problems:
         return problems
-    results = doc["results"]
-    numeric = (
-        "turns",
-        "complete",
-        "errors",
-        "events",
-        "wall_s",
-        "events_per_s",
-        "ttfe_ms_p50",
-        "ttfe_ms_p99",
-    )
     for path in doc["paths"]:
         for workload in doc["workloads"]:
-            if path not in workload.get("paths", doc["paths"]):
-                continue
-            name = workload["name"]
-            figures = results.get(path, {}).get(name)
-            if not isinstance(figures, Mapping):
-                problems.append(f"{path} x {name}: missing")
-                continue
-            client = figures.get("client", {})
-            for metric in numeric:
-                if not _is_number(client.get(metric)):
-                    problems.append(f"{path} x {name}: client {metric} is {client.get(metric)!r}")
-            if (
-                workload["pace_ms"]
-                and workload["streams"]
-                and (not _is_number(client.get("latency_ms_p99")))
-            ):
-                problems.append(f"{path} x {name}: no latency figures")
-            if client.get("errors"):
-                problems.append(
-                    f"{path} x {name}: {client['errors']} errors {client['first_errors']}"
-                )
-            expected = workload["streams"] * workload["turns_per_stream"]
-            if client.get("complete") != expected:
-                problems.append(f"{path} x {name}: {client.get('complete')} of {expected} turns")
-            if path != "direct":
-                proxy = figures.get("proxy")
-                if not isinstance(proxy, Mapping):
-                    problems.append(f"{path} x {name}: no proxy figures")
-                    continue
-                for metric in ("cpu_s", "cpu_ms_per_1k_events", "rss_kib", "peak_rss_kib"):
-                    if not _is_number(proxy.get(metric)):
-                        problems.append(f"{path} x {name}: proxy {metric} is {proxy.get(metric)!r}")
+            if path in workload.get("paths", doc["paths"]):
+                figures = doc["results"].get(path, {}).get(workload["name"])
+                problems += _check_figures(path, workload, figures)
     idle = doc.get("idle_sessions")
     if "bridge_reused" in doc["paths"]:
         if not isinstance(idle, Mapping) or not _is_number(idle.get("kib_per_session")):
@@ -1184,6 +1155,43 @@ def check_document(doc: Mapping[str, Any]) -> list[str]:
         elif idle.get("errors"):
             problems.append(f"idle_sessions: {idle['errors']} errors")
     return problems
+
+
+def _check_figures(path: str, workload: Mapping[str, Any], figures: Any) -> list[str]:
+    """Problems with one path's figures for one workload."""
+    where = f"{path} x {workload['name']}"
+    if not isinstance(figures, Mapping):
+        return [f"{where}: missing"]
+    problems = _check_client(where, workload, figures.get("client", {}))
+    if path == "direct":
+        return problems
+    proxy = figures.get("proxy")
+    if not isinstance(proxy, Mapping):
+        return [*problems, f"{where}: no proxy figures"]
+    return problems + _not_numbers(where, "proxy", proxy, _PROXY_FIGURES)
+
+
+def _check_client(where: str, workload: Mapping[str, Any], client: Mapping[str, Any]) -> list[str]:
+    problems = _not_numbers(where, "client", client, _CLIENT_FIGURES)
+    paced = workload["pace_ms"] and workload["streams"]
+    if paced and not _is_number(client.get("latency_ms_p99")):
+        problems.append(f"{where}: no latency figures")
+    if client.get("errors"):
+        problems.append(f"{where}: {client['errors']} errors {client['first_errors']}")
+    expected = workload["streams"] * workload["turns_per_stream"]
+    if client.get("complete") != expected:
+        problems.append(f"{where}: {client.get('complete')} of {expected} turns")
+    return problems
+
+
+def _not_numbers(
+    where: str, side: str, figures: Mapping[str, Any], names: tuple[str, ...]
+) -> list[str]:
+    return [
+        f"{where}: {side} {name} is {figures.get(name)!r}"
+        for name in names
+        if not _is_number(figures.get(name))
+    ]
 
 
 def _is_number(value: object) -> bool:

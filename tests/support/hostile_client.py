@@ -70,74 +70,102 @@ def raw_request(
     `timeout` overall; once a whole answer with a length is in, it waits at most
     `close_within_s` more to see whether the server closes the connection.
     """
-    deadline = time.monotonic() + timeout
-    received = bytearray()
-    sent = 0
-    closed = False
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head)
-        if wait_for_answer_s > 0:
-            sock.settimeout(wait_for_answer_s)
-            try:
-                first = sock.recv(BLOCK)
-                received += first
-                closed = not first
-            except TimeoutError:
-                pass
-        if closed:
-            return RawResult(bytes(received), closed, sent)
+        talk = _Talk(sock, iter(body), max_body)
+        if wait_for_answer_s > 0 and talk.first_answer(wait_for_answer_s):
+            return talk.result()
         sock.setblocking(False)
-        pieces = iter(body)
-        pending = b""
-        sending = True
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(BLOCK)
-                if not data:
-                    closed = True
-                    break
-                received += data
-                if _complete(received):
-                    break
-            except BlockingIOError:
-                pass
-            except (ConnectionResetError, BrokenPipeError):
-                closed = True
-                break
-            if sending:
-                if not pending:
-                    pending = next(pieces, b"")
-                    if not pending or (max_body is not None and sent >= max_body):
-                        sending = False
-                        continue
-                try:
-                    n = sock.send(pending)
-                    sent += n
-                    pending = pending[n:]
-                except BlockingIOError:
-                    time.sleep(0.001)
-                except (ConnectionResetError, BrokenPipeError):
-                    sending = False
-            else:
-                time.sleep(0.005)
-        # Whatever is still buffered for us once the server closed.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and talk.step():
+            pass
+        # Whatever is still buffered for us once the server closed; after a complete
+        # answer, only whether the server closes (a keep-alive connection costs this).
         sock.setblocking(True)
         sock.settimeout(close_within_s)
-        # A complete answer: only see whether the server closes after it (a keep-alive
-        # connection costs this timeout).
-        while not closed:
-            try:
-                data = sock.recv(BLOCK)
-            except (ConnectionResetError, BrokenPipeError):
-                closed = True
-                break
-            except OSError:  # the timeout: still open
-                break
+        talk.read_until_closed()
+        return talk.result()
+
+
+class _Talk:
+    """One raw exchange: what was received, whether the server closed, what was sent."""
+
+    def __init__(self, sock: socket.socket, pieces: Iterator[bytes], max_body: int | None):
+        self.sock = sock
+        self.pieces = pieces
+        self.max_body = max_body
+        self.received = bytearray()
+        self.closed = False
+        self.sent = 0
+        self.pending = b""
+        self.sending = True
+
+    def result(self) -> RawResult:
+        return RawResult(bytes(self.received), self.closed, self.sent)
+
+    def first_answer(self, wait_s: float) -> bool:
+        """Waits for an answer before any body; True when the server closed meanwhile."""
+        self.sock.settimeout(wait_s)
+        try:
+            first = self.sock.recv(BLOCK)
+        except TimeoutError:
+            return False
+        self.received += first
+        self.closed = not first
+        return self.closed
+
+    def step(self) -> bool:
+        """Reads what came and sends a piece; False once the exchange is over."""
+        try:
+            data = self.sock.recv(BLOCK)
+        except BlockingIOError:
+            data = None
+        except (ConnectionResetError, BrokenPipeError):
+            self.closed = True
+            return False
+        if data is not None:
             if not data:
-                closed = True
-                break
-            received += data
-    return RawResult(bytes(received), closed, sent)
+                self.closed = True
+                return False
+            self.received += data
+            if _complete(self.received):
+                return False
+        if self.sending:
+            self._send()
+        else:
+            time.sleep(0.005)
+        return True
+
+    def _send(self) -> None:
+        if not self.pending:
+            self.pending = next(self.pieces, b"")
+            if not self.pending or (self.max_body is not None and self.sent >= self.max_body):
+                self.sending = False
+                return
+        try:
+            n = self.sock.send(self.pending)
+        except BlockingIOError:
+            time.sleep(0.001)
+            return
+        except (ConnectionResetError, BrokenPipeError):
+            self.sending = False
+            return
+        self.sent += n
+        self.pending = self.pending[n:]
+
+    def read_until_closed(self) -> None:
+        while not self.closed:
+            try:
+                data = self.sock.recv(BLOCK)
+            except (ConnectionResetError, BrokenPipeError):
+                self.closed = True
+                return
+            except OSError:  # the timeout: still open
+                return
+            if not data:
+                self.closed = True
+                return
+            self.received += data
 
 
 def _complete(received: bytes | bytearray) -> bool:
