@@ -26,6 +26,7 @@ from harness.bench_scaleout import (
     format_scaleout,
     measure_scaleout,
 )
+from harness.bench_scrub import format_scrub, measure_scrub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also measure two bridge instances on one state store against one",
     )
+    parser.add_argument(
+        "--scrub",
+        action="store_true",
+        help="also measure what cutting known secrets out of every event costs per frame",
+    )
     args = parser.parse_args(argv)
     asked = args.paths.split(",")
     unknown = set(asked) - set(ALL_PATHS)
@@ -107,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaleout:
         spec = ScaleoutSpec.smoke() if args.smoke else None
         doc["scaleout"] = measure_scaleout(spec, body_bytes=args.body_bytes)
+    if args.scrub:
+        doc["scrub"] = measure_scrub(turns=5 if args.smoke else 100)
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown:
         machine_line = (
@@ -123,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "scaleout" in doc:
         print()
         print(format_scaleout(doc["scaleout"]))
+    if "scrub" in doc:
+        print()
+        print(format_scrub(doc["scrub"]))
     for note in doc["notes"]:
         print(f"note: {note}")
     problems = check_document(doc)

@@ -34,6 +34,7 @@ from responses_ws_bridge.local.response_events import (
     rate_limits_event,
 )
 from responses_ws_bridge.local.upstream import Plan, ThreadedUpstream
+from websockets.sync.client import connect as ws_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,10 +55,12 @@ TOKENS = {"fixture-token-team-a": "team-a", "fixture-token-team-b": "team-b"}
 FIXED = [("user-agent", "fixture-client/1.0"), ("x-request-id", "req_fixture")]
 BODY = {"model": "gpt-5-codex", "input": "Say hello", "stream": True, "store": False}
 FAIL_1011 = Plan(close_code=1011, close_after_events=0)
+WS_TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 
 
 Request = tuple[list[tuple[str, str]], dict[str, object]]
 V1 = "/v1/responses"
+COMPACT = "/v1/responses/compact"
 CODEX_PATH = "/backend-api/codex/responses"
 
 
@@ -84,6 +87,8 @@ class Scenario:
     accounts: Path = ACCOUNTS
     oauth: dict[str, str] | None = None
     default_plan: Plan | None = None
+    # The first request is a WebSocket client sending the body as `response.create`.
+    websocket: bool = False
 
     def calls(self) -> list[Call]:
         first = Call(self.headers, self.body, self.path)
@@ -150,6 +155,34 @@ def scenarios() -> list[Scenario]:
         ),
         *codex_upstream_scenarios(),
         *round_two_scenarios(),
+        *pool_surface_scenarios(),
+    ]
+
+
+def pool_surface_scenarios() -> list[Scenario]:
+    """The pool as a client's whole base URL: compaction and WebSocket clients."""
+    compact = [*FIXED, ("session-id", "fixture-session-compact")]
+    return [
+        Scenario(
+            "compact-owner-after-1011",
+            "hard affinity: close 1011 before response.created, retried on the owner; the "
+            "session's compaction (POST /v1/responses/compact) then goes to that owner, over "
+            "HTTP, with its credential",
+            compact,
+            BODY,
+            {"team-a": [FAIL_1011]},
+            more=[Call(compact, {"model": "gpt-5-codex", "input": "Say hello"}, COMPACT)],
+        ),
+        Scenario(
+            "websocket-client-1011-before-created",
+            "a WebSocket client with hard affinity: its first upstream socket closes 1011 "
+            "before response.created, a new socket on the owner serves the message; the "
+            "client sees one clean turn",
+            [*FIXED, ("session-id", "fixture-session-ws")],
+            BODY,
+            {"team-a": [FAIL_1011]},
+            websocket=True,
+        ),
     ]
 
 
@@ -512,8 +545,11 @@ def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
         ) as proxy:
             statuses = []
             with httpx.Client(trust_env=False, timeout=30) as client:
-                for call in scenario.calls():
+                for index, call in enumerate(scenario.calls()):
                     url = f"{proxy.url}{call.path}"
+                    if index == 0 and scenario.websocket:
+                        statuses.append(websocket_turn(url, call.headers, call.body or {}))
+                        continue
                     if call.body is None:
                         response = client.get(url, headers=call.headers)
                     else:
@@ -521,6 +557,22 @@ def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
                     statuses.append(response.status_code)
             proxy.stop()
     log(f"{out.name}: HTTP {statuses}, {len(upstream.records())} upstream sessions")
+
+
+def websocket_turn(url: str, headers: list[tuple[str, str]], body: dict[str, object]) -> int:
+    """One `response.create` over a WebSocket client, read to its terminal event; 101."""
+    message = {"type": "response.create", **body}
+    with ws_connect(
+        url.replace("http://", "ws://", 1),
+        additional_headers=headers,
+        user_agent_header=None,
+        compression=None,
+        open_timeout=30,
+    ) as ws:
+        ws.send(json.dumps(message))
+        while json.loads(ws.recv(timeout=30))["type"] not in WS_TERMINAL:
+            pass
+    return 101
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,8 @@
-"""Serve recorded upstream WebSocket sessions as a fake upstream, reporting deviations.
+"""Serve recorded upstream sessions as a fake upstream, reporting deviations.
+
+WebSocket sessions answer handshakes in recorded order; requests the pool
+forwarded over HTTP (compaction, models, …) answer plain requests on the same
+port, in recorded order too.
 
     scripts/replay.py --flows flows/hard-1011.mitm --port 8765 [--speed 1]
                       [--accounts accounts.json] [--exit-after-all] [--summary]
@@ -24,6 +28,7 @@ from responses_ws_bridge.recording.replay import (
     FlowFileError,
     ReplayServer,
     ServedSession,
+    load_exchanges,
     load_sessions,
 )
 
@@ -86,15 +91,19 @@ def _summary(item: ServedSession | Deviation) -> None:
 
 def _totals(server: ReplayServer, cycle: bool) -> str:
     served, recorded = len(server.served), len(server.sessions)
-    count = f"{served} of {recorded} sessions served"
+    count = f"{served} of {recorded} sessions"
     if cycle:
-        count = f"{served} sessions served ({recorded} recorded, served in a cycle)"
-    return f"{count}, {len(server.deviations)} deviations"
+        count = f"{served} sessions ({recorded} recorded, served in a cycle)"
+    exchanges = f"{server.exchanges_served} of {len(server.exchanges)} exchanges"
+    return f"{count} and {exchanges} served, {len(server.deviations)} deviations"
 
 
 async def _serve(args: argparse.Namespace, server: ReplayServer) -> None:
     def ready() -> None:
-        _print(f"replaying {len(server.sessions)} sessions on {server.url}")
+        _print(
+            f"replaying {len(server.sessions)} sessions and {len(server.exchanges)} forwarded "
+            f"HTTP exchanges on {server.url}"
+        )
         for note in server.notes:
             _print(f"note: {note}")
 
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         sessions = load_sessions(args.flows)
+        exchanges = load_exchanges(args.flows)
         tokens = _tokens(args.accounts) if args.accounts else None
     except (FlowFileError, AccountsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         message_timeout=args.message_timeout,
         observer=_summary if args.summary else _report,
         cycle=args.cycle,
+        exchanges=exchanges,
     )
     try:
         asyncio.run(_serve(args, server))

@@ -21,7 +21,13 @@ import httpx
 from mitmproxy import http
 from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
-from responses_ws_bridge.recording.replay import ThreadedReplayServer, load_sessions
+from responses_ws_bridge.recording.replay import (
+    ThreadedReplayServer,
+    load_exchanges,
+    load_sessions,
+)
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from harness.oauth_server import FakeTokenEndpoint
 from harness.proxy_process import ProxyProcess
@@ -30,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOWS = ROOT / "flows"
 # Upstream answer headers the client gets (`core.answer_headers`, `core.rate_limits`).
 _ANSWER_HEADERS = {"x-reasoning-included", "x-models-etag", "openai-model"}
+# What the WebSocket library writes itself on a client's upgrade.
+_WS_OWN = {"host", "connection", "upgrade", "sec-websocket-key", "sec-websocket-version"}
+_TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 
 
 def specs(flows: Path = FLOWS) -> dict[str, dict[str, Any]]:
@@ -70,7 +79,11 @@ def replay(fixture: Path, *extra: str, speed: float | None = None) -> Replayed:
     recorded = client_flows(fixture)
     with (
         ThreadedReplayServer(
-            sessions, tokens=tokens(spec, flows), message_timeout=5, speed=speed
+            sessions,
+            tokens=tokens(spec, flows),
+            message_timeout=5,
+            speed=speed,
+            exchanges=load_exchanges([fixture]),
         ) as server,
         FakeTokenEndpoint(spec["oauth"] or {}) as oauth,
         tempfile.TemporaryDirectory() as scratch,
@@ -98,6 +111,8 @@ def replay(fixture: Path, *extra: str, speed: float | None = None) -> Replayed:
 
 def send(client: httpx.Client, base: str, recorded: http.HTTPFlow) -> httpx.Response:
     """The recorded client request again, headers and body as they were."""
+    if recorded.websocket is not None:
+        return send_websocket(base, recorded)
     headers = [
         (k, v)
         for k, v in recorded.request.headers.items(multi=True)
@@ -111,12 +126,52 @@ def send(client: httpx.Client, base: str, recorded: http.HTTPFlow) -> httpx.Resp
     )
 
 
+def send_websocket(base: str, recorded: http.HTTPFlow) -> httpx.Response:
+    """A recorded WebSocket client again: its upgrade, its messages; what came back, as one
+    answer whose body is the server's messages, one JSON per line."""
+    headers = [
+        (k, v)
+        for k, v in recorded.request.headers.items(multi=True)
+        if k.lower() not in _WS_OWN and not k.lower().startswith("sec-websocket-")
+    ]
+    assert recorded.websocket is not None
+    sent = [m for m in recorded.websocket.messages if m.from_client]
+    got: list[bytes] = []
+    url = f"{base.replace('http://', 'ws://')}{recorded.request.path}"
+    with ws_connect(
+        url, additional_headers=headers, user_agent_header=None, compression=None
+    ) as ws:
+        for message in sent:
+            ws.send(message.text)
+            try:
+                while True:
+                    frame = ws.recv(timeout=10)
+                    got.append(frame.encode() if isinstance(frame, str) else frame)
+                    if json.loads(frame)["type"] in _TERMINAL:
+                        break
+            except ConnectionClosed:
+                break
+    return httpx.Response(101, content=b"\n".join(got))
+
+
+def server_messages(recorded: http.HTTPFlow) -> list[str]:
+    """The types of the messages a recorded WebSocket client got."""
+    assert recorded.websocket is not None
+    return [json.loads(m.content)["type"] for m in recorded.websocket.messages if not m.from_client]
+
+
 def differences(replayed: Replayed) -> list[str]:
     """What differed from the recording: the replay's deviations, then each answer's."""
     found = [f"upstream: {d}" for d in replayed.server.deviations]
     sessions = len(replayed.server.server.sessions)
     if not 0 < len(replayed.server.served) == sessions:
         found.append(f"upstream: {len(replayed.server.served)} of {sessions} sessions served")
+    server = replayed.server
+    if server.exchanges_served != len(server.server.exchanges):
+        found.append(
+            f"upstream: {server.exchanges_served} of {len(server.server.exchanges)} "
+            "forwarded exchanges served"
+        )
     if replayed.refresh_reuses:
         found.append(f"a spent refresh token was sent again {replayed.refresh_reuses} times")
     if len(replayed.responses) != len(replayed.recorded):
@@ -135,8 +190,17 @@ def answer_differences(response: httpx.Response, flow: http.HTTPFlow) -> list[st
         return ["the recording has no answer"]
     if response.status_code != recorded.status_code:
         return [f"status {response.status_code}, recorded {recorded.status_code}"]
+    if flow.websocket is not None:
+        # A WebSocket client: the messages it got, as the recorded client got them.
+        got_types = [json.loads(line)["type"] for line in response.content.splitlines()]
+        want_types = server_messages(flow)
+        return [] if got_types == want_types else [f"messages {got_types}, recorded {want_types}"]
     got, want = answer_headers(response.headers), answer_headers(recorded.headers)
     found = [f"headers {got}, recorded {want}"] if got != want else []
+    if flow.request.path.endswith("/compact"):
+        # A forwarded answer is the upstream's, as it was.
+        same = response.json() == json.loads(recorded.content or b"")
+        return found + ([] if same else ["the forwarded answer differs from the recorded one"])
     return found + _content_differences(response, recorded.content or b"")
 
 

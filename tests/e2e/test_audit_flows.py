@@ -14,6 +14,7 @@ from responses_ws_bridge.core.handshake_headers import WEBSOCKET_BETA
 from responses_ws_bridge.recording.audit import audit_files, audit_flows
 from responses_ws_bridge.recording.session_flows import (
     UpstreamMeta,
+    new_exchange_flow,
     new_upstream_flow,
     record_client_attempt,
 )
@@ -125,3 +126,19 @@ def test_the_script(tmp_path: Path, dirty: bool, status: int) -> None:
         assert lines[-1].endswith("2 violations in 1 handshakes")
     else:
         assert lines == ["1 WebSocket handshakes in 1 files: no violations"]
+
+
+def test_forwarded_exchanges_are_no_handshakes_and_the_fixtures_are_clean() -> None:
+    exchange = new_exchange_flow(
+        url="https://chatgpt.com/backend-api/codex/responses/compact",
+        method="POST",
+        headers=[("Content-Type", "application/json"), ("Authorization", "Bearer at-x")],
+        body=b"{}",
+        timestamp=1.0,
+        meta=UpstreamMeta("team-a", "hard", "session:s-1", 1),
+        client_flow_id=None,
+        route="compact",
+    )
+    assert audit_flows([exchange], "f") == (0, [])
+    report = audit_files([str(p) for p in sorted((ROOT / "flows").glob("*.mitm"))])
+    assert report.findings == [] and report.handshakes > 0

@@ -76,6 +76,8 @@ def test_fixtures_exist() -> None:
             "first-event-deadline.mitm",
             "upstream-431-answered-once.mitm",
             "oversized-request-400.mitm",
+            "compact-owner-after-1011.mitm",
+            "websocket-client-1011-before-created.mitm",
         }
     )
 

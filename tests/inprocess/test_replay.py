@@ -789,7 +789,7 @@ def test_replay_script_stops_on_sigterm_and_rejects_bad_files(tmp_path: Path) ->
     finally:
         proc.kill()
         proc.wait(timeout=BOUND)
-    assert "0 of 1 sessions served, 0 deviations" in _drain(lines)
+    assert "0 of 1 sessions and 0 of 0 exchanges served, 0 deviations" in _drain(lines)
 
     bad = tmp_path / "bad.mitm"
     bad.write_text("nope")

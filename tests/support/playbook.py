@@ -7,20 +7,24 @@ only its kind matters (`last` then holds the command for closer looks).
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
+from responses_ws_bridge.core.forward_commands import ForwardCommand
 from responses_ws_bridge.core.turn_commands import Command
-from responses_ws_bridge.core.turn_engine import EngineRun
+from responses_ws_bridge.core.ws_client_commands import WsClientCommand
+
+AnyCommand = Command | ForwardCommand | WsClientCommand
 
 
 class Playbook:
-    def __init__(self, run: EngineRun) -> None:
+    def __init__(self, run: Generator[Any, Any, None]) -> None:
         self._run = run
-        self._pending: Command | None = next(run)
+        self._pending: AnyCommand | None = next(run)
         self.last: Any = None
         self.done = False
 
-    def __lshift__(self, expected: Command | type) -> Playbook:
+    def __lshift__(self, expected: AnyCommand | type) -> Playbook:
         command = self._pending
         assert command is not None, f"the engine ended; expected {expected!r}"
         if isinstance(expected, type):
@@ -39,7 +43,7 @@ class Playbook:
             self.done = True
         return self
 
-    def next_command(self) -> Command | None:
+    def next_command(self) -> AnyCommand | None:
         return self._pending
 
     def answer(self, kind: type, event: object = None) -> Any:

@@ -22,9 +22,11 @@ class RecordingSink:
         self.status: int | None = None
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
-        # "start", "write", "finish", "respond", in the order the service called them.
+        # "start", "write", "finish", "respond", "abort", in the order the service called them.
         self.calls: list[str] = []
         self._hang_up_after = hang_up_after
+        # Why the service cut a streamed response short (None: it did not).
+        self.aborted: str | None = None
         # A client too slow for writes at once: every write waits (`write`).
         self.stall = False
 
@@ -67,6 +69,12 @@ class RecordingSink:
         self.started = self.finished = True
         self.status, self.headers = status, list(headers)
         self.chunks.append(body)
+
+    async def abort(self, reason: str) -> None:
+        self._call("abort")
+        assert self.started and not self.finished, "a cut outside a streamed response"
+        self.finished = True
+        self.aborted = reason
 
     @property
     def body(self) -> bytes:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import (
+    BodyScrubber,
     SecretScrubber,
     account_from_authorization,
     redact_headers,
     redact_text,
     redacted_authorization,
+    trie_pattern,
 )
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJlLWJ5dGVz"
@@ -174,3 +177,73 @@ def test_the_pool_states_scrubber_knows_every_secret_and_follows_rotations() -> 
     assert state.scrubber() is first  # built once while the secrets stay the same
     live.append("plainrotatedagain")
     assert state.scrubber()("plainrotatedagain") == "<redacted>"
+
+
+# -- secrets in every upstream text, events included ---------------------------------------
+
+ESCAPED = 'tok/with"quote'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type":"response.output_text.delta","delta":"hi"}', None),
+        (
+            f'{{"type":"response.output_text.delta","delta":"{SECRET}"}}',
+            '{"type":"response.output_text.delta","delta":"<redacted>"}',
+        ),
+        (f"a {SECRET} b {SECRET}", "a <redacted> b <redacted>"),
+        # In a JSON string the secret is escaped: that form is cut out too.
+        (json.dumps({"delta": ESCAPED}), '{"delta": "<redacted>"}'),
+        # Unknown key-shaped words are the model's to say in an event.
+        ('{"delta":"use sk-proj-abcdefghijklmnop"}', None),
+        (f'{{"delta":"{JWT}"}}', None),
+    ],
+)
+def test_known_secrets_leave_every_event(text: str, expected: str | None) -> None:
+    scrub = SecretScrubber([SECRET, ESCAPED])
+    got = scrub.known(text)
+    if expected is None:
+        assert got is text  # nothing found: the frame goes on untouched, not rebuilt
+    else:
+        assert got == expected
+
+
+def test_error_texts_also_lose_anything_key_shaped() -> None:
+    scrub = SecretScrubber([SECRET])
+    assert scrub(f"{SECRET} sk-proj-abcdefghijklmnop {JWT}") == "<redacted> <redacted> <redacted>"
+    assert scrub.known_data(f"x{SECRET}".encode()) == b"x<redacted>"
+    assert SecretScrubber().known("anything") == "anything"
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["abc"],
+        ["abc", "abd", "ab", "b"],
+        ["eyJa.b.c", "eyJa.b.d", "sk-1", "sk-12", "x.y*z"],
+        ["a\\\\b", 'q"uote', "ünï"],
+    ],
+)
+def test_the_trie_pattern_finds_exactly_the_words(words: list[str]) -> None:
+    pattern = re.compile(trie_pattern(words))
+    for word in words:
+        assert pattern.search(f"<<{word}>>") is not None, word
+        assert pattern.fullmatch(word) is not None, word
+    assert pattern.search("<<zzz>>") is None
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11, 64])
+def test_a_body_in_pieces_loses_every_secret_wherever_the_pieces_break(size: int) -> None:
+    escaped = json.dumps(ESCAPED)[1:-1]
+    body = f'{{"a":"{SECRET}","b":"x{SECRET}{SECRET}y","c":"{escaped}"}}'
+    scrubber = BodyScrubber(SecretScrubber([SECRET, ESCAPED]))
+    data = body.encode()
+    out = b"".join(scrubber.feed(data[i : i + size]) for i in range(0, len(data), size))
+    out += scrubber.end()
+    assert out == b'{"a":"<redacted>","b":"x<redacted><redacted>y","c":"<redacted>"}'
+
+
+def test_a_body_without_secrets_to_look_for_goes_as_it_is() -> None:
+    scrubber = BodyScrubber(SecretScrubber())
+    assert scrubber.feed(b"abc") == b"abc" and scrubber.end() == b""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from responses_ws_bridge.core.affinity import Affinity, AffinityKind
-from responses_ws_bridge.core.request_log import Answered, request_line
+from responses_ws_bridge.core.request_log import Answered, request_line, socket_line
 from responses_ws_bridge.core.turns import Attempt, TurnReport
 
 HARD = Affinity(AffinityKind.HARD, "session:s-1", "session-id")
@@ -97,3 +97,28 @@ def test_the_query_and_the_key_stay_out() -> None:
     turn = report(HARD, "response.completed", attempt("team-a", "response.completed"))
     line = request_line("POST", "/v1/responses?api-key=sk-123", STREAMED, turn)
     assert "sk-123" not in line and "session:s-1" not in line
+
+
+def test_a_forwarded_request_reads_as_forwarded() -> None:
+    turn = report(NONE, "http 200", attempt("team-a", "http 200"))
+    line = request_line("GET", "/v1/models", Answered(200, first_s=0.004, total_s=0.004), turn)
+    assert line == "GET /v1/models: 200 forwarded · account team-a · no affinity · 4 ms"
+    cached = report(NONE, "cached 200")
+    assert "200 from the cache" in request_line("GET", "/v1/models", Answered(200), cached)
+
+
+def test_a_client_websocket_is_one_line_for_all_its_turns() -> None:
+    turns = [
+        report(HARD, "response.completed", attempt("team-a", "response.completed")),
+        report(HARD, "response.completed", attempt("team-a", "response.completed")),
+    ]
+    line = socket_line("GET", "/backend-api/codex/responses", turns, 12.5)
+    assert line == (
+        "GET /backend-api/codex/responses: WebSocket, 2 turns (2 response.completed) · "
+        "account team-a · hard affinity · open 12500 ms"
+    )
+    refused = report(HARD, "error", code="owner_unavailable")
+    refused.status = 502
+    assert socket_line("GET", "/v1/responses", [refused], 0.2).startswith(
+        "GET /v1/responses: 502 owner_unavailable"
+    )

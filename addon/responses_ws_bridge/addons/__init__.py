@@ -54,6 +54,7 @@ def bridge_addons() -> list[object]:
         sessions=sessions,
         connector=Preconnector(per_host=settings.preconnect, clock=clocks.monotonic),
         taps=recording.tap_for,
+        exchange_taps=recording.exchange_tap_for,
         tokens=tokens,
         shared=shared,
         clocks=clocks,

@@ -44,6 +44,7 @@ from mitmproxy import connection, ctx, exceptions, http, version
 from mitmproxy import flow as mitmflow
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
     DropStream,
@@ -60,6 +61,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseData,
     ResponseEndOfMessage,
     ResponseProtocolError,
+    SendHttp,
 )
 from mitmproxy.proxy.layers.http._http2 import Http2Connection
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
@@ -76,14 +78,23 @@ logger = logging.getLogger(__name__)
 _live: set[str] = set()
 # Flows whose request body an addon takes itself: flow id -> its collector (None: dropped).
 _consumed: dict[str, BodyCollector | None] = {}
+# WebSocket upgrades an addon answers itself: flow id -> the layer that serves the socket.
+LayerFactory = Callable[[Context, http.HTTPFlow], layer.Layer]
+_websockets: dict[str, LayerFactory] = {}
 _installed = False
 
 
 @dataclass
-class _Feed(events.Event):
-    """A body chunk for `flow` (`data` None: the end; `error`: abort the response)."""
+class FlowEvent(events.Event):
+    """An event for the layer that serves `flow` (sent with the handler's `server_event`)."""
 
     flow: http.HTTPFlow
+
+
+@dataclass
+class _Feed(FlowEvent):
+    """A body chunk for `flow` (`data` None: the end; `error`: abort the response)."""
+
     data: bytes | None = None
     error: str | None = None
     # Set where the flow's stream was found: how many bytes of its response wait
@@ -182,6 +193,17 @@ class _AddonStream(HttpStream):
     def flow_done(self) -> layer.CommandGenerator[None]:
         _live.discard(self.flow.id)
         _consumed.pop(self.flow.id, None)
+        factory = _websockets.pop(self.flow.id, None)
+        response = self.flow.response
+        upgraded = response is not None and response.status_code == 101
+        if factory is not None and upgraded and self.flow.websocket is not None:
+            # The addon answered the upgrade: its layer, not mitmproxy's relay, has the
+            # client's socket (there is no server connection to relay to).
+            self.child_layer = factory(self.context, self.flow)
+            self._handle_event = self.passthrough
+            yield from self.child_layer.handle_event(events.Start())
+            yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+            return
         yield from super().flow_done()
 
 
@@ -189,21 +211,33 @@ _original_handle_event = getattr(HttpLayer, "_handle_event", None)
 
 
 def _handle_event(self: HttpLayer, event: events.Event) -> layer.CommandGenerator[None]:
-    if isinstance(event, _Feed):
+    if isinstance(event, FlowEvent):
         return _route(self, event)
     assert _original_handle_event is not None
     result: layer.CommandGenerator[None] = _original_handle_event(self, event)
     return result
 
 
-def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
+def _route(self: HttpLayer, event: FlowEvent) -> Generator[Any, Any, None]:
+    if isinstance(event, _Feed):
+        delivered = yield from _feed_stream(self, event)
+        if delivered:
+            return
+    # A CONNECT tunnel (or an upgraded stream) holds the flow's layer further down.
+    for stream in list(self.streams.values()):
+        if stream.child_layer is not None and stream._handle_event == stream.passthrough:
+            yield from self.event_to_child(stream, event)
+
+
+def _feed_stream(self: HttpLayer, event: _Feed) -> Generator[Any, Any, bool]:
+    """Delivers a body chunk to its flow's stream; False when the flow is further down."""
     for stream in list(self.streams.values()):
         if getattr(stream, "flow", None) is not event.flow:
             continue
         if stream._handle_event == stream.passthrough:
-            break
+            return False
         if not (stream._paused or stream.server_state == stream.state_stream_response_body):
-            return  # the stream already ended (the client left): nothing to deliver
+            return True  # the stream already ended (the client left): nothing to deliver
         inner: events.Event
         if event.error is not None:
             inner = ResponseProtocolError(
@@ -215,7 +249,9 @@ def _route(self: HttpLayer, event: _Feed) -> Generator[Any, Any, None]:
             inner = ResponseData(stream.stream_id, event.data)
         yield from self.event_to_child(stream, inner)
         event.unsent = _unsent_of(self, stream)
-        return
+        return True
+    return False
+
     # A CONNECT tunnel (or an upgraded stream) holds the flow's HTTP layer further down.
     for stream in list(self.streams.values()):
         if stream.child_layer is not None and stream._handle_event == stream.passthrough:
@@ -273,6 +309,8 @@ _USES: tuple[tuple[type, str, tuple[str, ...]], ...] = (
         ),
     ),
     (HttpStream, "__init__", ("client_state", "server_state")),
+    # An upgrade the addon answers gets its own child layer as `flow_done` gives mitmproxy's.
+    (HttpStream, "flow_done", ("child_layer", "passthrough", "SendHttp", "ResponseEndOfMessage")),
     # A new stream's class is looked up by its module-level name, which install() replaces.
     (HttpLayer, "make_stream", ("HttpStream",)),
     # `FlowSink.write_now` runs server_event at once when its lock is free: it awaits
@@ -522,6 +560,12 @@ def _go_on(step: Coroutine[Any, Any, None], waited: Any) -> None:
     waited.add_done_callback(wake)
 
 
+def serve_websocket(flow: http.HTTPFlow, factory: LayerFactory) -> None:
+    """From `request`: the addon answers this upgrade itself, and `factory` makes the layer
+    that holds the client's socket once its 101 went out."""
+    _websockets[flow.id] = factory
+
+
 def consume_body(flow: http.HTTPFlow, collector: BodyCollector | None) -> None:
     """From `requestheaders`: the addon takes the body (None: drops it, answered already)."""
     if collector is not None:
@@ -544,6 +588,7 @@ def forget(flow: http.HTTPFlow) -> None:
     """The flow ended (response sent, or an error): it streams no more."""
     _live.discard(flow.id)
     _consumed.pop(flow.id, None)
+    _websockets.pop(flow.id, None)
 
 
 def close_left_open(client: connection.Client) -> None:

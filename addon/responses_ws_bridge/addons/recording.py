@@ -12,11 +12,13 @@ from __future__ import annotations
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
+from responses_ws_bridge.core.forward_commands import Fetch
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import redact_headers
 from responses_ws_bridge.core.turns import Attempt, Turn
-from responses_ws_bridge.recording.recorder import HookEmitter, SessionFlowTap
+from responses_ws_bridge.recording.recorder import ExchangeFlowTap, HookEmitter, SessionFlowTap
 from responses_ws_bridge.recording.session_flows import METADATA_KEY
+from responses_ws_bridge.shell.http_forward import ExchangeTap
 from responses_ws_bridge.shell.upstream_client import SessionTap
 
 
@@ -32,7 +34,8 @@ class Recording:
             "bridge_record",
             bool,
             True,
-            "Record every upstream WebSocket session as a flow (mitmweb, -w, replay).",
+            "Record every upstream WebSocket session (and every request the pool forwards) "
+            "as a flow (mitmweb, -w, replay).",
         )
         loader.add_option(
             "bridge_redact",
@@ -61,6 +64,22 @@ class Recording:
             secrets.append(turn.client_credential.bearer)
         return SessionFlowTap(
             turn=turn, attempt=attempt, emit=self._emitter, redact=self.redact, secrets=secrets
+        )
+
+    def exchange_tap_for(self, turn: Turn, attempt: Attempt, fetch: Fetch) -> ExchangeTap | None:
+        """A tap recording one forwarded HTTP exchange of `turn` (None: recording is off)."""
+        if not self.record or self._emitter is None:
+            return None
+        return ExchangeFlowTap(
+            turn=turn,
+            attempt=attempt,
+            url=fetch.url,
+            method=fetch.method,
+            headers=fetch.headers,
+            body=fetch.body,
+            emit=self._emitter,
+            redact=self.redact,
+            secrets=self.state.secrets(),
         )
 
     # -- client flows ----------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ from mitmproxy import command, connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from responses_ws_bridge.addons import flow_streaming
+from responses_ws_bridge.addons import flow_streaming, ws_streaming
 from responses_ws_bridge.addons.option_values import (
     MiB,
     not_negative,
@@ -41,17 +42,27 @@ from responses_ws_bridge.core import (
     upstream_trust,
 )
 from responses_ws_bridge.core.accounts import client_key_ok
-from responses_ws_bridge.core.affinity import classify
+from responses_ws_bridge.core.affinity import NO_AFFINITY, Affinity, AffinityKind, classify
 from responses_ws_bridge.core.body_decoding import BodyDecodingError, StreamDecoder
 from responses_ws_bridge.core.create_request import (
     DEFAULT_FRAME_LIMIT,
     BadRequest,
+    CreateRequest,
     parse_create_request,
 )
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
 from responses_ws_bridge.core.http_fields import bearer_token
+from responses_ws_bridge.core.pool_routes import Route, RouteKind, route
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
-from responses_ws_bridge.core.turns import CLIENT_GONE, ERROR, PENDING, Destination, Turn
+from responses_ws_bridge.core.turns import (
+    CLIENT_GONE,
+    ERROR,
+    PENDING,
+    Destination,
+    ForwardedHttp,
+    Turn,
+)
+from responses_ws_bridge.core.ws_client_engine import WsClientRequest
 from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_FIRST_EVENT_TIMEOUT_S,
     DEFAULT_HOLD_CREATED_S,
@@ -63,6 +74,7 @@ from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.session_pool import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_AGE_S
 from responses_ws_bridge.shell.sink import ClientGone, ClientSink
 from responses_ws_bridge.shell.turn_metrics import TurnMetrics, observe
+from responses_ws_bridge.shell.ws_client_run import serve_websocket
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +138,8 @@ class ResponsesBridge:
         self.max_body = DEFAULT_MAX_BODY
         self.max_frame = DEFAULT_FRAME_LIMIT
         self._routed: dict[str, _Routed] = {}
+        # Client WebSockets the pool serves, by flow id, and their turns so far.
+        self._sockets: dict[str, tuple[ws_streaming.ClientSocket, list[Turn]]] = {}
         # Where finished turns are counted (the metrics addon, when `bridge_metrics` is on).
         self.metrics: Callable[[], TurnMetrics | None] = lambda: None
 
@@ -274,7 +288,8 @@ class ResponsesBridge:
         body is decoded and capped chunk by chunk (`BodyCollector`): a gzip bomb
         stops at the cap of decoded bytes.
         """
-        if not self._wants(flow):
+        served = self._route(flow)
+        if served is None:
             return
         headers = list(flow.request.headers.items(multi=True))
         early = request_checks.early_answer(
@@ -288,14 +303,21 @@ class ResponsesBridge:
             return
         if request_checks.body_may_follow(headers):
             collector = BodyCollector(
-                flow.request.headers.get("content-encoding"), limit=self.max_body
+                flow.request.headers.get("content-encoding"),
+                limit=self.max_body,
+                # A forwarded request goes upstream as it came.
+                keep_wire=served.kind is not RouteKind.BRIDGED,
             )
             flow_streaming.consume_body(flow, collector)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not self._wants(flow) or flow.response is not None:
+        served = self._route(flow)
+        if served is None or flow.response is not None:
             return
-        turn = self._turn_for(flow)
+        if served.kind is RouteKind.WEBSOCKET and self._client_key_ok(flow):
+            await self._websocket(flow)
+            return
+        turn = self._turn_for(flow, served)
         if turn is None:
             return
         flow.metadata[METADATA_KEY] = {
@@ -306,24 +328,41 @@ class ResponsesBridge:
         }
         await self._stream(flow, turn)
 
-    def _turn_for(self, flow: http.HTTPFlow) -> Turn | None:
+    def _turn_for(self, flow: http.HTTPFlow, served: Route) -> Turn | None:
         """The checked request as a turn, or None when it was answered with an error."""
         if not flow_streaming.installed():
             self._answer(flow, openai_errors.bridge_not_ready())
             return None
-        state = self.service.state
         if not self._client_key_ok(flow):
             self._answer(flow, openai_errors.unauthorized_client_key())
             return None
+        wire = _wire_body(flow)
         body = self._body(flow)
         if isinstance(body, openai_errors.HttpError):
             self._answer(flow, body)
             return None
-        try:
-            create = parse_create_request(body, max_body=self.max_body, max_frame=self.max_frame)
-        except BadRequest as exc:
-            self._answer(flow, openai_errors.bad_request(exc))
-            return None
+        forwarded: ForwardedHttp | None = None
+        if served.kind is RouteKind.BRIDGED:
+            try:
+                create = parse_create_request(
+                    body, max_body=self.max_body, max_frame=self.max_frame
+                )
+            except BadRequest as exc:
+                self._answer(flow, openai_errors.bad_request(exc))
+                return None
+        else:
+            create = CreateRequest(stream=False, message=b"", body=_json_object(body))
+            forwarded = ForwardedHttp(served, flow.request.method, wire)
+        return self._turn(flow, served, create, forwarded)
+
+    def _turn(
+        self,
+        flow: http.HTTPFlow,
+        served: Route,
+        create: CreateRequest,
+        forwarded: ForwardedHttp | None,
+    ) -> Turn:
+        state = self.service.state
         headers = tuple(flow.request.headers.items(multi=True))
         request_id = client_request_id(headers) or f"req_{uuid.uuid4().hex}"
         destination = Destination(
@@ -335,11 +374,90 @@ class ResponsesBridge:
             client_headers=headers,
             request_id=request_id,
             destination=destination,
-            affinity=classify(headers, create.body),
+            affinity=_affinity(served, headers, create),
             client_credential=(None if state.pooled else _client_credential(flow.request.headers)),
             reverse_target=_reverse_target(flow),
             own_endpoints=self._own_endpoints(flow),
+            http=forwarded,
         )
+
+    async def _websocket(self, flow: http.HTTPFlow) -> None:
+        """Serves a client's WebSocket upgrade through the pool (`ws_client_engine`).
+
+        The upgrade is answered once the engine says how: a 101 (the client's
+        socket is then held by `ws_streaming.PoolWebsocketLayer`), or the HTTP
+        error a bridged request would get.
+        """
+        if not flow_streaming.installed():
+            self._answer(flow, openai_errors.bridge_not_ready())
+            return
+        headers = tuple(flow.request.headers.items(multi=True))
+        request = WsClientRequest(
+            flow_id=flow.id,
+            headers=headers,
+            destination=Destination(
+                flow.request.scheme, flow.request.host, flow.request.port, flow.request.path
+            ),
+            request_id=client_request_id(headers) or f"req_{uuid.uuid4().hex}",
+            reverse_target=_reverse_target(flow),
+            own_endpoints=self._own_endpoints(flow),
+        )
+        client = ws_streaming.ClientSocket(flow)
+        turns: list[Turn] = []
+        self._sockets[flow.id] = (client, turns)
+        flow_streaming.serve_websocket(
+            flow, lambda context, f: ws_streaming.PoolWebsocketLayer(context, f, client)
+        )
+        flow.metadata[METADATA_KEY] = {"role": "client", "request_id": request.request_id}
+        task = asyncio.ensure_future(self._serve_socket(flow, request, client, turns))
+        waiting: list[asyncio.Future[Any]] = [client.head, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not client.head.done():
+            self._answer(flow, openai_errors.bridge_internal_error())
+            return
+        head = client.head.result()
+        if head.status != 101:
+            self._answer(flow, openai_errors.HttpError(head.status, head.body, head.headers))
+            return
+        key = flow.request.headers.get("sec-websocket-key", "")
+        fields = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", ws_streaming.accept_key(key)),
+            *head.headers,
+        ]
+        response = http.Response.make(
+            101, b"", http.Headers([(k.encode(), v.encode()) for k, v in fields])
+        )
+        response.headers.pop("content-length", None)
+        flow.response = response
+
+    async def _serve_socket(
+        self,
+        flow: http.HTTPFlow,
+        request: WsClientRequest,
+        client: ws_streaming.ClientSocket,
+        turns: list[Turn],
+    ) -> None:
+        try:
+            await serve_websocket(self.service, request, client, turns)
+        except ClientGone:
+            pass
+        except Exception:
+            # A bug must not take the proxy down: end this client's socket, serve the rest.
+            logger.exception("bridge WebSocket client %s failed", request.request_id)
+            if not client.head.done():
+                error = openai_errors.bridge_internal_error()
+                client.refuse(error.status, error.headers, error.body)
+            with contextlib.suppress(ClientGone):
+                await client.close(1011, "the bridge failed to serve this session")
+        finally:
+            self._sockets.pop(flow.id, None)
+            _annotate_socket(flow, turns)
+            took = time.time() - flow.request.timestamp_start
+            reports = [turn.report for turn in turns]
+            line = request_log.socket_line(flow.request.method, flow.request.path, reports, took)
+            logger.info("%s", line)
 
     def _own_endpoints(self, flow: http.HTTPFlow) -> tuple[upstream_trust.Endpoint, ...]:
         """The proxy's listen addresses and the address this client reached."""
@@ -404,7 +522,11 @@ class ResponsesBridge:
         head = sink.head.result()
         headers = http.Headers([(k.encode(), v.encode()) for k, v in head.headers])
         if head.body is not None:
-            flow.response = http.Response.make(head.status, head.body, headers)
+            # Bytes as they are: a forwarded answer may be content-encoded already.
+            response = http.Response.make(head.status, b"", headers)
+            response.raw_content = head.body
+            response.headers["content-length"] = str(len(head.body))
+            flow.response = response
             return
         # No length: mitmproxy frames it (chunked, or h2 DATA frames).
         headers["transfer-encoding"] = "chunked"
@@ -412,8 +534,9 @@ class ResponsesBridge:
         routed.streamed = True
 
     async def _serve(self, turn: Turn, sink: flow_streaming.FlowSink) -> None:
+        serve = self.service.forward if turn.http is not None else self._serving()
         try:
-            await self._serving()(turn, sink)
+            await serve(turn, sink)
         except ClientGone:
             pass
         except Exception:
@@ -450,11 +573,22 @@ class ResponsesBridge:
             self._log_answered(flow)
             return
         if routed.streamed:
-            flow.response.content = bytes(routed.body)
+            flow.response.raw_content = bytes(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        served = self._sockets.get(flow.id)
+        if served is not None:
+            # Before mitmproxy's save addon writes the flow.
+            _annotate_socket(flow, served[1])
+
     def error(self, flow: http.HTTPFlow) -> None:
+        served = self._sockets.get(flow.id)
+        if served is not None:
+            # The client left before (or while) its 101 went out.
+            flow_streaming.forget(flow)
+            served[0].ended(None, "")
         routed = self._routed.pop(flow.id, None)
         if routed is None:
             self._log_answered(flow)
@@ -466,7 +600,7 @@ class ResponsesBridge:
         if routed.turn.report.outcome == PENDING:
             routed.turn.report.outcome = CLIENT_GONE
         if routed.streamed and flow.response is not None:
-            flow.response.content = bytes(routed.body)
+            flow.response.raw_content = bytes(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
@@ -480,10 +614,17 @@ class ResponsesBridge:
         )
         logger.info("%s", line)
 
+    def answers(self, flow: http.HTTPFlow) -> bool:
+        """Whether the bridge answers this flow itself (and logs its line)."""
+        return self._route(flow) is not None
+
     def _log_answered(self, flow: http.HTTPFlow) -> None:
         """A request the bridge answered without a turn (refused by its checks)."""
-        if not self._wants(flow) or flow.response is None:
+        served = self._route(flow)
+        if served is None or flow.response is None:
             return
+        if flow.id in self._sockets:
+            return  # a client's WebSocket: its line comes when the socket ends
         response = flow.response
         total = (response.timestamp_end or time.time()) - flow.request.timestamp_start
         answered = request_log.Answered(
@@ -517,9 +658,20 @@ class ResponsesBridge:
 
     # -- helpers -----------------------------------------------------------
 
-    @staticmethod
-    def _wants(flow: http.HTTPFlow) -> bool:
-        return routing.is_bridged(flow.request.method, flow.request.path)
+    def _route(self, flow: http.HTTPFlow) -> Route | None:
+        """What the bridge does with the flow: its route, or None when it passes untouched.
+
+        Without a pool only `POST …/responses` is the bridge's; with one, every
+        request is (the pool is the client's whole base URL).
+        """
+        if flow.metadata.get(METADATA_KEY, {}).get("role") == "upstream":
+            return None  # the bridge's own recorded upstream session, shown through the hooks
+        request = flow.request
+        upgrade = "websocket" in request.headers.get("upgrade", "").lower()
+        served = route(request.method, request.path, websocket=upgrade)
+        if served.kind is RouteKind.BRIDGED or self.service.state.pooled:
+            return served
+        return None
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, error: openai_errors.HttpError) -> None:
@@ -541,6 +693,59 @@ class ResponsesBridge:
             held_up_writes=routed.sink.held_up_writes,
         )
         flow.comment = report.describe()
+
+
+def _annotate_socket(flow: http.HTTPFlow, turns: list[Turn]) -> None:
+    """A served WebSocket's flow: the account and every turn, as a bridged flow's report."""
+    meta: dict[str, Any] = flow.metadata.setdefault(METADATA_KEY, {"role": "client"})
+    reports = [turn.report for turn in turns]
+    meta.update(
+        account=next((r.account for r in reversed(reports) if r.account), None),
+        turns=[
+            {
+                "affinity": r.affinity.kind.value,
+                "key": r.affinity.key,
+                "outcome": r.outcome,
+                "attempts": [a.as_dict() for a in r.attempts],
+            }
+            for r in reports
+        ],
+        upstream_flows=list(
+            dict.fromkeys(a.upstream_flow for r in reports for a in r.attempts if a.upstream_flow)
+        ),
+    )
+    flow.comment = "\n".join(r.describe() for r in reports if r.attempts or r.outcome != "pending")
+
+
+def _wire_body(flow: http.HTTPFlow) -> bytes:
+    """The request body as the client sent it (before `_body` keeps it decoded)."""
+    collector = flow.request.stream
+    if isinstance(collector, BodyCollector):
+        return collector.wire
+    return flow.request.raw_content or b""
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A forwarded body's JSON object, for its affinity ({} for anything else)."""
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _affinity(
+    served: Route, headers: tuple[tuple[str, str], ...], create: CreateRequest
+) -> Affinity:
+    """Whose account serves the request: `affinity.classify` of what it carries, except
+    that one response belongs to whoever produced it, and models to anyone."""
+    if served.kind is RouteKind.ONE_RESPONSE:
+        return Affinity(AffinityKind.SOFT, source="path:response_id", owner_hint=served.response_id)
+    if served.kind is RouteKind.MODELS:
+        return NO_AFFINITY
+    return classify(headers, create.body)
 
 
 def _reverse_target(flow: http.HTTPFlow) -> upstream_trust.Endpoint | None:

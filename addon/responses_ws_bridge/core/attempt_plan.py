@@ -12,6 +12,7 @@ accounts happens here, and only as `retry_policy.decide` says:
 | SOFT/NONE            | next_pick                           | PickAny(excluded, prefer)         |
 | pass-through         | next_pick                           | PickClient                        |
 | any                  | free_retry says why, once per why   | free retry on the same account    |
+| SOFT/NONE            | not_here(a) (a probe's 404)         | a excluded, budget kept           |
 | SOFT/NONE            | all excluded, each transiently      | start_over: first failed, backoff |
 | any                  | decide -> RetrySame(a)              | prefer = a; pinned = a (pool)     |
 | pool                 | decide -> RetryOther(a)             | a excluded; pinned = prefer = None|
@@ -128,6 +129,13 @@ class AttemptPlan:
         self.prefer = account
         self.pinned = account if self.pooled else None
         return why
+
+    def not_here(self, account: str) -> None:
+        """`account` does not have what the request names (a response another account
+        produced): the next attempt asks another one, at no cost to the budget."""
+        self.attempts -= 1
+        self.excluded.add(account)
+        self.prefer = self.pinned = None
 
     def start_over(self, *, jitter: float, backoff_base_s: float = 0.25) -> RetrySame | None:
         """Every account failed once, transiently, and budget remains: the first one again."""

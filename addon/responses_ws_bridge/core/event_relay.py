@@ -69,7 +69,8 @@ from responses_ws_bridge.core.upstream_events import (
     with_output,
 )
 
-# Upstream frames whose text is the upstream's own error message: scrubbed before relaying.
+# Upstream frames whose text is the upstream's own error message: scrubbed of anything
+# key-shaped too. Every other frame loses the known secrets only.
 SCRUBBED_TYPES = frozenset({"error", "response.failed"})
 _NOT_JSON = "not a JSON object of finite numbers"
 _FAILED = "response.failed"
@@ -133,7 +134,9 @@ class _Seen:
         return None
 
     def scrubbed(self, frame: str, info: EventInfo) -> str:
-        return self.scrub(frame) if info.type in SCRUBBED_TYPES else frame
+        # Every frame loses the known secrets (one scan); the upstream's own error texts
+        # also lose anything key-shaped.
+        return self.scrub(frame) if info.type in SCRUBBED_TYPES else self.scrub.known(frame)
 
     def side_channel(self, frame: str, info: EventInfo, step: Step) -> bool:
         """Rate-limit figures and metadata headers are taken; True when the frame is done with."""
@@ -287,7 +290,7 @@ class JsonRelay(_Seen):
         """Output items are taken here; True when `frame` was one."""
         if info.type == OUTPUT_ITEM_DONE:
             self.output_seen = True
-            found = output_item(frame)
+            found = output_item(self.scrub.known(frame))
             if found is not None:
                 self._items.append(found)
             return True

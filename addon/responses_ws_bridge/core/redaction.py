@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 from responses_ws_bridge.core.handshake_headers import redact_secrets
 from responses_ws_bridge.core.openai_errors import HttpError
@@ -88,8 +89,32 @@ def redact_headers(
     return out
 
 
+def trie_pattern(words: Iterable[str]) -> str:
+    """A regular expression matching any of `words`, shared prefixes factored out.
+
+    `re` tries the alternatives of `a|b|c` one by one at every position of a
+    text; as a trie (`eyJ(?:abc|def)|sk-…`) it follows one branch per position,
+    so a search costs about the same for three secrets as for a hundred.
+    """
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a word ends here
+
+    def build(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + build(child) for char, child in node.items() if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(root)
+
+
 class SecretScrubber:
-    """Cuts every known secret out of text an upstream chose (close reasons, error bodies).
+    """Cuts every known secret out of text an upstream chose: events, close reasons, error bodies.
 
     Built once per accounts file from all its secrets (account tokens, client
     keys; refresh tokens too when there are any) and reused for every text:
@@ -108,13 +133,15 @@ class SecretScrubber:
                 forms.add(json.dumps(secret)[1:-1])
                 forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
         self._secrets = frozenset(s for s in secrets if s) if forms else frozenset()
-        alternatives = sorted(forms, key=len, reverse=True)
-        # A lookahead finds a match at every position, overlapping ones included.
-        self._pattern = (
-            re.compile("(?=(" + "|".join(map(re.escape, alternatives)) + "))")
-            if alternatives
-            else None
-        )
+        # One scan per text says whether anything needs replacing: every form in one
+        # pattern shaped as a trie, so its cost grows with the text, not the secrets.
+        self._any = re.compile(trie_pattern(forms)) if forms else None
+        # Bytes bodies (forwarded answers), built when first needed.
+        self._bytes: re.Pattern[bytes] | None = None
+        self.longest = 0
+        # Only on a hit: a lookahead finds a match at every position, overlapping ones included.
+        alternatives = "|".join(map(re.escape, sorted(forms, key=len, reverse=True)))
+        self._pattern = re.compile(f"(?=({alternatives}))") if forms else None
 
     def __repr__(self) -> str:
         return f"SecretScrubber(<{len(self._secrets)} secrets>)"
@@ -125,24 +152,71 @@ class SecretScrubber:
         return SecretScrubber([*self._secrets, *more]) if more else self
 
     def __call__(self, text: str) -> str:
-        pattern = self._pattern
-        if pattern is not None and pattern.search(text) is not None:
-            spans: list[list[int]] = []
-            for match in pattern.finditer(text):
-                start, end = match.start(1), match.end(1)
-                if spans and start <= spans[-1][1]:
-                    spans[-1][1] = max(spans[-1][1], end)
-                else:
-                    spans.append([start, end])
-            pieces: list[str] = []
-            at = 0
-            for start, end in spans:
-                pieces.append(text[at:start])
-                pieces.append(REDACTED)
-                at = end
-            pieces.append(text[at:])
-            text = "".join(pieces)
-        return redact_secrets(text)
+        """`text` without any known secret, API key or JWT-looking token (for error texts)."""
+        return redact_secrets(self.known(text))
+
+    def known(self, text: str) -> str:
+        """`text` without the known secrets only: for any upstream text, events included.
+
+        One C-level scan of the text (a compiled alternation of every secret
+        and its JSON-escaped forms); the text is rebuilt only when it holds
+        one. Unknown key-shaped words are left alone here: an event's text is
+        the model's, and may rightly talk about `sk-…`.
+        """
+        found = self._any
+        if found is None or found.search(text) is None:
+            return text
+        assert self._pattern is not None
+        # Overlapping occurrences are cut out as their union: no piece of either survives.
+        spans: list[list[int]] = []
+        for match in self._pattern.finditer(text):
+            start, end = match.start(1), match.end(1)
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        pieces: list[str] = []
+        at = 0
+        for start, end in spans:
+            pieces.append(text[at:start])
+            pieces.append(REDACTED)
+            at = end
+        pieces.append(text[at:])
+        return "".join(pieces)
+
+    def spans(self, data: bytes) -> list[tuple[int, int]]:
+        """Where known secrets are in `data` (overlapping ones merged), for bodies in pieces."""
+        if self._bytes is None:
+            if not self._secrets:
+                return []
+            forms = sorted({f.encode("utf-8", "surrogatepass") for f in self._forms()}, key=len)
+            alternatives = b"|".join(re.escape(f) for f in reversed(forms))
+            self._bytes = re.compile(b"(?=(" + alternatives + b"))")
+            self.longest = len(forms[-1])
+        merged: list[tuple[int, int]] = []
+        for match in self._bytes.finditer(data):
+            start, end = match.start(1), match.end(1)
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
+
+    def _forms(self) -> set[str]:
+        forms: set[str] = set()
+        for secret in self._secrets:
+            forms.update(
+                {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+            )
+        return forms
+
+    def known_data(self, data: bytes) -> bytes:
+        """`known` for bytes (undecodable bytes kept as they are)."""
+        if self._any is None:
+            return data
+        return self.known(data.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape"
+        )
 
     def data(self, data: bytes) -> bytes:
         """Bytes as text (undecodable bytes kept as they are), scrubbed."""
@@ -155,6 +229,48 @@ class SecretScrubber:
         if body == error.body and headers == error.headers:
             return error
         return HttpError(error.status, body, headers)
+
+
+class BodyScrubber:
+    """Known secrets cut out of a body that arrives in pieces, one straddling two included.
+
+    Each piece goes out but for its last `longest form - 1` bytes, held for the
+    next one: a secret that starts in what goes out ends in it too.
+    """
+
+    def __init__(self, scrub: SecretScrubber) -> None:
+        self._scrub = scrub
+        self._held = b""
+        scrub.spans(b"")  # builds the pattern, learns the longest form
+        self._keep = max(0, scrub.longest - 1)
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._keep:
+            return data
+        buffer = self._held + data
+        cut = max(0, len(buffer) - self._keep)
+        spans = self._scrub.spans(buffer)
+        for start, end in spans:
+            if start < cut < end:
+                cut = end
+        self._held = buffer[cut:]
+        return _replaced(buffer[:cut], [(a, b) for a, b in spans if b <= cut])
+
+    def end(self) -> bytes:
+        rest, self._held = self._held, b""
+        return _replaced(rest, self._scrub.spans(rest)) if rest else b""
+
+
+def _replaced(data: bytes, spans: Sequence[tuple[int, int]]) -> bytes:
+    if not spans:
+        return data
+    pieces: list[bytes] = []
+    at = 0
+    for start, end in spans:
+        pieces += [data[at:start], REDACTED.encode()]
+        at = end
+    pieces.append(data[at:])
+    return b"".join(pieces)
 
 
 NO_SECRETS = SecretScrubber()

@@ -15,11 +15,15 @@ affinity key and credentials are never part of the line.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from responses_ws_bridge.core.turns import CLIENT_GONE, ERROR, Attempt, TurnReport
 
 SEPARATOR = " · "
+# How a forwarded request's outcome reads (`core.forward_engine`): "http 200", "cached 200".
+FORWARDED, CACHED = "http ", "cached "
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,14 @@ def _result(answered: Answered, report: TurnReport | None) -> str:
     status = f"{answered.status} " if answered.status is not None else ""
     if outcome == ERROR:
         return f"{status}{answered.code or (report.code if report else None) or 'error'}"
+    if _forwarded(outcome):
+        # A pool's forwarded request: the upstream's own answer, or the models cache's.
+        return f"{status}{'from the cache' if outcome.startswith(CACHED) else 'forwarded'}"
     return f"{status}{outcome}"
+
+
+def _forwarded(outcome: str) -> bool:
+    return outcome.startswith((FORWARDED, CACHED))
 
 
 def _turn_parts(report: TurnReport) -> list[str]:
@@ -67,7 +78,8 @@ def _turn_parts(report: TurnReport) -> list[str]:
         plural = "s" if tries > 1 else ""
         parts.append(f"{tries} attempt{plural}, the last {last.outcome}")
         return parts
-    parts.append(_socket(last))
+    if not _forwarded(report.outcome):
+        parts.append(_socket(last))
     if tries > 1:
         parts.append(f"{tries} attempts")
     return parts
@@ -81,11 +93,33 @@ def _socket(attempt: Attempt) -> str:
     return "new socket"
 
 
+def socket_line(method: str, path: str, reports: Sequence[TurnReport], total_s: float) -> str:
+    """The line for a client's WebSocket the pool served, once it ended: its turns in one."""
+    first = reports[0] if reports else None
+    if first is not None and first.outcome == ERROR and first.status not in (None, 101):
+        # Refused before the 101: told as the HTTP answer it got.
+        refused = Answered(first.status, first.code, total_s=total_s)
+        return request_line(method, path, refused, first)
+    turns = [r for r in reports if r.outcome != "101"]
+    counts = Counter(r.outcome for r in turns)
+    said = ", ".join(f"{n} {o}" if n > 1 else o for o, n in counts.items())
+    plural = "" if len(turns) == 1 else "s"
+    head = f"{method} {path.partition('?')[0]}: WebSocket, {len(turns)} turn{plural}"
+    parts = [head + (f" ({said})" if said else "")]
+    if first is not None:
+        account = next((r.account for r in reversed(reports) if r.account), None)
+        kind = first.affinity.kind.value
+        parts.append(f"account {account or '(client credential)'}")
+        parts.append("no affinity" if kind == "none" else f"{kind} affinity")
+    parts.append(f"open {_ms(total_s)}")
+    return SEPARATOR.join(parts)
+
+
 def _timing(answered: Answered, report: TurnReport | None) -> str:
     total = _ms(answered.total_s)
     if answered.first_s is None or report is None:
         return total
-    if answered.streamed:
+    if answered.streamed and not _forwarded(report.outcome):
         return f"first event {_ms(answered.first_s)}, done {total}"
     if abs(answered.total_s - answered.first_s) < 0.0005:
         return total

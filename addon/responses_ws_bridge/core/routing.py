@@ -66,3 +66,30 @@ def upstream_url(
     if not path.startswith("/"):
         path = "/" + path
     return f"{ws_scheme}://{netloc}{path}"
+
+
+_HTTP_SCHEME = {"ws": "http", "wss": "https"}
+
+
+def forward_url(
+    *, option: str, account_upstream: str | None, scheme: str, host: str, port: int, path: str
+) -> str:
+    """Where a request the pool forwards over HTTP goes: the origin a bridged request of
+    the same account would use (`upstream_url`), with the request's own path and query.
+
+    A configured upstream names a WebSocket endpoint (`…/responses`); the other
+    endpoints of the API live beside it on the same origin, so only its scheme,
+    host and port are taken.
+    """
+    ws_url = upstream_url(
+        option=option,
+        account_upstream=account_upstream,
+        scheme=scheme,
+        host=host,
+        port=port,
+        path=path,
+    )
+    parts = urlsplit(ws_url)
+    request = urlsplit(path if path.startswith("/") else "/" + path)
+    http_scheme = _HTTP_SCHEME[parts.scheme]
+    return urlunsplit((http_scheme, parts.netloc, request.path, request.query, ""))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from responses_ws_bridge.core.affinity import Affinity
 from responses_ws_bridge.core.create_request import CreateRequest
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential
+from responses_ws_bridge.core.pool_routes import Route
 from responses_ws_bridge.core.upstream_trust import Endpoint
 
 # Outcomes that are no failure's: a turn or attempt still running, a client that left,
@@ -67,11 +68,13 @@ class TurnReport:
     # The error answer's `error.code`, when the outcome is ERROR.
     code: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    # What the turn is: "bridged" (over a WebSocket), or a forwarded route's name.
+    label: str = "bridged"
 
     def describe(self) -> str:
         """The client flow's comment: one line for the turn, one per attempt."""
         affinity = self.affinity
-        head = f"bridged · {affinity.kind.value}"
+        head = f"{self.label} · {affinity.kind.value}"
         if affinity.key:
             head += f" {affinity.key}"
         head += f" · account {self.account or '(client credential)'} · {self.outcome}"
@@ -92,6 +95,16 @@ def _describe_attempt(attempt: Attempt) -> str:
 
 
 @dataclass(frozen=True)
+class ForwardedHttp:
+    """A request the pool forwards over HTTP instead of carrying it over a WebSocket."""
+
+    route: Route
+    method: str
+    # As the client sent it, its Content-Encoding kept (the upstream sees the same bytes).
+    body: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
 class Turn:
     """Everything decided about one client request in the `request` hook."""
 
@@ -107,7 +120,11 @@ class Turn:
     reverse_target: Endpoint | None = None
     # The proxy's own listen addresses (and the one the client reached): never an upstream.
     own_endpoints: tuple[Endpoint, ...] = ()
+    # Set for a request the pool forwards over HTTP (`forward_engine`); `create` then
+    # holds its parsed JSON body (or {}) and no message.
+    http: ForwardedHttp | None = None
     report: TurnReport = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "report", TurnReport(self.affinity))
+        label = "bridged" if self.http is None else f"forwarded {self.http.route.kind.value}"
+        object.__setattr__(self, "report", TurnReport(self.affinity, label=label))

@@ -220,3 +220,44 @@ def _is_loopback_ip(name: str) -> bool:
 
 def _is_wildcard(name: str) -> bool:
     return name in ("", "0.0.0.0", "::")
+
+
+def refusal(
+    *,
+    pool_mode: bool,
+    option: str,
+    accounts_own_upstreams: bool,
+    target: Target,
+    reverse_target: Endpoint | None,
+    trusted_hosts: Collection[str],
+    own_endpoints: Collection[Endpoint],
+) -> HttpError | None:
+    """Why the client's destination may not be served at all (None: it may).
+
+    With a pool, a destination the client chose is used only when trusted;
+    when every account names its own upstream, the destination is never used
+    and so never matters. The proxy itself is never an upstream. (The turn
+    engine asks the same of `decide_upstream`; forwarded requests and
+    WebSocket clients ask here.)
+    """
+    try:
+        decision = decide_upstream(
+            pool_mode=pool_mode,
+            option=option,
+            account_upstream=None,
+            target=target,
+            reverse_target=reverse_target,
+            trusted_hosts=trusted_hosts,
+            own_endpoints=own_endpoints,
+        )
+    except ValueError:
+        return None  # a malformed URL: the attempt says so (bad_url)
+    if isinstance(decision, Trusted):
+        return None
+    if (
+        accounts_own_upstreams
+        and not option.strip()
+        and not is_own_endpoint(target.host, target.port, own_endpoints)
+    ):
+        return None
+    return decision.error

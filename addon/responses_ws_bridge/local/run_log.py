@@ -3,8 +3,8 @@
 Loaded by `scripts/run_local.py` next to `addon/bridge.py` (`-s` this file),
 with `flow_detail=0`: mitmproxy's own per-connection lines (client connect,
 server disconnect, "Streaming response from") are left out, and a request the
-bridge does not answer itself (`GET /v1/models` passed on to the upstream)
-gets a line of its own, like the bridge's line for the requests it bridges.
+bridge does not answer itself (in pass-through mode, `GET /v1/models` passed
+on to the upstream) gets a line of its own, like the bridge's for the rest.
 Warnings and errors are shown as always, and say which they are in words
 (`warning:`, `error:`), since a piped log has no colours.
 """
@@ -72,8 +72,11 @@ class RunLog:
 
     @staticmethod
     def _line(flow: http.HTTPFlow) -> None:
-        if routing.is_bridged(flow.request.method, flow.request.path):
+        bridge = ctx.master.addons.get("responsesbridge")
+        if bridge is not None and bridge.answers(flow):
             return  # the bridge's own line
+        if bridge is None and routing.is_bridged(flow.request.method, flow.request.path):
+            return
         if flow.metadata.get(METADATA_KEY, {}).get("role") == "upstream":
             return  # a recorded upstream session, not a request
         path = flow.request.path.partition("?")[0]

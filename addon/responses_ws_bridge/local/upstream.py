@@ -36,6 +36,9 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from responses_ws_bridge.local import http_endpoints
+from responses_ws_bridge.local.http_endpoints import MODELS_BODY, Objects, Stored
+from responses_ws_bridge.local.http_side import HttpAnswer, HttpRequest, sniffing
 from responses_ws_bridge.local.loop_thread import (
     LoopThread,
     WebSocketServerContext,
@@ -56,10 +59,7 @@ from responses_ws_bridge.local.tls import add_tls_arguments, tls_context_from
 
 ClosedBy = Literal["client", "server", "abrupt"]
 
-MODELS_BODY: dict[str, Any] = {
-    "object": "list",
-    "data": [{"id": "gpt-5-codex", "object": "model", "created": 0, "owned_by": "openai"}],
-}
+__all__ = ["MODELS_BODY", "ConnectionRecord", "HttpPlan", "LocalUpstream", "Plan"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,20 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class HttpPlan:
+    """How the server treats one plain HTTP request (compaction, models, one response, …).
+
+    `status`: answer with it (and `body`, default an OpenAI-style error)
+    instead of the endpoint's answer; None: answer as the endpoint does.
+    `headers` go on the answer either way (e.g. `x-codex-*` rate limits).
+    """
+
+    status: int | None = None
+    body: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ClientMessage:
     """One frame from the client: `data` is the parsed JSON, else the raw text."""
 
@@ -169,6 +183,9 @@ class ConnectionRecord:
     close_reason: str = ""
     closed_by: ClosedBy | None = None
     closed_at: float | None = None
+    # A plain HTTP request (not an upgrade): its method and body as received.
+    method: str = "GET"
+    body: bytes = field(default=b"", repr=False)
 
     @property
     def rejected(self) -> bool:
@@ -355,6 +372,9 @@ class LocalUpstream(WebSocketServerContext):
         self._next_id = 1
         # Response id -> the account that produced it.
         self._owners: dict[str, str | None] = {}
+        # What the plain HTTP endpoints read back: stored responses, files.
+        self._objects = Objects(owners=self._owners)
+        self._http_plans: list[tuple[str | None, HttpPlan]] = []
         self._changed: asyncio.Event | None = None
 
     # -- lifecycle
@@ -371,6 +391,8 @@ class LocalUpstream(WebSocketServerContext):
             compression=self.compression,
             close_timeout=self.close_timeout,
             ssl=self.ssl_context,
+            # Plain HTTP requests on the same port, as a real Responses host serves them.
+            create_connection=sniffing(self._http_request),
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
@@ -391,10 +413,16 @@ class LocalUpstream(WebSocketServerContext):
         with self._lock:
             self._plans.extend((account, plan) for plan in plans)
 
+    def script_http(self, *plans: HttpPlan, account: str | None = None) -> None:
+        """Queues plans: each plain HTTP request (of `account`, or any) takes the next one."""
+        with self._lock:
+            self._http_plans.extend((account, plan) for plan in plans)
+
     def reset(self) -> None:
         """Forgets queued plans and hides the records so far (response ids stay valid)."""
         with self._lock:
             self._plans.clear()
+            self._http_plans.clear()
             self._first_shown = self._next_id
             open_ones = {id(live) for live in self._by_connection.values()}
             self._connections = {
@@ -498,8 +526,7 @@ class LocalUpstream(WebSocketServerContext):
 
         upgrade = is_websocket_upgrade(headers)
         bridged = path.endswith("/responses")
-        models = request.method == "GET" and path.endswith("/models") and not upgrade
-        if not bridged and not models:
+        if not bridged:
             return json_response(
                 404, http_error_body(404, f"Invalid URL ({request.method} {request.path})")
             )
@@ -517,8 +544,6 @@ class LocalUpstream(WebSocketServerContext):
         with self._lock:
             live.record = replace(live.record, account=account)
 
-        if models:
-            return json_response(200, MODELS_BODY)
         if not upgrade:
             return json_response(
                 426,
@@ -672,8 +697,7 @@ class LocalUpstream(WebSocketServerContext):
             await self._send(ws, live, event, stamp=spec.stamp_ns)
             sent = index + 1
             if event["type"] == "response.completed":
-                with self._lock:
-                    self._owners[response_id] = live.record.account
+                self._completed(live, request, event)
         await self._send_extra(ws, live, plan, sent)
 
     @staticmethod
@@ -697,6 +721,84 @@ class LocalUpstream(WebSocketServerContext):
         for position, extra in plan.extra_events:
             if position == after:
                 await self._send(ws, live, dict(extra))
+
+    # -- plain HTTP
+
+    async def _http_request(self, request: HttpRequest) -> HttpAnswer:
+        """A request that is not an upgrade: logged as a connection, answered by the endpoints."""
+        with self._lock:
+            conn_id = self._next_id
+            self._next_id += 1
+            record = ConnectionRecord(
+                id=conn_id,
+                path=request.path,
+                headers=list(request.headers),
+                account=None,
+                opened_at=time.time(),
+                method=request.method,
+                body=request.body,
+            )
+            live = _Live(record, self.default_plan)
+            self._connections[conn_id] = live
+        account: str | None = None
+        answer: http_endpoints.Answer
+        if self.tokens is not None and (
+            bearer_token(request.header("Authorization")) not in self.tokens
+        ):
+            answer = http_endpoints.Answer(
+                401,
+                http_error_body(401, "Incorrect API key provided."),
+                (("WWW-Authenticate", 'Bearer realm="OpenAI"'),),
+            )
+        else:
+            if self.tokens is not None:
+                account = self.tokens[bearer_token(request.header("Authorization")) or ""]
+            answer = self._http_answer(request, account)
+        with self._lock:
+            live.record = replace(
+                live.record,
+                account=account,
+                status=answer.status,
+                closed_by="server",
+                closed_at=time.time(),
+            )
+            self._notify()
+        self._observe(live)
+        body = json.dumps(answer.body).encode() if answer.body is not None else b""
+        headers = [("Content-Type", "application/json"), *answer.headers]
+        return HttpAnswer(answer.status, headers, body)
+
+    def _http_answer(self, request: HttpRequest, account: str | None) -> http_endpoints.Answer:
+        with self._lock:
+            plan = next((p for p in self._http_plans if p[0] is None or p[0] == account), None)
+            if plan is not None:
+                self._http_plans.remove(plan)
+            got = (
+                http_endpoints.answer(
+                    request.method,
+                    request.path,
+                    request.body,
+                    account,
+                    self._objects,
+                    now=int(time.time()),
+                )
+                if plan is None or plan[1].status is None
+                else http_endpoints.Answer(
+                    plan[1].status,
+                    plan[1].body if plan[1].body is not None else http_error_body(plan[1].status),
+                )
+            )
+        extra = tuple(plan[1].headers.items()) if plan is not None else ()
+        return replace(got, headers=(*got.headers, *extra))
+
+    def _completed(self, live: _Live, request: dict[str, Any], event: dict[str, Any]) -> None:
+        """A response completed: its producer is known, and it is stored unless `store: false`."""
+        response = event["response"]
+        with self._lock:
+            self._owners[response["id"]] = live.record.account
+            if request.get("store") is not False:
+                stored = Stored(live.record.account, request, response)
+                self._objects.responses[response["id"]] = stored
 
     @staticmethod
     def _fails_first(plan: Plan) -> bool:
@@ -785,6 +887,9 @@ class ThreadedUpstream(LoopThread[LocalUpstream]):
 
     def script(self, *plans: Plan, account: str | None = None) -> None:
         self.upstream.script(*plans, account=account)
+
+    def script_http(self, *plans: HttpPlan, account: str | None = None) -> None:
+        self.upstream.script_http(*plans, account=account)
 
     def records(self, account: str | None = None) -> list[ConnectionRecord]:
         return self.upstream.records(account)

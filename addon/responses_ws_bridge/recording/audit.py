@@ -18,7 +18,7 @@ from mitmproxy import io as mitmio
 from mitmproxy.flow import Flow
 
 from responses_ws_bridge.core.handshake_headers import handshake_violations
-from responses_ws_bridge.recording.session_flows import METADATA_KEY
+from responses_ws_bridge.recording.session_flows import METADATA_KEY, TRANSPORT_HTTP
 
 _WS_SCHEMES = {"http": "ws", "https": "wss"}
 
@@ -65,8 +65,8 @@ def is_websocket_handshake(flow: Flow) -> bool:
         return False
     meta = flow.metadata.get(METADATA_KEY)
     role = meta.get("role") if isinstance(meta, dict) else None
-    if role == "client":
-        return False
+    if role == "client" or (isinstance(meta, dict) and meta.get("transport") == TRANSPORT_HTTP):
+        return False  # a client's flow, or a request the pool forwarded over HTTP
     upgrade = any(v.strip().lower() == "websocket" for v in flow.request.headers.get_all("upgrade"))
     return upgrade or role == "upstream"
 

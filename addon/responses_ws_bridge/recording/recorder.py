@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from mitmproxy import hooks, http
@@ -71,10 +70,8 @@ class SessionFlowTap:
         self._emit = emit
         self._redact = redact
         self._secrets = secrets if redact else ()
-        # One C-level scan per message tells whether any secret needs replacing.
-        alternatives = sorted((re.escape(x) for x in self._secrets if x), key=len, reverse=True)
-        self._secret_pattern = re.compile("|".join(alternatives)) if alternatives else None
-        # The close reason is the upstream's text: it may echo a credential.
+        # Messages, close reasons: the upstream's text may echo a credential. One C-level
+        # scan per message tells whether anything needs replacing.
         self._scrub = SecretScrubber(self._secrets) if redact else None
         # The segment being recorded: the current turn's, or the last one's while idle.
         self.flow: http.HTTPFlow | None = None
@@ -139,15 +136,12 @@ class SessionFlowTap:
         if self.flow is None or self.flow.websocket is None:
             return
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-        pattern = self._secret_pattern
-        secrets = self._secrets if pattern is not None and pattern.search(text) else ()
         session_flows.record_message(
             self.flow,
             from_client=from_client,
-            content=text,
+            content=self._scrub.known(text) if self._scrub is not None else text,
             timestamp=timestamp,
             text=True,
-            secrets=secrets,
         )
         self._emit.touch(self.flow)
 
@@ -211,6 +205,95 @@ class SessionFlowTap:
             secrets=self._secrets,
         )
         self._start(upstream, now)
+
+
+class ExchangeFlowTap:
+    """Implements `http_forward.ExchangeTap`: one forwarded HTTP exchange as a flow.
+
+    The request shows as it was sent (credentials redacted) when the answer's
+    head comes; the answer's body is kept as it streams, and the flow ends
+    (`response`, which is when `-w` writes it) with the exchange, or with
+    `error` when there was no answer.
+    """
+
+    # An answer kept for the flow; more is cut (the client still got all of it).
+    MAX_BODY = 8 * 1024 * 1024
+
+    def __init__(
+        self,
+        *,
+        turn: Turn,
+        attempt: Attempt,
+        url: str,
+        method: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        emit: HookEmitter,
+        redact: bool,
+        secrets: Collection[str],
+    ) -> None:
+        self._attempt = attempt
+        self._emit = emit
+        self._secrets = secrets if redact else ()
+        route = turn.http.route.kind.value if turn.http is not None else ""
+        self.flow = session_flows.new_exchange_flow(
+            url=url,
+            method=method,
+            headers=headers,
+            body=body,
+            timestamp=time.time(),
+            meta=session_flows.UpstreamMeta(
+                account=attempt.account,
+                affinity=turn.affinity.kind.value,
+                key=turn.affinity.key,
+                attempt=attempt.number,
+            ),
+            client_flow_id=turn.flow_id,
+            route=route,
+            secrets=self._secrets,
+        )
+        if not redact:
+            self.flow.request.headers = http.Headers(
+                [(k.encode("latin-1"), v.encode()) for k, v in headers]
+            )
+        attempt.upstream_flow = self.flow.id
+        self._head: tuple[int, str, list[tuple[str, str]]] | None = None
+        self._body = bytearray()
+        self._shown = False
+
+    def answered(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
+        self._head = (status, reason, list(headers))
+        self._show()
+
+    def body(self, data: bytes) -> None:
+        room = self.MAX_BODY - len(self._body)
+        if room > 0:
+            self._body += data[:room]
+
+    def ended(self, error: str | None) -> None:
+        self._show()
+        if self._head is None or error is not None:
+            session_flows.record_error(self.flow, error or "no answer from the upstream")
+            self._emit(HttpErrorHook(self.flow))
+            return
+        status, reason, headers = self._head
+        session_flows.record_exchange_answer(
+            self.flow,
+            status=status,
+            reason=reason,
+            headers=headers,
+            body=bytes(self._body),
+            timestamp=time.time(),
+            secrets=self._secrets,
+        )
+        self._emit(HttpResponseHeadersHook(self.flow))
+        self._emit(HttpResponseHook(self.flow))
+
+    def _show(self) -> None:
+        if not self._shown:
+            self._shown = True
+            self._emit(HttpRequestHeadersHook(self.flow))
+            self._emit(HttpRequestHook(self.flow))
 
 
 class HookEmitter:

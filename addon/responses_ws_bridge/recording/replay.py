@@ -38,8 +38,9 @@ from websockets.http11 import Request, Response
 from responses_ws_bridge.core import http_fields
 from responses_ws_bridge.core.openai_errors import error_body
 from responses_ws_bridge.core.redaction import CLIENT_ACCOUNT, account_from_authorization
+from responses_ws_bridge.local.http_side import HttpAnswer, HttpRequest, sniffing
 from responses_ws_bridge.local.loop_thread import LoopThread, WebSocketServerContext
-from responses_ws_bridge.recording.session_flows import METADATA_KEY
+from responses_ws_bridge.recording.session_flows import METADATA_KEY, TRANSPORT_HTTP
 
 # Differ on every connection by design; Authorization is compared as the account.
 VOLATILE_HEADERS = frozenset({"host", "sec-websocket-key", "x-request-id", "authorization"})
@@ -163,6 +164,8 @@ def session_from_flow(flow: Flow, source: str) -> RecordedSession | None:
         return None
     if role != "upstream" and not _is_upgrade(flow.request.headers):
         return None
+    if isinstance(meta, dict) and meta.get("transport") == TRANSPORT_HTTP:
+        return None  # a forwarded HTTP exchange (`exchange_from_flow`)
     request = flow.request
     session = RecordedSession(
         source=source,
@@ -229,6 +232,68 @@ def load_sessions(paths: Iterable[str | Path]) -> list[RecordedSession]:
     return merge_segments(sorted(found, key=lambda s: s.started))
 
 
+@dataclass(frozen=True)
+class RecordedExchange:
+    """One forwarded HTTP exchange the bridge recorded (compaction, models, …)."""
+
+    source: str
+    flow_id: str
+    method: str
+    path: str
+    request_headers: tuple[tuple[str, str], ...]
+    request_body: bytes
+    started: float
+    # None: the exchange got no answer.
+    status: int | None = None
+    reason: str = ""
+    response_headers: tuple[tuple[str, str], ...] = ()
+    response_body: bytes = b""
+
+    @property
+    def label(self) -> str:
+        return f"flow {self.flow_id[:8]} in {self.source}"
+
+
+def exchange_from_flow(flow: Flow, source: str) -> RecordedExchange | None:
+    """The forwarded exchange in a flow; None for flows that are not one."""
+    if not isinstance(flow, http.HTTPFlow):
+        return None
+    meta = flow.metadata.get(METADATA_KEY)
+    if not isinstance(meta, dict) or meta.get("transport") != TRANSPORT_HTTP:
+        return None
+    request, response = flow.request, flow.response
+    return RecordedExchange(
+        source=source,
+        flow_id=flow.id,
+        method=request.method,
+        path=request.path,
+        request_headers=_str_fields(request.headers),
+        request_body=request.raw_content or b"",
+        started=request.timestamp_start,
+        status=response.status_code if response is not None else None,
+        reason=response.reason if response is not None else "",
+        response_headers=_str_fields(response.headers) if response is not None else (),
+        response_body=(response.raw_content or b"") if response is not None else b"",
+    )
+
+
+def load_exchanges(paths: Iterable[str | Path]) -> list[RecordedExchange]:
+    """Every recorded forwarded exchange in the files, in recorded order."""
+    found: list[RecordedExchange] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as fp:
+                for flow in mitmio.FlowReader(fp).stream():
+                    exchange = exchange_from_flow(flow, str(path))
+                    if exchange is not None:
+                        found.append(exchange)
+        except OSError as exc:
+            raise FlowFileError(f"{path}: {exc.strerror or exc}") from exc
+        except exceptions.FlowReadException as exc:
+            raise FlowFileError(f"{path}: not a readable flow file ({exc})") from exc
+    return sorted(found, key=lambda e: e.started)
+
+
 def merge_segments(sessions: Sequence[RecordedSession]) -> list[RecordedSession]:
     """Joins the per-turn flows of one socket back into the one session it was.
 
@@ -269,10 +334,12 @@ class Deviation:
     expected: Any
     got: Any
     kind: DeviationKind = "changed"
+    # What the index counts: WebSocket sessions, or forwarded HTTP exchanges.
+    of: str = "session"
 
     @property
     def message(self) -> str:
-        where = f"session {self.session_index}: {self.field}"
+        where = f"{self.of} {self.session_index}: {self.field}"
         match self.kind:
             case "added":
                 return f"{where} added: {_show(self.got)}"
@@ -414,6 +481,72 @@ def compare_handshake(
         if name not in ignored and name not in want:
             out.append(Deviation(index, f"header {name}", None, _header_value(values), "added"))
     return out
+
+
+# An exchange's framing differs by hop; its account is compared as such.
+_EXCHANGE_VOLATILE = frozenset({"host", "content-length", "x-request-id", "authorization"})
+
+
+def compare_exchange(
+    index: int,
+    recorded: RecordedExchange,
+    request: HttpRequest,
+    tokens: Mapping[str, str] | None,
+) -> list[Deviation]:
+    """The differences between an incoming forwarded request and the recorded one."""
+    out: list[Deviation] = []
+    for name, expected, got in (
+        ("method", recorded.method, request.method),
+        ("path", recorded.path, request.path),
+    ):
+        if expected != got:
+            out.append(Deviation(index, name, expected, got, of="exchange"))
+    want, have = _grouped(recorded.request_headers), _grouped(request.headers)
+    accounts = (
+        account_label(_first(want.get("authorization")), tokens),
+        account_label(_first(have.get("authorization")), tokens),
+    )
+    if accounts[0] != accounts[1]:
+        out.append(Deviation(index, "account", *accounts, of="exchange"))
+    for name in sorted(set(want) | set(have)):
+        if name in _EXCHANGE_VOLATILE or want.get(name) == have.get(name):
+            continue
+        before, after = want.get(name), have.get(name)
+        out.append(
+            Deviation(
+                index,
+                f"header {name}",
+                _header_value(before) if before is not None else None,
+                _header_value(after) if after is not None else None,
+                "missing" if after is None else "added" if before is None else "changed",
+                of="exchange",
+            )
+        )
+    if recorded.request_body != request.body:
+        try:
+            diffs = diff_json(json.loads(recorded.request_body), json.loads(request.body), "body")
+        except ValueError:
+            diffs = [
+                ("body", "changed", _clip(repr(recorded.request_body)), _clip(repr(request.body)))
+            ]
+        out += [Deviation(index, p, e, g, k, of="exchange") for p, k, e, g in diffs]
+    return out
+
+
+_EXCHANGE_DROPPED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+def exchange_answer(recorded: RecordedExchange) -> HttpAnswer:
+    """The recorded answer, as it was (its framing is the replay's own)."""
+    if recorded.status is None:
+        body = error_body(
+            "replay: the recorded exchange got no answer",
+            type_="server_error",
+            code="replay_no_answer",
+        )
+        return HttpAnswer(502, [("Content-Type", "application/json")], body)
+    headers = [(k, v) for k, v in recorded.response_headers if k.lower() not in _EXCHANGE_DROPPED]
+    return HttpAnswer(recorded.status, headers, recorded.response_body)
 
 
 def _first(values: list[str] | None) -> str | None:
@@ -622,6 +755,7 @@ class ReplayServer(WebSocketServerContext):
         close_timeout: float = 10.0,
         observer: Observer | None = None,
         cycle: bool = False,
+        exchanges: Sequence[RecordedExchange] = (),
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
@@ -642,6 +776,9 @@ class ReplayServer(WebSocketServerContext):
         self.cycle = cycle
         self.deviations: list[Deviation] = []
         self.served: list[ServedSession] = []
+        # Forwarded HTTP exchanges, answered in recorded order to the plain requests that come.
+        self.exchanges = list(exchanges)
+        self.exchanges_served = 0
         self._requested_port = port
         self._port = 0
         self._server: Server | None = None
@@ -667,6 +804,7 @@ class ReplayServer(WebSocketServerContext):
             ping_interval=None,
             max_size=None,
             close_timeout=self.close_timeout,
+            create_connection=sniffing(self._http),
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
@@ -714,6 +852,26 @@ class ReplayServer(WebSocketServerContext):
             self.observer(served)
         if complete and self._all_served is not None:
             self._all_served.set()
+
+    # -- forwarded HTTP exchanges
+
+    async def _http(self, request: HttpRequest) -> HttpAnswer:
+        """A plain request: the next recorded exchange answers it, deviations noted."""
+        with self._lock:
+            index = self.exchanges_served
+            self.exchanges_served += 1
+        if index >= len(self.exchanges):
+            got = f"{request.method} {request.path} beyond the {len(self.exchanges)} recorded"
+            self._deviate([Deviation(index, "request", None, got, "unexpected", of="exchange")])
+            body = error_body(
+                "replay: no recorded exchange left for this request",
+                type_="server_error",
+                code="replay_exhausted",
+            )
+            return HttpAnswer(503, [("Content-Type", "application/json")], body)
+        recorded = self.exchanges[index]
+        self._deviate(compare_exchange(index, recorded, request, self.tokens))
+        return exchange_answer(recorded)
 
     # -- handshake
 
@@ -894,6 +1052,11 @@ class ThreadedReplayServer(LoopThread[ReplayServer]):
     @property
     def notes(self) -> list[str]:
         return list(self.server.notes)
+
+    @property
+    def exchanges_served(self) -> int:
+        with self.server._lock:
+            return self.server.exchanges_served
 
     def wait_served(self, count: int, timeout: float) -> bool:
         return self.server.wait_served(count, timeout)

@@ -67,7 +67,9 @@ def _short(flow_id: str) -> str:
 def describe_upstream(meta: dict[str, Any]) -> str:
     """The one-line comment of an upstream flow, from its metadata."""
     account = meta.get("account")
-    parts = ["upstream session"]
+    parts = ["upstream session" if meta.get("transport") != TRANSPORT_HTTP else "upstream"]
+    if meta.get("route"):
+        parts[0] += f" {meta['route']}"
     parts.append(f"account {account}" if account is not None else f"account {CLIENT_ACCOUNT}")
     affinity = meta.get("affinity", "none")
     key = meta.get("key")
@@ -153,6 +155,78 @@ def new_upstream_flow(
     }
     f.comment = describe_upstream(f.metadata[METADATA_KEY])
     return f
+
+
+# An upstream flow's metadata says what it carried: a WebSocket session (the default) or
+# one forwarded HTTP exchange.
+TRANSPORT_HTTP = "http"
+
+
+def new_exchange_flow(
+    *,
+    url: str,
+    method: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    timestamp: float,
+    meta: UpstreamMeta,
+    client_flow_id: str | None,
+    route: str,
+    secrets: Collection[str] = (),
+) -> http.HTTPFlow:
+    """A flow for one forwarded HTTP exchange (compaction, models, …), its request recorded.
+
+    Like a session's flow (`new_upstream_flow`) without WebSocket data: the
+    request as sent (headers redacted, body with known secrets cut out),
+    the answer once it came (`record_exchange_answer`).
+    """
+    f = new_upstream_flow(
+        url=url,
+        headers=headers,
+        timestamp=timestamp,
+        meta=meta,
+        client_flow_id=client_flow_id,
+        secrets=secrets,
+    )
+    f.websocket = None
+    f.request.method = method
+    if secrets and body:
+        body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
+    f.request.raw_content = body
+    data = f.metadata[METADATA_KEY]
+    data["transport"] = TRANSPORT_HTTP
+    data["route"] = route
+    f.comment = describe_upstream(data)
+    return f
+
+
+def record_exchange_answer(
+    f: http.HTTPFlow,
+    *,
+    status: int,
+    reason: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    timestamp: float,
+    secrets: Collection[str] = (),
+) -> None:
+    """The upstream's whole answer to a forwarded request (a known secret in it cut out)."""
+    account = f.metadata.get(METADATA_KEY, {}).get("account")
+    recorded = redact_headers(headers, account_id=account, secrets=secrets)
+    if secrets and body:
+        body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
+    f.response = http.Response(
+        http_version=b"HTTP/1.1",
+        status_code=status,
+        reason=_encode(reason),
+        headers=_headers(recorded),
+        content=body,
+        trailers=None,
+        timestamp_start=timestamp,
+        timestamp_end=timestamp,
+    )
+    f.server_conn.timestamp_tcp_setup = f.server_conn.timestamp_tcp_setup or timestamp
+    _end_connections(f, timestamp)
 
 
 def note_reuse(f: http.HTTPFlow, *, client_flow_id: str | None, attempt: int = 1) -> None:

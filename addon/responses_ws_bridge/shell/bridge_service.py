@@ -16,16 +16,29 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from websockets.frames import CloseCode
 
 from responses_ws_bridge.core import upstream_trust
 from responses_ws_bridge.core.accounts import Account
+from responses_ws_bridge.core.answer_cache import AnswerCache
 from responses_ws_bridge.core.answer_headers import TURN_STATE
 from responses_ws_bridge.core.failures import AttemptFailed
+from responses_ws_bridge.core.forward_commands import (
+    Abort,
+    BodyChunk,
+    CacheLookup,
+    CacheStore,
+    DropFetch,
+    Fetch,
+    Fetched,
+    ReadBody,
+)
+from responses_ws_bridge.core.forward_engine import ForwardEngine
+from responses_ws_bridge.core.forward_policy import CachedAnswer
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.retry_policy import DEFAULT_RETRY_BUDGET
 from responses_ws_bridge.core.turn_commands import (
@@ -55,6 +68,7 @@ from responses_ws_bridge.core.turn_commands import (
     Sleep,
     SocketReady,
     StartStream,
+    TimedOut,
     Unhold,
     Write,
 )
@@ -70,7 +84,10 @@ from responses_ws_bridge.core.turn_engine import (
     TurnEngine,
 )
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell import http_forward
+from responses_ws_bridge.shell.answer_flights import AnswerFlights
 from responses_ws_bridge.shell.frame_push import FramePush, Resume
+from responses_ws_bridge.shell.http_forward import ExchangeTap, HttpExchange
 from responses_ws_bridge.shell.preconnect import DEFAULT_PRECONNECT, Preconnector
 from responses_ws_bridge.shell.session_pool import (
     DEFAULT_IDLE_TTL_S,
@@ -101,6 +118,10 @@ logger = logging.getLogger(__name__)
 
 # Gives the recorder a tap for each new upstream connection (None: not recorded).
 TapFactory = Callable[[Turn, Attempt], SessionTap | None]
+# The same for each forwarded HTTP exchange: (turn, attempt, the Fetch) -> tap.
+ExchangeTapFactory = Callable[[Turn, Attempt, Fetch], ExchangeTap | None]
+# A turn engine's run, a forwarded request's or a WebSocket client's: commands out, events in.
+AnyRun = Generator[Any, Any, None]
 
 
 @dataclass(frozen=True)
@@ -141,6 +162,7 @@ class BridgeService:
         sessions: SessionPool,
         connector: Preconnector | None = None,
         taps: TapFactory | None = None,
+        exchange_taps: ExchangeTapFactory | None = None,
         tokens: TokenRefresher | None = None,
         shared: SharedState | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -155,11 +177,14 @@ class BridgeService:
         )
         self.tokens = tokens if tokens is not None else TokenRefresher()
         self.taps = taps
+        self.exchange_taps = exchange_taps
         # Affinity, health and load shared with other instances (when `bridge_state` is set).
         self.shared = shared
         self.sleep = sleep
         self.jitter = jitter
         self.clocks = clocks if clocks is not None else Clocks(time.monotonic, time.time)
+        # Answers of forwarded requests shared by every client asking the same (models).
+        self.answers = AnswerFlights(AnswerCache(self.clocks.monotonic))
         # Turn states issued by metadata events after the 101, per idle socket.
         self.late_turn_states: weakref.WeakKeyDictionary[UpstreamSession, str] = (
             weakref.WeakKeyDictionary()
@@ -191,6 +216,26 @@ class BridgeService:
         )
         await _TurnRun(self, turn, sink, self._turn_state()).drive(engine.run())
 
+    async def forward(self, turn: Turn, sink: ClientSink) -> None:
+        """Answers a request the pool forwards over HTTP (`turn.http`), through `sink`."""
+        engine = ForwardEngine(
+            turn,
+            self.settings.engine,
+            accounts_own_upstreams=self.accounts_own_upstreams(),
+            scrub=self.state.scrubber(),
+            clocks=self.clocks,
+            jitter=self.jitter,
+        )
+        await _TurnRun(self, turn, sink, self.turn_state()).drive(engine.run())
+
+    def accounts_own_upstreams(self) -> bool:
+        """Every account names its own upstream: a client-chosen destination is never used."""
+        return self._facts().accounts_own_upstreams
+
+    def turn_state(self) -> TurnState:
+        """The turn state one request (or one client WebSocket) is served with."""
+        return self._turn_state()
+
     def _facts(self) -> PoolFacts:
         pool = self.state.pool
         if pool is None:
@@ -221,17 +266,21 @@ _ENDED = object()
 class _TurnRun:
     """Carries out one turn engine's commands; holds the turn's upstream socket."""
 
+    # Which method carries out which command (filled in below the class).
+    handlers: ClassVar[dict[type, Callable[[Any, Any], Awaitable[Any]]]]
+
     def __init__(self, service: BridgeService, turn: Turn, sink: ClientSink, state: TurnState):
         self.service = service
         self.turn = turn
         self.sink = sink
         self.state = state
         self.session: UpstreamSession | None = None
+        self.exchange: HttpExchange | None = None
         self._push: FramePush
         # What made the client leave (or the proxy stop), raised once the engine let go.
         self._left: BaseException | None = None
 
-    async def drive(self, engine: EngineRun) -> None:
+    async def drive(self, engine: EngineRun | AnyRun) -> None:
         """Runs the engine to its end; re-raises what made the client leave."""
         self._push = FramePush(engine, self.sink)
         reply: object = None
@@ -259,7 +308,7 @@ class _TurnRun:
 
     async def _carry_out(self, command: Command) -> object:
         try:
-            return await _HANDLERS[type(command)](self, command)
+            return await type(self).handlers[type(command)](self, command)
         except BaseException as exc:  # the client left, the proxy stops, or a bug
             return self._left_with(exc)
 
@@ -364,6 +413,55 @@ class _TurnRun:
             raise RuntimeError("the turn engine used a socket it had not opened")
         return self.session
 
+    # -- a forwarded HTTP exchange ----------------------------------------------------------
+
+    async def _fetch(self, command: Fetch) -> Fetched | Broke:
+        service = self.service
+        taps = service.exchange_taps
+        tap = taps(self.turn, command.attempt, command) if taps is not None else None
+        try:
+            self.exchange = await http_forward.exchange(
+                command.url,
+                command.method,
+                command.headers,
+                command.body,
+                service.settings.upstream,
+                head_timeout=command.timeout_s,
+                tap=tap,
+            )
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+        return Fetched(self.exchange.status, self.exchange.reason, self.exchange.headers)
+
+    async def _read_body(self, command: ReadBody) -> BodyChunk | TimedOut | Broke:
+        exchange = self.exchange
+        if exchange is None:
+            raise RuntimeError("the engine read an answer it had not fetched")
+        try:
+            if command.whole is not None:
+                data, end = await exchange.read_whole(command.whole, command.timeout_s)
+            else:
+                data, end = await exchange.read(command.timeout_s)
+        except TimeoutError:
+            return TimedOut()
+        except AttemptFailed as exc:
+            return Broke(exc.failure)
+        return BodyChunk(data, end)
+
+    async def _drop_fetch(self, _: DropFetch) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.close()
+
+    async def _cache_lookup(self, command: CacheLookup) -> CachedAnswer | None:
+        return await self.service.answers.lookup(command.key)
+
+    async def _cache_store(self, command: CacheStore) -> None:
+        self.service.answers.store(command.key, command.answer)
+
+    async def _abort(self, command: Abort) -> None:
+        await self.sink.abort(command.reason)
+
     # -- the client -------------------------------------------------------------------------
 
     async def _start(self, command: StartStream) -> None:
@@ -390,7 +488,7 @@ class _TurnRun:
 
 # Which method carries out which command: a table on the class, not bound methods on
 # each run (those would tie every run into a cycle only the cyclic GC frees).
-_HANDLERS: dict[type[Command], Callable[[_TurnRun, Any], Awaitable[Any]]] = {
+_TurnRun.handlers = {
     FindOwner: _TurnRun._find_owner,
     Choose: _TurnRun._choose,
     Bind: _TurnRun._bind,
@@ -414,6 +512,12 @@ _HANDLERS: dict[type[Command], Callable[[_TurnRun, Any], Awaitable[Any]]] = {
     Respond: _TurnRun._respond,
     Sleep: _TurnRun._sleep,
     Log: _TurnRun._log,
+    Fetch: _TurnRun._fetch,
+    ReadBody: _TurnRun._read_body,
+    DropFetch: _TurnRun._drop_fetch,
+    CacheLookup: _TurnRun._cache_lookup,
+    CacheStore: _TurnRun._cache_store,
+    Abort: _TurnRun._abort,
 }
 
 

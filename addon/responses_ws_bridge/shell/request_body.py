@@ -31,11 +31,15 @@ class BodyRefused(Exception):
 class BodyCollector:
     """`flow.request.stream` for a bridged flow; `await collector.result` gives the body."""
 
-    def __init__(self, content_encoding: str | None, *, limit: int) -> None:
+    def __init__(
+        self, content_encoding: str | None, *, limit: int, keep_wire: bool = False
+    ) -> None:
         self._limit = limit
         self._decoder: StreamDecoder | None = None
         self._parts: list[bytes] = []
         self.wire_bytes = 0
+        # `keep_wire`: the body as sent is kept too (a forwarded request goes on as it came).
+        self._wire: list[bytes] | None = [] if keep_wire else None
         self.result: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         try:
             self._decoder = StreamDecoder.for_header(content_encoding, limit=limit)
@@ -59,6 +63,8 @@ class BodyCollector:
                 if self.wire_bytes > self._limit:
                     self._refuse(openai_errors.request_too_large(None, self._limit))
                     return b""
+                if self._wire is not None:
+                    self._wire.append(chunk)
                 self._parts.append(self._decoder.feed(chunk))
             else:  # mitmproxy's end of the body
                 self._parts.append(self._decoder.finish())
@@ -68,6 +74,11 @@ class BodyCollector:
             self._refuse(openai_errors.body_decoding_failed(exc))
         return b""
 
+    @property
+    def wire(self) -> bytes:
+        """The body as it was sent (with `keep_wire`; b"" otherwise)."""
+        return b"".join(self._wire or ())
+
     def cancel(self) -> None:
         """The flow ended first (error hook): nobody will wait for the body."""
         if not self.result.done():
@@ -76,6 +87,8 @@ class BodyCollector:
 
     def _refuse(self, error: HttpError) -> None:
         self._parts = []
+        if self._wire is not None:
+            self._wire = []
         if not self.result.done():
             self.result.set_exception(BodyRefused(error))
             # Retrieved by whoever awaits; never "exception was never retrieved".

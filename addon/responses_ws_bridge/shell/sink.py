@@ -15,7 +15,8 @@ class ClientSink(Protocol):
 
     `start` sends the status and headers of a streamed response, `write` a body
     chunk, `finish` ends it; `respond` sends a whole response with a known
-    length. Each raises `ClientGone` once the client has left.
+    length; `abort` cuts a streamed one short. Each raises `ClientGone` once
+    the client has left.
 
     `write_now` is `write` for a caller that cannot wait (an upstream socket's
     data callback): it writes at once and says True when nothing has to wait
@@ -37,3 +38,7 @@ class ClientSink(Protocol):
     async def respond(
         self, status: int, headers: Sequence[tuple[str, str]], body: bytes
     ) -> None: ...
+
+    async def abort(self, reason: str) -> None:
+        """A streamed response is cut (not ended): the client sees it incomplete."""
+        ...

@@ -64,6 +64,10 @@ class _StartWatch:
         self.status, self.started, self.finished = status, True, True
         await self._inner.respond(status, headers, body)
 
+    async def abort(self, reason: str) -> None:
+        self.finished = True
+        await self._inner.abort(reason)
+
 
 async def observe(
     serve: Callable[[Turn, ClientSink], Awaitable[None]],

@@ -295,6 +295,11 @@ async def open_session(
     return UpstreamSession(ws, url, tap)
 
 
+def client_tls_context(secure: bool, settings: UpstreamSettings) -> ssl.SSLContext | None:
+    """The TLS context of any upstream connection the bridge makes (None: cleartext)."""
+    return _context_for(secure, settings)
+
+
 def _context_for(
     secure: bool, settings: UpstreamSettings, given: ssl.SSLContext | None = None
 ) -> ssl.SSLContext | None:
