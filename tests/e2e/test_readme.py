@@ -206,9 +206,14 @@ class Server:
         self.proc.wait(BOUND)
 
     def kill(self) -> None:
+        """Stops it after a failure: Ctrl-C first, so that `make run` stops its own children."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(BOUND)
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(BOUND)
 
 
 def start(block: Block, body: str, cwd: Path, ports: dict[int, int]) -> Server:
