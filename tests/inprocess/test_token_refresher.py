@@ -296,14 +296,14 @@ async def test_an_echoing_endpoint_never_puts_the_token_in_the_log(
 async def test_a_refusal_does_not_overwrite_a_newer_token_on_disk(tmp_path: Path) -> None:
     """Two processes on one machine, one tokens file: the stale one is refused, and adopts."""
     endpoint, clock = Endpoint(), Clock()
-    alpha = refresher(endpoint, clock, tmp_path, name="shared")
-    bravo = refresher(endpoint, clock, tmp_path, name="shared")
+    alpha = refresher(endpoint, clock, tmp_path, name="machine")
+    bravo = refresher(endpoint, clock, tmp_path, name="machine")
     assert await alpha.access_token(ACCOUNT) == access(1)
     # Bravo still holds the spent rt-0; its refresh is refused as reused.
     assert await bravo.access_token(ACCOUNT) == access(1)
-    entry = json.loads((tmp_path / "shared" / "accounts.tokens.json").read_text())["accounts"]["r"]
+    entry = json.loads((tmp_path / "machine" / "accounts.tokens.json").read_text())["accounts"]["r"]
     assert entry["refresh_token"] == "rt-1" and "refused" not in entry
-    restarted = refresher(endpoint, clock, tmp_path, name="shared")
+    restarted = refresher(endpoint, clock, tmp_path, name="machine")
     assert await restarted.access_token(ACCOUNT) == access(1)
 
 
