@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from typing import Any
-from urllib.parse import urlsplit
 
 from responses_ws_bridge.core import (
     forward_policy,
@@ -43,8 +42,8 @@ from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import AffinityKind
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
+from responses_ws_bridge.core.attempt_url import attempt_url
 from responses_ws_bridge.core.failures import (
-    BAD_URL,
     REFRESH_FAILED,
     ConnectFailed,
     Failure,
@@ -315,23 +314,13 @@ class ForwardEngine(PoolSteps):
         )
 
     def _url(self, account: Account) -> str | Failure:
-        destination = self.turn.destination
-        try:
-            url = routing.forward_url(
-                option=self.settings.upstream_option,
-                account_upstream=account.upstream,
-                scheme=destination.scheme,
-                host=destination.host,
-                port=destination.port,
-                path=destination.path,
-            )
-        except ValueError as exc:
-            return ConnectFailed(str(exc), cause=BAD_URL)
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        if upstream_trust.is_own_endpoint(parts.hostname or "", port, self.turn.own_endpoints):
-            return ConnectFailed("the upstream is this proxy itself", cause=BAD_URL)
-        return url
+        return attempt_url(
+            routing.forward_url,
+            option=self.settings.upstream_option,
+            account=account,
+            destination=self.turn.destination,
+            own_endpoints=self.turn.own_endpoints,
+        )
 
     # -- the answer -------------------------------------------------------------------------
 

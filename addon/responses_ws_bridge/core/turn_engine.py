@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode
 
@@ -54,11 +53,11 @@ from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import SessionKey, session_key
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
+from responses_ws_bridge.core.attempt_url import attempt_url
 from responses_ws_bridge.core.client_events import client_kind, keepalive
 from responses_ws_bridge.core.error_classes import ErrorClass
 from responses_ws_bridge.core.event_relay import JsonRelay, SseRelay, Step
 from responses_ws_bridge.core.failures import (
-    BAD_URL,
     ConnectFailed,
     Failure,
     HandshakeRejected,
@@ -373,24 +372,13 @@ class TurnEngine:
         return (yield from self._exchange(ready, attempt))
 
     def _url(self, account: Account | None) -> str | Failure:
-        destination = self.turn.destination
-        try:
-            url = routing.upstream_url(
-                option=self.settings.upstream_option,
-                account_upstream=account.upstream if account is not None else None,
-                scheme=destination.scheme,
-                host=destination.host,
-                port=destination.port,
-                path=destination.path,
-            )
-        except ValueError as exc:
-            return ConnectFailed(str(exc), cause=BAD_URL)
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        if upstream_trust.is_own_endpoint(parts.hostname or "", port, self.turn.own_endpoints):
-            # An account's upstream (or bridge_upstream) aimed at this proxy itself.
-            return ConnectFailed("the upstream is this proxy itself", cause=BAD_URL)
-        return url
+        return attempt_url(
+            routing.upstream_url,
+            option=self.settings.upstream_option,
+            account=account,
+            destination=self.turn.destination,
+            own_endpoints=self.turn.own_endpoints,
+        )
 
     def _open(self, account: Account | None, attempt: Attempt, url: str) -> _Ask:
         """A new socket for the attempt: SocketReady, or the failure."""

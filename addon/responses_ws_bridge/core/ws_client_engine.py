@@ -37,16 +37,15 @@ import json
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from responses_ws_bridge.core import openai_errors, routing, upstream_trust
 from responses_ws_bridge.core.account_pool import Chosen, NoneUsable, fail_http_for_choice
 from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import AffinityKind, classify
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
+from responses_ws_bridge.core.attempt_url import attempt_url
 from responses_ws_bridge.core.create_request import CreateRequest
 from responses_ws_bridge.core.failures import (
-    BAD_URL,
     REFRESH_FAILED,
     ConnectFailed,
     ConnectionLost,
@@ -383,23 +382,13 @@ class WsClientEngine(PoolSteps):
         return opened
 
     def _url(self, account: Account) -> str | Failure:
-        destination = self.request.destination
-        try:
-            url = routing.upstream_url(
-                option=self.settings.upstream_option,
-                account_upstream=account.upstream,
-                scheme=destination.scheme,
-                host=destination.host,
-                port=destination.port,
-                path=destination.path,
-            )
-        except ValueError as exc:
-            return ConnectFailed(str(exc), cause=BAD_URL)
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        if upstream_trust.is_own_endpoint(parts.hostname or "", port, self.request.own_endpoints):
-            return ConnectFailed("the upstream is this proxy itself", cause=BAD_URL)
-        return url
+        return attempt_url(
+            routing.upstream_url,
+            option=self.settings.upstream_option,
+            account=account,
+            destination=self.request.destination,
+            own_endpoints=self.request.own_endpoints,
+        )
 
     # -- one turn ---------------------------------------------------------------------------
 
