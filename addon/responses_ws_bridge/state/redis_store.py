@@ -96,17 +96,24 @@ local function expires_at(ttl)
 end
 """
 
+
 # KEYS: the binding, its account's session set; ARGV: value, ttl ms (0: none), fingerprint,
 # '1' when counted. Returns the binding in force (first writer wins); refreshes its TTL.
-_BIND = (
-    _EXPIRES_AT
-    + """
+def _bind_script(*, first: str = "", before_new: str = "") -> str:
+    """The bind script; `first` runs before anything, `before_new` before a new binding."""
+    return (
+        _EXPIRES_AT
+        + first
+        + """
 local v = redis.call('GET', KEYS[1])
 local ttl = tonumber(ARGV[2])
 if v then
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
   return v
 end
+"""
+        + before_new
+        + """
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 else
@@ -115,7 +122,10 @@ end
 if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], expires_at(ttl), ARGV[3]) end
 return ARGV[1]
 """
-)
+    )
+
+
+_BIND = _bind_script()
 
 # Same KEYS and ARGV, and ARGV[5]: the session-set prefix. Binds whatever was bound,
 # taking the key's session entry from its old account's set.
@@ -193,25 +203,9 @@ return ARGV[1]
 # fingerprint was made with. `_BIND` for a key nobody has offered an owner for: '' (refused)
 # while the store recovers, or when its salt is not the one this instance knew (it lost its
 # data and nobody noticed yet).
-_BIND_NEW = (
-    _EXPIRES_AT
-    + """
-if redis.call('GET', KEYS[4]) ~= ARGV[5] then return '' end
-local v = redis.call('GET', KEYS[1])
-local ttl = tonumber(ARGV[2])
-if v then
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-  return v
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then return '' end
-if ttl > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], expires_at(ttl), ARGV[3]) end
-return ARGV[1]
-"""
+_BIND_NEW = _bind_script(
+    first="\nif redis.call('GET', KEYS[4]) ~= ARGV[5] then return '' end",
+    before_new="if redis.call('EXISTS', KEYS[3]) == 1 then return '' end",
 )
 
 
