@@ -12,6 +12,7 @@ from responses_ws_bridge.core.bindings import Binding
 from responses_ws_bridge.local.state_server import StateServer
 from responses_ws_bridge.state.fingerprint import fingerprint
 from responses_ws_bridge.state.guarded import GuardedStore, StateUnavailable
+from responses_ws_bridge.state.memory import MemoryStateStore
 from responses_ws_bridge.state.redis_store import CLIENT_ERRORS, RedisStateStore, connect
 from responses_ws_bridge.state.store import BindingLimits
 from responses_ws_bridge.state.store_health import Backoff
@@ -335,3 +336,36 @@ def test_an_instance_that_missed_the_restart_is_refused_a_new_binding(
 async def state_server_flush(store: RedisStateStore) -> None:
     """The store losing its data without the connection breaking (FLUSHALL)."""
     await store.client.flushall()
+
+
+class _ClosingStore(MemoryStateStore):
+    """A store whose calls fail once it is being closed, as a client's pool does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    async def binding(self, key: str) -> Binding | None:
+        if self.closed:
+            raise ConnectionError("Connection closed by server.")
+        return await super().binding(key)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_call_that_fails_because_the_store_is_closing_is_not_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    errors: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        guarded = GuardedStore(_ClosingStore(), on_error=lambda op, kind: errors.append((op, kind)))
+        await guarded.close()
+        got = await guarded.run("binding", lambda s: s.binding(SESSION))
+        assert isinstance(got, StateUnavailable)
+        assert guarded.available
+
+    run(main)
+    assert errors == []
+    assert "unavailable" not in caplog.text

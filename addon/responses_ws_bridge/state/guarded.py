@@ -59,6 +59,9 @@ class GuardedStore:
         # else is a bug and propagates.
         self._errors = errors
         self._close_errors: tuple[type[Exception], ...] = (*errors, TimeoutError)
+        # Set once this process closes the store: a call that fails then failed because
+        # of that close, which says nothing about the server (no count, no log line).
+        self._closing = False
 
     @property
     def available(self) -> bool:
@@ -89,11 +92,11 @@ class GuardedStore:
                 result = await call(self.store)
         except TimeoutError:
             reason = f"no answer within {self.timeout_s:g}s"
-            if not count_failure:
+            if not count_failure or self._closing:
                 return StateUnavailable(operation, reason)
             return self._failed(operation, "timeout", reason)
         except self._errors as exc:
-            if not count_failure:
+            if not count_failure or self._closing:
                 return StateUnavailable(operation, _describe(exc))
             return self._failed(operation, type(exc).__name__, _describe(exc))
         self.health, log = store_health.on_success(self.health)
@@ -121,6 +124,7 @@ class GuardedStore:
         return StateUnavailable(operation, reason)
 
     async def close(self) -> None:
+        self._closing = True
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self.store.close()
