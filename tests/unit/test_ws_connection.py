@@ -15,6 +15,10 @@ import pytest
 from responses_ws_bridge.shell.ws_connection import KEEPALIVE_TIMEOUT_REASON, WebSocketConnection
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+from websockets.extensions.permessage_deflate import (
+    ServerPerMessageDeflateFactory,
+    enable_client_permessage_deflate,
+)
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Event, State
@@ -294,6 +298,105 @@ def test_a_message_over_max_size_fails_the_connection_with_1009() -> None:
         assert isinstance(close, Frame) and Close.parse(close.data).code == 1009
 
     run(body)
+
+
+def script_frames() -> tuple[list[Frame], list[str | bytes]]:
+    """Frames of every length encoding, a fragmented message with a ping inside, and
+    what the reader should get from them."""
+    frames = [
+        text("short"),
+        text("m" * 300),  # 16-bit length
+        Frame(Opcode.BINARY, b"\x01" * 70000),  # 64-bit length
+        text("frag", fin=False),
+        Frame(Opcode.PING, b"p"),
+        Frame(Opcode.CONT, b"mented"),
+        Frame(Opcode.BINARY, b""),
+        text("é" * 3),
+    ]
+    return frames, ["short", "m" * 300, b"\x01" * 70000, "fragmented", b"", "é" * 3]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 125, 4096, 1 << 20])
+def test_frames_cut_anywhere_read_as_websockets_reads_them(chunk: int) -> None:
+    async def body() -> tuple[list[str | bytes], list[Event]]:
+        wire = Wire(connection())
+        request = upgrade(wire)
+        frames, _ = script_frames()
+        # The 101 and the frames behind it, on one stream cut into `chunk`-byte pieces.
+        wire.server.send_response(wire.server.accept(request))
+        for frame in frames:
+            wire.server.send_frame(frame)
+        data = b"".join(wire.server.data_to_send())
+        for at in range(0, len(data), chunk):
+            wire.conn.data_received(data[at : at + chunk])
+        return await wire.conn.receive_batch(0), wire.upstream_receives()
+
+    messages, answered = run(body)
+    assert messages == script_frames()[1]
+    assert [(f.opcode, f.data) for f in answered if isinstance(f, Frame)] == [(Opcode.PONG, b"p")]
+
+
+def test_a_masked_frame_from_the_upstream_fails_the_connection_with_1002() -> None:
+    async def body() -> None:
+        wire = await opened()
+        wire.upstream_sends(text("a"))
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(b"b"))
+        wire.conn.data_received(b"\x81\x81" + mask + masked)
+        (close,) = wire.upstream_receives()
+        assert isinstance(close, Frame) and Close.parse(close.data).code == 1002
+        assert await wire.conn.receive_batch() == ["a"]
+
+    run(body)
+
+
+def test_a_frame_over_max_size_fails_before_its_payload_arrives() -> None:
+    async def body() -> None:
+        wire = await opened(max_size=1000)
+        wire.conn.data_received(b"\x81\x7f" + (1 << 40).to_bytes(8))  # the header alone
+        (close,) = wire.upstream_receives()
+        assert isinstance(close, Frame) and Close.parse(close.data).code == 1009
+
+    run(body)
+
+
+def test_an_end_of_stream_inside_a_frame_is_an_abnormal_closure() -> None:
+    async def body() -> None:
+        wire = await opened()
+        wire.server.send_frame(text("cut short"))
+        data = b"".join(wire.server.data_to_send())
+        wire.conn.data_received(data[:-3])
+        wire.conn.eof_received()
+        wire.conn.connection_lost(None)
+        with pytest.raises(ConnectionClosed) as caught:
+            await wire.conn.receive_batch()
+        assert caught.value.rcvd is None and caught.value.sent is None
+        # websockets judged the unfinished frame itself: it knows how much was missing.
+        parser_exc = wire.conn.protocol.parser_exc
+        assert isinstance(parser_exc, EOFError) and "expected" in str(parser_exc)
+
+    run(body)
+
+
+def test_compressed_messages_are_read_by_websockets_itself() -> None:
+    async def body() -> list[str | bytes]:
+        conn = WebSocketConnection(
+            ClientProtocol(URI, extensions=enable_client_permessage_deflate(None)),
+            ping_interval=None,
+            ping_timeout=None,
+            close_timeout=5.0,
+        )
+        wire = Wire(conn)
+        wire.server = ServerProtocol(extensions=[ServerPerMessageDeflateFactory()])
+        request = upgrade(wire)
+        wire.server.send_response(wire.server.accept(request))
+        wire.server.send_text(b"squeeze " * 100)
+        wire.server.send_text(b"again")
+        wire.deliver()
+        assert conn.protocol.extensions
+        return await conn.receive_batch(0)
+
+    assert run(body) == ["squeeze " * 100, "again"]
 
 
 def test_the_upstreams_pings_are_answered() -> None:

@@ -41,6 +41,7 @@ from responses_ws_bridge.core.failures import (
 )
 from responses_ws_bridge.core.retry_policy import handshake_rejected
 from responses_ws_bridge.core.turns import Attempt, Turn
+from responses_ws_bridge.shell.tls_transport import open_connection
 from responses_ws_bridge.shell.ws_connection import WebSocketConnection
 
 # mitmproxy turns the root logger up to DEBUG, and websockets' protocol then
@@ -289,7 +290,6 @@ async def open_session(
             error = failure.detail if isinstance(failure, ConnectFailed) else None
             tap.handshake_done(request, response, error)
         raise AttemptFailed(failure) from exc
-    _shrink_tls_buffer(ws.transport)
     if tap is not None:
         tap.handshake_done(ws.request, ws.response, None)
     return UpstreamSession(ws, url, tap)
@@ -370,17 +370,10 @@ async def preconnect(url: str, settings: UpstreamSettings) -> Preconnected:
     """
     uri = parse_uri(url)
     context = _context_for(uri.secure, settings)
-    loop = asyncio.get_running_loop()
+    parked = _Parked()
     async with asyncio.timeout(settings.connect_timeout):
-        transport, parked = await loop.create_connection(
-            _Parked,
-            uri.host,
-            uri.port,
-            ssl=context,
-            server_hostname=uri.host if context is not None else None,
-        )
-    _shrink_tls_buffer(transport)
-    return Preconnected(parked, loop.time())
+        await open_connection(parked, uri.host, uri.port, context)
+    return Preconnected(parked, asyncio.get_running_loop().time())
 
 
 def _open_failure(exc: BaseException, url: str, settings: UpstreamSettings) -> Failure | None:
@@ -400,21 +393,3 @@ def _open_failure(exc: BaseException, url: str, settings: UpstreamSettings) -> F
     if isinstance(exc, OSError | InvalidHandshake | InvalidURI | ssl.SSLError):
         return ConnectFailed(f"cannot open {url}: {exc or type(exc).__name__}")
     return None
-
-
-# asyncio's TLS transport reads into a 256 KiB buffer per connection, written
-# through once at allocation: on an upstream socket that idles between turns
-# most of its memory. TLS records are at most 16 KiB, so 32 KiB loses nothing.
-TLS_READ_BUFFER = 32 * 1024
-
-
-def _shrink_tls_buffer(transport: asyncio.BaseTransport) -> None:
-    """Gives a TLS connection a smaller read buffer (asyncio internals; a no-op if they change)."""
-    protocol = getattr(transport, "_ssl_protocol", None)
-    if protocol is None or not isinstance(getattr(protocol, "_ssl_buffer", None), bytearray):
-        return
-    if getattr(protocol, "max_size", 0) <= TLS_READ_BUFFER:
-        return
-    protocol.max_size = TLS_READ_BUFFER
-    protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
-    protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)

@@ -28,6 +28,8 @@ from websockets.protocol import State
 from websockets.typing import BytesLike
 from websockets.uri import WebSocketURI
 
+from responses_ws_bridge.shell.tls_transport import open_connection
+
 # Bytes of received messages waiting for the reader, above which reading pauses.
 HIGH_WATER = 1024 * 1024
 
@@ -66,6 +68,14 @@ class WebSocketConnection(asyncio.Protocol):
         # Called at once, in place of waking a reader, while a consumer listens.
         self._listener: Callable[[], None] | None = None
         self._fragments: list[BytesLike] = []
+        # Frames are read here once open (see `_read_frames`): the bytes of an unfinished one.
+        self._framing = False
+        self._partial = b""
+        self._head_tail = b""
+        limits = [
+            x for x in (protocol.max_message_size, protocol.max_fragment_size) if x is not None
+        ]
+        self._frame_limit = min(limits) if limits else None
         self._fragmented_text = False
         # Set once the bridge closes or fails the connection: later messages are dropped.
         self._discarding = False
@@ -100,13 +110,7 @@ class WebSocketConnection(asyncio.Protocol):
             transport.set_protocol(self)
             self.connection_made(transport)
         else:
-            await self.loop.create_connection(
-                lambda: self,
-                uri.host,
-                uri.port,
-                ssl=ssl,
-                server_hostname=uri.host if ssl is not None else None,
-            )
+            await open_connection(self, uri.host, uri.port, ssl)
         request = self.protocol.connect()
         request.headers.update(headers)
         self.send_request(request)
@@ -132,6 +136,49 @@ class WebSocketConnection(asyncio.Protocol):
         return self._transport
 
     def data_received(self, data: bytes) -> None:
+        if self._framing and self.protocol.state is State.OPEN:
+            queued = self._read_frames(data)
+        else:
+            queued = self._feed_protocol(data)
+        if queued:
+            if self.buffered > self.high_water and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            self._wake_reader()
+
+    def _feed_protocol(self, data: bytes) -> bool:
+        """Hands bytes to `websockets`' own parser; True when a message completed.
+
+        During the handshake only the answer's head goes in first: after a 101
+        the bytes that follow start at a frame's boundary, and from there the
+        frames are read here (`_read_frames`)."""
+        if self._framing:  # the connection is closing: websockets reads what is left
+            self._framing = False
+            data, self._partial = self._partial + data, b""
+        rest = b""
+        if not self.opened.done():
+            data, rest = self._split_head(data)
+        queued = self._protocol_events(data)
+        if not self.opened.done():
+            self._settle_handshake()
+        if rest:
+            more = self._read_frames(rest) if self._framing else self._protocol_events(rest)
+            queued = more or queued
+            if not self.opened.done():
+                self._settle_handshake()  # a rejection, once its body is in
+        return queued
+
+    def _split_head(self, data: bytes) -> tuple[bytes, bytes]:
+        """`data` up to the end of the handshake answer's head, and what follows it."""
+        probe = self._head_tail + data
+        end = probe.find(b"\r\n\r\n")
+        if end < 0:
+            self._head_tail = probe[-3:]
+            return data, b""
+        cut = end + 4 - len(self._head_tail)
+        return data[:cut], data[cut:]
+
+    def _protocol_events(self, data: bytes) -> bool:
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -142,13 +189,42 @@ class WebSocketConnection(asyncio.Protocol):
                 queued = self._frame(event) or queued
             elif isinstance(event, Response):
                 self.response = event
-        if not self.opened.done():
-            self._settle_handshake()
-        if queued:
-            if self.buffered > self.high_water and not self._reading_paused:
-                self._reading_paused = True
-                self.transport.pause_reading()
-            self._wake_reader()
+        return queued
+
+    def _read_frames(self, data: bytes) -> bool:
+        """Reads frames; a whole, unfragmented text or binary message is taken here,
+        every other frame goes to `websockets` whole, at a frame boundary, so its
+        state (pings, closes, fragments, limits) stays its own."""
+        buf = self._partial + data if self._partial else data
+        view = memoryview(buf)
+        size, pos, queued = len(buf), 0, False
+        limit = self._frame_limit
+        while size - pos >= 2:
+            head, second = buf[pos], buf[pos + 1]
+            start, length = pos + 2, second & 0x7F
+            if length >= 126:
+                wide = 2 if length == 126 else 8
+                if size - start < wide:
+                    break
+                length = int.from_bytes(buf[start : start + wide])
+                start += wide
+            end = start + length
+            if second & 0x80 or (limit is not None and length > limit):
+                # Masked, or over the limit: websockets fails the connection its way.
+                self._partial = b""
+                return self._feed_protocol(buf[pos:]) or queued
+            if end > size:
+                break
+            if (head == 0x81 or head == 0x82) and not self._fragments:
+                queued = self._message(view[start:end], head == 0x81) or queued
+            else:
+                queued = self._protocol_events(buf[pos:end]) or queued
+            pos = end
+            if self.protocol.state is not State.OPEN:
+                self._partial = b""
+                return self._feed_protocol(buf[pos:]) or queued
+        self._partial = buf[pos:] if pos else buf
+        return queued
 
     def eof_received(self) -> None:
         # A rejection without Content-Length ends at EOF, its only event then.
@@ -168,6 +244,12 @@ class WebSocketConnection(asyncio.Protocol):
         self._wake_reader()
 
     def _receive_eof(self) -> None:
+        if self._framing:
+            # An unfinished frame is websockets' to judge (an unexpected end of stream).
+            self._framing = False
+            if self._partial:
+                self._protocol_events(self._partial)
+                self._partial = b""
         self.protocol.receive_eof()
         for event in self.protocol.events_received():
             if isinstance(event, Response):
@@ -373,6 +455,8 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if self.protocol.state is State.OPEN:
             self.opened.set_result(None)
+            # Extensions (compression) change what a frame holds: websockets reads those.
+            self._framing = not self.protocol.extensions
             self._schedule_ping(self.ping_interval)
         elif self.protocol.handshake_exc is not None or self.protocol.state is State.CLOSED:
             self.opened.set_result(None)
