@@ -12,6 +12,7 @@ from responses_ws_bridge.core.upstream_events import (
     EventInfo,
     final_response,
     inspect_event,
+    load_event,
     output_item,
     parse_error_event,
     with_output,
@@ -333,3 +334,29 @@ def test_both_shapes_of_an_unknown_previous_response_have_one_code(event: dict[s
 def test_other_invalid_request_errors_keep_their_code() -> None:
     parsed = parse_error_event(json.dumps(error_event(400, "invalid_value", "Invalid model.")))
     assert parsed is not None and parsed.code == "invalid_value"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type":"a","n":1}', {"type": "a", "n": 1}),
+        (' \n{"type":"a"}', {"type": "a"}),  # leading whitespace: the full decoder
+        ('{"type":"a"} \r\n', {"type": "a"}),  # trailing whitespace
+        ('{"a":{"b":[1,2.5,null,true]}}', {"a": {"b": [1, 2.5, None, True]}}),
+        ('{"type":"a"}{"type":"b"}', None),  # two objects in one frame
+        ('{"type":"a"}x', None),
+        ("[1]", None),
+        ('"text"', None),
+        ("", None),
+        ("   ", None),
+        ('{"type":', None),
+        ('{"n":NaN}', None),
+        ('{"n":-Infinity}', None),
+        ('{"n":1e999}', None),
+        ("[" * 100_000, None),  # nesting deeper than the recursion limit
+    ],
+)
+def test_a_frame_is_a_json_object_of_finite_numbers_or_nothing(
+    text: str, expected: dict[str, Any] | None
+) -> None:
+    assert load_event(text) == expected
