@@ -252,11 +252,6 @@ def _feed_stream(self: HttpLayer, event: _Feed) -> Generator[Any, Any, bool]:
         return True
     return False
 
-    # A CONNECT tunnel (or an upgraded stream) holds the flow's HTTP layer further down.
-    for stream in list(self.streams.values()):
-        if stream.child_layer is not None and stream._handle_event == stream.passthrough:
-            yield from self.event_to_child(stream, event)
-
 
 # What this module (and the bridge's hooks) call, override or compare with: methods
 # and class attributes, by name.

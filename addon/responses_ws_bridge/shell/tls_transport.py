@@ -40,6 +40,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closing = False
         self._lost = False
+        self._ended = False
 
     # -- the TCP side
 
@@ -139,6 +140,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), end
 
     def _peer_ended(self) -> None:
+        # close_notify and then TCP's own end: the protocol hears of the end once.
+        if self._ended:
+            return
+        self._ended = True
         keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
         if not keep_open:
             self.close()
@@ -152,7 +157,12 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing:
             return
-        self._sslobj.write(data)
+        try:
+            self._sslobj.write(data)
+        except ssl.SSLError as exc:  # TLS broke (an alert came): the connection is lost
+            self._report_lost(exc)
+            self.abort()
+            return
         self._send_pending()
 
     def writelines(self, list_of_data: Any) -> None:
