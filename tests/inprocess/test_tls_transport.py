@@ -15,20 +15,13 @@ import pytest
 from responses_ws_bridge.local.tls import TestPki, make_test_pki
 from responses_ws_bridge.shell.tls_transport import TlsTransport, open_connection
 
+from tests.support.aio import run_bounded
+
 TIMEOUT = 10.0
 
 
 def run_async(body: Callable[[], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        async with asyncio.timeout(TIMEOUT):
-            return await body()
-
-    return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
+    return run_bounded(body, TIMEOUT)
 
 
 class Collector(asyncio.Protocol):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import subprocess
@@ -26,6 +25,7 @@ from responses_ws_bridge.shell.upstream_client import (
     tls_context,
 )
 
+from tests.support.aio import run_bounded
 from tests.support.data import SCRIPTS
 
 TIMEOUT = 15.0
@@ -33,16 +33,7 @@ CREATE = json.dumps({"type": "response.create", "model": "m", "input": "hi"})
 
 
 def run_async(body: Callable[[], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        async with asyncio.timeout(TIMEOUT):
-            return await body()
-
-    return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
+    return run_bounded(body, TIMEOUT)
 
 
 def test_the_server_certificate_names_loopback_and_is_signed_by_the_ca(pki: TestPki) -> None:
