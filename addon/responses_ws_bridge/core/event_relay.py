@@ -61,6 +61,7 @@ from responses_ws_bridge.core.upstream_events import (
     OUTPUT_ITEM_DONE,
     EventInfo,
     final_response,
+    info_of,
     inspect_event,
     load_event,
     output_item,
@@ -179,7 +180,9 @@ class SseRelay(_Seen):
             if isinstance(frame, bytes):
                 step.invalid = "a binary frame"
                 break
-            info = inspect_event(frame)
+            # Parsed once: what the relay acts on and what proves the frame well-formed.
+            event = load_event(frame)
+            info = info_of(event)
             if self.side_channel(frame, info, step):
                 continue
             if not self.events_sent and not out:
@@ -187,8 +190,11 @@ class SseRelay(_Seen):
                 if step.refused is not None:
                     self._held.clear()
                     return step
+            scrubbed = self.scrubbed(frame, info)
+            if scrubbed is not frame:
+                event = load_event(scrubbed)  # what goes out is judged, once cut
             try:
-                encoded = sse.encode_upstream_event(self.scrubbed(frame, info), info.type)
+                encoded = sse.encode_parsed_event(scrubbed, event, info.type)
             except sse.UnencodableEvent as exc:
                 step.invalid = exc.reason
                 break

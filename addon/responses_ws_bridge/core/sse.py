@@ -89,7 +89,11 @@ def encode_upstream_event(frame: str | bytes, event_type: str | None) -> bytes:
     """
     if not isinstance(frame, str):
         raise UnencodableEvent("a binary frame")
-    event = load_event(frame)
+    return encode_parsed_event(frame, load_event(frame), event_type)
+
+
+def encode_parsed_event(frame: str, event: dict[str, Any] | None, event_type: str | None) -> bytes:
+    """`encode_upstream_event` for a frame already parsed: `event` is its `load_event`."""
     if event is None:
         raise UnencodableEvent("not a JSON object of finite numbers")
     parsed_type = event.get("type")

@@ -84,7 +84,11 @@ def _fast_sequence_number(text: str) -> int | None:
 
 
 def _inspect_parsed(frame_text: str) -> EventInfo:
-    event = _load_object(frame_text)
+    return info_of(_load_object(frame_text))
+
+
+def info_of(event: dict[str, Any] | None) -> EventInfo:
+    """What `inspect_event` tells of a frame, from the frame parsed (`load_event`)."""
     if event is None or not isinstance(event.get("type"), str):
         return _INVALID
     event_type: str = event["type"]
