@@ -69,6 +69,7 @@ from mitmproxy.proxy.server import ConnectionHandler, ConnectionIO
 
 from responses_ws_bridge.core.openai_errors import HttpError
 from responses_ws_bridge.mitmproxy_support import SUPPORTED
+from responses_ws_bridge.recording.session_flows import make_response
 from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.sink import ClientGone
 
@@ -581,7 +582,7 @@ def _drop(chunk: bytes) -> bytes:
 
 def _response(error: HttpError) -> http.Response:
     headers = http.Headers([(k.encode(), v.encode()) for k, v in error.headers])
-    return http.Response.make(error.status, error.body, headers)
+    return make_response(error.status, error.body, headers)
 
 
 def forget(flow: http.HTTPFlow) -> None:

@@ -63,6 +63,7 @@ from responses_ws_bridge.core.turns import (
     Turn,
 )
 from responses_ws_bridge.core.ws_client_engine import WsClientRequest
+from responses_ws_bridge.recording.session_flows import make_response
 from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_FIRST_EVENT_TIMEOUT_S,
     DEFAULT_HOLD_CREATED_S,
@@ -426,7 +427,7 @@ class ResponsesBridge:
             ("Sec-WebSocket-Accept", ws_streaming.accept_key(key)),
             *head.headers,
         ]
-        response = http.Response.make(
+        response = make_response(
             101, b"", http.Headers([(k.encode(), v.encode()) for k, v in fields])
         )
         response.headers.pop("content-length", None)
@@ -523,14 +524,14 @@ class ResponsesBridge:
         headers = http.Headers([(k.encode(), v.encode()) for k, v in head.headers])
         if head.body is not None:
             # Bytes as they are: a forwarded answer may be content-encoded already.
-            response = http.Response.make(head.status, b"", headers)
+            response = make_response(head.status, b"", headers)
             response.raw_content = head.body
             response.headers["content-length"] = str(len(head.body))
             flow.response = response
             return
         # No length: mitmproxy frames it (chunked, or h2 DATA frames).
         headers["transfer-encoding"] = "chunked"
-        flow.response = http.Response.make(head.status, b"", headers)
+        flow.response = make_response(head.status, b"", headers)
         routed.streamed = True
 
     async def _serve(self, turn: Turn, sink: flow_streaming.FlowSink) -> None:
@@ -676,7 +677,7 @@ class ResponsesBridge:
     @staticmethod
     def _answer(flow: http.HTTPFlow, error: openai_errors.HttpError) -> None:
         headers = http.Headers([(k.encode(), v.encode()) for k, v in error.headers])
-        flow.response = http.Response.make(error.status, error.body, headers)
+        flow.response = make_response(error.status, error.body, headers)
 
     @staticmethod
     def _annotate(flow: http.HTTPFlow, routed: _Routed) -> None:
