@@ -22,6 +22,8 @@ from responses_ws_bridge.shell.upstream_client import (
     UpstreamSettings,
     open_session,
 )
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 TIMEOUT = 15.0
 TURNS = 10
@@ -142,3 +144,36 @@ def test_an_idle_socket_holds_its_last_turn_only_and_every_turn_is_saved() -> No
     creates = [json.loads(m.content) for m in whole.messages if m.from_client]
     assert [c["input"] for c in creates] == [f"turn {n}" for n in range(1, TURNS + 1)]
     assert ended[3].comment.endswith(f"turn 4 on socket {ended[0].id[:6]}")
+
+
+def test_a_sent_message_is_recorded_as_the_bytes_sent_unless_a_secret_is_cut_out() -> None:
+    secret = "sk-proj-recorded-secret-0123456789"
+
+    async def body() -> list[bytes]:
+        emitter = HookEmitter(Hooks())
+        tap = SessionFlowTap(
+            turn=turn(1),
+            attempt=Attempt(1, "team-a", "wss://upstream.test/v1/responses"),
+            emit=emitter,
+            redact=True,
+            secrets=[secret],
+        )
+        tap.handshake_done(
+            Request("/v1/responses", Headers()),
+            Response(101, "Switching Protocols", Headers()),
+            None,
+        )
+        sent = turn(1).create.message
+        tap.message(True, sent, 1.0)
+        tap.message(True, f'{{"input": "{secret}"}}'.encode(), 2.0)
+        tap.message(False, f'{{"delta": "{secret}"}}', 3.0)
+        await emitter.drain()
+        assert tap.flow is not None and tap.flow.websocket is not None
+        recorded = [m.content for m in tap.flow.websocket.messages]
+        # No copy of what went out as it was: it is the request's own bytes.
+        assert recorded[0] is sent
+        return recorded
+
+    recorded = run_async(body)
+    assert all(secret.encode() not in m for m in recorded)
+    assert b"<redacted>" in recorded[1] and b"<redacted>" in recorded[2]

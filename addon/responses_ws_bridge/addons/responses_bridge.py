@@ -48,6 +48,7 @@ from responses_ws_bridge.core.create_request import (
     DEFAULT_FRAME_LIMIT,
     BadRequest,
     CreateRequest,
+    decision_fields,
     parse_create_request,
 )
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
@@ -727,14 +728,14 @@ def _wire_body(flow: http.HTTPFlow) -> bytes:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    """A forwarded body's JSON object, for its affinity ({} for anything else)."""
+    """A forwarded body's fields its affinity is decided on ({} for anything else)."""
     if not body.strip():
         return {}
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
         return {}
-    return parsed if isinstance(parsed, dict) else {}
+    return decision_fields(parsed) if isinstance(parsed, dict) else {}
 
 
 def _affinity(

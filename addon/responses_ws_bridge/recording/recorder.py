@@ -135,15 +135,29 @@ class SessionFlowTap:
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
         if self.flow is None or self.flow.websocket is None:
             return
-        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
         session_flows.record_message(
             self.flow,
             from_client=from_client,
-            content=self._scrub.known(text) if self._scrub is not None else text,
+            content=self._recorded(data),
             timestamp=timestamp,
             text=True,
         )
         self._emit.touch(self.flow)
+
+    def _recorded(self, data: str | bytes) -> bytes:
+        """A message as recorded: text, scrubbed. Bytes that need no change are kept as they
+        are, so the turn's `response.create` (as large as its request) is not copied."""
+        if isinstance(data, str):
+            return self._scrubbed(data).encode("utf-8", "surrogateescape")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._scrubbed(data.decode("utf-8", "replace")).encode()
+        scrubbed = self._scrubbed(text)
+        return data if scrubbed is text else scrubbed.encode()
+
+    def _scrubbed(self, text: str) -> str:
+        return self._scrub.known(text) if self._scrub is not None else text
 
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
