@@ -14,7 +14,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 from responses_ws_bridge.addons import bridge_addons, flow_streaming
 from responses_ws_bridge.addons.accounts import Accounts
-from responses_ws_bridge.addons.responses_bridge import METADATA_KEY, ResponsesBridge
+from responses_ws_bridge.addons.responses_bridge import METADATA_KEY, ResponsesBridge, _Tap
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.turns import Turn
 from responses_ws_bridge.shell.request_body import BodyCollector
@@ -82,9 +82,13 @@ def test_a_streamed_answer_is_kept_for_display_with_the_turns_report() -> None:
             assert flow.request.url == "https://api.openai.com/v1/responses"
             bridge.responseheaders(flow)
             assert callable(flow.response.stream)
-            flow.response.stream(b"event: a\ndata: {}\n\n")
+            tap = flow.response.stream
+            assert isinstance(tap, _Tap)
+            tap(b"event: a\ndata: {}\n\n")
             bridge.response(flow)
             assert flow.response.content == b"event: a\ndata: {}\n\n"
+            # The flow keeps its tap: it no longer holds a second copy of the body.
+            assert tap._buffer == bytearray()
             assert flow.metadata[METADATA_KEY]["role"] == "client"
 
     asyncio.run(asyncio.wait_for(main(), 10))

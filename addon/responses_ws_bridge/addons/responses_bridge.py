@@ -134,6 +134,14 @@ class _Tap:
         return chunk
 
 
+def _taken(body: bytearray) -> bytes:
+    """The streamed body, for the flow; the buffer is emptied, since the flow's `stream`
+    (the `_Tap`) lives as long as the flow and would hold a second copy."""
+    content = bytes(body)
+    body.clear()
+    return content
+
+
 class ResponsesBridge:
     def __init__(self, service: BridgeService) -> None:
         self.service = service
@@ -575,7 +583,7 @@ class ResponsesBridge:
             self._log_answered(flow)
             return
         if routed.streamed:
-            flow.response.raw_content = bytes(routed.body)
+            flow.response.raw_content = _taken(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
@@ -602,7 +610,7 @@ class ResponsesBridge:
         if routed.turn.report.outcome == PENDING:
             routed.turn.report.outcome = CLIENT_GONE
         if routed.streamed and flow.response is not None:
-            flow.response.raw_content = bytes(routed.body)
+            flow.response.raw_content = _taken(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
