@@ -177,3 +177,75 @@ def test_a_sent_message_is_recorded_as_the_bytes_sent_unless_a_secret_is_cut_out
     recorded = run_async(body)
     assert all(secret.encode() not in m for m in recorded)
     assert b"<redacted>" in recorded[1] and b"<redacted>" in recorded[2]
+
+
+def test_without_a_view_an_idle_segment_is_held_compressed_and_saved_whole() -> None:
+    """mitmdump: nothing shows a segment while its socket idles, so its messages wait there
+    compressed; its end (the next turn, or the close) has every one of them back."""
+    seen = Hooks()
+    large = "You are a coding agent working in a repository. " * 800
+
+    def big_turn(number: int) -> Turn:
+        base = turn(number)
+        body = {"model": "m", "input": f"turn {number}", "instructions": large, "stream": True}
+        create = parse_create_request(json.dumps(body).encode(), max_body=1 << 20)
+        return Turn(
+            flow_id=base.flow_id,
+            create=create,
+            client_headers=base.client_headers,
+            request_id=base.request_id,
+            destination=base.destination,
+            affinity=base.affinity,
+            client_credential=None,
+        )
+
+    def state(flow: http.HTTPFlow) -> list[tuple[object, ...]]:
+        assert flow.websocket is not None
+        return [m.get_state() for m in flow.websocket.messages]
+
+    async def idle_until_compacted(tap: SessionFlowTap) -> None:
+        while tap.flow is not None and tap.flow.websocket and tap.flow.websocket.messages:
+            await asyncio.sleep(0.001)
+
+    async def body() -> list[list[tuple[object, ...]]]:
+        emitter = HookEmitter(seen)
+        pool = SessionPool(idle_ttl_s=60)
+        key = ("session:seg-1", None)
+        whole: list[list[tuple[object, ...]]] = []
+        async with LocalUpstream() as upstream:
+            attempt = Attempt(1, None, f"{upstream.url}/v1/responses")
+            tap = SessionFlowTap(
+                turn=big_turn(1),
+                attempt=attempt,
+                emit=emitter,
+                redact=True,
+                secrets=(),
+                compact_idle=True,
+            )
+            session = await open_session(attempt.url, [], UpstreamSettings(), tap=tap)
+            for number in range(1, 4):
+                if number > 1:
+                    reused = pool.checkout(key)
+                    assert reused is session
+                    tap.attach(big_turn(number), Attempt(1, None, attempt.url, reused=True))
+                await session.send(big_turn(number).create.message)
+                while not any(b'"response.completed"' in m.content for m in _messages(tap)):
+                    await session.next_batch()
+                assert tap.flow is not None
+                whole.append(state(tap.flow))
+                pool.checkin(key, session)
+                await idle_until_compacted(tap)
+            await pool.close_all()
+            await emitter.drain()
+        return whole
+
+    whole = run_async(body)
+    ended = seen.ended()
+    assert [state(f) for f in ended] == whole
+    assert ended[-1].websocket is not None and ended[-1].websocket.close_code == 1001
+    assert large.encode() in ended[2].websocket.messages[0].content  # type: ignore[union-attr]
+
+
+def _messages(tap: SessionFlowTap) -> list[Any]:
+    assert tap.flow is not None and tap.flow.websocket is not None
+    return tap.flow.websocket.messages
