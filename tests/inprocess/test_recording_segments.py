@@ -8,6 +8,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 from responses_ws_bridge.core.affinity import classify
@@ -249,3 +250,42 @@ def test_without_a_view_an_idle_segment_is_held_compressed_and_saved_whole() -> 
 def _messages(tap: SessionFlowTap) -> list[Any]:
     assert tap.flow is not None and tap.flow.websocket is not None
     return tap.flow.websocket.messages
+
+
+@pytest.mark.parametrize("then", ["close", "stop", "stop compressed"])
+def test_a_segment_closed_or_left_open_at_shutdown_keeps_every_message(then: str) -> None:
+    """A close right after the turn (before the compression ran), or a socket still open
+    when mitmproxy stops (its save addon then writes the flow as it is): nothing missing."""
+    seen = Hooks()
+    big = b'{"input": "' + b"x" * 5000 + b'"}'
+
+    async def body() -> http.HTTPFlow:
+        emitter = HookEmitter(seen)
+        tap = SessionFlowTap(
+            turn=turn(1),
+            attempt=Attempt(1, None, "wss://upstream.test/v1/responses"),
+            emit=emitter,
+            redact=True,
+            secrets=(),
+            compact_idle=True,
+        )
+        tap.handshake_done(
+            Request("/v1/responses", Headers()),
+            Response(101, "Switching Protocols", Headers()),
+            None,
+        )
+        tap.message(True, big, 1.0)
+        tap.idle()
+        if then == "close":
+            tap.closed(1000, "", False, 2.0)
+        elif then == "stop compressed":
+            while _messages(tap):
+                await asyncio.sleep(0.001)
+        await emitter.drain()
+        assert tap.flow is not None
+        return tap.flow
+
+    flow = run_async(body)
+    assert flow.websocket is not None
+    assert [m.content for m in flow.websocket.messages] == [big]
+    assert (flow in seen.ended()) is (then == "close")

@@ -223,7 +223,9 @@ class SessionFlowTap:
     def _compact(self, flow: http.HTTPFlow) -> None:
         websocket = flow.websocket
         if flow is not self.flow or not self._turn_over or websocket is None:
-            return  # the socket carried on (or closed) meanwhile
+            return  # the socket carried on meanwhile
+        if websocket.timestamp_end is not None or self._emit.closing:
+            return  # it closed (its end is queued, -w writes it), or mitmproxy is stopping
         size = sum(len(m.content) for m in websocket.messages)
         if self._compacted is None and size >= COMPACT_FROM_BYTES:
             self._compacted = _Compacted.of(websocket.messages)
@@ -384,6 +386,7 @@ class HookEmitter:
         # Taps holding an idle segment's messages compressed: expanded before shutdown,
         # when mitmproxy's save addon writes the flows still open as they are.
         self.compacted: weakref.WeakSet[SessionFlowTap] = weakref.WeakSet()
+        self.closing = False
 
     def touch(self, flow: http.HTTPFlow) -> None:
         """The flow changed (a message): refresh it with the others in a while."""
@@ -432,6 +435,7 @@ class HookEmitter:
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Runs what is queued (used when mitmproxy shuts down)."""
+        self.closing = True
         for tap in list(self.compacted):
             tap.expand()
         if self._flush is not None:
