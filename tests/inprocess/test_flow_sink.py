@@ -12,6 +12,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from mitmproxy import options
+from mitmproxy.proxy.context import Context
 from mitmproxy.test import taddons, tflow
 from responses_ws_bridge.addons import flow_streaming
 from responses_ws_bridge.addons.flow_streaming import PIECE, UNSENT_LIMIT, FlowSink
@@ -121,3 +123,18 @@ def test_the_end_and_an_abort_do_not_wait() -> None:
         flow_streaming.forget(sink._flow)
 
     run(main)
+
+
+@pytest.mark.parametrize(("role", "released"), [("client", True), (None, False)])
+def test_a_finished_answer_s_stream_lets_go_of_its_flow(role: str | None, released: bool) -> None:
+    """mitmproxy's stream objects are reference cycles that only the full collection frees;
+    once a flow the bridge answered is done, its stream no longer keeps it (and its bodies)."""
+    flow = tflow.tflow(resp=True)
+    if role is not None:
+        flow.metadata["responses_bridge"] = {"role": role}
+    stream = flow_streaming._AddonStream(Context(flow.client_conn, options.Options()), 1)
+    stream.flow = flow
+    stream.client_state = stream.state_done
+    commands = list(stream.flow_done())
+    assert [type(c).__name__ for c in commands] == ["DropStream", "SendHttp"]
+    assert hasattr(stream, "flow") is not released

@@ -8,6 +8,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 from responses_ws_bridge.core.affinity import classify
@@ -22,6 +23,8 @@ from responses_ws_bridge.shell.upstream_client import (
     UpstreamSettings,
     open_session,
 )
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 TIMEOUT = 15.0
 TURNS = 10
@@ -142,3 +145,147 @@ def test_an_idle_socket_holds_its_last_turn_only_and_every_turn_is_saved() -> No
     creates = [json.loads(m.content) for m in whole.messages if m.from_client]
     assert [c["input"] for c in creates] == [f"turn {n}" for n in range(1, TURNS + 1)]
     assert ended[3].comment.endswith(f"turn 4 on socket {ended[0].id[:6]}")
+
+
+def test_a_sent_message_is_recorded_as_the_bytes_sent_unless_a_secret_is_cut_out() -> None:
+    secret = "sk-proj-recorded-secret-0123456789"
+
+    async def body() -> list[bytes]:
+        emitter = HookEmitter(Hooks())
+        tap = SessionFlowTap(
+            turn=turn(1),
+            attempt=Attempt(1, "team-a", "wss://upstream.test/v1/responses"),
+            emit=emitter,
+            redact=True,
+            secrets=[secret],
+        )
+        tap.handshake_done(
+            Request("/v1/responses", Headers()),
+            Response(101, "Switching Protocols", Headers()),
+            None,
+        )
+        sent = turn(1).create.message
+        tap.message(True, sent, 1.0)
+        tap.message(True, f'{{"input": "{secret}"}}'.encode(), 2.0)
+        tap.message(False, f'{{"delta": "{secret}"}}', 3.0)
+        await emitter.drain()
+        assert tap.flow is not None and tap.flow.websocket is not None
+        recorded = [m.content for m in tap.flow.websocket.messages]
+        # No copy of what went out as it was: it is the request's own bytes.
+        assert recorded[0] is sent
+        return recorded
+
+    recorded = run_async(body)
+    assert all(secret.encode() not in m for m in recorded)
+    assert b"<redacted>" in recorded[1] and b"<redacted>" in recorded[2]
+
+
+def test_without_a_view_an_idle_segment_is_held_compressed_and_saved_whole() -> None:
+    """mitmdump: nothing shows a segment while its socket idles, so its messages wait there
+    compressed; its end (the next turn, or the close) has every one of them back."""
+    seen = Hooks()
+    large = "You are a coding agent working in a repository. " * 800
+
+    def big_turn(number: int) -> Turn:
+        base = turn(number)
+        body = {"model": "m", "input": f"turn {number}", "instructions": large, "stream": True}
+        create = parse_create_request(json.dumps(body).encode(), max_body=1 << 20)
+        return Turn(
+            flow_id=base.flow_id,
+            create=create,
+            client_headers=base.client_headers,
+            request_id=base.request_id,
+            destination=base.destination,
+            affinity=base.affinity,
+            client_credential=None,
+        )
+
+    def state(flow: http.HTTPFlow) -> list[tuple[object, ...]]:
+        assert flow.websocket is not None
+        return [m.get_state() for m in flow.websocket.messages]
+
+    async def idle_until_compacted(tap: SessionFlowTap) -> None:
+        while tap.flow is not None and tap.flow.websocket and tap.flow.websocket.messages:
+            await asyncio.sleep(0.001)
+
+    async def body() -> list[list[tuple[object, ...]]]:
+        emitter = HookEmitter(seen)
+        pool = SessionPool(idle_ttl_s=60)
+        key = ("session:seg-1", None)
+        whole: list[list[tuple[object, ...]]] = []
+        async with LocalUpstream() as upstream:
+            attempt = Attempt(1, None, f"{upstream.url}/v1/responses")
+            tap = SessionFlowTap(
+                turn=big_turn(1),
+                attempt=attempt,
+                emit=emitter,
+                redact=True,
+                secrets=(),
+                compact_idle=True,
+            )
+            session = await open_session(attempt.url, [], UpstreamSettings(), tap=tap)
+            for number in range(1, 4):
+                if number > 1:
+                    reused = pool.checkout(key)
+                    assert reused is session
+                    tap.attach(big_turn(number), Attempt(1, None, attempt.url, reused=True))
+                await session.send(big_turn(number).create.message)
+                while not any(b'"response.completed"' in m.content for m in _messages(tap)):
+                    await session.next_batch()
+                assert tap.flow is not None
+                whole.append(state(tap.flow))
+                pool.checkin(key, session)
+                await idle_until_compacted(tap)
+            await pool.close_all()
+            await emitter.drain()
+        return whole
+
+    whole = run_async(body)
+    ended = seen.ended()
+    assert [state(f) for f in ended] == whole
+    assert ended[-1].websocket is not None and ended[-1].websocket.close_code == 1001
+    assert large.encode() in ended[2].websocket.messages[0].content  # type: ignore[union-attr]
+
+
+def _messages(tap: SessionFlowTap) -> list[Any]:
+    assert tap.flow is not None and tap.flow.websocket is not None
+    return tap.flow.websocket.messages
+
+
+@pytest.mark.parametrize("then", ["close", "stop", "stop compressed"])
+def test_a_segment_closed_or_left_open_at_shutdown_keeps_every_message(then: str) -> None:
+    """A close right after the turn (before the compression ran), or a socket still open
+    when mitmproxy stops (its save addon then writes the flow as it is): nothing missing."""
+    seen = Hooks()
+    big = b'{"input": "' + b"x" * 5000 + b'"}'
+
+    async def body() -> http.HTTPFlow:
+        emitter = HookEmitter(seen)
+        tap = SessionFlowTap(
+            turn=turn(1),
+            attempt=Attempt(1, None, "wss://upstream.test/v1/responses"),
+            emit=emitter,
+            redact=True,
+            secrets=(),
+            compact_idle=True,
+        )
+        tap.handshake_done(
+            Request("/v1/responses", Headers()),
+            Response(101, "Switching Protocols", Headers()),
+            None,
+        )
+        tap.message(True, big, 1.0)
+        tap.idle()
+        if then == "close":
+            tap.closed(1000, "", False, 2.0)
+        elif then == "stop compressed":
+            while _messages(tap):
+                await asyncio.sleep(0.001)
+        await emitter.drain()
+        assert tap.flow is not None
+        return tap.flow
+
+    flow = run_async(body)
+    assert flow.websocket is not None
+    assert [m.content for m in flow.websocket.messages] == [big]
+    assert (flow in seen.ended()) is (then == "close")

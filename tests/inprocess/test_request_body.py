@@ -59,3 +59,14 @@ def test_after_a_refusal_the_rest_is_dropped_unread() -> None:
         assert collector.wire_bytes == 11  # nothing after the refusal is even counted
 
     asyncio.run(main())
+
+
+def test_a_body_that_came_in_one_piece_is_that_piece_not_a_copy() -> None:
+    async def main() -> None:
+        chunk = b'{"input": "' + b"x" * 40_000 + b'"}'
+        collector = BodyCollector(None, limit=1 << 20)
+        collector(chunk)
+        collector(b"")
+        assert (await collector.result) is chunk
+
+    asyncio.run(main())

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -254,6 +256,36 @@ def test_the_recorder_builds_the_session_flow_through_mitmproxy_hooks() -> None:
             sent = [m for m in flow.websocket.messages if m.from_client]
             assert len(sent) == 1 and b"response.create" in sent[0].content
         assert flows[1].metadata[METADATA_KEY]["socket"] == flows[0].id
+
+    run(main())
+
+
+def test_a_served_turn_is_freed_by_reference_counting_alone() -> None:
+    """Nothing keeps a turn (its body, engine, flows) once it is over, its socket idle and
+    recorded: not even a reference cycle that only Python's full collection would free."""
+
+    async def main() -> None:
+        emitter = HookEmitter(Hooks())
+
+        def tap_for(turn: Turn, attempt: Attempt) -> SessionTap | None:
+            return SessionFlowTap(turn=turn, attempt=attempt, emit=emitter, redact=True, secrets=())
+
+        async with rig(taps=tap_for) as r:
+            await r.post(STREAM, SESSION)  # what is made once (imports, caches) is made here
+            gc.collect()
+            gc.disable()
+            try:
+                # A new socket's turn, then a turn on that socket again.
+                for session in ([("session-id", "s-2")], [("session-id", "s-2")]):
+                    turn, answer = await r.post(STREAM, session)
+                    assert answer.status_code == 200
+                    freed = weakref.ref(turn)
+                    del turn
+                    await asyncio.sleep(0)
+                    assert freed() is None
+            finally:
+                gc.enable()
+        await emitter.drain()
 
     run(main())
 

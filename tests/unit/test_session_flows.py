@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from responses_ws_bridge.recording.session_flows import (
     METADATA_KEY,
     UpstreamMeta,
     describe_upstream,
+    make_response,
     new_upstream_flow,
     note_reuse,
     record_client_attempt,
@@ -314,3 +318,50 @@ def test_mitmweb_flow_json_accepts_every_shape() -> None:
         assert data["comment"] == f.comment
     assert flow_to_json(session)["websocket"]["close_code"] == 1011
     assert flow_to_json(session)["websocket"]["messages_meta"]["count"] == 2
+
+
+class _Held:
+    """Stands for what a caller holds while it builds a flow (a turn, its body)."""
+
+
+def _keeps_callers_locals(build: Callable[[], object]) -> bool:
+    def caller() -> weakref.ref[_Held]:
+        held = _Held()
+        build()
+        return weakref.ref(held)
+
+    gc.disable()
+    try:
+        return caller()() is not None
+    finally:
+        gc.enable()
+
+
+def test_building_flows_leaves_no_cycle_holding_the_builders_frames() -> None:
+    meta = UpstreamMeta(account="team-a", affinity="hard", key="k", attempt=1)
+
+    def session() -> None:
+        flow = new_upstream_flow(
+            url="wss://api.openai.com/v1/responses",
+            headers=[("a", "b")],
+            timestamp=T0,
+            meta=meta,
+            client_flow_id=None,
+        )
+        record_handshake_response(
+            flow, status=101, reason="Switching Protocols", headers=[], body=b"", timestamp=T0
+        )
+
+    # mitmproxy's own way leaves one (its field checks raise and catch a TypeError).
+    assert _keeps_callers_locals(lambda: http.Response.make(200, b"", http.Headers()))
+    assert not _keeps_callers_locals(session)
+    assert not _keeps_callers_locals(lambda: make_response(200, b"", http.Headers()))
+
+
+def test_make_response_is_mitmproxys_make() -> None:
+    ours = make_response(404, b'{"error": 1}', http.Headers(content_type="application/json"))
+    theirs = http.Response.make(404, b'{"error": 1}', http.Headers(content_type="application/json"))
+    mine, other = ours.get_state(), theirs.get_state()
+    for state in (mine, other):
+        del state["timestamp_start"], state["timestamp_end"]
+    assert mine == other

@@ -69,6 +69,7 @@ from mitmproxy.proxy.server import ConnectionHandler, ConnectionIO
 
 from responses_ws_bridge.core.openai_errors import HttpError
 from responses_ws_bridge.mitmproxy_support import SUPPORTED
+from responses_ws_bridge.recording.session_flows import METADATA_KEY, make_response
 from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.sink import ClientGone
 
@@ -191,6 +192,7 @@ class _AddonStream(HttpStream):
         yield from super().handle_protocol_error(event)
 
     def flow_done(self) -> layer.CommandGenerator[None]:
+        answered = self.flow.metadata.get(METADATA_KEY, {}).get("role") == "client"
         _live.discard(self.flow.id)
         _consumed.pop(self.flow.id, None)
         factory = _websockets.pop(self.flow.id, None)
@@ -205,6 +207,11 @@ class _AddonStream(HttpStream):
             yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
             return
         yield from super().flow_done()
+        if answered and not upgraded:
+            # The stream is over and dropped, but mitmproxy's layers are reference cycles
+            # (bound methods) that only the full collection frees: the flow, its request
+            # and answer bodies, need not wait for it too.
+            del self.flow
 
 
 _original_handle_event = getattr(HttpLayer, "_handle_event", None)
@@ -576,7 +583,7 @@ def _drop(chunk: bytes) -> bytes:
 
 def _response(error: HttpError) -> http.Response:
     headers = http.Headers([(k.encode(), v.encode()) for k, v in error.headers])
-    return http.Response.make(error.status, error.body, headers)
+    return make_response(error.status, error.body, headers)
 
 
 def forget(flow: http.HTTPFlow) -> None:

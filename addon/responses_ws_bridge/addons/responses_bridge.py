@@ -48,6 +48,7 @@ from responses_ws_bridge.core.create_request import (
     DEFAULT_FRAME_LIMIT,
     BadRequest,
     CreateRequest,
+    decision_fields,
     parse_create_request,
 )
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
@@ -63,6 +64,7 @@ from responses_ws_bridge.core.turns import (
     Turn,
 )
 from responses_ws_bridge.core.ws_client_engine import WsClientRequest
+from responses_ws_bridge.recording.session_flows import make_response
 from responses_ws_bridge.shell.bridge_service import (
     DEFAULT_FIRST_EVENT_TIMEOUT_S,
     DEFAULT_HOLD_CREATED_S,
@@ -130,6 +132,14 @@ class _Tap:
     def __call__(self, chunk: bytes) -> bytes:
         self._buffer += chunk
         return chunk
+
+
+def _taken(body: bytearray) -> bytes:
+    """The streamed body, for the flow; the buffer is emptied, since the flow's `stream`
+    (the `_Tap`) lives as long as the flow and would hold a second copy."""
+    content = bytes(body)
+    body.clear()
+    return content
 
 
 class ResponsesBridge:
@@ -426,7 +436,7 @@ class ResponsesBridge:
             ("Sec-WebSocket-Accept", ws_streaming.accept_key(key)),
             *head.headers,
         ]
-        response = http.Response.make(
+        response = make_response(
             101, b"", http.Headers([(k.encode(), v.encode()) for k, v in fields])
         )
         response.headers.pop("content-length", None)
@@ -523,14 +533,14 @@ class ResponsesBridge:
         headers = http.Headers([(k.encode(), v.encode()) for k, v in head.headers])
         if head.body is not None:
             # Bytes as they are: a forwarded answer may be content-encoded already.
-            response = http.Response.make(head.status, b"", headers)
+            response = make_response(head.status, b"", headers)
             response.raw_content = head.body
             response.headers["content-length"] = str(len(head.body))
             flow.response = response
             return
         # No length: mitmproxy frames it (chunked, or h2 DATA frames).
         headers["transfer-encoding"] = "chunked"
-        flow.response = http.Response.make(head.status, b"", headers)
+        flow.response = make_response(head.status, b"", headers)
         routed.streamed = True
 
     async def _serve(self, turn: Turn, sink: flow_streaming.FlowSink) -> None:
@@ -573,7 +583,7 @@ class ResponsesBridge:
             self._log_answered(flow)
             return
         if routed.streamed:
-            flow.response.raw_content = bytes(routed.body)
+            flow.response.raw_content = _taken(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
@@ -600,7 +610,7 @@ class ResponsesBridge:
         if routed.turn.report.outcome == PENDING:
             routed.turn.report.outcome = CLIENT_GONE
         if routed.streamed and flow.response is not None:
-            flow.response.raw_content = bytes(routed.body)
+            flow.response.raw_content = _taken(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
@@ -676,7 +686,7 @@ class ResponsesBridge:
     @staticmethod
     def _answer(flow: http.HTTPFlow, error: openai_errors.HttpError) -> None:
         headers = http.Headers([(k.encode(), v.encode()) for k, v in error.headers])
-        flow.response = http.Response.make(error.status, error.body, headers)
+        flow.response = make_response(error.status, error.body, headers)
 
     @staticmethod
     def _annotate(flow: http.HTTPFlow, routed: _Routed) -> None:
@@ -726,14 +736,14 @@ def _wire_body(flow: http.HTTPFlow) -> bytes:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    """A forwarded body's JSON object, for its affinity ({} for anything else)."""
+    """A forwarded body's fields its affinity is decided on ({} for anything else)."""
     if not body.strip():
         return {}
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
         return {}
-    return parsed if isinstance(parsed, dict) else {}
+    return decision_fields(parsed) if isinstance(parsed, dict) else {}
 
 
 def _affinity(

@@ -39,11 +39,21 @@ class BadRequest(Exception):
         self.param = param
 
 
+# The body fields the bridge itself decides on: affinity, the prewarm, the model.
+DECISION_FIELDS = ("previous_response_id", "conversation", "prompt_cache_key", "model", "generate")
+
+
+def decision_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a turn keeps of its parsed body: the whole of it (its input, instructions and
+    tools, as large as the body) would live as long as the turn, beside `message`."""
+    return {name: body[name] for name in DECISION_FIELDS if name in body}
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     stream: bool
-    message: bytes  # the response.create frame text, UTF-8 JSON
-    body: Mapping[str, Any]  # the parsed HTTP body
+    message: bytes  # the response.create frame text, UTF-8 JSON: the whole request
+    body: Mapping[str, Any]  # the parsed HTTP body's `DECISION_FIELDS`
 
     def _str(self, name: str) -> str | None:
         value = self.body.get(name)
@@ -159,7 +169,7 @@ def parse_create_request(
             "conversation)",
             "input",
         )
-    return CreateRequest(stream=stream, message=encoded, body=parsed)
+    return CreateRequest(stream=stream, message=encoded, body=decision_fields(parsed))
 
 
 def _encode(message: dict[str, Any]) -> bytes:

@@ -44,7 +44,7 @@ from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import AffinityKind, classify
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
 from responses_ws_bridge.core.attempt_url import attempt_url
-from responses_ws_bridge.core.create_request import CreateRequest
+from responses_ws_bridge.core.create_request import CreateRequest, decision_fields
 from responses_ws_bridge.core.failures import (
     REFRESH_FAILED,
     ConnectFailed,
@@ -269,7 +269,7 @@ class WsClientEngine(PoolSteps):
                 parsed = json.loads(text)
             except (ValueError, RecursionError):
                 parsed = None
-            body = parsed if isinstance(parsed, dict) else {}
+            body = decision_fields(parsed) if isinstance(parsed, dict) else {}
         request = self.request
         number = len(self.turns)
         turn = Turn(

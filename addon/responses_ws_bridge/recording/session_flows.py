@@ -21,12 +21,14 @@ mitmproxy's hooks itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, flow, http
+from mitmproxy.net.http import status_codes
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from websockets.frames import CloseCode
 from wsproto.frame_protocol import Opcode
@@ -58,6 +60,54 @@ def _encode(value: str) -> bytes:
 
 def _headers(fields: Sequence[tuple[str, str]]) -> http.Headers:
     return http.Headers([(_encode(k), _encode(v)) for k, v in fields])
+
+
+# mitmproxy checks a message's fields as it builds one (`MessageData.__post_init__`): for
+# each `X | None` field holding None it raises and catches a TypeError whose traceback
+# holds its own frame, a reference cycle that keeps every frame of the stack that built
+# the message alive with its locals (a turn, its flows and bodies) until Python's full
+# collection. A field set to None after the check leaves no cycle.
+_CHECKED_PLACEHOLDER = http.Headers()
+
+
+def _response(
+    *,
+    status: int,
+    reason: bytes,
+    headers: http.Headers,
+    content: bytes,
+    timestamp_start: float,
+    timestamp_end: float,
+) -> http.Response:
+    response = http.Response(
+        b"HTTP/1.1",
+        status,
+        reason,
+        headers,
+        content,
+        _CHECKED_PLACEHOLDER,
+        timestamp_start,
+        timestamp_end,
+    )
+    response.data.trailers = None
+    return response
+
+
+def make_response(status: int, content: bytes, headers: http.Headers) -> http.Response:
+    """`http.Response.make(status, content, headers)` without the cycle its checks leave."""
+    now = time.time()
+    reason = status_codes.RESPONSES.get(status, "").encode()
+    response = _response(
+        status=status,
+        reason=reason,
+        headers=headers,
+        content=b"",
+        timestamp_start=now,
+        timestamp_end=now,
+    )
+    # As `make` does: through the setter, which sets content-length.
+    response.content = content
+    return response
 
 
 def _short(flow_id: str) -> str:
@@ -139,10 +189,11 @@ def new_upstream_flow(
         http_version=b"HTTP/1.1",
         headers=_headers(redact_headers(headers, account_id=meta.account, secrets=secrets)),
         content=b"",
-        trailers=None,
+        trailers=_CHECKED_PLACEHOLDER,
         timestamp_start=timestamp,
         timestamp_end=timestamp,
     )
+    f.request.data.trailers = None
     f.websocket = WebSocketData()
     f.metadata[METADATA_KEY] = {
         "role": "upstream",
@@ -215,13 +266,11 @@ def record_exchange_answer(
     recorded = redact_headers(headers, account_id=account, secrets=secrets)
     if secrets and body:
         body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
-    f.response = http.Response(
-        http_version=b"HTTP/1.1",
-        status_code=status,
+    f.response = _response(
+        status=status,
         reason=_encode(reason),
         headers=_headers(recorded),
         content=body,
-        trailers=None,
         timestamp_start=timestamp,
         timestamp_end=timestamp,
     )
@@ -313,13 +362,11 @@ def record_handshake_response(
     recorded = redact_headers(headers, account_id=account, secrets=secrets)
     if secrets and body:
         body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
-    f.response = http.Response(
-        http_version=b"HTTP/1.1",
-        status_code=status,
+    f.response = _response(
+        status=status,
         reason=_encode(reason),
         headers=_headers(recorded),
         content=body,
-        trailers=None,
         timestamp_start=timestamp,
         timestamp_end=timestamp,
     )

@@ -65,14 +65,19 @@ class BodyCollector:
                     return b""
                 if self._wire is not None:
                     self._wire.append(chunk)
-                self._parts.append(self._decoder.feed(chunk))
+                self._keep(self._decoder.feed(chunk))
             else:  # mitmproxy's end of the body
-                self._parts.append(self._decoder.finish())
-                self.result.set_result(b"".join(self._parts))
-                self._parts = []
+                self._keep(self._decoder.finish())
+                parts, self._parts = self._parts, []
+                # A body that came in one piece is that piece, not a copy of it.
+                self.result.set_result(parts[0] if len(parts) == 1 else b"".join(parts))
         except BodyDecodingError as exc:
             self._refuse(openai_errors.body_decoding_failed(exc))
         return b""
+
+    def _keep(self, decoded: bytes) -> None:
+        if decoded:
+            self._parts.append(decoded)
 
     @property
     def wire(self) -> bytes:
