@@ -11,17 +11,12 @@ from typing import Any
 
 import pytest
 from mitmproxy import exceptions, http
-from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 from responses_ws_bridge.addons import bridge_addons, flow_streaming
 from responses_ws_bridge.addons.accounts import Accounts
-from responses_ws_bridge.addons.recording import Recording
 from responses_ws_bridge.addons.responses_bridge import METADATA_KEY, ResponsesBridge, _Tap
 from responses_ws_bridge.core.affinity import classify
-from responses_ws_bridge.core.create_request import parse_create_request
-from responses_ws_bridge.core.pool_state import PoolState
-from responses_ws_bridge.core.turns import Attempt, Destination, Turn
-from responses_ws_bridge.recording.recorder import SessionFlowTap
+from responses_ws_bridge.core.turns import Turn
 from responses_ws_bridge.shell.request_body import BodyCollector
 from responses_ws_bridge.shell.sink import ClientSink
 
@@ -245,29 +240,3 @@ def test_sessions_command_lists_bindings() -> None:
             "idle",
             "for",
         ]
-
-
-@pytest.mark.parametrize("with_view", [False, True])
-def test_idle_segments_are_compressed_only_where_no_view_shows_them(with_view: bool) -> None:
-    async def main() -> None:
-        recording = Recording(PoolState())
-        loaded: list[Any] = [recording, View()] if with_view else [recording]
-        with taddons.context(*loaded) as tctx:
-            tctx.configure(recording)
-            await recording.running()
-            flow = responses_flow()
-            create = parse_create_request(flow.request.content or b"", max_body=1 << 20)
-            turn = Turn(
-                flow_id=flow.id,
-                create=create,
-                client_headers=(),
-                request_id="req-1",
-                destination=Destination("https", "api.openai.com", 443, "/v1/responses"),
-                affinity=classify((), create.body),
-                client_credential=None,
-            )
-            tap = recording.tap_for(turn, Attempt(1, None, "wss://api.openai.com/v1/responses"))
-            assert isinstance(tap, SessionFlowTap)
-            assert tap._compact_idle is not with_view
-
-    asyncio.run(asyncio.wait_for(main(), 10))

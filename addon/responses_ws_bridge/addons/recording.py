@@ -63,14 +63,7 @@ class Recording:
         if turn.client_credential is not None:
             secrets.append(turn.client_credential.bearer)
         return SessionFlowTap(
-            turn=turn,
-            attempt=attempt,
-            emit=self._emitter,
-            redact=self.redact,
-            secrets=secrets,
-            # A view (mitmweb, the console) holds every flow and shows it while its socket
-            # idles; without one nothing reads an idle segment until it ends.
-            compact_idle=ctx.master is None or ctx.master.addons.get("view") is None,
+            turn=turn, attempt=attempt, emit=self._emitter, redact=self.redact, secrets=secrets
         )
 
     def exchange_tap_for(self, turn: Turn, attempt: Attempt, fetch: Fetch) -> ExchangeTap | None:

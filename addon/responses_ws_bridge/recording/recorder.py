@@ -14,9 +14,7 @@ A socket reused across turns is recorded as one flow per turn (see
 starts the next one, or until the socket closes, whatever the time: the
 close, with its real code, is the last turn's, so no flow stands for a socket
 that carried no request. An idle socket holds its last turn's messages only,
-never more, and where nothing shows flows (mitmdump: no view holds them) it
-holds them compressed (`compact_idle`) until the socket's close or next turn
-needs them again. Messages are appended as they pass;
+never more. Messages are appended as they pass;
 to keep the per-event cost of a stream low, flows with new messages are
 refreshed together, one `update` hook every `UPDATE_INTERVAL_S` for all of
 them, instead of running every addon's `websocket_message` hook once per event.
@@ -28,10 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
-import zlib
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import hooks, http
@@ -43,7 +38,6 @@ from mitmproxy.proxy.layers.http import (
     HttpResponseHook,
 )
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketStartHook
-from mitmproxy.websocket import WebSocketMessage
 from websockets.http11 import Request, Response
 
 from responses_ws_bridge.core.redaction import SecretScrubber
@@ -53,33 +47,6 @@ from responses_ws_bridge.recording import session_flows
 logger = logging.getLogger(__name__)
 
 UPDATE_INTERVAL_S = 0.5
-# An idle segment's messages smaller than this are left as they are.
-COMPACT_FROM_BYTES = 1024
-
-
-@dataclass(frozen=True)
-class _Compacted:
-    """A segment's messages while its socket idles: their contents in one zlib blob."""
-
-    blob: bytes
-    # Per message: type, from_client, timestamp, dropped, injected, and its length.
-    layout: tuple[tuple[int, bool, float, bool, bool, int], ...]
-
-    @classmethod
-    def of(cls, messages: list[WebSocketMessage]) -> _Compacted:
-        layout = tuple(
-            (int(m.type), m.from_client, m.timestamp, m.dropped, m.injected, len(m.content))
-            for m in messages
-        )
-        return cls(zlib.compress(b"".join(m.content for m in messages), 1), layout)
-
-    def messages(self) -> list[WebSocketMessage]:
-        data, at, out = zlib.decompress(self.blob), 0, []
-        for kind, from_client, timestamp, dropped, injected, length in self.layout:
-            content = data[at : at + length]
-            at += length
-            out.append(WebSocketMessage(kind, from_client, content, timestamp, dropped, injected))
-        return out
 
 
 class SessionFlowTap:
@@ -93,7 +60,6 @@ class SessionFlowTap:
         emit: HookEmitter,
         redact: bool,
         secrets: Collection[str],
-        compact_idle: bool = False,
     ) -> None:
         self._url = attempt.url
         # Only what the recording needs: the turn (its 40 KB body) and the client
@@ -114,10 +80,6 @@ class SessionFlowTap:
         self._handshake: tuple[list[tuple[str, str]], Response] | None = None
         # The last segment that ended: its id and metadata, for the next one.
         self._last: tuple[str, dict[str, Any]] | None = None
-        # Whether an idle segment's messages are kept compressed (only where no view holds
-        # the flow, which would show it), and the messages while they are.
-        self._compact_idle = compact_idle
-        self._compacted: _Compacted | None = None
 
     # -- SessionTap ----------------------------------------------------------------
 
@@ -151,7 +113,6 @@ class SessionFlowTap:
         self._start(upstream, now)
 
     def attach(self, turn: Turn, attempt: Attempt) -> None:
-        self.expand()
         flow = self.flow
         if flow is not None and self._turn_over and flow.websocket is not None:
             # The last turn's segment ends (and is saved) as the socket's next turn starts.
@@ -170,13 +131,8 @@ class SessionFlowTap:
     def idle(self) -> None:
         # The segment stays open: what the socket does next (a close, an event) is its.
         self._turn_over = True
-        flow = self.flow
-        if self._compact_idle and flow is not None:
-            # After the hooks already queued for the flow, which may read its messages.
-            self._emit.after_hooks(flow, lambda: self._compact(flow))
 
     def message(self, from_client: bool, data: str | bytes, timestamp: float) -> None:
-        self.expand()
         if self.flow is None or self.flow.websocket is None:
             return
         session_flows.record_message(
@@ -206,7 +162,6 @@ class SessionFlowTap:
     def closed(
         self, code: int | None, reason: str, closed_by_client: bool, timestamp: float
     ) -> None:
-        self.expand()
         if self.flow is None or self.flow.websocket is None:
             return
         session_flows.record_close(
@@ -219,25 +174,6 @@ class SessionFlowTap:
         self._emit(WebsocketEndHook(self.flow))
 
     # -- helpers -------------------------------------------------------------------
-
-    def _compact(self, flow: http.HTTPFlow) -> None:
-        websocket = flow.websocket
-        if flow is not self.flow or not self._turn_over or websocket is None:
-            return  # the socket carried on meanwhile
-        if websocket.timestamp_end is not None or self._emit.closing:
-            return  # it closed (its end is queued, -w writes it), or mitmproxy is stopping
-        size = sum(len(m.content) for m in websocket.messages)
-        if self._compacted is None and size >= COMPACT_FROM_BYTES:
-            self._compacted = _Compacted.of(websocket.messages)
-            websocket.messages = []
-            self._emit.compacted.add(self)
-
-    def expand(self) -> None:
-        """The idle segment's messages back in its flow, before anything else happens to it."""
-        compacted, self._compacted = self._compacted, None
-        self._emit.compacted.discard(self)
-        if compacted is not None and self.flow is not None and self.flow.websocket is not None:
-            self.flow.websocket.messages = compacted.messages()
 
     def _show_request(self, upstream: http.HTTPFlow, headers: list[tuple[str, str]]) -> None:
         if not self._redact:
@@ -379,14 +315,10 @@ class HookEmitter:
 
     def __init__(self, trigger: Callable[[hooks.Hook], Any]) -> None:
         self._trigger = trigger
-        self._queue: asyncio.Queue[hooks.Hook | Callable[[], None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[hooks.Hook] = asyncio.Queue()
         self._task: asyncio.Future[None] | None = None
         self._dirty: dict[str, http.HTTPFlow] = {}
         self._flush: asyncio.TimerHandle | None = None
-        # Taps holding an idle segment's messages compressed: expanded before shutdown,
-        # when mitmproxy's save addon writes the flows still open as they are.
-        self.compacted: weakref.WeakSet[SessionFlowTap] = weakref.WeakSet()
-        self.closing = False
 
     def touch(self, flow: http.HTTPFlow) -> None:
         """The flow changed (a message): refresh it with the others in a while."""
@@ -401,13 +333,7 @@ class HookEmitter:
         if flows:
             self(hooks.UpdateHook(flows))
 
-    def after_hooks(self, flow: http.HTTPFlow, then: Callable[[], None]) -> None:
-        """Runs `then` once every hook queued so far has run, the flow's update included."""
-        if self._dirty.pop(flow.id, None) is not None:
-            self(hooks.UpdateHook([flow]))
-        self(then)
-
-    def __call__(self, hook: hooks.Hook | Callable[[], None]) -> None:
+    def __call__(self, hook: hooks.Hook) -> None:
         self._queue.put_nowait(hook)
         if self._task is None or self._task.done():
             # mitmproxy's eager task factory would run the hooks right here, on
@@ -425,19 +351,12 @@ class HookEmitter:
         while not self._queue.empty():
             hook = self._queue.get_nowait()
             try:
-                if isinstance(hook, hooks.Hook):
-                    await self._trigger(hook)
-                else:
-                    hook()
+                await self._trigger(hook)
             except Exception:
-                name = hook.name if isinstance(hook, hooks.Hook) else hook
-                logger.exception("recording hook %s failed", name)
+                logger.exception("recording hook %s failed", hook.name)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Runs what is queued (used when mitmproxy shuts down)."""
-        self.closing = True
-        for tap in list(self.compacted):
-            tap.expand()
         if self._flush is not None:
             self._flush.cancel()
             self._flush_dirty()
