@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import hooks, http
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
+from mitmproxy.test import tflow
 from responses_ws_bridge.core.affinity import classify
 from responses_ws_bridge.core.create_request import parse_create_request
 from responses_ws_bridge.core.turns import Attempt, Destination, Turn
@@ -177,3 +179,24 @@ def test_a_sent_message_is_recorded_as_the_bytes_sent_unless_a_secret_is_cut_out
     recorded = run_async(body)
     assert all(secret.encode() not in m for m in recorded)
     assert b"<redacted>" in recorded[1] and b"<redacted>" in recorded[2]
+
+
+def test_hooks_queued_together_are_followed_by_one_update_of_every_flow_they_were_on() -> None:
+    seen = Hooks()
+    a, b = tflow.twebsocketflow(), tflow.tflow()
+
+    async def body() -> None:
+        emitter = HookEmitter(seen)
+        emitter(HttpRequestHook(a))
+        emitter(HttpResponseHook(a))
+        emitter(HttpRequestHook(b))
+        await emitter.drain()
+        # An update of its own is not followed by another.
+        emitter(hooks.UpdateHook([b]))
+        await emitter.drain()
+
+    run_async(body)
+    assert [h.name for h in seen.seen] == ["request", "response", "request", "update", "update"]
+    first, second = seen.seen[3], seen.seen[4]
+    assert isinstance(first, hooks.UpdateHook) and first.flows == [a, b]
+    assert isinstance(second, hooks.UpdateHook) and second.flows == [b]

@@ -49,7 +49,7 @@ class Recording:
         self.redact = ctx.options.bridge_redact
 
     async def running(self) -> None:
-        self._emitter = HookEmitter(ctx.master.addons.handle_lifecycle)
+        self._emitter = HookEmitter(ctx.master.addons.trigger_event)
 
     async def done(self) -> None:
         if self._emitter is not None:

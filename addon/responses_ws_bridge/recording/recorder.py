@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from mitmproxy import hooks, http
+from mitmproxy.flow import Flow
 from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
     HttpRequestHeadersHook,
@@ -311,7 +312,11 @@ class ExchangeFlowTap:
 
 
 class HookEmitter:
-    """Runs hooks on mitmproxy's addons in order, one at a time, off the hot path."""
+    """Runs hooks on mitmproxy's addons in order, one at a time, off the hot path.
+
+    `trigger` is mitmproxy's `AddonManager.trigger_event`: one hook, no `update`
+    after it (the emitter sends those, one per batch of hooks).
+    """
 
     def __init__(self, trigger: Callable[[hooks.Hook], Any]) -> None:
         self._trigger = trigger
@@ -348,12 +353,24 @@ class HookEmitter:
             placeholder.set_result(None)
 
     async def _run(self) -> None:
+        # mitmproxy's own lifecycle follows every hook on a flow with an `update` of it;
+        # here one `update` follows the hooks queued together, for every flow they were on.
+        changed: dict[str, Flow] = {}
         while not self._queue.empty():
             hook = self._queue.get_nowait()
-            try:
-                await self._trigger(hook)
-            except Exception:
-                logger.exception("recording hook %s failed", hook.name)
+            await self._dispatch(hook)
+            subject = hook.args()[0] if not isinstance(hook, hooks.UpdateHook) else None
+            if isinstance(subject, Flow):
+                changed[subject.id] = subject
+            if self._queue.empty() and changed:
+                update, changed = hooks.UpdateHook(list(changed.values())), {}
+                await self._dispatch(update)
+
+    async def _dispatch(self, hook: hooks.Hook) -> None:
+        try:
+            await self._trigger(hook)
+        except Exception:
+            logger.exception("recording hook %s failed", hook.name)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Runs what is queued (used when mitmproxy shuts down)."""
