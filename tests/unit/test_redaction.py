@@ -9,6 +9,8 @@ import pytest
 from responses_ws_bridge.core.accounts import parse_accounts
 from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import (
+    EXTENSIONS_KEPT,
+    REDACTED,
     BodyScrubber,
     SecretScrubber,
     account_from_authorization,
@@ -247,3 +249,16 @@ def test_a_body_in_pieces_loses_every_secret_wherever_the_pieces_break(size: int
 def test_a_body_without_secrets_to_look_for_goes_as_it_is() -> None:
     scrubber = BodyScrubber(SecretScrubber())
     assert scrubber.feed(b"abc") == b"abc" and scrubber.end() == b""
+
+
+def test_extending_with_the_same_key_again_reuses_the_scrubber_and_keeps_a_bounded_few() -> None:
+    scrub = SecretScrubber([TOKEN])
+    first = scrub.extended(["client-key-1"])
+    assert scrub.extended(["client-key-1"]) is first
+    assert scrub.extended(["client-key-2"]) is not first
+    for n in range(EXTENSIONS_KEPT + 5):
+        scrub.extended([f"other-{n}"])
+    # The oldest went first: the key seen long ago is built again, and still scrubbed.
+    again = scrub.extended(["client-key-1"])
+    assert again is not first
+    assert again.known("a client-key-1 b") == f"a {REDACTED} b"

@@ -113,6 +113,10 @@ def trie_pattern(words: Iterable[str]) -> str:
     return build(root)
 
 
+# Scrubbers extended with a client's own key, kept per base scrubber (oldest dropped first).
+EXTENSIONS_KEPT = 64
+
+
 class SecretScrubber:
     """Cuts every known secret out of text an upstream chose: events, close reasons, error bodies.
 
@@ -142,14 +146,25 @@ class SecretScrubber:
         # Only on a hit: a lookahead finds a match at every position, overlapping ones included.
         alternatives = "|".join(map(re.escape, sorted(forms, key=len, reverse=True)))
         self._pattern = re.compile(f"(?=({alternatives}))") if forms else None
+        self._extensions: dict[tuple[str, ...], SecretScrubber] = {}
 
     def __repr__(self) -> str:
         return f"SecretScrubber(<{len(self._secrets)} secrets>)"
 
     def extended(self, extra: Iterable[str]) -> SecretScrubber:
-        """This scrubber plus `extra` (e.g. a pass-through client's own bearer)."""
-        more = [s for s in extra if s and s not in self._secrets]
-        return SecretScrubber([*self._secrets, *more]) if more else self
+        """This scrubber plus `extra` (e.g. a pass-through client's own bearer).
+
+        A client sends the same key turn after turn: the last few extensions are
+        kept, so that a turn does not build its patterns again."""
+        more = tuple(s for s in extra if s and s not in self._secrets)
+        if not more:
+            return self
+        known = self._extensions.get(more)
+        if known is None:
+            if len(self._extensions) >= EXTENSIONS_KEPT:
+                self._extensions.pop(next(iter(self._extensions)))
+            known = self._extensions[more] = SecretScrubber([*self._secrets, *more])
+        return known
 
     def __call__(self, text: str) -> str:
         """`text` without any known secret, API key or JWT-looking token (for error texts)."""
