@@ -336,6 +336,24 @@ def test_frames_cut_anywhere_read_as_websockets_reads_them(chunk: int) -> None:
     assert [(f.opcode, f.data) for f in answered if isinstance(f, Frame)] == [(Opcode.PONG, b"p")]
 
 
+def test_a_large_frame_in_many_pieces_is_joined_once_when_whole() -> None:
+    async def body() -> tuple[list[int], list[str | bytes]]:
+        wire = await opened(max_size=1 << 22)
+        wire.server.send_frame(text("x" * (1 << 21)))
+        data = b"".join(wire.server.data_to_send())
+        held: list[int] = []
+        for at in range(0, len(data), 16384):
+            wire.conn.data_received(data[at : at + 16384])
+            held.append(len(wire.conn._partial))
+        return held, await wire.conn.receive_batch(0)
+
+    held, messages = run(body)
+    # The pieces wait as they came (no copy of all so far at each one); the last makes it whole.
+    assert held[:-1] == list(range(1, len(held)))
+    assert held[-1] == 0
+    assert messages == ["x" * (1 << 21)]
+
+
 def test_a_masked_frame_from_the_upstream_fails_the_connection_with_1002() -> None:
     async def body() -> None:
         wire = await opened()

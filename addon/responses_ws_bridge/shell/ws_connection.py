@@ -68,9 +68,13 @@ class WebSocketConnection(asyncio.Protocol):
         # Called at once, in place of waking a reader, while a consumer listens.
         self._listener: Callable[[], None] | None = None
         self._fragments: list[BytesLike] = []
-        # Frames are read here once open (see `_read_frames`): the bytes of an unfinished one.
+        # Frames are read here once open (see `_read_frames`). The bytes of an unfinished
+        # frame, in the pieces they came in, and how many make it whole (0: its header is
+        # not whole yet): joined once, when complete, not at every piece.
         self._framing = False
-        self._partial = b""
+        self._partial: list[bytes] = []
+        self._partial_size = 0
+        self._partial_need = 0
         self._head_tail = b""
         limits = [
             x for x in (protocol.max_message_size, protocol.max_fragment_size) if x is not None
@@ -154,7 +158,7 @@ class WebSocketConnection(asyncio.Protocol):
         frames are read here (`_read_frames`)."""
         if self._framing:  # the connection is closing: websockets reads what is left
             self._framing = False
-            data, self._partial = self._partial + data, b""
+            data = self._take_partial() + data
         rest = b""
         if not self.opened.done():
             data, rest = self._split_head(data)
@@ -195,9 +199,15 @@ class WebSocketConnection(asyncio.Protocol):
         """Reads frames; a whole, unfragmented text or binary message is taken here,
         every other frame goes to `websockets` whole, at a frame boundary, so its
         state (pings, closes, fragments, limits) stays its own."""
-        buf = self._partial + data if self._partial else data
+        if self._partial:
+            self._partial.append(data)
+            self._partial_size += len(data)
+            if self._partial_size < self._partial_need:
+                return False
+            data = self._take_partial()
+        buf = data
         view = memoryview(buf)
-        size, pos, queued = len(buf), 0, False
+        size, pos, queued, need = len(buf), 0, False, 0
         limit = self._frame_limit
         while size - pos >= 2:
             head, second = buf[pos], buf[pos + 1]
@@ -211,9 +221,9 @@ class WebSocketConnection(asyncio.Protocol):
             end = start + length
             if second & 0x80 or (limit is not None and length > limit):
                 # Masked, or over the limit: websockets fails the connection its way.
-                self._partial = b""
                 return self._feed_protocol(buf[pos:]) or queued
             if end > size:
+                need = end - pos
                 break
             if (head == 0x81 or head == 0x82) and not self._fragments:
                 queued = self._message(view[start:end], head == 0x81) or queued
@@ -221,10 +231,17 @@ class WebSocketConnection(asyncio.Protocol):
                 queued = self._protocol_events(buf[pos:end]) or queued
             pos = end
             if self.protocol.state is not State.OPEN:
-                self._partial = b""
                 return self._feed_protocol(buf[pos:]) or queued
-        self._partial = buf[pos:] if pos else buf
+        if pos < size:
+            rest = buf[pos:] if pos else buf
+            self._partial, self._partial_size, self._partial_need = [rest], len(rest), need
         return queued
+
+    def _take_partial(self) -> bytes:
+        pieces = self._partial
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._partial, self._partial_size, self._partial_need = [], 0, 0
+        return data
 
     def eof_received(self) -> None:
         # A rejection without Content-Length ends at EOF, its only event then.
@@ -248,8 +265,7 @@ class WebSocketConnection(asyncio.Protocol):
             # An unfinished frame is websockets' to judge (an unexpected end of stream).
             self._framing = False
             if self._partial:
-                self._protocol_events(self._partial)
-                self._partial = b""
+                self._protocol_events(self._take_partial())
         self.protocol.receive_eof()
         for event in self.protocol.events_received():
             if isinstance(event, Response):
