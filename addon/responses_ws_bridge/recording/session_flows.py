@@ -241,9 +241,7 @@ def new_exchange_flow(
     )
     f.websocket = None
     f.request.method = method
-    if secrets and body:
-        body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
-    f.request.raw_content = body
+    f.request.raw_content = _redacted_body(body, secrets)
     data = f.metadata[METADATA_KEY]
     data["transport"] = TRANSPORT_HTTP
     data["route"] = route
@@ -262,20 +260,37 @@ def record_exchange_answer(
     secrets: Collection[str] = (),
 ) -> None:
     """The upstream's whole answer to a forwarded request (a known secret in it cut out)."""
+    _record_answer(f, status, reason, headers, body, timestamp, secrets)
+    _end_connections(f, timestamp)
+
+
+def _record_answer(
+    f: http.HTTPFlow,
+    status: int,
+    reason: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    timestamp: float,
+    secrets: Collection[str],
+) -> None:
+    """An upstream answer as recorded: credentials and known secrets cut out."""
     account = f.metadata.get(METADATA_KEY, {}).get("account")
     recorded = redact_headers(headers, account_id=account, secrets=secrets)
-    if secrets and body:
-        body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
     f.response = _response(
         status=status,
         reason=_encode(reason),
         headers=_headers(recorded),
-        content=body,
+        content=_redacted_body(body, secrets),
         timestamp_start=timestamp,
         timestamp_end=timestamp,
     )
     f.server_conn.timestamp_tcp_setup = f.server_conn.timestamp_tcp_setup or timestamp
-    _end_connections(f, timestamp)
+
+
+def _redacted_body(body: bytes, secrets: Collection[str]) -> bytes:
+    if secrets and body:
+        return _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
+    return body
 
 
 def note_reuse(f: http.HTTPFlow, *, client_flow_id: str | None, attempt: int = 1) -> None:
@@ -358,19 +373,7 @@ def record_handshake_response(
     secrets: Collection[str] = (),
 ) -> None:
     """The upstream's answer to the upgrade: the 101, or a rejection with its body."""
-    account = f.metadata.get(METADATA_KEY, {}).get("account")
-    recorded = redact_headers(headers, account_id=account, secrets=secrets)
-    if secrets and body:
-        body = _encode(redact_text(body.decode("utf-8", "surrogateescape"), secrets))
-    f.response = _response(
-        status=status,
-        reason=_encode(reason),
-        headers=_headers(recorded),
-        content=body,
-        timestamp_start=timestamp,
-        timestamp_end=timestamp,
-    )
-    f.server_conn.timestamp_tcp_setup = f.server_conn.timestamp_tcp_setup or timestamp
+    _record_answer(f, status, reason, headers, body, timestamp, secrets)
     if f.server_conn.tls:
         f.server_conn.timestamp_tls_setup = f.server_conn.timestamp_tls_setup or timestamp
     if status != 101:
