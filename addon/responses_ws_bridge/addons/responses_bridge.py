@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -48,7 +47,7 @@ from responses_ws_bridge.core.create_request import (
     DEFAULT_FRAME_LIMIT,
     BadRequest,
     CreateRequest,
-    decision_fields,
+    decision_fields_of,
     parse_create_request,
 )
 from responses_ws_bridge.core.handshake_headers import UpstreamCredential, client_request_id
@@ -361,7 +360,7 @@ class ResponsesBridge:
                 self._answer(flow, openai_errors.bad_request(exc))
                 return None
         else:
-            create = CreateRequest(stream=False, message=b"", body=_json_object(body))
+            create = CreateRequest(stream=False, message=b"", body=decision_fields_of(body))
             forwarded = ForwardedHttp(served, flow.request.method, wire)
         return self._turn(flow, served, create, forwarded)
 
@@ -733,17 +732,6 @@ def _wire_body(flow: http.HTTPFlow) -> bytes:
     if isinstance(collector, BodyCollector):
         return collector.wire
     return flow.request.raw_content or b""
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    """A forwarded body's fields its affinity is decided on ({} for anything else)."""
-    if not body.strip():
-        return {}
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return {}
-    return decision_fields(parsed) if isinstance(parsed, dict) else {}
 
 
 def _affinity(

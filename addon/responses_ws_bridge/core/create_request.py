@@ -49,6 +49,18 @@ def decision_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     return {name: body[name] for name in DECISION_FIELDS if name in body}
 
 
+def decision_fields_of(body: bytes | str) -> dict[str, Any]:
+    """The decision fields of a body that is only read, not sent as `response.create`
+    (a forwarded request, a WebSocket client's message): {} when it is no JSON object."""
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return decision_fields(parsed) if isinstance(parsed, dict) else {}
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     stream: bool

@@ -44,7 +44,7 @@ from responses_ws_bridge.core.accounts import Account
 from responses_ws_bridge.core.affinity import AffinityKind, classify
 from responses_ws_bridge.core.attempt_plan import AttemptPlan, PickClient
 from responses_ws_bridge.core.attempt_url import attempt_url
-from responses_ws_bridge.core.create_request import CreateRequest, decision_fields
+from responses_ws_bridge.core.create_request import CreateRequest, decision_fields_of
 from responses_ws_bridge.core.failures import (
     REFRESH_FAILED,
     ConnectFailed,
@@ -263,13 +263,7 @@ class WsClientEngine(PoolSteps):
         )
 
     def _new_turn(self, text: str | None) -> Turn:
-        body: dict[str, Any] = {}
-        if text is not None:
-            try:
-                parsed = json.loads(text)
-            except (ValueError, RecursionError):
-                parsed = None
-            body = decision_fields(parsed) if isinstance(parsed, dict) else {}
+        body = decision_fields_of(text) if text is not None else {}
         request = self.request
         number = len(self.turns)
         turn = Turn(
