@@ -181,17 +181,12 @@ class ForwardEngine(PoolSteps):
                 return
 
     def _refusal(self) -> openai_errors.HttpError | None:
-        destination = self.turn.destination
-        return upstream_trust.refusal(
+        return upstream_trust.refusal_of(
+            self.turn,
             pool_mode=True,
             option=self.settings.upstream_option,
             accounts_own_upstreams=self._own_upstreams,
-            target=upstream_trust.Target(
-                destination.scheme, destination.host, destination.port, destination.path
-            ),
-            reverse_target=self.turn.reverse_target,
             trusted_hosts=self.settings.trusted_hosts,
-            own_endpoints=self.turn.own_endpoints,
         )
 
     def _from_cache(self) -> _Ask:

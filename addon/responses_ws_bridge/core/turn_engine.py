@@ -276,34 +276,18 @@ class TurnEngine:
         when every account names its own upstream, the destination is never
         used and so never matters. The proxy itself is never an upstream.
         """
-        turn, destination = self.turn, self.turn.destination
-        target = upstream_trust.Target(
-            destination.scheme, destination.host, destination.port, destination.path
+        error = upstream_trust.refusal_of(
+            self.turn,
+            pool_mode=self.facts.pooled,
+            option=self.settings.upstream_option,
+            accounts_own_upstreams=self.facts.accounts_own_upstreams,
+            trusted_hosts=self.settings.trusted_hosts,
         )
-        try:
-            decision = upstream_trust.decide_upstream(
-                pool_mode=self.facts.pooled,
-                option=self.settings.upstream_option,
-                account_upstream=None,
-                target=target,
-                reverse_target=turn.reverse_target,
-                trusted_hosts=self.settings.trusted_hosts,
-                own_endpoints=turn.own_endpoints,
-            )
-        except ValueError:
-            return None  # a malformed URL: the attempt says so (bad_url)
-        if isinstance(decision, upstream_trust.Trusted):
+        if error is None:
             return None
-        if (
-            self.facts.accounts_own_upstreams
-            and not self.settings.upstream_option.strip()
-            and not upstream_trust.is_own_endpoint(
-                destination.host, destination.port, turn.own_endpoints
-            )
-        ):
-            return None
+        destination = self.turn.destination
         where = f"{destination.scheme}://{destination.host}:{destination.port}"
-        return decision.error, f"refused: {where} is not a trusted upstream"
+        return error, f"refused: {where} is not a trusted upstream"
 
     def _pick(self, plan: AttemptPlan, last: Failure | None) -> _Ask:
         """The account of the next attempt (None: the client's credential), or _STOP."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from responses_ws_bridge.core import routing
@@ -222,6 +223,49 @@ def _is_wildcard(name: str) -> bool:
     return name in ("", "0.0.0.0", "::")
 
 
+class _Place(Protocol):
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+
+
+class Addressed(Protocol):
+    """A request as the engines know it: where it was meant to go, and the proxy's own places."""
+
+    @property
+    def destination(self) -> _Place: ...
+    @property
+    def reverse_target(self) -> Endpoint | None: ...
+    @property
+    def own_endpoints(self) -> Collection[Endpoint]: ...
+
+
+def refusal_of(
+    request: Addressed,
+    *,
+    pool_mode: bool,
+    option: str,
+    accounts_own_upstreams: bool,
+    trusted_hosts: Collection[str],
+) -> HttpError | None:
+    """`refusal` for a request's own destination (every engine asks it so)."""
+    place = request.destination
+    return refusal(
+        pool_mode=pool_mode,
+        option=option,
+        accounts_own_upstreams=accounts_own_upstreams,
+        target=Target(place.scheme, place.host, place.port, place.path),
+        reverse_target=request.reverse_target,
+        trusted_hosts=trusted_hosts,
+        own_endpoints=request.own_endpoints,
+    )
+
+
 def refusal(
     *,
     pool_mode: bool,
@@ -236,9 +280,7 @@ def refusal(
 
     With a pool, a destination the client chose is used only when trusted;
     when every account names its own upstream, the destination is never used
-    and so never matters. The proxy itself is never an upstream. (The turn
-    engine asks the same of `decide_upstream`; forwarded requests and
-    WebSocket clients ask here.)
+    and so never matters. The proxy itself is never an upstream.
     """
     try:
         decision = decide_upstream(

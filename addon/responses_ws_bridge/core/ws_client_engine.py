@@ -249,17 +249,12 @@ class WsClientEngine(PoolSteps):
                 return
 
     def _refusal(self) -> openai_errors.HttpError | None:
-        destination = self.request.destination
-        return upstream_trust.refusal(
+        return upstream_trust.refusal_of(
+            self.request,
             pool_mode=True,
             option=self.settings.upstream_option,
             accounts_own_upstreams=self._own_upstreams,
-            target=upstream_trust.Target(
-                destination.scheme, destination.host, destination.port, destination.path
-            ),
-            reverse_target=self.request.reverse_target,
             trusted_hosts=self.settings.trusted_hosts,
-            own_endpoints=self.request.own_endpoints,
         )
 
     def _new_turn(self, text: str | None) -> Turn:
