@@ -216,20 +216,29 @@ def load_sessions(paths: Iterable[str | Path]) -> list[RecordedSession]:
 
     Raises FlowFileError when a file cannot be read or is not a flow file.
     """
-    found: list[RecordedSession] = []
+    found = _read_flows(paths, session_from_flow)
+    # sorted() is stable: flows recorded at the same instant keep file order.
+    return merge_segments(sorted(found, key=lambda s: s.started))
+
+
+def _read_flows[T](paths: Iterable[str | Path], take: Callable[[Flow, str], T | None]) -> list[T]:
+    """What `take` makes of each flow of the files (None: skipped), in file order.
+
+    Raises FlowFileError when a file cannot be read or is not a flow file.
+    """
+    found: list[T] = []
     for path in paths:
         try:
             with open(path, "rb") as fp:
                 for flow in mitmio.FlowReader(fp).stream():
-                    session = session_from_flow(flow, str(path))
-                    if session is not None:
-                        found.append(session)
+                    item = take(flow, str(path))
+                    if item is not None:
+                        found.append(item)
         except OSError as exc:
             raise FlowFileError(f"{path}: {exc.strerror or exc}") from exc
         except exceptions.FlowReadException as exc:
             raise FlowFileError(f"{path}: not a readable flow file ({exc})") from exc
-    # sorted() is stable: flows recorded at the same instant keep file order.
-    return merge_segments(sorted(found, key=lambda s: s.started))
+    return found
 
 
 @dataclass(frozen=True)
@@ -279,19 +288,7 @@ def exchange_from_flow(flow: Flow, source: str) -> RecordedExchange | None:
 
 def load_exchanges(paths: Iterable[str | Path]) -> list[RecordedExchange]:
     """Every recorded forwarded exchange in the files, in recorded order."""
-    found: list[RecordedExchange] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as fp:
-                for flow in mitmio.FlowReader(fp).stream():
-                    exchange = exchange_from_flow(flow, str(path))
-                    if exchange is not None:
-                        found.append(exchange)
-        except OSError as exc:
-            raise FlowFileError(f"{path}: {exc.strerror or exc}") from exc
-        except exceptions.FlowReadException as exc:
-            raise FlowFileError(f"{path}: not a readable flow file ({exc})") from exc
-    return sorted(found, key=lambda e: e.started)
+    return sorted(_read_flows(paths, exchange_from_flow), key=lambda e: e.started)
 
 
 def merge_segments(sessions: Sequence[RecordedSession]) -> list[RecordedSession]:
