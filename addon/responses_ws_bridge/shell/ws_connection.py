@@ -341,12 +341,7 @@ class WebSocketConnection(asyncio.Protocol):
             if self.protocol.state is State.CLOSED:
                 raise self.protocol.close_exc
             return []
-        batch = list(self._messages)
-        self._messages.clear()
-        self.buffered = 0
-        if self._reading_paused:
-            self._resume_reading()
-        return batch
+        return self._take_all()
 
     async def receive_batch(self, timeout: float | None = None) -> list[str | bytes]:
         """Waits for a message; returns it and every one queued behind it.
@@ -362,6 +357,10 @@ class WebSocketConnection(asyncio.Protocol):
             if deadline is not None and self.loop.time() >= deadline:
                 return []
             await self._wait(deadline)
+        return self._take_all()
+
+    def _take_all(self) -> list[str | bytes]:
+        """The queued messages, all of them: reading goes on if it paused for them."""
         batch = list(self._messages)
         self._messages.clear()
         self.buffered = 0
