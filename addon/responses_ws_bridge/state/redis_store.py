@@ -71,14 +71,20 @@ from responses_ws_bridge.state.store import (
 # What GuardedStore treats as the store failing.
 CLIENT_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 
-# KEYS[1]; ARGV: value, ttl ms (0: none). Returns the value in force; refreshes its TTL.
-_SET_IF_ABSENT = """
+# KEYS[1]; ARGV[2]: ttl ms (0: none). A value in force is returned, its TTL refreshed.
+_KEEP_PRESENT = """
 local v = redis.call('GET', KEYS[1])
 local ttl = tonumber(ARGV[2])
 if v then
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
   return v
 end
+"""
+
+# KEYS[1]; ARGV: value, ttl ms (0: none). Returns the value in force; refreshes its TTL.
+_SET_IF_ABSENT = (
+    _KEEP_PRESENT
+    + """
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 else
@@ -86,6 +92,7 @@ else
 end
 return ARGV[1]
 """
+)
 
 # The server's time plus a TTL in ms, a session set's score; no TTL (0): never expires.
 _EXPIRES_AT = """
@@ -104,14 +111,7 @@ def _bind_script(*, first: str = "", before_new: str = "") -> str:
     return (
         _EXPIRES_AT
         + first
-        + """
-local v = redis.call('GET', KEYS[1])
-local ttl = tonumber(ARGV[2])
-if v then
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-  return v
-end
-"""
+        + _KEEP_PRESENT
         + before_new
         + """
 if ttl > 0 then
