@@ -540,6 +540,10 @@ def record(scenario: Scenario, out: Path, log: Callable[[str], None]) -> None:
             f"bridge_accounts={accounts}",
             "--set",
             f"bridge_oauth_token_url={oauth.url}",
+            # A fixture keeps what each client got, too (mitmproxy keeps no streamed body
+            # without it).
+            "--set",
+            "store_streamed_bodies=true",
             "-w",
             str(out),
         ) as proxy:

@@ -182,7 +182,9 @@ def _bridge_command(
     web_port = args.web_port + port - args.port
     quiet = ["--set", "flow_detail=0"] if args.tool == "mitmdump" else []
     if args.tool == "mitmweb":
-        quiet = ["--set", f"web_port={web_port}"]
+        # The inspector shows each client flow's SSE body too (mitmproxy keeps no
+        # streamed body without it).
+        quiet = ["--set", f"web_port={web_port}", "--set", "store_streamed_bodies=true"]
     return [
         str(BIN / args.tool),
         "-s",

@@ -107,6 +107,45 @@ def test_the_saved_flow_shows_the_request_as_sent_and_where_it_went(
     assert flow.response is not None and json.loads(flow.response.content or b"")["status"]
 
 
+def test_a_client_that_leaves_keeps_what_it_got_on_its_flow_when_streamed_bodies_are_stored(
+    upstream: ThreadedUpstream, tmp_path: Path
+) -> None:
+    saved = tmp_path / "flows.mitm"
+    with ProxyProcess(
+        "--mode",
+        f"reverse:http://127.0.0.1:{upstream.port}",
+        "--set",
+        "connection_strategy=lazy",
+        "--set",
+        "store_streamed_bodies=true",
+        "-w",
+        str(saved),
+    ) as proxy:
+        upstream.script(Plan(turn=TurnSpec(deltas=DELTAS), pace_s=0.01))
+        got = b""
+        with client() as http, http.stream("POST", f"{proxy.url}/v1/responses", json=BODY) as r:
+            for chunk in r.iter_bytes():
+                got += chunk
+                if got.count(b"response.output_text.delta") >= 3:
+                    break  # leaves: the connection closes with the stream
+        deadline = time.monotonic() + 10
+        while "client_gone" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.stop()  # flushes the -w file
+    with saved.open("rb") as fp:
+        (flow,) = [
+            f
+            for f in mitm_io.FlowReader(fp).stream()
+            if isinstance(f, mitm_http.HTTPFlow)
+            and f.metadata.get("responses_bridge", {}).get("role") == "client"
+        ]
+    assert flow.error is not None and flow.response is not None
+    kept = flow.response.content or b""
+    # What went out before the client left: at least what it read, and never a whole turn.
+    assert kept.startswith(got) and b"response.completed" not in kept
+    assert flow.metadata["responses_bridge"]["outcome"] == "client_gone"
+
+
 @contextmanager
 def tls_origin(pki: TestPki) -> Iterator[int]:
     """A TLS server on 127.0.0.1 that negotiates HTTP/2 and never answers anything.

@@ -183,6 +183,10 @@ class _AddonStream(HttpStream):
             # The client left mid-stream. mitmproxy would forward that to the
             # server connection, which an addon-produced response never had.
             _live.discard(self.flow.id)
+            if self.context.options.store_streamed_bodies and self.flow.response is not None:
+                # What the client got before it left (mitmproxy's own stream drops it).
+                self.flow.response.data.content = bytes(self.response_body_buf)
+                self.response_body_buf.clear()
             self.flow.error = mitmflow.Error(event.message)
             yield HttpErrorHook(self.flow)
             self.flow.live = False
@@ -288,7 +292,7 @@ _ATTRIBUTES: tuple[tuple[type, tuple[str, ...]], ...] = (
 # Instance attributes it reads, known by the classes' annotations.
 _DECLARED: tuple[tuple[type, tuple[str, ...]], ...] = (
     (layer.Layer, ("context", "_paused", "_paused_event_queue")),
-    (HttpStream, ("flow", "stream_id", "child_layer")),
+    (HttpStream, ("flow", "stream_id", "child_layer", "response_body_buf")),
     (HttpLayer, ("streams", "connections")),
     (Http2Connection, ("h2_conn",)),
     (BufferedH2Connection, ("stream_buffers",)),
@@ -311,6 +315,8 @@ _USES: tuple[tuple[type, str, tuple[str, ...]], ...] = (
         ),
     ),
     (HttpStream, "__init__", ("client_state", "server_state")),
+    # A client that leaves mid-answer keeps what it got as this keeps a finished answer.
+    (HttpStream, "state_stream_response_body", ("store_streamed_bodies", "response_body_buf")),
     # An upgrade the addon answers gets its own child layer as `flow_done` gives mitmproxy's.
     (HttpStream, "flow_done", ("child_layer", "passthrough", "SendHttp", "ResponseEndOfMessage")),
     # A new stream's class is looked up by its module-level name, which install() replaces.

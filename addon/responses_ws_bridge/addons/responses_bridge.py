@@ -4,8 +4,9 @@
 streams in; the `request` hook parses and checks the request, starts the turn
 and waits for its first answer, which it sets as `flow.response`; the rest of
 the answer streams through mitmproxy's own connection (`addons.flow_streaming`).
-`response` keeps the streamed SSE body for display and writes the turn's report
-into the flow's metadata and comment.
+`response` writes the turn's report into the flow's metadata and comment (the
+streamed SSE body is kept, as mitmproxy keeps any streamed body, with
+`store_streamed_bodies`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import command, connection, ctx, exceptions, http
@@ -113,32 +114,12 @@ class _Routed:
     started: float
     first: float | None = None
     streamed: bool = False
-    body: bytearray = field(default_factory=bytearray)
 
     def answered(self, status: int | None, now: float) -> request_log.Answered:
         first = self.first - self.started if self.first is not None else None
         return request_log.Answered(
             status, self.turn.report.code, self.streamed, first, now - self.started
         )
-
-
-class _Tap:
-    """Keeps a copy of the streamed body so mitmweb can show it afterwards."""
-
-    def __init__(self, buffer: bytearray) -> None:
-        self._buffer = buffer
-
-    def __call__(self, chunk: bytes) -> bytes:
-        self._buffer += chunk
-        return chunk
-
-
-def _taken(body: bytearray) -> bytes:
-    """The streamed body, for the flow; the buffer is emptied, since the flow's `stream`
-    (the `_Tap`) lives as long as the flow and would hold a second copy."""
-    content = bytes(body)
-    body.clear()
-    return content
 
 
 class ResponsesBridge:
@@ -574,15 +555,15 @@ class ResponsesBridge:
         if routed is None or flow.response is None:
             return
         if routed.streamed:
-            flow.response.stream = _Tap(routed.body)
+            # As for any streamed response, mitmproxy keeps the body (for mitmweb, `-w`)
+            # only with `store_streamed_bodies`; the session flow has every event anyway.
+            flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         routed = self._routed.pop(flow.id, None)
         if routed is None or flow.response is None:
             self._log_answered(flow)
             return
-        if routed.streamed:
-            flow.response.raw_content = _taken(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
@@ -608,8 +589,6 @@ class ResponsesBridge:
         routed.task.cancel()
         if routed.turn.report.outcome == PENDING:
             routed.turn.report.outcome = CLIENT_GONE
-        if routed.streamed and flow.response is not None:
-            flow.response.raw_content = _taken(routed.body)
         self._annotate(flow, routed)
         self._log_turn(flow, routed)
 
