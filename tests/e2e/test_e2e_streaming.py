@@ -51,6 +51,17 @@ def first_event_while_upstream_still_sends(
     return [line[7:] for line in body.decode().splitlines() if line.startswith("event: ")]
 
 
+def saved_client_flows(saved: Path) -> list[mitm_http.HTTPFlow]:
+    """The client flows of a `-w` file."""
+    with saved.open("rb") as fp:
+        return [
+            f
+            for f in mitm_io.FlowReader(fp).stream()
+            if isinstance(f, mitm_http.HTTPFlow)
+            and f.metadata.get("responses_bridge", {}).get("role") == "client"
+        ]
+
+
 @pytest.fixture(scope="module")
 def reverse_proxy(upstream: ThreadedUpstream) -> Iterator[ProxyProcess]:
     with ProxyProcess(
@@ -92,14 +103,7 @@ def test_the_saved_flow_shows_the_request_as_sent_and_where_it_went(
             f"{proxy.url}/v1/responses", content=body, headers={"content-type": "application/json"}
         )
         assert response.json()["status"] == "completed"
-    with saved.open("rb") as fp:
-        flows = [
-            f
-            for f in mitm_io.FlowReader(fp).stream()
-            if isinstance(f, mitm_http.HTTPFlow)
-            and f.metadata.get("responses_bridge", {}).get("role") == "client"
-        ]
-    (flow,) = flows
+    (flow,) = saved_client_flows(saved)
     assert flow.request.content == body
     assert flow.request.headers["content-length"] == str(len(body))
     # The reverse-mode target: the flow was never pointed anywhere else.
@@ -132,13 +136,7 @@ def test_a_client_that_leaves_keeps_what_it_got_on_its_flow_when_streamed_bodies
         while "client_gone" not in proxy.log() and time.monotonic() < deadline:
             time.sleep(0.02)
         proxy.stop()  # flushes the -w file
-    with saved.open("rb") as fp:
-        (flow,) = [
-            f
-            for f in mitm_io.FlowReader(fp).stream()
-            if isinstance(f, mitm_http.HTTPFlow)
-            and f.metadata.get("responses_bridge", {}).get("role") == "client"
-        ]
+    (flow,) = saved_client_flows(saved)
     assert flow.error is not None and flow.response is not None
     kept = flow.response.content or b""
     # What went out before the client left: at least what it read, and never a whole turn.
@@ -280,13 +278,7 @@ def h2_through_the_proxy(
 
 
 def the_client_flow(saved: Path) -> mitm_http.HTTPFlow:
-    with saved.open("rb") as fp:
-        (flow,) = [
-            f
-            for f in mitm_io.FlowReader(fp).stream()
-            if isinstance(f, mitm_http.HTTPFlow)
-            and f.metadata.get("responses_bridge", {}).get("role") == "client"
-        ]
+    (flow,) = saved_client_flows(saved)
     return flow
 
 
