@@ -54,6 +54,7 @@ from harness.bench_client import (
     ratios,
     reset_peak_rss,
     sample_process,
+    saturation_notes,
     turn_figures,
 )
 from harness.proxy_process import ProxyProcess
@@ -593,7 +594,7 @@ def run(options: RunOptions, log: TextIO = sys.stdout) -> dict[str, Any]:
         "idle_sessions": idle,
         "ratios": ratios(results),
         "targets": evaluate_targets(results, workloads, idle, rtt_ms=options.rtt_ms),
-        "notes": notes,
+        "notes": notes + saturation_notes(workload_docs, results),
         "duration_s": round(time.perf_counter() - started, 1),
     }
 

@@ -900,6 +900,10 @@ IDLE_GROWTH_LIMIT_KIB = IDLE_SESSION_LIMIT_KIB / 10
 # Time to first event over a new upstream connection, bridge / passthrough, at most.
 TTFE_LIMITS = {"bridge_reused": 0.4, "bridge_preconnect": 0.75, "bridge_fresh": 1.1}
 INDICATIVE = "a {mode} run: few samples, so these verdicts are indicative only"
+# A paced workload whose direct client gets less than this share of the events/s its
+# upstream offers is not paced on this machine: client, upstream and proxy are saturated.
+# (One stream alone gets about 0.93: a 5 ms sleep lasts a little longer.)
+PACED_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -940,6 +944,25 @@ class WorkloadSpec:
             if self.pace_ms
             else None,
         }
+
+
+def saturation_notes(
+    workloads: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """A note for each paced workload this machine could not run at its pace."""
+    notes = []
+    for workload in workloads:
+        offered = workload.get("offered_events_per_s")
+        got = _figure(results, "direct", workload["name"], "client", "events_per_s")
+        if not offered or got is None or got >= PACED_SHARE * offered:
+            continue
+        notes.append(
+            f"{workload['name']}: the direct client got {got:,.0f} of the {offered:,} events/s "
+            f"offered ({got / offered:.0%}), so the machine is saturated: this workload "
+            "compares saturated processes, not paced streams, and its CPU and latency "
+            "figures move from run to run with how events happen to batch"
+        )
+    return notes
 
 
 def add_added_latency(results: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -1222,6 +1245,7 @@ def format_report(doc: Mapping[str, Any], *, markdown: bool = False) -> str:
             f"{_cell(idle.get('fds_per_session'), 2)} sockets each"
         )
     parts.append(render(_target_rows(doc)))
+    parts += [f"note: {note}" for note in doc.get("notes", [])]
     if doc.get("mode") != "full":
         parts.append(INDICATIVE.format(mode=doc.get("mode")))
     return "\n\n".join(parts)

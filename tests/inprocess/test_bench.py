@@ -47,6 +47,7 @@ from harness.bench_client import (
     percentile,
     process_figures,
     ratios,
+    saturation_notes,
     steady_latencies,
     turn_figures,
     ws_message,
@@ -752,6 +753,18 @@ def test_targets() -> None:
     assert {t["workload"] for t in targets if t["path"] == "bridge_preconnect"} == {"first-40ms"}
     cpu = next(t for t in targets if t["path"] == "bridge_fresh" and t["workload"] == "long")
     assert cpu["value_over_limit"] == 2.0
+
+
+def test_a_paced_workload_the_machine_cannot_pace_is_noted() -> None:
+    results = fake_results()
+    workloads = [w.as_dict() for w in WORKLOADS]
+    # paced-4 offers 800 events/s; the fake direct client gets 200.
+    (note,) = saturation_notes(workloads, results)
+    assert note.startswith("paced-4: the direct client got 200 of the 800 events/s offered (25%)")
+    results["direct"]["paced-4"]["client"]["events_per_s"] = 0.8 * 800
+    assert saturation_notes(workloads, results) == []
+    report = format_report({**document(results, IDLE), "notes": [note]})
+    assert f"note: {note}" in report
 
 
 def test_errors_miss_the_concurrency_target() -> None:
