@@ -16,6 +16,7 @@ from harness import fixture_replay
 from harness.fixture_replay import FLOWS, client_flows
 from harness.proxy_process import ProxyProcess
 from mitmproxy import http
+from mitmproxy import io as mitm_io
 from responses_ws_bridge.core.sse import parse_sse
 from responses_ws_bridge.recording.replay import ThreadedReplayServer, load_sessions
 
@@ -80,6 +81,24 @@ def test_fixtures_exist() -> None:
             "websocket-client-1011-before-created.mitm",
         }
     )
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_a_fixture_holds_only_what_its_requests_did(name: str) -> None:
+    """Every upstream flow served a client flow of the file (no flow for a socket that
+    carried no request), and each streamed answer is kept on its client flow."""
+    with (FLOWS / name).open("rb") as f:
+        flows = [fl for fl in mitm_io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
+    meta = [fl.metadata.get("responses_bridge", {}) for fl in flows]
+    clients = {fl.id for fl, m in zip(flows, meta, strict=True) if m.get("role") == "client"}
+    for fl, m in zip(flows, meta, strict=True):
+        if m.get("role") == "upstream":
+            served = set(m.get("client_flows") or [m.get("client_flow")])
+            assert served and served <= clients, fl.comment
+    for fl in client_flows(FLOWS / name):
+        response = fl.response
+        if response is not None and response.headers.get("content-type") == "text/event-stream":
+            assert response.content, fl.comment
 
 
 @pytest.mark.parametrize("name", FIXTURES)
