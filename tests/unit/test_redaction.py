@@ -11,9 +11,11 @@ from responses_ws_bridge.core.pool_state import PoolState
 from responses_ws_bridge.core.redaction import (
     EXTENSIONS_KEPT,
     REDACTED,
+    SCANS,
     BodyScrubber,
     SecretScrubber,
     account_from_authorization,
+    prefix_groups,
     redact_headers,
     redact_text,
     redacted_authorization,
@@ -233,6 +235,46 @@ def test_the_trie_pattern_finds_exactly_the_words(words: list[str]) -> None:
         assert pattern.search(f"<<{word}>>") is not None, word
         assert pattern.fullmatch(word) is not None, word
     assert pattern.search("<<zzz>>") is None
+
+
+@pytest.mark.parametrize(
+    ("words", "groups"),
+    [
+        ([], []),
+        (["sk-b", "sk-a", "rt_x", "eyJ1", "sk-a"], [["sk-a", "sk-b"], ["eyJ1"], ["rt_x"]]),
+        # Short words are a prefix of their own.
+        (["ab", "abcd", "abce", "x"], [["abcd", "abce"], ["ab"], ["x"]]),
+        # More prefixes than scans: the smallest groups share the last scan.
+        (
+            ["sk-1", "sk-2", "sk-3", "eyJ1", "eyJ2", "rt_1", "rt_2", "aaa1", "bbb1", "ccc1"],
+            [
+                ["sk-1", "sk-2", "sk-3"],
+                ["eyJ1", "eyJ2"],
+                ["rt_1", "rt_2"],
+                ["aaa1", "bbb1", "ccc1"],
+            ],
+        ),
+    ],
+)
+def test_secrets_are_looked_for_in_a_few_groups_by_prefix(
+    words: list[str], groups: list[list[str]]
+) -> None:
+    assert SCANS == 4
+    assert prefix_groups(words) == groups
+
+
+def test_every_secret_of_every_group_is_found_in_a_long_text() -> None:
+    prefixes = ["sk-", "eyJ", "rt_", "ak_", "xy.", "0x1", "tok"]
+    secrets = [f"{p}{n}-secret-{n * 7919}" for p in prefixes for n in range(3)]
+    scrub = SecretScrubber(secrets)
+    filler = "You are a coding agent working in a repository. " * 800
+    assert scrub.known(filler) is filler
+    assert scrub.spans(filler.encode()) == []
+    for secret in secrets:
+        text = f"{filler}{secret}{filler}"
+        assert scrub.known(text) == f"{filler}{REDACTED}{filler}", secret
+        (span,) = scrub.spans(text.encode())
+        assert text.encode()[span[0] : span[1]] == secret.encode()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11, 64])
