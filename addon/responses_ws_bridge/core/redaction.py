@@ -56,9 +56,18 @@ def account_from_authorization(value: str | None) -> str | None:
 
 def redact_text(text: str, secrets: Collection[str]) -> str:
     """`text` with every occurrence of a known secret replaced by `<redacted>`."""
+    return _cut_out(text, _longest_first(secrets))
+
+
+def _longest_first(secrets: Collection[str]) -> list[str]:
     # Longest first, so that a secret containing another is cut out whole.
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
+    return sorted((s for s in secrets if s), key=len, reverse=True)
+
+
+def _cut_out(text: str, ordered: Sequence[str]) -> str:
+    for secret in ordered:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
     return text
 
 
@@ -74,6 +83,7 @@ def redact_headers(
     means it is the client's own (pass-through mode).
     """
     out: list[tuple[str, str]] = []
+    ordered = _longest_first(secrets)
     for name, value in headers:
         low = name.lower()
         if low == "authorization":
@@ -85,7 +95,7 @@ def redact_headers(
         elif low in CREDENTIAL_HEADERS:
             out.append((name, REDACTED))
         else:
-            out.append((name, redact_secrets(redact_text(value, secrets))))
+            out.append((name, redact_secrets(_cut_out(value, ordered))))
     return out
 
 
