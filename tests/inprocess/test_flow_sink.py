@@ -29,12 +29,16 @@ class FakeHandler:
         self.held = 0
         self.looked = 0
         self.fed: list[bytes | None] = []
+        self.asked: list[bool] = []
 
     async def server_event(self, event: Any) -> None:
         self.fed.append(event.data)
         if event.data is not None:
             self.held += len(event.data)
-        event.unsent = self.unsent
+        # As `_feed_stream` does: the counter only when the sink asks for it.
+        self.asked.append(event.count_unsent)
+        if event.count_unsent:
+            event.unsent = self.unsent
 
     def unsent(self) -> int:
         self.looked += 1
@@ -79,6 +83,19 @@ def test_a_large_write_goes_in_pieces() -> None:
         await sink.write(b"x" * (3 * PIECE + 10))
         assert [len(d or b"") for d in handler.fed] == [PIECE, PIECE, PIECE, 10]
         assert sink.held_up_writes == 0
+
+    run(main)
+
+
+def test_the_unsent_counter_is_asked_for_once_per_response() -> None:
+    async def main(proxyserver: FakeProxyserver) -> None:
+        sink, handler = await streaming_sink(proxyserver)
+        for _ in range(3):
+            await sink.write(b"x")
+        await sink.finish()
+        assert handler.asked == [True, False, False, False]
+        # It goes on counting what is held after the first write.
+        assert sink.unsent_peak == 3
 
     run(main)
 

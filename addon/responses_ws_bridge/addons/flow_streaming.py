@@ -98,8 +98,9 @@ class _Feed(FlowEvent):
 
     data: bytes | None = None
     error: str | None = None
-    # Set where the flow's stream was found: how many bytes of its response wait
-    # in mitmproxy's HTTP layer for the client to take them.
+    # Asked for once per response (`count_unsent`), set where the flow's stream was
+    # found: how many bytes of its response wait in mitmproxy's HTTP layer for the client.
+    count_unsent: bool = False
     unsent: Callable[[], int] | None = None
 
 
@@ -259,7 +260,8 @@ def _feed_stream(self: HttpLayer, event: _Feed) -> Generator[Any, Any, bool]:
         else:
             inner = ResponseData(stream.stream_id, event.data)
         yield from self.event_to_child(stream, inner)
-        event.unsent = _unsent_of(self, stream)
+        if event.count_unsent:
+            event.unsent = _unsent_of(self, stream)
         return True
     return False
 
@@ -378,9 +380,11 @@ def _unsent_of(http_layer: HttpLayer, stream: HttpStream) -> Callable[[], int]:
     queue, stream_id = stream._paused_event_queue, stream.stream_id
 
     def unsent() -> int:
-        held = sum(len(e.data) for e in queue if isinstance(e, ResponseData))
-        if buffers is not None:
-            held += sum(len(chunk.data) for chunk in buffers.get(stream_id, ()))
+        # Asked before every write: nothing queued and no h2 buffers is the common case.
+        held = sum(len(e.data) for e in queue if isinstance(e, ResponseData)) if queue else 0
+        chunks = buffers.get(stream_id) if buffers is not None else None
+        if chunks:
+            held += sum(len(chunk.data) for chunk in chunks)
         return held
 
     return unsent
@@ -452,6 +456,7 @@ class FlowSink:
         self.unsent_peak = 0
         self.held_up_writes = 0
         self._unsent: Callable[[], int] = lambda: 0
+        self._counting = False
 
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
         self._begin(Head(status, tuple(headers)))
@@ -459,7 +464,7 @@ class FlowSink:
 
     async def write(self, data: bytes) -> None:
         for start in range(0, len(data), PIECE):
-            await self._feed(_Feed(self._flow, data[start : start + PIECE]))
+            await self._feed(self._event(data[start : start + PIECE]))
             await self._until_taken()
 
     def write_now(self, data: bytes) -> bool:
@@ -471,7 +476,7 @@ class FlowSink:
         handler = self._handler()
         if len(data) > PIECE or not _free(handler._server_event_lock) or self._behind(handler):
             return False
-        event = _Feed(self._flow, data)
+        event = self._event(data)
         step = handler.server_event(event)
         try:
             waited = step.send(None)
@@ -480,8 +485,7 @@ class FlowSink:
         else:
             # Its lock was taken after all: it finishes in the lock's order, as a task would.
             _go_on(step, waited)
-        if event.unsent is not None:
-            self._unsent = event.unsent
+        self._learn_unsent(event)
         if self._flow.id not in _live:
             raise ClientGone
         return True
@@ -499,7 +503,7 @@ class FlowSink:
 
     async def finish(self) -> None:
         self.finished = True
-        await self._feed(_Feed(self._flow, None))
+        await self._feed(self._event(None))
 
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         self._begin(Head(status, tuple(headers), body))
@@ -528,9 +532,15 @@ class FlowSink:
             raise ClientGone
         handler = self._handler()
         await handler.server_event(event)
-        if event.unsent is not None:
-            self._unsent = event.unsent
+        self._learn_unsent(event)
         await handler.drain_writers()
+
+    def _event(self, data: bytes | None) -> _Feed:
+        return _Feed(self._flow, data, count_unsent=not self._counting)
+
+    def _learn_unsent(self, event: _Feed) -> None:
+        if event.unsent is not None:
+            self._unsent, self._counting = event.unsent, True
 
     async def _until_taken(self) -> None:
         """Waits while more than `UNSENT_LIMIT` bytes wait in mitmproxy for the client."""
