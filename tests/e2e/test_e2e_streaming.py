@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness.fixture_replay import client_flows
 from harness.proxy_process import ProxyProcess
 from mitmproxy import http as mitm_http
-from mitmproxy import io as mitm_io
 from responses_ws_bridge.addons.flow_streaming import PIECE, UNSENT_LIMIT
 from responses_ws_bridge.local.ports import free_port
 from responses_ws_bridge.local.response_events import TurnSpec
@@ -49,17 +49,6 @@ def first_event_while_upstream_still_sends(
             body += chunk
     assert seen_at_first is not None and seen_at_first < DELTAS
     return [line[7:] for line in body.decode().splitlines() if line.startswith("event: ")]
-
-
-def saved_client_flows(saved: Path) -> list[mitm_http.HTTPFlow]:
-    """The client flows of a `-w` file."""
-    with saved.open("rb") as fp:
-        return [
-            f
-            for f in mitm_io.FlowReader(fp).stream()
-            if isinstance(f, mitm_http.HTTPFlow)
-            and f.metadata.get("responses_bridge", {}).get("role") == "client"
-        ]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +92,7 @@ def test_the_saved_flow_shows_the_request_as_sent_and_where_it_went(
             f"{proxy.url}/v1/responses", content=body, headers={"content-type": "application/json"}
         )
         assert response.json()["status"] == "completed"
-    (flow,) = saved_client_flows(saved)
+    flow = the_client_flow(saved)
     assert flow.request.content == body
     assert flow.request.headers["content-length"] == str(len(body))
     # The reverse-mode target: the flow was never pointed anywhere else.
@@ -136,7 +125,7 @@ def test_a_client_that_leaves_keeps_what_it_got_on_its_flow_when_streamed_bodies
         while "client_gone" not in proxy.log() and time.monotonic() < deadline:
             time.sleep(0.02)
         proxy.stop()  # flushes the -w file
-    (flow,) = saved_client_flows(saved)
+    flow = the_client_flow(saved)
     assert flow.error is not None and flow.response is not None
     kept = flow.response.content or b""
     # What went out before the client left: at least what it read, and never a whole turn.
@@ -278,7 +267,7 @@ def h2_through_the_proxy(
 
 
 def the_client_flow(saved: Path) -> mitm_http.HTTPFlow:
-    (flow,) = saved_client_flows(saved)
+    (flow,) = client_flows(saved)
     return flow
 
 

@@ -19,7 +19,10 @@ from mitmproxy.proxy.layers.websocket import WebsocketStartHook
 from mitmproxy.test import taddons, tflow
 from responses_ws_bridge.addons.recording import trigger_listeners
 
+from tests.support.aio import run_bounded
+
 Seen = list[str]
+BOUND_S = 10.0
 
 
 class Sync:
@@ -80,15 +83,8 @@ async def run(trigger: Trigger, hook_of: Callable[[http.HTTPFlow], hooks.Hook], 
     chain += [Halting("halting", seen)] if halt else []
     chain += [Sync("after", seen)]
     with taddons.context(*chain) as tctx:
-        await asyncio.wait_for(trigger(tctx.master.addons, hook_of(tflow.tflow())), 10)
+        await trigger(tctx.master.addons, hook_of(tflow.tflow()))
     return seen
-
-
-def bounded[T](main: Awaitable[T]) -> T:
-    async def within() -> T:
-        return await asyncio.wait_for(main, 10)
-
-    return asyncio.run(within())
 
 
 @pytest.mark.parametrize("halt", [False, True])
@@ -97,7 +93,7 @@ def test_the_same_addons_see_the_hook_in_the_same_order(halt: bool) -> None:
         ours = await run(trigger_listeners, HttpRequestHook, halt)
         return ours, await run(_mitmproxys, HttpRequestHook, halt)
 
-    ours, mitmproxys = bounded(both())
+    ours, mitmproxys = run_bounded(both, BOUND_S)
     assert ours == mitmproxys
     expected = ["a", "b", "child", "failing"] + (["halting"] if halt else ["after"])
     assert ours == expected
@@ -105,9 +101,9 @@ def test_the_same_addons_see_the_hook_in_the_same_order(halt: bool) -> None:
 
 def test_an_addon_error_is_logged_as_mitmproxy_logs_it(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR):
-        bounded(run(trigger_listeners, HttpRequestHook, False))
+        run_bounded(lambda: run(trigger_listeners, HttpRequestHook, False), BOUND_S)
     assert any("Addon error: boom" in r.getMessage() for r in caplog.records)
 
 
 def test_a_hook_no_addon_has_reaches_nobody() -> None:
-    assert bounded(run(trigger_listeners, WebsocketStartHook, False)) == []
+    assert run_bounded(lambda: run(trigger_listeners, WebsocketStartHook, False), BOUND_S) == []

@@ -71,6 +71,21 @@ def thread_server(pki: TestPki, serve: Callable[[ssl.SSLSocket], None]) -> Itera
         listener.close()
 
 
+def served(
+    pki: TestPki, serve: Callable[[ssl.SSLSocket], None]
+) -> tuple[Collector, Exception | None]:
+    """What a connection to `serve` received, and what it was lost with."""
+
+    async def body() -> tuple[Collector, Exception | None]:
+        with thread_server(pki, serve) as port:
+            collector = Collector()
+            await open_connection(collector, "127.0.0.1", port, pki.client_context())
+            return collector, await collector.lost
+
+    result: tuple[Collector, Exception | None] = run_async(body)
+    return result
+
+
 def test_a_megabyte_each_way_arrives_whole_and_the_close_is_tls_s_own(pki: TestPki) -> None:
     payload = os.urandom(1024 * 1024)
     seen: dict[str, Any] = {}
@@ -111,14 +126,7 @@ def test_the_peer_s_close_notify_is_the_end_of_the_stream(pki: TestPki) -> None:
         conn.sendall(b"bye")
         conn.unwrap()
 
-    async def body() -> tuple[Collector, Exception | None]:
-        with thread_server(pki, say_and_close) as port:
-            collector = Collector()
-            await open_connection(collector, "127.0.0.1", port, pki.client_context())
-            exc = await collector.lost
-            return collector, exc
-
-    collector, exc = run_async(body)
+    collector, exc = served(pki, say_and_close)
     assert bytes(collector.data) == b"bye"
     assert collector.events == ["made", "eof", "lost"]
     assert exc is None
@@ -195,14 +203,7 @@ def test_a_corrupt_record_loses_the_connection_with_the_tls_error(pki: TestPki) 
         with suppress(OSError, ssl.SSLError):
             conn.recv(1)
 
-    async def body() -> tuple[Collector, Exception | None]:
-        with thread_server(pki, corrupt) as port:
-            collector = Collector()
-            await open_connection(collector, "127.0.0.1", port, pki.client_context())
-            exc = await collector.lost
-            return collector, exc
-
-    collector, exc = run_async(body)
+    collector, exc = served(pki, corrupt)
     assert bytes(collector.data) == b"fine"
     assert isinstance(exc, ssl.SSLError)
     assert collector.events == ["made", "lost"]
