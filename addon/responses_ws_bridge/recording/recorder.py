@@ -314,8 +314,9 @@ class ExchangeFlowTap:
 class HookEmitter:
     """Runs hooks on mitmproxy's addons in order, one at a time, off the hot path.
 
-    `trigger` is mitmproxy's `AddonManager.trigger_event`: one hook, no `update`
-    after it (the emitter sends those, one per batch of hooks).
+    `trigger` runs one hook on the addons as mitmproxy's `AddonManager.trigger_event`
+    does (`addons.recording.trigger_listeners`), with no `update` after it: the
+    emitter sends those, one per batch of hooks.
     """
 
     def __init__(self, trigger: Callable[[hooks.Hook], Any]) -> None:
